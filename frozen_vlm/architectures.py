@@ -1,0 +1,359 @@
+"""Model configs: hub id, dtype, candidate insertion layers and the exact LLaVA architecture.
+
+A YAML file in ``configs/`` (package ``deepinsert.configs``) describes one LLaVA-1.5
+checkpoint completely enough to build a random-weight model of the real shape without any
+download (``ModelConfig.to_llava_config()``), which times exactly like the real model::
+
+    source: llava-hf/llava-1.5-7b-hf
+    dtype: bfloat16
+    candidate_layers: "every:4"      # or "all", or an explicit list [0, 8, 16, 24, 32]
+    image_token_id: 32000
+    projector_act: gelu
+    text: {hidden_size: 4096, num_layers: 32, ...}
+    vision: {hidden_size: 1024, num_layers: 24, ...}
+
+``load_model_config("llava-1.5-7b")`` resolves a bare name to the shipped file;
+anything that looks like a path (has a suffix or a separator, or exists) is read as a file.
+This module imports no torch; ``to_llava_config`` imports transformers lazily.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from deepinsert.errors import ConfigError
+from deepinsert.utils.config_io import load_config, load_yaml
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import LlavaConfig
+
+_DTYPES = ("float32", "float16", "bfloat16", "auto")
+_SELECT_STRATEGIES = ("default", "full")
+_EVERY = re.compile(r"^every:(\d+)$")
+
+
+def _positive_ints(obj: Any, names: tuple[str, ...]) -> None:
+    """Raise ``ConfigError`` unless every attribute in ``names`` is an int > 0."""
+    for name in names:
+        v = getattr(obj, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+
+
+def _positive_floats(obj: Any, names: tuple[str, ...]) -> None:
+    """Raise ``ConfigError`` unless every attribute in ``names`` is a number > 0."""
+    for name in names:
+        v = getattr(obj, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise ConfigError(f"{name} must be a positive number, got {v!r}")
+        setattr(obj, name, float(v))
+
+
+@dataclass
+class TextArchitecture:
+    """The Llama language model: ``hidden_size`` d, ``num_layers`` N, ``intermediate_size`` f."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float = 10000.0
+    hidden_act: str = "silu"
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive_ints(
+            self,
+            (
+                "hidden_size",
+                "num_layers",
+                "num_heads",
+                "num_kv_heads",
+                "intermediate_size",
+                "vocab_size",
+                "max_position_embeddings",
+            ),
+        )
+        _positive_floats(self, ("rms_norm_eps", "rope_theta"))
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}"
+            )
+        if not isinstance(self.hidden_act, str) or not self.hidden_act:
+            raise ConfigError(f"hidden_act must be a non-empty string, got {self.hidden_act!r}")
+        if self.pad_token_id is not None and (
+            isinstance(self.pad_token_id, bool)
+            or not isinstance(self.pad_token_id, int)
+            or not 0 <= self.pad_token_id < self.vocab_size
+        ):
+            raise ConfigError(
+                f"pad_token_id must be in [0, {self.vocab_size}), got {self.pad_token_id!r}"
+            )
+
+
+@dataclass
+class VisionArchitecture:
+    """The CLIP vision tower; ``feature_layer`` indexes its hidden states (−2 = penultimate)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    image_size: int
+    patch_size: int
+    feature_layer: int = -2
+    select_strategy: str = "default"
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 768
+
+    def __post_init__(self) -> None:
+        _positive_ints(
+            self,
+            (
+                "hidden_size",
+                "num_layers",
+                "num_heads",
+                "intermediate_size",
+                "image_size",
+                "patch_size",
+                "projection_dim",
+            ),
+        )
+        _positive_floats(self, ("layer_norm_eps",))
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"vision hidden_size {self.hidden_size} is not divisible by "
+                f"num_heads {self.num_heads}"
+            )
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if isinstance(self.feature_layer, bool) or not isinstance(self.feature_layer, int):
+            raise ConfigError(f"feature_layer must be an integer, got {self.feature_layer!r}")
+        # hidden_states has num_layers + 1 entries (the embeddings, then each layer).
+        if not -(self.num_layers + 1) <= self.feature_layer <= self.num_layers:
+            raise ConfigError(
+                f"feature_layer {self.feature_layer} out of range for a {self.num_layers}-layer "
+                f"tower (valid: {-(self.num_layers + 1)}..{self.num_layers})"
+            )
+        if self.select_strategy not in _SELECT_STRATEGIES:
+            raise ConfigError(
+                f"select_strategy must be one of {_SELECT_STRATEGIES}, got {self.select_strategy!r}"
+            )
+
+    @property
+    def num_patches(self) -> int:
+        """Patches per image: ``(image_size / patch_size)²``."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens the LM sees: the patches ("default" drops CLS), or patches + CLS ("full")."""
+        return self.num_patches + (1 if self.select_strategy == "full" else 0)
+
+
+def resolve_candidate_layers(spec: list[int] | tuple[int, ...] | str, num_layers: int) -> list[int]:
+    """Turn a candidate-layer spec into a sorted list of insertion layers k in ``[0, N]``.
+
+    ``spec`` is ``"all"`` (0..N), ``"every:S"`` (0, S, 2S, ..., and always N), or an
+    explicit list of distinct ints in ``[0, N]``. ``ConfigError`` for anything else.
+    """
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers <= 0:
+        raise ConfigError(f"num_layers must be a positive integer, got {num_layers!r}")
+    if isinstance(spec, str):
+        s = spec.strip().lower()
+        if s == "all":
+            return list(range(num_layers + 1))
+        m = _EVERY.match(s.replace(" ", ""))
+        if m:
+            step = int(m.group(1))
+            if step <= 0:
+                raise ConfigError(f"candidate_layers {spec!r}: the step must be positive")
+            layers = list(range(0, num_layers + 1, step))
+            if layers[-1] != num_layers:
+                layers.append(num_layers)
+            return layers
+        raise ConfigError(
+            f"candidate_layers {spec!r} not understood; use 'all', 'every:S' or a list of ints"
+        )
+    if not isinstance(spec, (list, tuple)) or not spec:
+        raise ConfigError(f"candidate_layers must be a non-empty list or a string, got {spec!r}")
+    for k in spec:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise ConfigError(f"candidate_layers entries must be integers, got {k!r}")
+        if not 0 <= k <= num_layers:
+            raise ConfigError(f"candidate layer {k} out of range [0, {num_layers}]")
+    if len(set(spec)) != len(spec):
+        raise ConfigError(f"candidate_layers has duplicates: {list(spec)}")
+    return sorted(spec)
+
+
+@dataclass
+class ModelConfig:
+    """One LLaVA-1.5 checkpoint: where to load it, and its exact shape.
+
+    ``candidate_layers`` is validated against ``text.num_layers`` (N); the resolved list
+    is :attr:`candidate_layer_list`.
+    """
+
+    source: str
+    text: TextArchitecture
+    vision: VisionArchitecture
+    dtype: str = "auto"
+    candidate_layers: list[int] | str = "all"
+    image_token_id: int = 32000
+    projector_act: str = "gelu"
+    projector_bias: bool = True
+    name: str | None = None
+    notes: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise ConfigError(f"source must be a hub id or a folder path, got {self.source!r}")
+        if not isinstance(self.text, TextArchitecture):
+            raise ConfigError("text must be a mapping of the language-model architecture")
+        if not isinstance(self.vision, VisionArchitecture):
+            raise ConfigError("vision must be a mapping of the vision-tower architecture")
+        if self.dtype not in _DTYPES:
+            raise ConfigError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if (
+            isinstance(self.image_token_id, bool)
+            or not isinstance(self.image_token_id, int)
+            or not 0 <= self.image_token_id < self.text.vocab_size
+        ):
+            raise ConfigError(
+                f"image_token_id must be in [0, vocab_size={self.text.vocab_size}), "
+                f"got {self.image_token_id!r}"
+            )
+        if not isinstance(self.projector_act, str) or not self.projector_act:
+            raise ConfigError(f"projector_act must be a non-empty string, got {self.projector_act!r}")
+        if not isinstance(self.projector_bias, bool):
+            raise ConfigError(f"projector_bias must be true/false, got {self.projector_bias!r}")
+        if isinstance(self.candidate_layers, tuple):
+            self.candidate_layers = list(self.candidate_layers)
+        resolve_candidate_layers(self.candidate_layers, self.text.num_layers)  # validates
+
+    @property
+    def num_layers(self) -> int:
+        """N, the number of decoder layers of the language model."""
+        return self.text.num_layers
+
+    @property
+    def candidate_layer_list(self) -> list[int]:
+        """The candidate insertion layers, sorted, each in ``[0, N]``."""
+        return resolve_candidate_layers(self.candidate_layers, self.text.num_layers)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens per image in the LM sequence (576 for CLIP ViT-L/14 at 336 px)."""
+        return self.vision.num_image_tokens
+
+    def to_llava_config(
+        self, *, num_layers: int | None = None, vision_layers: int | None = None
+    ) -> LlavaConfig:
+        """The ``transformers.LlavaConfig`` of this architecture (random-weight builds).
+
+        ``num_layers`` / ``vision_layers`` override the decoder / CLIP depth (e.g. a
+        4-layer LM of the 7B width for a CPU speed run, a 1-layer tower that is not timed);
+        every other size is the real one. With a shallower tower the feature layer is
+        clamped into range.
+        """
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+        n_text = self.text.num_layers if num_layers is None else num_layers
+        n_vis = self.vision.num_layers if vision_layers is None else vision_layers
+        for label, n in (("num_layers", n_text), ("vision_layers", n_vis)):
+            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+                raise ConfigError(f"{label} override must be a positive integer, got {n!r}")
+        feature_layer = self.vision.feature_layer
+        if n_vis != self.vision.num_layers:
+            feature_layer = max(-(n_vis + 1), min(feature_layer, n_vis))
+        t = self.text
+        text_config = LlamaConfig(
+            vocab_size=t.vocab_size,
+            hidden_size=t.hidden_size,
+            intermediate_size=t.intermediate_size,
+            num_hidden_layers=n_text,
+            num_attention_heads=t.num_heads,
+            num_key_value_heads=t.num_kv_heads,
+            hidden_act=t.hidden_act,
+            max_position_embeddings=t.max_position_embeddings,
+            rms_norm_eps=t.rms_norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
+            pad_token_id=t.pad_token_id,
+        )
+        v = self.vision
+        vision_config = CLIPVisionConfig(
+            hidden_size=v.hidden_size,
+            intermediate_size=v.intermediate_size,
+            num_hidden_layers=n_vis,
+            num_attention_heads=v.num_heads,
+            image_size=v.image_size,
+            patch_size=v.patch_size,
+            hidden_act=v.hidden_act,
+            layer_norm_eps=v.layer_norm_eps,
+            projection_dim=v.projection_dim,
+        )
+        return LlavaConfig(
+            text_config=text_config,
+            vision_config=vision_config,
+            image_token_id=self.image_token_id,
+            image_seq_length=self.num_image_tokens,
+            projector_hidden_act=self.projector_act,
+            multimodal_projector_bias=self.projector_bias,
+            vision_feature_layer=feature_layer,
+            vision_feature_select_strategy=v.select_strategy,
+        )
+
+
+def _configs_dir() -> Path:
+    return Path(str(importlib.resources.files("deepinsert.configs")))
+
+
+def available_model_configs() -> list[str]:
+    """Names of the shipped model configs (``configs/llava*.yaml`` without the suffix)."""
+    return sorted(p.stem for p in _configs_dir().glob("*.yaml") if _is_model_yaml(p))
+
+
+def _is_model_yaml(path: Path) -> bool:
+    try:
+        data = load_yaml(path)
+    except ConfigError:
+        return False
+    return "source" in data and "text" in data and "vision" in data
+
+
+def load_model_config(path_or_name: str | os.PathLike[str]) -> ModelConfig:
+    """Load a ``ModelConfig`` from a YAML path or a shipped name like ``"llava-1.5-7b"``.
+
+    Unknown keys are rejected (``ConfigError`` naming them and listing the valid ones).
+    """
+    if isinstance(path_or_name, os.PathLike):
+        return load_config(ModelConfig, path_or_name)
+    if not isinstance(path_or_name, str) or not path_or_name.strip():
+        raise ConfigError(f"expected a config path or name, got {path_or_name!r}")
+    p = Path(path_or_name)
+    if p.exists() or p.suffix in (".yaml", ".yml") or len(p.parts) > 1:
+        return load_config(ModelConfig, p)
+    shipped = _configs_dir() / f"{path_or_name}.yaml"
+    if not shipped.is_file():
+        raise ConfigError(
+            f"no shipped model config named {path_or_name!r}; "
+            f"available: {available_model_configs()} (or pass a YAML path)"
+        )
+    return load_config(ModelConfig, shipped)
