@@ -1,1 +1,24 @@
-"""frozen_vlm."""
+"""frozen_vlm: a frozen LLaVA run with its image tokens entering at decoder layer k.
+
+The only part of deepinsert that touches transformers internals (through
+:mod:`deepinsert.frozen_vlm.layers`). Knows nothing of RL.
+"""
+
+from __future__ import annotations
+
+from deepinsert.frozen_vlm.batching import IGNORE_INDEX, PROMPT_TEMPLATE, PromptBatch, build_batch
+from deepinsert.frozen_vlm.engine import FrozenVLM
+from deepinsert.frozen_vlm.flops import flops, flops_fraction  # binds the functions, not the module
+from deepinsert.frozen_vlm.loading import load_vlm
+
+__all__ = [
+    "IGNORE_INDEX",
+    "PROMPT_TEMPLATE",
+    "FrozenVLM",
+    "PromptBatch",
+    "build_batch",
+    "flops",
+    "flops_fraction",
+    "load_vlm",
+]
+

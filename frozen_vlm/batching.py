@@ -1,0 +1,129 @@
+"""Prompt formatting and batch building: (image, question[, answer]) -> padded tensors.
+
+One format everywhere (the env, evaluation, ``deepinsert.generate``), LLaVA-1.5 style::
+
+    USER: <image>\\n{question} ASSISTANT:{answer tokens}
+
+The processor expands ``<image>`` to the model's image tokens. Answer ids are
+``tokenizer(answer, add_special_tokens=False)`` appended after the prompt ids, so the
+answer tokens are known exactly. Labels cover the answer's own tokens only: the
+end-of-sequence token is *not* counted in the loss (under late insertion the EOS loss
+of text-only answers moves while the answer's does not; DESIGN.md §8).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from deepinsert.errors import InputError
+
+PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PromptBatch:
+    """A left-padded batch.
+
+    Attributes:
+        input_ids: ``(B, L)`` token ids, left padded.
+        attention_mask: ``(B, L)`` 1 for real tokens, 0 for padding.
+        pixel_values: ``(B, 3, H, W)`` one image per sample, or ``None``.
+        labels: ``(B, L)`` answer token ids at answer positions, ``-100`` elsewhere, or ``None``.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor | None
+    labels: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PromptBatch:
+        """Move to ``device``; ``dtype`` applies to ``pixel_values`` only."""
+        pv = self.pixel_values
+        if pv is not None:
+            pv = pv.to(device=device, dtype=dtype or pv.dtype)
+        return PromptBatch(
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            pixel_values=pv,
+            labels=None if self.labels is None else self.labels.to(device),
+        )
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id
+    if pad is None:
+        raise InputError("the tokenizer has neither a pad nor an eos token; cannot pad a batch")
+    return int(pad)
+
+
+def build_batch(
+    processor: Any,
+    images: Sequence[Any],
+    questions: Sequence[str],
+    answers: Sequence[str] | None = None,
+    *,
+    template: str = PROMPT_TEMPLATE,
+) -> PromptBatch:
+    """Format and tokenize a batch of single-image prompts (and optional answers).
+
+    Args:
+        processor: a LLaVA processor (tokenizer + image processor), e.g. ``vlm.processor``.
+        images: ``B`` PIL images (or arrays the image processor accepts).
+        questions: ``B`` question strings (without ``<image>``).
+        answers: ``B`` answer strings, or ``None`` for generation prompts.
+        template: prompt template with one ``<image>`` and a ``{question}`` field.
+
+    Returns:
+        A left-padded :class:`PromptBatch` (``labels`` set iff ``answers`` is given).
+    """
+    if processor is None:
+        raise InputError("this model has no processor; load it with load_vlm() or pass one")
+    if isinstance(questions, str):
+        raise InputError("questions must be a list of strings, not one string")
+    n = len(questions)
+    if n == 0:
+        raise InputError("empty batch: no questions given")
+    if len(images) != n:
+        raise InputError(f"got {len(images)} images for {n} questions; one image per question")
+    if answers is not None and len(answers) != n:
+        raise InputError(f"got {len(answers)} answers for {n} questions")
+    for i, q in enumerate(questions):
+        if not isinstance(q, str) or not q.strip():
+            raise InputError(f"question {i} is empty or not a string: {q!r}")
+    tok = processor.tokenizer
+    texts = [template.format(question=q) for q in questions]
+    enc = processor(text=texts, images=list(images), return_tensors="pt", padding=False)
+    prompt_ids: list[list[int]] = [list(map(int, ids)) for ids in enc["input_ids"]]
+    answer_ids: list[list[int]] = []
+    if answers is not None:
+        for i, a in enumerate(answers):
+            if not isinstance(a, str) or not a.strip():
+                raise InputError(f"answer {i} is empty or not a string: {a!r}")
+            ids = tok(a, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise InputError(f"answer {i} ({a!r}) tokenizes to nothing")
+            answer_ids.append(list(map(int, ids)))
+    pad = _pad_id(tok)
+    seqs = [p + (answer_ids[i] if answers is not None else []) for i, p in enumerate(prompt_ids)]
+    L = max(len(s) for s in seqs)
+    input_ids = torch.full((n, L), pad, dtype=torch.long)
+    attention_mask = torch.zeros((n, L), dtype=torch.long)
+    labels = torch.full((n, L), IGNORE_INDEX, dtype=torch.long) if answers is not None else None
+    for i, s in enumerate(seqs):
+        off = L - len(s)
+        input_ids[i, off:] = torch.tensor(s)
+        attention_mask[i, off:] = 1
+        if labels is not None:
+            a = answer_ids[i]
+            labels[i, L - len(a) :] = torch.tensor(a)
+    return PromptBatch(input_ids, attention_mask, enc.get("pixel_values"), labels)

@@ -1,0 +1,337 @@
+"""FrozenVLM: a frozen LLaVA whose image tokens enter at decoder layer k (DeepInsert).
+
+Semantics (DESIGN.md §3): layers ``0..k-1`` run on the text tokens only, causal among
+themselves, with the position ids they have in the full sequence; at layer ``k`` the
+image rows are filled with the projector outputs (what layer 0 of the stock model
+receives there) and layers ``k..N-1`` run on the full sequence. ``k = 0`` is the stock
+model; ``k = N`` never runs the vision tower.
+
+Batches may carry one k per sample: layers ``< min(k)`` run on a compacted text-only
+batch; above that a sample's image columns are masked as padding until its own k, where
+its image rows are reset to their embeddings. Only the layers below ``min(k)`` save
+compute, so serving code should group requests by k (``deepinsert.generate`` does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from deepinsert.errors import InputError
+from deepinsert.frozen_vlm.batching import IGNORE_INDEX
+from deepinsert.frozen_vlm.layers import LlavaParts, llava_parts
+from deepinsert.frozen_vlm.prepare import InsertLayer, Prepared, normalize_insert_layer, prepare
+
+Refill = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class FrozenVLM:
+    """A frozen ``LlavaForConditionalGeneration`` run with late image insertion.
+
+    Args:
+        model: a loaded LLaVA (put in eval mode, every parameter frozen).
+        processor: its processor (tokenizer + image processor), needed for prompt building.
+    """
+
+    def __init__(self, model: torch.nn.Module, processor: Any = None) -> None:
+        self._parts: LlavaParts = llava_parts(model)
+        model.eval()
+        model.requires_grad_(False)
+        self._model = model
+        self._processor = processor
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def model(self) -> torch.nn.Module:
+        """The wrapped ``LlavaForConditionalGeneration``."""
+        return self._model
+
+    @property
+    def processor(self) -> Any:
+        """The LLaVA processor, or ``None`` when built without one."""
+        return self._processor
+
+    @property
+    def tokenizer(self) -> Any:
+        """The processor's tokenizer, or ``None``."""
+        return None if self._processor is None else self._processor.tokenizer
+
+    @property
+    def num_layers(self) -> int:
+        """N, the number of decoder layers of the language model."""
+        return self._parts.num_layers
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the language model's weights."""
+        return self._parts.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the language model's weights."""
+        return self._parts.embed_tokens.weight.dtype
+
+    @property
+    def image_token_id(self) -> int:
+        """Token id of the ``<image>`` placeholder."""
+        return int(self._parts.config.image_token_id)
+
+    @property
+    def embedding_weight(self) -> torch.Tensor:
+        """The input embedding matrix ``(V, D)``."""
+        return self._parts.embed_tokens.weight
+
+    @property
+    def config(self) -> Any:
+        """The model's ``LlavaConfig``."""
+        return self._parts.config
+
+    def __repr__(self) -> str:
+        return (f"FrozenVLM(num_layers={self.num_layers}, hidden={self.embedding_weight.shape[1]}, "
+                f"device={self.device}, dtype={self.dtype})")
+
+    # ------------------------------------------------------------------ layer loop
+    def _layers(
+        self,
+        h: torch.Tensor,
+        start: int,
+        stop: int,
+        masks2d: Sequence[torch.Tensor],
+        position_ids: torch.Tensor,
+        cache: Any,
+        refill: Refill | None = None,
+    ) -> torch.Tensor:
+        """Run decoder layers ``start..stop-1`` on ``h`` ``(B, T, D)``.
+
+        ``masks2d[l]`` is layer l's 2D mask ``(B, kv_len_l)``; layers sharing one tensor
+        object share one backend mask (they also share their cache length by design).
+        """
+        pe = self._parts.rotary(h, position_ids)
+        built: dict[int, Any] = {}
+        for layer in range(start, stop):
+            if refill is not None:
+                h = refill(layer, h)
+            m2 = masks2d[layer]
+            if id(m2) not in built:
+                built[id(m2)] = self._parts.causal_mask(h, m2, position_ids, cache, layer)
+            h = self._parts.run_layer(layer, h, built[id(m2)], position_ids, pe, cache)
+        return h
+
+    def _prefill(self, prep: Prepared, cache: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """All N layers over a prepared batch with per-sample k.
+
+        Returns the last layer's hidden states in the full layout ``(B, L, D)`` (image rows of
+        samples with ``k = N`` are unspecified) and the 2D mask of every layer, which
+        ``generate`` extends while decoding.
+        """
+        N = self.num_layers
+        k = prep.k
+        kmin, kmax = int(k.min()), int(k.max())
+        masks: list[torch.Tensor] = [prep.text_mask] * kmin
+        h_text = None
+        if kmin > 0:
+            h_text = self._layers(prep.to_text(prep.embeds), 0, kmin, masks, prep.text_pos, cache)
+        h = prep.embeds if h_text is None else prep.to_full(h_text)
+        if kmin == N:
+            return h, masks
+        by_pending: dict[tuple[bool, ...], torch.Tensor] = {}
+        for layer in range(kmin, N):
+            pending = k > layer  # (B,) samples whose image has not entered yet
+            key = tuple(pending.tolist())
+            if key not in by_pending:
+                blocked = prep.is_image & pending.unsqueeze(1)
+                by_pending[key] = prep.attention_mask * (~blocked) if bool(blocked.any()) else prep.attention_mask
+            masks.append(by_pending[key])
+        refill: Refill | None = None
+        if kmax > kmin:
+            embeds, is_image = prep.embeds, prep.is_image
+
+            def refill(layer: int, hh: torch.Tensor) -> torch.Tensor:
+                # image rows of samples with k >= layer are (re)set to their layer-0 embeddings:
+                # entering samples get exactly what layer 0 saw; pending ones stay finite.
+                if layer <= kmin or layer > kmax:
+                    return hh
+                rows = is_image & (k >= layer).unsqueeze(1)
+                return torch.where(rows.unsqueeze(-1), embeds, hh)
+
+        h = self._layers(h, kmin, N, masks, prep.position_ids, cache, refill)
+        return h, masks
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head on ``(..., D)`` rows -> ``(..., V)``."""
+        return self._parts.lm_head(self._parts.norm(h))
+
+    # ------------------------------------------------------------------ public API
+    @torch.inference_mode()
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected image features ``(I, n_img, D)`` for ``pixel_values`` ``(I, 3, H, W)``."""
+        feats = self._parts.image_features(pixel_values.to(self.device, self.dtype))
+        return torch.stack(feats)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        insert_layer: InsertLayer = 0,
+        *,
+        image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Logits ``(B, L, V)`` with image tokens entering at ``insert_layer``.
+
+        Args:
+            input_ids: ``(B, L)`` ids with the image placeholders expanded, left padded.
+            pixel_values: ``(I, 3, H, W)``, one image per block of image tokens, in order.
+            attention_mask: ``(B, L)``; ``None`` means no padding.
+            insert_layer: k in ``[0, N]``, or one k per sample (``(B,)``).
+            image_features: ``(I, n_img, D)`` precomputed projector outputs instead of
+                ``pixel_values`` (benchmarks use it to time the language model alone).
+
+        Rows at image positions are unspecified for samples with k > 0.
+        """
+        prep = prepare(self._parts, input_ids, pixel_values, attention_mask, insert_layer, image_features)
+        h, _ = self._prefill(prep, cache=None)
+        return self._logits(h)
+
+    __call__ = forward
+
+    @torch.inference_mode()
+    def answer_loss(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        labels: torch.Tensor,
+        insert_layers: int | Sequence[int] = 0,
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy of each sample's answer tokens, for each k.
+
+        The text-only layers run once, up to the largest k; layers ``k..N-1`` then run once
+        per k. Only the logits at answer positions are computed.
+
+        Args:
+            input_ids, pixel_values, attention_mask: as in :meth:`forward`.
+            labels: ``(B, L)`` target ids at answer positions, ``-100`` elsewhere (HF
+                convention: the logits at ``t`` predict ``labels[t + 1]``).
+            insert_layers: one k, or K ks each applied to every sample.
+
+        Returns:
+            ``(B, K)`` float32 losses, column j for ``insert_layers[j]``.
+        """
+        ks_list = [insert_layers] if isinstance(insert_layers, int) else list(insert_layers)
+        if not ks_list:
+            raise InputError("insert_layers is empty")
+        N = self.num_layers
+        ks = normalize_insert_layer(ks_list, len(ks_list), N).tolist()
+        if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
+            raise InputError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(getattr(labels, 'shape', ()))}")
+        prep = prepare(self._parts, input_ids, pixel_values, attention_mask, min(ks))
+        labels = labels.to(self.device, torch.long)
+        target = labels[:, 1:]  # (B, L-1)
+        sel = target != IGNORE_INDEX
+        counts = sel.sum(1)
+        if (counts == 0).any():
+            raise InputError(f"samples {(counts == 0).nonzero().flatten().tolist()} have no answer "
+                             "tokens (labels are all -100)")
+        if bool((sel & prep.is_image[:, 1:]).any()):
+            raise InputError("labels mark image-token positions as answer tokens")
+        b_idx, t_idx = sel.nonzero(as_tuple=True)
+        tgt = target[b_idx, t_idx]
+        B = input_ids.shape[0]
+
+        # text-only pass once, snapshotting the layer-k input for every requested k > 0
+        snaps: dict[int, torch.Tensor] = {}
+        text_ks = sorted({k for k in ks if k > 0})
+        if text_ks:
+            masks = [prep.text_mask] * N
+            h_text, done = prep.to_text(prep.embeds), 0
+            for k in text_ks:
+                h_text = self._layers(h_text, done, k, masks, prep.text_pos, None)
+                snaps[k], done = h_text, k
+        full_masks = [prep.attention_mask] * N
+        out = torch.empty((B, len(ks)), dtype=torch.float32, device=self.device)
+        for j, k in enumerate(ks):
+            h = prep.embeds if k == 0 else prep.to_full(snaps[k])
+            h = self._layers(h, k, N, full_masks, prep.position_ids, None)
+            logits = self._logits(h[b_idx, t_idx]).float()  # (n_answer_tokens, V)
+            nll = F.cross_entropy(logits, tgt, reduction="none")
+            sums = torch.zeros(B, dtype=torch.float32, device=self.device).index_add_(0, b_idx, nll)
+            out[:, j] = sums / counts
+        return out
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        insert_layer: InsertLayer = 0,
+        max_new_tokens: int = 32,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> torch.Tensor:
+        """Greedy decoding with a KV cache under late insertion.
+
+        Layers ``< k`` cache the text tokens only, layers ``>= k`` the full sequence; new
+        tokens take positions ``n_real + t``. Finished samples are padded with
+        ``pad_token_id`` (default: the eos id).
+
+        Args:
+            input_ids, pixel_values, attention_mask, insert_layer: as in :meth:`forward`.
+            max_new_tokens: at most this many new tokens.
+            eos_token_id: stop id(s); ``None`` uses the model's generation config.
+            pad_token_id: filler after a sample finished.
+
+        Returns:
+            ``(B, T_new)`` new token ids, ``T_new <= max_new_tokens`` (stops when all finished).
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        eos = self._eos_ids(eos_token_id)
+        prep = prepare(self._parts, input_ids, pixel_values, attention_mask, insert_layer)
+        last_is_image = prep.is_image[:, -1] & (prep.k > 0)
+        if bool(last_is_image.any()):
+            raise InputError("a prompt ends with an image token; generation under late insertion "
+                             "needs the prompt to end with text")
+        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        eos_t = torch.tensor(eos, dtype=torch.long, device=self.device)
+
+        cache = self._parts.new_cache()
+        h, masks = self._prefill(prep, cache)
+        nxt = self._logits(h[:, -1]).argmax(-1)  # (B,)
+        finished = torch.isin(nxt, eos_t)
+        out = [nxt]
+        pos = prep.attention_mask.sum(1, keepdim=True)  # (B, 1) position of the next token
+        ones = torch.ones_like(pos)
+        for _ in range(1, max_new_tokens):
+            if bool(finished.all()):
+                break
+            grown: dict[int, torch.Tensor] = {}
+            for m in masks:
+                if id(m) not in grown:
+                    grown[id(m)] = torch.cat([m, ones], dim=1)
+            masks = [grown[id(m)] for m in masks]
+            x = self._parts.embed_tokens(nxt.unsqueeze(1))  # (B, 1, D)
+            h = self._layers(x, 0, self.num_layers, masks, pos, cache)
+            nxt = self._logits(h[:, -1]).argmax(-1)
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+            finished |= torch.isin(nxt, eos_t)
+            out.append(nxt)
+            pos = pos + 1
+        return torch.stack(out, dim=1)
+
+    def _eos_ids(self, eos_token_id: int | Sequence[int] | None) -> list[int]:
+        if eos_token_id is None:
+            gc = getattr(self._model, "generation_config", None)
+            eos_token_id = getattr(gc, "eos_token_id", None)
+        if eos_token_id is None:
+            return []
+        if isinstance(eos_token_id, int):
+            return [eos_token_id]
+        return [int(e) for e in eos_token_id]

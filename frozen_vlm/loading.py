@@ -1,0 +1,113 @@
+"""load_vlm: hub id or local folder -> FrozenVLM (frozen, eval mode, optional peft adapter)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deepinsert.errors import InputError, ModelLoadError
+from deepinsert.frozen_vlm.engine import FrozenVLM
+from deepinsert.utils.devices import get_device, get_dtype
+from deepinsert.utils.extras import require
+
+log = logging.getLogger(__name__)
+
+DEMO_ALIAS = "demo"
+
+
+def resolve_source(source: str | os.PathLike[str]) -> str:
+    """Map ``source`` to what ``from_pretrained`` takes, with clear errors for missing folders.
+
+    ``"demo"`` is the shipped demo model folder. An existing path is a local folder; a
+    string that looks like a path (``./x``, ``/x``, ``~/x``, ``a/b/c``) but does not exist
+    is an error; anything else (``org/name``) is taken as a hub id.
+    """
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if not isinstance(source, str) or not source.strip():
+        raise InputError(f"model source must be a hub id or a folder path, got {source!r}")
+    if source == DEMO_ALIAS:
+        from deepinsert.demo import demo_model_path
+
+        return str(demo_model_path())
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{source!r} is a file; give the folder written by save_pretrained")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"folder {source!r} has no config.json; is it a save_pretrained folder?")
+        return str(path)
+    looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1 or os.sep == "\\" and "\\" in source
+    if looks_like_path:
+        raise ModelLoadError(f"model folder {source!r} does not exist")
+    return source
+
+
+def load_vlm(
+    source: str | os.PathLike[str],
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    adapter: str | os.PathLike[str] | None = None,
+    attn_implementation: str | None = None,
+) -> FrozenVLM:
+    """Load a LLaVA-1.5 (``LlavaForConditionalGeneration``) and its processor, frozen.
+
+    Args:
+        source: hub id (``"llava-hf/llava-1.5-7b-hf"``), a folder saved with
+            ``save_pretrained``, or ``"demo"`` for the shipped demo model.
+        dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPU) or ``"float32"``/``"bf16"``/``"fp16"``.
+        device: ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        adapter: optional peft adapter folder, merged into the weights (still frozen).
+        attn_implementation: ``"sdpa"`` (default) or ``"eager"``.
+    """
+    dev = get_device(device)
+    dt = get_dtype(dtype, dev)
+    src = resolve_source(source)
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+    try:
+        config = AutoConfig.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"could not read a model config from {source!r}: neither a local save_pretrained folder "
+            f"nor a reachable hub id ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from e
+    if getattr(config, "model_type", None) != "llava":
+        raise ModelLoadError(
+            f"{source!r} is a {getattr(config, 'model_type', '?')!r} model, not a LLaVA "
+            "(LlavaForConditionalGeneration); deepinsert needs a LLaVA-1.5-style checkpoint"
+        )
+    kwargs: dict[str, Any] = {"dtype": dt}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(src, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load the LLaVA weights from {source!r}: {e}") from e
+    if adapter is not None:
+        model = _merge_adapter(model, adapter)
+    model.to(dev)
+    processor = None
+    try:
+        processor = AutoProcessor.from_pretrained(src)
+    except (OSError, ValueError, TypeError) as e:
+        log.warning("no processor could be loaded from %s (%s); build_batch will need one", source, e)
+    return FrozenVLM(model, processor)
+
+
+def _merge_adapter(model: torch.nn.Module, adapter: str | os.PathLike[str]) -> torch.nn.Module:
+    """Load a peft adapter folder on top of ``model`` and merge it into the weights."""
+    peft = require("peft", "adapters")
+    path = Path(adapter).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(f"adapter folder {str(adapter)!r} does not exist")
+    try:
+        wrapped = peft.PeftModel.from_pretrained(model, str(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"could not load the peft adapter from {str(adapter)!r}: {e}") from e
+    return wrapped.merge_and_unload()
