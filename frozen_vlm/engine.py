@@ -239,8 +239,9 @@ class FrozenVLM:
         if (counts == 0).any():
             raise InputError(f"samples {(counts == 0).nonzero().flatten().tolist()} have no answer "
                              "tokens (labels are all -100)")
-        if bool((sel & prep.is_image[:, 1:]).any()):
-            raise InputError("labels mark image-token positions as answer tokens")
+        if bool((sel & (prep.is_image[:, 1:] | prep.is_image[:, :-1])).any()):
+            raise InputError("answer tokens must be text tokens that follow a text token "
+                             "(labels mark an image token, or a token right after the image)")
         b_idx, t_idx = sel.nonzero(as_tuple=True)
         tgt = target[b_idx, t_idx]
         B = input_ids.shape[0]
