@@ -1,0 +1,201 @@
+"""The training config of a router: one dataclass, validated on construction.
+
+Loaded from YAML with :func:`deepinsert.utils.config_io.load_config` (unknown keys are
+rejected). Checks that need the model (candidate layer ≤ N) or the data (a non-empty
+split) run when those are loaded, with the same kind of error (``ConfigError`` /
+``DataError``) naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from deepinsert.errors import ConfigError
+
+ALGORITHMS: tuple[str, ...] = ("ppo", "a2c", "dqn")
+
+
+def _positive_int(name: str, v: Any, *, allow_zero: bool = False) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
+        raise ConfigError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {v!r}")
+
+
+def _finite(name: str, v: Any, *, lo: float | None = None, hi: float | None = None) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ConfigError(f"{name} must be a finite number, got {v!r}")
+    if lo is not None and v < lo:
+        raise ConfigError(f"{name} must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ConfigError(f"{name} must be <= {hi}, got {v}")
+
+
+@dataclass
+class DataConfig:
+    """Where the (image, question, answer) samples come from."""
+
+    train: str = "demo:train"
+    """Training prompts: a LLaVA-Instruct JSON / JSONL file, or ``demo:<split>``."""
+    eval: str = "demo:test"
+    """Held-out prompts for ``evaluate``/``sweep`` (same formats); ``--split`` overrides."""
+    image_folder: str | None = None
+    """Folder the records' image paths are relative to (default: the data file's folder)."""
+    max_train_samples: int | None = None
+    """Use only the first N training samples (None: all)."""
+    max_eval_samples: int | None = None
+    """Use only the first N evaluation samples (None: all)."""
+    skip_bad: bool = False
+    """Skip malformed records (reported) instead of failing."""
+
+    def __post_init__(self) -> None:
+        for name in ("train", "eval"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v.strip():
+                raise ConfigError(f"data.{name} must be a path or 'demo:<split>', got {v!r}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            v = getattr(self, name)
+            if v is not None:
+                _positive_int(f"data.{name}", v)
+
+
+@dataclass
+class AlgoConfig:
+    """Hyper-parameters of the SB3 algorithm (each used only by the algorithms named)."""
+
+    learning_rate: float = 1e-3
+    """Adam / RMSprop learning rate (all)."""
+    n_steps: int = 16
+    """Steps per env per rollout (ppo, a2c); rollout size = n_steps * n_envs."""
+    batch_size: int = 256
+    """Minibatch size (ppo, dqn)."""
+    n_epochs: int = 10
+    """Optimisation epochs per rollout (ppo)."""
+    ent_coef: float = 0.0
+    """Entropy bonus (ppo, a2c); reward gaps of λ/N per layer are small, keep it near 0."""
+    clip_range: float = 0.2
+    """PPO clipping."""
+    buffer_size: int = 50_000
+    """Replay buffer size (dqn)."""
+    learning_starts: int = 1_000
+    """Steps before the first update (dqn)."""
+    exploration_fraction: float = 0.3
+    """Fraction of training with decaying epsilon (dqn)."""
+    exploration_final_eps: float = 0.02
+    """Final epsilon (dqn)."""
+    target_update_interval: int = 500
+    """Target network update period in steps (dqn)."""
+
+    def __post_init__(self) -> None:
+        _finite("algo.learning_rate", self.learning_rate, lo=0.0)
+        if self.learning_rate <= 0:
+            raise ConfigError(f"algo.learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("n_steps", "batch_size", "n_epochs", "buffer_size", "target_update_interval"):
+            _positive_int(f"algo.{name}", getattr(self, name))
+        _positive_int("algo.learning_starts", self.learning_starts, allow_zero=True)
+        _finite("algo.ent_coef", self.ent_coef, lo=0.0)
+        _finite("algo.clip_range", self.clip_range, lo=0.0)
+        _finite("algo.exploration_fraction", self.exploration_fraction, lo=0.0, hi=1.0)
+        _finite("algo.exploration_final_eps", self.exploration_final_eps, lo=0.0, hi=1.0)
+
+
+@dataclass
+class TrainConfig:
+    """One router training run (one λ); ``deepinsert sweep`` overrides ``lam`` per run."""
+
+    model: str = "demo"
+    """``load_vlm`` source: hub id, local folder, or ``demo`` (the shipped demo model)."""
+    dtype: str = "auto"
+    """VLM dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``float32``, ``bfloat16``..."""
+    device: str = "auto"
+    """VLM device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The datasets."""
+    candidate_layers: list[int] | str = "all"
+    """Insertion layers the router chooses from: ``all`` (0..N), ``every:S`` or a list."""
+    lam: float = 0.1
+    """λ ≥ 0: weight of the efficiency term λ·k/N in the reward."""
+    algorithm: str = "ppo"
+    """``ppo``, ``a2c`` or ``dqn`` (stable-baselines3)."""
+    total_timesteps: int = 20_000
+    """Prompts the router sees in training (one step per episode)."""
+    n_envs: int = 16
+    """Sub-environments of the batched VecEnv (their rewards share one VLM call per k)."""
+    seed: int = 0
+    """Seed of the algorithm, the network init and the prompt order."""
+    net_arch: list[int] = field(default_factory=lambda: [64, 64])
+    """Hidden layer sizes of the MLP policy (and value) network."""
+    normalize_obs: bool = True
+    """Standardise observations inside the policy (buffers from training observations)."""
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    """Algorithm hyper-parameters."""
+    checkpoint_every: int = 10_000
+    """Save a checkpoint every this many timesteps (0: never)."""
+    loss_batch_size: int = 64
+    """Samples per VLM batch when computing losses."""
+    precompute_losses: bool = True
+    """Fill the whole (sample x k) loss table before training (one pass, progress bar)."""
+    cache_dir: str | None = None
+    """Loss-cache folder (None: ``$DEEPINSERT_CACHE`` or ``~/.cache/deepinsert``)."""
+    persist_cache: bool = True
+    """Keep the loss cache on disk so repeated or resumed runs (and other λ) reuse it."""
+    max_new_tokens: int = 8
+    """Generation budget when evaluating answer accuracy."""
+    policy_device: str = "cpu"
+    """Device of the small policy network (``cpu`` is fastest for an MLP)."""
+    torch_threads: int | None = None
+    """torch.set_num_threads for the run (None: leave torch's default)."""
+
+    def __post_init__(self) -> None:
+        for name in ("model", "dtype", "device", "policy_device"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v.strip():
+                raise ConfigError(f"{name} must be a non-empty string, got {v!r}")
+        cl = self.candidate_layers
+        if isinstance(cl, str):
+            if not cl.strip():
+                raise ConfigError("candidate_layers must be 'all', 'every:S' or a list of ints")
+        elif isinstance(cl, (list, tuple)):
+            if not cl:
+                raise ConfigError("candidate_layers is empty: the router needs at least one layer")
+            for k in cl:
+                if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+                    raise ConfigError(f"candidate_layers entries must be integers >= 0, got {k!r}")
+            if len(set(cl)) < 2:
+                raise ConfigError(f"candidate_layers needs at least two distinct layers, got {list(cl)}")
+            self.candidate_layers = sorted(int(k) for k in cl)
+        else:
+            raise ConfigError(f"candidate_layers must be a string or a list, got {cl!r}")
+        _finite("lam", self.lam)
+        if self.lam < 0:
+            raise ConfigError(
+                f"lam must be >= 0, got {self.lam}: λ rewards later insertion (k/N); "
+                "a negative λ would reward spending compute"
+            )
+        self.lam = float(self.lam)
+        if not isinstance(self.algorithm, str) or self.algorithm.lower() not in ALGORITHMS:
+            raise ConfigError(f"unknown algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        self.algorithm = self.algorithm.lower()
+        _positive_int("total_timesteps", self.total_timesteps)
+        _positive_int("n_envs", self.n_envs)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if not isinstance(self.net_arch, (list, tuple)) or not self.net_arch:
+            raise ConfigError(f"net_arch must be a non-empty list of layer sizes, got {self.net_arch!r}")
+        for n in self.net_arch:
+            _positive_int("net_arch entries", n)
+        self.net_arch = [int(n) for n in self.net_arch]
+        _positive_int("checkpoint_every", self.checkpoint_every, allow_zero=True)
+        _positive_int("loss_batch_size", self.loss_batch_size)
+        _positive_int("max_new_tokens", self.max_new_tokens)
+        if self.torch_threads is not None:
+            _positive_int("torch_threads", self.torch_threads)
+        if self.algorithm == "dqn" and self.algo.batch_size > self.algo.buffer_size:
+            raise ConfigError("algo.batch_size must not exceed algo.buffer_size for dqn")
+
+
+def load_train_config(path: str) -> TrainConfig:
+    """Load and validate a training config YAML (unknown keys rejected)."""
+    from deepinsert.utils.config_io import load_config
+
+    return load_config(TrainConfig, path)

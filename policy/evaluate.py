@@ -1,0 +1,225 @@
+"""Evaluate routers against every static insertion layer and the per-prompt oracle.
+
+Everything is computed from three per-(sample, k) tables over the held-out split —
+answer loss, greedy-answer correctness and FLOPs fraction — filled once through the loss
+cache (generation grouped by k). A router, a static k and the oracle are then just a
+choice of one column per row, so any number of λ and routers cost nothing extra.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deepinsert.env.losses import normalize_answer
+from deepinsert.errors import DataError
+from deepinsert.policy.workspace import Split, Workspace
+
+
+@dataclass
+class EvalTables:
+    """Per-(sample, k) tables of one split; K = number of candidate layers.
+
+    Attributes:
+        ks: ``(K,)`` candidate insertion layers.
+        num_layers: N.
+        losses: ``(S, K)`` mean answer loss.
+        correct: ``(S, K)`` bool, greedy answer == reference after normalisation
+            (None when accuracy was not computed).
+        flops: ``(S, K)`` FLOPs fraction vs k = 0 (Eq. 5, the sample's own token counts).
+        needs_image: ``(S,)`` bool or None.
+        families: ``S`` family labels (None entries when unknown).
+        observations: ``(S, D)``.
+    """
+
+    split: str
+    ks: np.ndarray
+    num_layers: int
+    losses: np.ndarray
+    correct: np.ndarray | None
+    flops: np.ndarray
+    needs_image: np.ndarray | None
+    families: list[str | None]
+    observations: np.ndarray
+
+    def rewards(self, lam: float) -> np.ndarray:
+        """``(S, K)`` reward = -loss + λ·k/N."""
+        return -self.losses.astype(np.float64) + float(lam) * self.ks[None, :] / self.num_layers
+
+    def oracle_actions(self, lam: float) -> np.ndarray:
+        """Per-prompt best action ``(S,)``; ties go to the latest (cheapest) layer."""
+        r = self.rewards(lam)[:, ::-1]
+        return (r.shape[1] - 1 - np.argmax(r, axis=1)).astype(np.int64)
+
+
+def build_tables(ws: Workspace, split: Split, *, accuracy: bool = True, progress: bool = True) -> EvalTables:
+    """Fill the loss (and answer) tables of ``split`` through ``ws.cache``."""
+    ks = list(ws.candidate_layers)
+    losses = ws.cache.table(split.samples, ks, progress=f"loss table ({split.name})" if progress else False)
+    correct = None
+    if accuracy:
+        answers = ws.cache.answers_table(split.samples, ks, progress=f"answers ({split.name})" if progress else False)
+        refs = [normalize_answer(s.answer) for s in split.samples]
+        correct = np.array([[normalize_answer(a) == ref for a in row] for row, ref in zip(answers, refs)], dtype=bool)
+    tokens = ws.cache.token_counts(split.samples)
+    flops = np.array(
+        [[ws.provider.flops_fraction(k, int(t[0]), int(t[1])) for k in ks] for t in tokens], dtype=np.float64
+    )
+    ws.cache.save()
+    return EvalTables(
+        split=split.name,
+        ks=np.asarray(ks, dtype=np.int64),
+        num_layers=ws.num_layers,
+        losses=losses,
+        correct=correct,
+        flops=flops,
+        needs_image=split.needs_image,
+        families=[getattr(s, "family", None) for s in split.samples],
+        observations=split.observations,
+    )
+
+
+def selection_metrics(t: EvalTables, lam: float, actions: np.ndarray) -> dict[str, Any]:
+    """Metrics of choosing column ``actions[i]`` for row i: reward, loss, accuracy, k, FLOPs."""
+    a = np.asarray(actions, dtype=np.int64).reshape(-1)
+    rows = np.arange(a.size)
+    k = t.ks[a].astype(np.float64)
+    flops = t.flops[rows, a]
+    m: dict[str, Any] = {
+        "mean_reward": float(t.rewards(lam)[rows, a].mean()),
+        "mean_loss": float(t.losses[rows, a].mean()),
+        "accuracy": float(t.correct[rows, a].mean()) if t.correct is not None else None,
+        "mean_k": float(k.mean()),
+        "mean_k_frac": float((k / t.num_layers).mean()),
+        "flops_fraction": float(flops.mean()),
+        "flops_saving": float(1.0 - flops.mean()),
+        "k_histogram": {str(int(kk)): float((t.ks[a] == kk).mean()) for kk in t.ks},
+    }
+    if t.needs_image is not None:
+        for name, mask in (("needs_image", t.needs_image), ("text_only", ~t.needs_image)):
+            m[f"mean_k_{name}"] = float(k[mask].mean()) if mask.any() else None
+            if t.correct is not None:
+                m[f"accuracy_{name}"] = float(t.correct[rows, a][mask].mean()) if mask.any() else None
+    fams = sorted({f for f in t.families if f is not None})
+    if fams:
+        fam = np.array([f if f is not None else "" for f in t.families])
+        m["per_family"] = {
+            f: {
+                "n": int((fam == f).sum()),
+                "mean_k": float(k[fam == f].mean()),
+                "accuracy": float(t.correct[rows, a][fam == f].mean()) if t.correct is not None else None,
+            }
+            for f in fams
+        }
+    return m
+
+
+def compare(t: EvalTables, lam: float, router_actions: np.ndarray) -> dict[str, Any]:
+    """Router vs every static k vs the oracle at λ; includes the captured gain."""
+    n = len(t.losses)
+    static = {str(int(k)): selection_metrics(t, lam, np.full(n, j)) for j, k in enumerate(t.ks)}
+    best_k = max(static, key=lambda kk: static[kk]["mean_reward"])
+    oracle = selection_metrics(t, lam, t.oracle_actions(lam))
+    router = selection_metrics(t, lam, router_actions)
+    r_best, r_oracle = static[best_k]["mean_reward"], oracle["mean_reward"]
+    gap = r_oracle - r_best
+    captured = (router["mean_reward"] - r_best) / gap if gap > 1e-9 else None
+    return {
+        "lam": float(lam),
+        "split": t.split,
+        "n_samples": int(n),
+        "candidate_layers": [int(k) for k in t.ks],
+        "num_layers": int(t.num_layers),
+        "router": router,
+        "oracle": oracle,
+        "static": static,
+        "best_static_k": int(best_k),
+        "captured_gain": captured,
+    }
+
+
+def resolve_split_spec(cfg: Any, split: str | None) -> str:
+    """``--split`` value -> data spec: train/val/test map onto the config's data files."""
+    if split is None:
+        return cfg.data.eval
+    if split == "train":
+        return cfg.data.train
+    if split in ("val", "test", "eval"):
+        base = cfg.data.eval
+        if split == "eval":
+            return base
+        if base.startswith("demo:"):
+            return f"demo:{split}"
+        p = Path(base)
+        for ext in (".json", ".jsonl"):
+            cand = p.with_name(split + ext)
+            if cand.is_file():
+                return str(cand)
+        raise DataError(f"--split {split}: no {split}.json(l) next to data.eval ({base}); pass a file path")
+    return split
+
+
+def evaluate_run_dir(
+    run_dir: str | Path,
+    *,
+    workspace: Workspace | None = None,
+    split_spec: str | None = None,
+    accuracy: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate the router in ``run_dir`` on ``split_spec`` (default: its config's eval data)."""
+    from deepinsert.policy.run import load_run
+    from deepinsert.policy.workspace import open_workspace
+
+    run = load_run(run_dir)
+    spec = split_spec or run.config.data.eval
+    ws = workspace or open_workspace(run.config, train=False)
+    key = f"eval:{spec}"
+    if key not in ws.splits:
+        split = ws.load_split("eval", spec, run.config, run.config.data.max_eval_samples)
+        ws.splits[key] = split
+    split = ws.splits[key]
+    if list(ws.candidate_layers) != run.candidate_layers:
+        ws.candidate_layers = run.candidate_layers
+    tables = build_tables(ws, split, accuracy=accuracy, progress=progress)
+    metrics = compare(tables, float(run.info["lam"]), run.predict(split.observations))
+    metrics["split"] = spec
+    metrics["run_dir"] = str(run_dir)
+    return metrics
+
+
+def static_curve(t: EvalTables) -> list[dict[str, Any]]:
+    """λ-independent static-k points: k, accuracy, mean loss, FLOPs fraction."""
+    out = []
+    for j, k in enumerate(t.ks):
+        out.append({
+            "k": int(k),
+            "accuracy": float(t.correct[:, j].mean()) if t.correct is not None else None,
+            "mean_loss": float(t.losses[:, j].mean()),
+            "flops_fraction": float(t.flops[:, j].mean()),
+        })
+    return out
+
+
+def format_comparison(m: dict[str, Any], ks: Sequence[int] | None = None) -> str:
+    """Terminal table of one evaluation: router, oracle and each static k."""
+    rows = [("router", m["router"]), ("oracle", m["oracle"])]
+    rows += [(f"static k={k}", v) for k, v in m["static"].items() if ks is None or int(k) in ks]
+    head = f"{'policy':<14}{'reward':>9}{'loss':>8}{'acc':>7}{'mean k':>8}{'FLOPs':>7}"
+    lines = [f"λ = {m['lam']:g}  split = {m['split']}  n = {m['n_samples']}", head, "-" * len(head)]
+    for name, v in rows:
+        acc = "  n/a" if v["accuracy"] is None else f"{v['accuracy']:.3f}"
+        mark = " *" if name == f"static k={m['best_static_k']}" else ""
+        lines.append(f"{name:<14}{v['mean_reward']:>+9.4f}{v['mean_loss']:>8.4f}{acc:>7}"
+                     f"{v['mean_k']:>8.2f}{v['flops_fraction']:>7.3f}{mark}")
+    cg = m["captured_gain"]
+    lines.append(f"(* best static layer)  captured gain = {'n/a' if cg is None else f'{cg:.1%}'}")
+    r = m["router"]
+    if r.get("mean_k_needs_image") is not None:
+        lines.append(f"router mean k: image-needing prompts {r['mean_k_needs_image']:.2f}, "
+                     f"text-only prompts {r['mean_k_text_only']:.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""Train one router per λ on a shared workspace, evaluate all, write JSON + plot + summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from deepinsert.errors import ConfigError
+from deepinsert.policy.config import TrainConfig
+from deepinsert.policy.evaluate import build_tables, compare, static_curve
+from deepinsert.policy.plot import pareto_plot
+from deepinsert.policy.run import INFO_FILE, MODEL_FILE, load_run, write_metrics
+from deepinsert.policy.train import train_router
+from deepinsert.policy.workspace import Workspace, open_workspace
+from deepinsert.utils.atomic import atomic_write_json
+
+
+def parse_lams(text: str) -> list[float]:
+    """``"0,0.05,0.1"`` -> [0.0, 0.05, 0.1] (each λ ≥ 0, no duplicates)."""
+    try:
+        lams = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--lams must be comma-separated numbers, got {text!r}") from None
+    if not lams:
+        raise ConfigError("--lams is empty")
+    if any(v < 0 for v in lams):
+        raise ConfigError(f"every λ must be >= 0, got {lams}")
+    if len(set(lams)) != len(lams):
+        raise ConfigError(f"--lams has duplicates: {lams}")
+    return lams
+
+
+def run_dir_name(lam: float) -> str:
+    return f"lam{lam:g}"
+
+
+def run_sweep(
+    cfg: TrainConfig,
+    lams: list[float],
+    out: str | Path,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    workspace: Workspace | None = None,
+    plot: bool = True,
+) -> dict[str, Any]:
+    """Train + evaluate one router per λ; returns (and writes ``out/sweep.json``) the results.
+
+    Runs already complete in ``out`` are reused (resumed) unless ``force``.
+    """
+    out = Path(out)
+    t0 = time.perf_counter()
+    ws = workspace or open_workspace(cfg, train=True, eval_spec=cfg.data.eval)
+    t_load = time.perf_counter() - t0
+    ws.cache.table(ws.splits["train"].samples, ws.candidate_layers, progress="loss table (train)" if progress else False)
+    tables = build_tables(ws, ws.splits["eval"], progress=progress)
+    t_tables = time.perf_counter() - t0 - t_load
+    runs: list[dict[str, Any]] = []
+    train_s: dict[str, float] = {}
+    for lam in lams:
+        run_dir = out / run_dir_name(lam)
+        if force and (run_dir / INFO_FILE).is_file():
+            shutil.rmtree(run_dir)
+        t1 = time.perf_counter()
+        train_router(dataclasses.replace(cfg, lam=lam), run_dir, workspace=ws,
+                     resume=(run_dir / MODEL_FILE).is_file(), evaluate=False, progress=progress)
+        train_s[f"{lam:g}"] = round(time.perf_counter() - t1, 2)
+        run = load_run(run_dir)
+        m = compare(tables, lam, run.predict(tables.observations))
+        m["split"] = cfg.data.eval
+        m["run_dir"] = str(run_dir)
+        write_metrics(run_dir, m)
+        runs.append(m)
+    static = static_curve(tables)
+    result: dict[str, Any] = {
+        "model_source": cfg.model,
+        "train": cfg.data.train,
+        "eval": cfg.data.eval,
+        "n_train": len(ws.splits["train"].samples),
+        "n_eval": len(tables.losses),
+        "candidate_layers": [int(k) for k in tables.ks],
+        "num_layers": int(tables.num_layers),
+        "lams": [float(v) for v in lams],
+        "static": static,
+        "runs": runs,
+        "loss_cache": {"path": str(ws.cache.path) if ws.cache.path else None,
+                       "hits": ws.cache.hits, "misses": ws.cache.misses, "vlm_calls": ws.provider.calls},
+        "timing_s": {"load": round(t_load, 2), "tables": round(t_tables, 2), "train": train_s,
+                     "total": round(time.perf_counter() - t0, 2)},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    if plot:
+        result["pareto_png"] = str(pareto_plot(static, runs, out / "pareto.png"))
+    result["timing_s"]["total"] = round(time.perf_counter() - t0, 2)
+    atomic_write_json(out / "sweep.json", result)
+    return result
+
+
+def format_sweep(result: dict[str, Any]) -> str:
+    """The terminal table and the plain-language summary of a sweep."""
+    runs = result["runs"]
+    head = (f"{'λ':>6} {'R router':>9} {'R best static':>15} {'R oracle':>9} {'captured':>9} "
+            f"{'acc':>6} {'FLOPs':>6} {'saving':>7} {'k img':>6} {'k text':>7}")
+    lines = [head, "-" * len(head)]
+    for m in runs:
+        r, o = m["router"], m["oracle"]
+        best = m["static"][str(m["best_static_k"])]
+        cg = "   n/a" if m["captured_gain"] is None else f"{m['captured_gain']:>8.0%}"
+        acc = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        ki = r.get("mean_k_needs_image")
+        kt = r.get("mean_k_text_only")
+        lines.append(
+            f"{m['lam']:>6g} {r['mean_reward']:>+9.4f} {best['mean_reward']:>+9.4f} (k={m['best_static_k']}) "
+            f"{o['mean_reward']:>+9.4f} {cg:>9} {acc:>6} {r['flops_fraction']:>6.3f} {r['flops_saving']:>7.1%} "
+            f"{'n/a' if ki is None else f'{ki:.2f}':>6} {'n/a' if kt is None else f'{kt:.2f}':>7}"
+        )
+    st = result["static"]
+    lines.append("")
+    lines.append("static layers (accuracy / FLOPs fraction): " + ", ".join(
+        f"k={p['k']}: {p['accuracy']:.2f}/{p['flops_fraction']:.2f}" for p in st if p["accuracy"] is not None))
+    lines.append("")
+    lines.append("What the routers learned:")
+    acc0 = st[0]["accuracy"]
+    for m in runs:
+        r = m["router"]
+        best = m["static"][str(m["best_static_k"])]
+        cg = m["captured_gain"]
+        parts = [f"  λ={m['lam']:g}: reward {r['mean_reward']:+.3f} vs best static k={m['best_static_k']} "
+                 f"{best['mean_reward']:+.3f} and oracle {m['oracle']['mean_reward']:+.3f}"]
+        if cg is not None:
+            parts.append(f" ({cg:.0%} of the oracle's gain)")
+        parts.append(f"; {r['flops_saving']:.0%} fewer FLOPs than k=0")
+        if r["accuracy"] is not None and acc0 is not None:
+            parts.append(f" at accuracy {r['accuracy']:.2f} (k=0: {acc0:.2f})")
+        if r.get("mean_k_needs_image") is not None:
+            parts.append(f"; mean k {r['mean_k_needs_image']:.1f} on image-needing prompts vs "
+                         f"{r['mean_k_text_only']:.1f} on text-only ones")
+        lines.append("".join(parts))
+    t = result["timing_s"]
+    lines.append("")
+    lines.append(f"{result['n_train']} training / {result['n_eval']} held-out prompts, "
+                 f"k in {result['candidate_layers']} (N={result['num_layers']}); total {t['total']:.0f} s "
+                 f"(tables {t['tables']:.0f} s, training {sum(t['train'].values()):.0f} s)")
+    return "\n".join(lines)

@@ -1,0 +1,151 @@
+"""Train one router at one λ with stable-baselines3 on the batched insertion-layer env."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from deepinsert.env.vec_env import InsertionLayerVecEnv
+from deepinsert.errors import ConfigError
+from deepinsert.policy.callbacks import RewardDecompositionCallback, TqdmCallback
+from deepinsert.policy.config import TrainConfig
+from deepinsert.policy.features import NormalizedObsExtractor, obs_stats, set_obs_stats
+from deepinsert.policy.run import (
+    CONFIG_FILE,
+    INFO_FILE,
+    MODEL_FILE,
+    algorithm_class,
+    latest_checkpoint,
+    run_info,
+    save_model_atomic,
+    write_config,
+    write_metrics,
+)
+from deepinsert.policy.workspace import Workspace, open_workspace
+from deepinsert.utils.atomic import atomic_write_json
+from deepinsert.utils.config_io import from_dict, load_yaml, to_dict
+
+log = logging.getLogger(__name__)
+
+
+def build_algorithm(cfg: TrainConfig, venv: InsertionLayerVecEnv, tb_dir: Path | None) -> Any:
+    """A fresh SB3 algorithm for ``cfg`` on ``venv``, observation stats set from its data."""
+    a = cfg.algo
+    policy_kwargs: dict[str, Any] = {"net_arch": list(cfg.net_arch)}
+    if cfg.normalize_obs:
+        policy_kwargs["features_extractor_class"] = NormalizedObsExtractor
+    common: dict[str, Any] = {
+        "learning_rate": a.learning_rate,
+        "policy_kwargs": policy_kwargs,
+        "seed": cfg.seed,
+        "device": cfg.policy_device,
+        "tensorboard_log": str(tb_dir) if tb_dir is not None else None,
+        "verbose": 0,
+    }
+    cls = algorithm_class(cfg.algorithm)
+    rollout = a.n_steps * cfg.n_envs
+    if cfg.algorithm == "ppo":
+        algo = cls("MlpPolicy", venv, n_steps=a.n_steps, batch_size=min(a.batch_size, rollout),
+                   n_epochs=a.n_epochs, ent_coef=a.ent_coef, clip_range=a.clip_range,
+                   gamma=0.0, gae_lambda=1.0, **common)
+    elif cfg.algorithm == "a2c":
+        algo = cls("MlpPolicy", venv, n_steps=a.n_steps, ent_coef=a.ent_coef, gamma=0.0,
+                   gae_lambda=1.0, **common)
+    else:
+        algo = cls("MlpPolicy", venv, buffer_size=a.buffer_size, learning_starts=a.learning_starts,
+                   batch_size=a.batch_size, exploration_fraction=a.exploration_fraction,
+                   exploration_final_eps=a.exploration_final_eps,
+                   target_update_interval=a.target_update_interval, gamma=0.0,
+                   train_freq=1, gradient_steps=max(1, cfg.n_envs // 4), **common)
+    if cfg.normalize_obs:
+        mean, std = obs_stats(venv.problem.observations)
+        set_obs_stats(algo.policy, mean, std)
+    return algo
+
+
+def _check_resumable(out: Path, cfg: TrainConfig) -> None:
+    """On --resume the saved config must match (total_timesteps may grow)."""
+    saved = from_dict(TrainConfig, load_yaml(out / CONFIG_FILE), where=str(out / CONFIG_FILE))
+    a, b = to_dict(saved), to_dict(cfg)
+    a.pop("total_timesteps"), b.pop("total_timesteps")
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff:
+        raise ConfigError(
+            f"cannot resume {out}: its config differs in {diff}; use the same config or another --out"
+        )
+
+
+def train_router(
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    workspace: Workspace | None = None,
+    resume: bool = False,
+    evaluate: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Train (or resume) one router; write the run folder; evaluate it unless told not to.
+
+    Returns the run folder. ``workspace`` lets a sweep share the model, data and loss cache.
+    """
+    out = Path(out)
+    if (out / MODEL_FILE).exists() and not resume:
+        raise ConfigError(f"{out} already holds a trained run; pass --resume to continue it or choose another --out")
+    if resume and (out / CONFIG_FILE).is_file():
+        _check_resumable(out, cfg)
+    if cfg.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
+    ws = workspace or open_workspace(cfg, train=True, eval_spec=cfg.data.eval if evaluate else None)
+    train_split = ws.splits["train"]
+    if cfg.precompute_losses:
+        ws.cache.table(train_split.samples, ws.candidate_layers, progress="loss table (train)")
+    problem = ws.problem("train", cfg.lam)
+    venv = InsertionLayerVecEnv(problem, cfg.n_envs, seed=cfg.seed)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "checkpoints").mkdir(exist_ok=True)
+    write_config(out, cfg)
+    info = run_info(cfg, ws.candidate_layers, ws.num_layers, problem.obs_dim)
+    tb_dir = out / "tb"
+
+    cls = algorithm_class(cfg.algorithm)
+    ckpt = latest_checkpoint(out) if resume else None
+    start = None
+    if resume and (out / MODEL_FILE).is_file():
+        start = out / MODEL_FILE
+    elif ckpt is not None:
+        start = ckpt[0]
+    if start is not None:
+        algo = cls.load(str(start), env=venv, device=cfg.policy_device, tensorboard_log=str(tb_dir))
+        log.info("resuming %s from %s at %d timesteps", out, start, algo.num_timesteps)
+    else:
+        algo = build_algorithm(cfg, venv, tb_dir)
+    done = int(algo.num_timesteps)
+    remaining = max(0, cfg.total_timesteps - done)
+
+    if remaining > 0:
+        from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback
+
+        callbacks: list[Any] = [RewardDecompositionCallback(ws.candidate_layers, every=max(2048, cfg.n_envs))]
+        if cfg.checkpoint_every > 0:
+            callbacks.append(CheckpointCallback(save_freq=max(cfg.checkpoint_every // cfg.n_envs, 1),
+                                                save_path=str(out / "checkpoints"), name_prefix="model"))
+        if progress:
+            callbacks.append(TqdmCallback(cfg.total_timesteps, desc=f"train λ={cfg.lam:g}", initial=done))
+        log_interval = {"ppo": 1, "a2c": 10, "dqn": 4096}[cfg.algorithm]
+        algo.learn(remaining, callback=CallbackList(callbacks), log_interval=log_interval,
+                   tb_log_name="run", reset_num_timesteps=start is None)
+    save_model_atomic(algo, out / MODEL_FILE)
+    info["trained_timesteps"] = int(algo.num_timesteps)
+    atomic_write_json(out / INFO_FILE, info)
+    ws.cache.save()
+
+    if evaluate:
+        from deepinsert.policy.evaluate import evaluate_run_dir
+
+        metrics = evaluate_run_dir(out, workspace=ws, split_spec=cfg.data.eval, progress=progress)
+        write_metrics(out, metrics)
+    return out

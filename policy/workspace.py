@@ -1,0 +1,131 @@
+"""Everything a training or evaluation run loads once: the VLM, the data, the loss cache.
+
+A :class:`Workspace` is shared by all λ of a sweep: the model is loaded once, the
+observations are computed once per split, and the (sample, k) losses live in one cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deepinsert.env.cache import LossCache, default_cache_dir
+from deepinsert.env.losses import LossProvider, VLMLossProvider
+from deepinsert.env.observation import prompt_observations
+from deepinsert.env.problem import InsertionProblem, resolve_layers
+from deepinsert.errors import ConfigError, DataError
+from deepinsert.policy.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_data_path(spec: str) -> Path:
+    """``demo:<split>`` -> the shipped demo split; anything else is a file path."""
+    if spec.startswith("demo:"):
+        from deepinsert.demo import demo_data_path
+
+        return demo_data_path(spec.split(":", 1)[1])
+    return Path(spec).expanduser()
+
+
+@dataclass
+class Split:
+    """Samples of one dataset split and their router observations ``(S, D)``."""
+
+    name: str
+    samples: list[Any]
+    observations: np.ndarray
+
+    @property
+    def needs_image(self) -> np.ndarray | None:
+        """``(S,)`` bool, or None when the records do not say."""
+        vals = [getattr(s, "needs_image", None) for s in self.samples]
+        if any(v is None for v in vals):
+            return None
+        return np.array(vals, dtype=bool)
+
+
+@dataclass
+class Workspace:
+    """A loss provider + its cache + the tokenizer/embeddings that define observations."""
+
+    provider: LossProvider
+    cache: LossCache
+    candidate_layers: list[int]
+    model_source: str
+    tokenizer: Any = None
+    embedding_weight: Any = None
+    vlm: Any = None
+    splits: dict[str, Split] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.provider.num_layers)
+
+    def add_split(self, name: str, samples: list[Any], observations: np.ndarray | None = None) -> Split:
+        """Register samples under ``name`` (observations computed from the VLM if not given)."""
+        if not samples:
+            raise DataError(f"dataset split {name!r} is empty: no samples to train or evaluate on")
+        if observations is None:
+            observations = prompt_observations(
+                self.tokenizer, self.embedding_weight, [s.question for s in samples]
+            )
+        split = Split(name, list(samples), np.asarray(observations, dtype=np.float32))
+        self.splits[name] = split
+        return split
+
+    def load_split(self, name: str, spec: str, cfg: TrainConfig, limit: int | None) -> Split:
+        """Load a data file (``demo:<split>`` or a path) and register it as ``name``."""
+        from deepinsert.env.data import load_samples
+
+        path = resolve_data_path(spec)
+        if not path.is_file():
+            raise DataError(f"data.{name}: file not found: {path}")
+        result = load_samples(path, cfg.data.image_folder, skip_bad=cfg.data.skip_bad)
+        samples = list(result)
+        if limit is not None:
+            samples = samples[:limit]
+        if not samples:
+            raise DataError(f"data.{name} ({path}) is an empty dataset split: no usable records")
+        return self.add_split(name, samples)
+
+    def problem(self, split: str, lam: float) -> InsertionProblem:
+        """The bandit over split ``split`` at λ = ``lam`` (shares this workspace's cache)."""
+        s = self.splits[split]
+        return InsertionProblem(s.samples, s.observations, self.cache, lam, self.candidate_layers)
+
+
+def open_workspace(
+    cfg: TrainConfig, *, train: bool = True, eval_spec: str | None = None
+) -> Workspace:
+    """Load the VLM named by ``cfg.model``, the requested splits, and the loss cache."""
+    from deepinsert.frozen_vlm import load_vlm
+
+    vlm = load_vlm(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    provider = VLMLossProvider(vlm, batch_size=cfg.loss_batch_size, max_new_tokens=cfg.max_new_tokens)
+    try:
+        layers = resolve_layers(cfg.candidate_layers, provider.num_layers)
+    except ConfigError as e:
+        raise ConfigError(f"candidate_layers: {e} (model {cfg.model!r} has N = {provider.num_layers})") from None
+    if cfg.persist_cache:
+        cache = LossCache.for_provider(provider, cfg.cache_dir or default_cache_dir())
+    else:
+        cache = LossCache(provider)
+    ws = Workspace(
+        provider=provider,
+        cache=cache,
+        candidate_layers=layers,
+        model_source=cfg.model,
+        tokenizer=vlm.tokenizer,
+        embedding_weight=vlm.embedding_weight,
+        vlm=vlm,
+    )
+    if train:
+        ws.load_split("train", cfg.data.train, cfg, cfg.data.max_train_samples)
+    if eval_spec is not None:
+        ws.load_split("eval", eval_spec, cfg, cfg.data.max_eval_samples)
+    return ws
