@@ -1,0 +1,93 @@
+"""The demo model's card (``README.md`` in the model folder), rendered from ``build_info.json``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deepinsert.demo.evaluate import AccuracyTable
+
+
+def table_from_dict(d: dict[str, Any]) -> AccuracyTable:
+    """Inverse of :meth:`AccuracyTable.to_dict`."""
+    return AccuracyTable(
+        layers=[int(k) for k in d["layers"]],
+        accuracy={f: {int(k): float(v) for k, v in row.items()} for f, row in d["accuracy"].items()},
+        counts={f: int(n) for f, n in d["counts"].items()},
+    )
+
+
+def render_model_card(info: dict[str, Any], k0: AccuracyTable | None = None) -> str:
+    """Markdown model card from a ``build_info`` dict (k = 0 table and, if present, the by-k table)."""
+    a, t = info["architecture"], info["train_config"]
+    by_k = info.get("test_accuracy_by_k")
+    lines = [
+        "# deepinsert demo VLM",
+        "",
+        "A tiny LLaVA (`LlavaForConditionalGeneration`) trained from scratch on CPU by",
+        "`deepinsert demo build`, so that the README, the default configs and the tests have a",
+        "model whose image tokens matter for some questions and not for others. It is a toy:",
+        "it only knows the demo's eight question families.",
+        "",
+        "## Architecture",
+        f"- Vision: CLIP encoder, {a['vision_layers']} layers, hidden {a['vision_hidden']}, "
+        f"{a['vision_heads']} heads, MLP {a['vision_mlp']}; 32x32 RGB images, patch 8 -> 16 image tokens "
+        "(`vision_feature_layer=-1`, `vision_feature_select_strategy=\"default\"`: CLS dropped).",
+        "- Projector: LLaVA's 2-layer GELU MLP.",
+        f"- Language model: Llama, **{a['text_layers']} decoder layers** (insertion layers k = 0..{a['text_layers']}), "
+        f"hidden {a['text_hidden']}, {a['text_heads']} heads, MLP {a['text_mlp']}, untied embeddings.",
+        f"- {info['parameters']:,} parameters, float32.",
+        "- Tokenizer: word-level (`tokenizers` WordLevel, lower-cased, split on whitespace and",
+        "  punctuation) with `<image>`, `<s>`, `</s>`, `<pad>`, `<unk>` special tokens; BOS is",
+        "  prepended like LLaVA-1.5's tokenizer. Chat template: `USER: <image>\\n{question} ASSISTANT:`.",
+        "- Image processor: `CLIPImageProcessor` (PIL backend) built from parameters, mean = std = 0.5.",
+        "",
+        "## Data",
+        "Generated 32 px scenes of 1-3 coloured shapes (red, green, blue, yellow, purple;",
+        "square, circle, triangle) on black, plus scikit-learn's handwritten digits upscaled x4.",
+        "",
+        "| family | question | answers | needs the image |",
+        "|---|---|---|---|",
+        "| colour | What color is the {shape}? (one shape) | 5 colours | yes |",
+        "| count | How many shapes are there? | 1, 2, 3 | yes |",
+        "| exists | Is there a {colour} shape? / Is there a {shape}? | yes, no | yes |",
+        "| position | Is the {shape} on the left or the right? (one shape) | left, right | yes |",
+        "| digit | What digit is shown? (sklearn digits) | 0-9 | yes |",
+        "| arith | What is {a} plus/minus {b}? (0-9) | 0-18 | no (unrelated scene) |",
+        "| weekday | What day comes after/before {day}? | 7 days | no (unrelated scene) |",
+        "| repeat | Repeat the word {word}. | 16 words | no (unrelated scene) |",
+        "",
+        "The committed splits (`deepinsert/demo/data/{train,val,test}.json`, LLaVA-Instruct",
+        "format, balanced over the families) come from fixed seeds; the model never trained on",
+        "them: its training samples are generated on the fly from the build seed, and its",
+        "digits come from a pool of sklearn digits disjoint from the val/test digits.",
+        "",
+        "## Recipe",
+        f"- Seed {info['seed']}; {t['threads']} CPU threads; deterministic algorithms.",
+        f"- Stage 1, {t['vision_steps']} steps: the vision tower alone (+ throw-away linear heads) "
+        "classifies each patch's colour and shape and, from the mean patch feature, the digit (a stand-in for CLIP pretraining).",
+        f"- Stage 2, {t['lm_steps']} steps: the whole model, next-token loss on the answer tokens and the EOS,",
+        "  prompt exactly `USER: <image>\\n{question} ASSISTANT:` (BOS first), images always at layer 0",
+        "  (plain LLaVA training, no insertion-layer sampling).",
+        f"- AdamW lr {t['lr']}, betas {tuple(t['betas'])}, weight decay {t['weight_decay']}, warmup {t['warmup']}, "
+        f"cosine decay, batch {t['batch_size']}, grad-norm clip 1.0; Llama `initializer_range` {a['text_init_range']}.",
+        f"- Build time: {info['build_seconds']:.0f} s.",
+        "",
+        "## Accuracy (committed test split, greedy, exact match)",
+    ]
+    if k0 is not None:
+        lines += ["", "At k = 0 (stock forward):", "", k0.to_markdown()]
+    if by_k is not None:
+        lines += [
+            "",
+            "By insertion layer k (training-free late insertion, `FrozenVLM.generate(insert_layer=k)`;",
+            "k = 0 is the stock model, k = 8 never shows the image):",
+            "",
+            table_from_dict(by_k).to_markdown(),
+        ]
+    lines += [
+        "",
+        "Rebuild: `deepinsert demo build` (writes this folder and the data splits);",
+        "re-measure: `deepinsert demo evaluate`.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""The committed demo splits: deterministic from seeds, written as LLaVA-Instruct JSON + PNGs.
+
+The demo model never trains on these records (it trains on samples generated on the fly
+from the build seed); val/test digits come from sklearn digits the model never saw.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deepinsert.demo.families import Sample, balanced_families, make_sample
+from deepinsert.utils.atomic import atomic_write_bytes, atomic_write_text
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """One committed split: its size and generator seed (digits from the pool of the same name)."""
+
+    name: str
+    size: int
+    seed: int
+
+
+SPLIT_SPECS: tuple[SplitSpec, ...] = (
+    SplitSpec("train", 1200, 101),
+    SplitSpec("val", 304, 102),
+    SplitSpec("test", 800, 103),
+)
+
+
+def generate_split(spec: SplitSpec) -> list[Sample]:
+    """The samples of ``spec``: families balanced, seeded order, no augmentation."""
+    rng = np.random.default_rng(spec.seed)
+    return [make_sample(f, rng, digit_pool_name=spec.name) for f in balanced_families(spec.size, rng)]
+
+
+def llava_record(sample_id: str, image_name: str, s: Sample) -> dict[str, Any]:
+    """One LLaVA-Instruct record (with the demo's extra keys ``family``, ``needs_image``)."""
+    return {
+        "id": sample_id,
+        "image": image_name,
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{s.question}"},
+            {"from": "gpt", "value": s.answer},
+        ],
+        "family": s.family,
+        "needs_image": s.needs_image,
+    }
+
+
+def _png(image: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def write_split(spec: SplitSpec, data_dir: Path) -> Path:
+    """Write ``data_dir/<name>.json`` and its images under ``data_dir/images/``; returns the JSON path.
+
+    Image paths in the records are relative to ``data_dir`` (the JSON file's folder), so
+    ``load_samples(path)`` needs no ``image_folder``.
+    """
+    records = []
+    for i, s in enumerate(generate_split(spec)):
+        sid = f"{spec.name}-{i:05d}"
+        atomic_write_bytes(data_dir / "images" / f"{sid}.png", _png(s.rendered.image))
+        records.append(llava_record(sid, f"images/{sid}.png", s))
+    return atomic_write_text(data_dir / f"{spec.name}.json", json.dumps(records, indent=1) + "\n")
+
+
+def write_all_splits(data_dir: Path, specs: tuple[SplitSpec, ...] = SPLIT_SPECS) -> list[Path]:
+    """Write every split of ``specs`` into ``data_dir``."""
+    return [write_split(spec, data_dir) for spec in specs]
