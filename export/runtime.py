@@ -40,6 +40,8 @@ from deepinsert.utils.extras import require
 # Upper bound on the (B, T, D) float32 gather one onnxruntime call materialises; larger
 # batches are split into chunks (a 7B model has D = 4096: 64 MiB ~ 16 prompts x 256 tokens).
 _GATHER_BUDGET_BYTES = 64 * 1024 * 1024
+_ROUTER_OUT = list(ROUTER_OUTPUTS)
+_POLICY_OUT = list(POLICY_OUTPUTS)
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,8 @@ class Router:
         opts.intra_op_num_threads = int(num_threads)
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         sessions = []
         for name in (ROUTER_ONNX, POLICY_ONNX):
             path = bundle_dir / name
@@ -192,12 +196,12 @@ class Router:
     # ------------------------------------------------------------------ raw graph calls
     def _run_router(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """ids, mask (B, T) int64 -> action (B,), probs (B, A), observation (B, D)."""
-        action, probs, obs = self._router.run(list(ROUTER_OUTPUTS), {"input_ids": ids, "attention_mask": mask})
+        action, probs, obs = self._router.run(_ROUTER_OUT, {"input_ids": ids, "attention_mask": mask})
         return action, probs, obs
 
     def _run_policy(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """emb (B, D) float32 -> action (B,), probs (B, A)."""
-        action, probs = self._policy.run(list(POLICY_OUTPUTS), {"embedding": emb})
+        action, probs = self._policy.run(_POLICY_OUT, {"embedding": emb})
         return action, probs
 
     # ------------------------------------------------------------------ tokenising
@@ -247,18 +251,9 @@ class Router:
                 ids[r, :n] = toks[i][0]
                 mask[r, :n] = 1
             action, probs, obs = self._run_router(ids, mask)
+            layers, acts, plist = self._layers[action].tolist(), action.tolist(), probs.tolist()
             for r, i in enumerate(chunk):
-                a = int(action[r])
-                by_index[i] = (
-                    RouteDecision(
-                        layer=int(self._layers[a]),
-                        index=a,
-                        probs=tuple(float(x) for x in probs[r]),
-                        num_tokens=len(toks[i][0]),
-                        truncated=toks[i][1],
-                    ),
-                    obs[r],
-                )
+                by_index[i] = (RouteDecision(layers[r], acts[r], tuple(plist[r]), len(toks[i][0]), toks[i][1]), obs[r])
             start = stop
         for i in range(len(toks)):
             decisions.append(by_index[i][0])
@@ -267,7 +262,18 @@ class Router:
 
     def route(self, prompt: str) -> RouteDecision:
         """The insertion layer for one question (the user's text, without the chat template)."""
-        return self._route_ids([self.token_ids(prompt)])[0][0]
+        _check_prompt(prompt)
+        ids = self._tokenizer.encode(prompt, add_special_tokens=self.info.observation.add_special_tokens).ids
+        if not ids:
+            raise InputError(f"prompt {prompt!r} has no tokens under this tokenizer")
+        truncated = len(ids) > self.max_tokens
+        ids = ids[: self.max_tokens]
+        arr = np.array([ids], dtype=np.int64)  # (1, T)
+        if int(arr.max()) >= self.info.observation.vocab_size:
+            raise InputError(f"prompt has a token id {int(arr.max())} outside the embedding table")
+        action, probs, _ = self._run_router(arr, np.ones_like(arr))
+        a = int(action[0])
+        return RouteDecision(int(self._layers[a]), a, tuple(probs[0].tolist()), len(ids), truncated)
 
     def route_batch(self, prompts: Sequence[str]) -> list[RouteDecision]:
         """:meth:`route` for many prompts at once (one graph call per memory-bounded chunk)."""
@@ -281,10 +287,19 @@ class Router:
 
     def route_embedding(self, vec: np.ndarray | Sequence[float]) -> RouteDecision:
         """Route from a ready observation vector (D,) (e.g. your own mean input embedding)."""
-        arr = np.asarray(vec)
-        if arr.ndim != 1:
-            raise InputError(f"route_embedding takes one vector (D,), got shape {arr.shape}; use route_embeddings for (B, D)")
-        return self.route_embeddings(arr[None])[0]
+        D = self.info.observation.dim
+        try:
+            arr = np.asarray(vec, dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"embedding must be a real vector of size {D}: {e}") from e
+        if arr.shape != (D,):
+            extra = "; use route_embeddings for (B, D)" if arr.ndim == 2 else ""
+            raise InputError(f"route_embedding takes one vector of shape ({D},), got {arr.shape}{extra}")
+        if not np.isfinite(arr.sum()):  # one cheap pass; an overflowing sum is rejected too
+            raise InputError("embedding contains NaN or inf")
+        action, probs = self._policy.run(_POLICY_OUT, {"embedding": arr[None]})
+        a = int(action[0])
+        return RouteDecision(int(self._layers[a]), a, tuple(probs[0].tolist()))
 
     def route_embeddings(self, mat: np.ndarray) -> list[RouteDecision]:
         """Route a batch of observation vectors (B, D)."""
@@ -298,10 +313,8 @@ class Router:
         if not np.isfinite(arr).all():
             raise InputError("embeddings contain NaN or inf")
         action, probs = self._run_policy(np.ascontiguousarray(arr))
-        return [
-            RouteDecision(layer=int(self._layers[int(a)]), index=int(a), probs=tuple(float(x) for x in p))
-            for a, p in zip(action, probs)
-        ]
+        layers = self._layers[action].tolist()
+        return [RouteDecision(k, a, tuple(p)) for k, a, p in zip(layers, action.tolist(), probs.tolist())]
 
     def __repr__(self) -> str:
         return (

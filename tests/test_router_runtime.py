@@ -91,9 +91,9 @@ def test_bad_prompts(router):
 
 
 def test_bad_embeddings(router):
-    with pytest.raises(InputError, match=r"\(B, 12\)"):
+    with pytest.raises(InputError, match=r"shape \(12,\), got \(13,\)"):
         router.route_embedding(np.zeros(13, np.float32))
-    with pytest.raises(InputError, match=r"one vector"):
+    with pytest.raises(InputError, match=r"route_embeddings for \(B, D\)"):
         router.route_embedding(np.zeros((2, 12), np.float32))
     with pytest.raises(InputError, match="NaN"):
         router.route_embedding(np.full(12, np.nan))
