@@ -167,9 +167,12 @@ class VLMLossProvider(LossProvider):
         vlm: the frozen model.
         batch_size: samples per padded VLM batch.
         max_new_tokens: generation budget of :meth:`answers`.
+        max_memo_mb: memory budget for memoised per-sample tokenized prompts + pixel values.
     """
 
-    def __init__(self, vlm: Any, *, batch_size: int = 64, max_new_tokens: int = 16) -> None:
+    def __init__(
+        self, vlm: Any, *, batch_size: int = 64, max_new_tokens: int = 16, max_memo_mb: float = 512.0
+    ) -> None:
         if batch_size <= 0:
             raise InputError(f"batch_size must be positive, got {batch_size}")
         self.vlm = vlm
@@ -178,28 +181,37 @@ class VLMLossProvider(LossProvider):
         self.max_new_tokens = int(max_new_tokens)
         self.fingerprint = model_fingerprint(vlm)
         self.calls = 0
-        self._images: dict[str, Any] = {}
+        self.max_memo_bytes = int(max_memo_mb * 2**20)
+        self._parts: dict[tuple[str, bool], Any] = {}
+        self._parts_bytes = 0
+        self._pad = _pad_id(vlm.tokenizer)
 
     # -- helpers ----------------------------------------------------------------------------
-    def _image(self, sample: Any) -> Any:
-        key = str(sample.image_path)
-        img = self._images.get(key)
-        if img is None:
-            img = sample.load_image()
-            if len(self._images) < 20_000:  # small demo images; bounded anyway
-                self._images[key] = img
-        return img
-
-    def _batch(self, samples: Sequence[Any], with_answers: bool) -> Any:
+    def _one(self, sample: Any, with_answer: bool) -> Any:
+        """The single-sample ``PromptBatch`` of ``sample`` (memoised up to a memory budget)."""
         from deepinsert.frozen_vlm import build_batch
 
-        batch = build_batch(
-            self.vlm.processor,
-            [self._image(s) for s in samples],
-            [s.question for s in samples],
-            [s.answer for s in samples] if with_answers else None,
-        )
-        return batch.to(self.vlm.device, self.vlm.dtype)
+        key = (sample_key(sample), with_answer)
+        part = self._parts.get(key)
+        if part is None:
+            part = build_batch(
+                self.vlm.processor, [sample.load_image()], [sample.question],
+                [sample.answer] if with_answer else None,
+            )
+            nbytes = 0 if part.pixel_values is None else part.pixel_values.numel() * part.pixel_values.element_size()
+            if self._parts_bytes + nbytes <= self.max_memo_bytes:
+                self._parts[key] = part
+                self._parts_bytes += nbytes
+        return part
+
+    def _batch(self, samples: Sequence[Any], with_answers: bool) -> Any:
+        """One left-padded batch of ``samples`` (same layout as ``build_batch``'s) on the VLM device.
+
+        Samples are tokenized and image-processed one by one (memoised, so repeated batches
+        only pad and stack) and left-padded here.
+        """
+        parts = [self._one(s, with_answers) for s in samples]
+        return _left_pad(parts, self._pad).to(self.vlm.device, self.vlm.dtype)
 
     def _chunks(self, n: int) -> list[slice]:
         return [slice(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)]
@@ -259,6 +271,38 @@ class VLMLossProvider(LossProvider):
                 )  # (b, T_new)
                 texts.extend(tok.batch_decode(new.cpu(), skip_special_tokens=True))
         return [t.strip() for t in texts]
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise InputError("the tokenizer has neither a pad nor an eos token; cannot pad a batch")
+    return int(pad)
+
+
+def _left_pad(parts: Sequence[Any], pad_id: int) -> Any:
+    """Collate single-sample ``PromptBatch``es into one left-padded batch ``(B, L)``."""
+    import torch
+
+    from deepinsert.frozen_vlm import IGNORE_INDEX, PromptBatch
+
+    n = len(parts)
+    L = max(int(p.input_ids.shape[1]) for p in parts)
+    ids = torch.full((n, L), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, L), dtype=torch.long)
+    has_labels = parts[0].labels is not None
+    labels = torch.full((n, L), IGNORE_INDEX, dtype=torch.long) if has_labels else None
+    for i, p in enumerate(parts):
+        m = p.attention_mask[0].bool()
+        row = p.input_ids[0][m]
+        ids[i, L - row.numel():] = row
+        mask[i, L - row.numel():] = 1
+        if labels is not None:
+            labels[i, L - row.numel():] = p.labels[0][m]
+    pv = None
+    if parts[0].pixel_values is not None:
+        pv = torch.cat([p.pixel_values for p in parts], dim=0)
+    return PromptBatch(ids, mask, pv, labels)
 
 
 def describe(provider: LossProvider) -> Mapping[str, Any]:
