@@ -79,6 +79,32 @@ def _eos_ids(vlm: Any, eos_token_id: int | Sequence[int] | None) -> list[int]:
     return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
 
 
+def _batch(vlm: Any, images: Sequence[Any], prompts: Sequence[str]) -> Any:
+    """Left-padded :class:`~deepinsert.frozen_vlm.PromptBatch` of the prompts, on the model's device.
+
+    Each sample is formatted by ``build_batch`` on its own and the samples are left-padded
+    here (``build_batch`` on a list of prompts of different lengths is not relied upon).
+    """
+    import torch
+
+    from deepinsert.frozen_vlm import PromptBatch, build_batch
+
+    parts = [build_batch(vlm.processor, [img], [q]) for img, q in zip(images, prompts)]
+    tok = vlm.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pad is None:
+        raise InputError("the tokenizer has neither a pad nor an eos token; cannot pad a batch")
+    L = max(int(p.input_ids.shape[1]) for p in parts)
+    ids = torch.full((len(parts), L), int(pad), dtype=torch.long)  # (B, L)
+    mask = torch.zeros((len(parts), L), dtype=torch.long)
+    for r, p in enumerate(parts):
+        n = int(p.input_ids.shape[1])
+        ids[r, L - n :] = p.input_ids[0]
+        mask[r, L - n :] = p.attention_mask[0]
+    pixels = None if parts[0].pixel_values is None else torch.cat([p.pixel_values for p in parts])  # (B, 3, H, W)
+    return PromptBatch(input_ids=ids, attention_mask=mask, pixel_values=pixels).to(vlm.device, dtype=vlm.dtype)
+
+
 def generate(
     vlm: Any,
     images: Sequence[Any],
@@ -101,8 +127,6 @@ def generate(
         batch_size: most prompts per decoding batch (batches never mix layers).
         eos_token_id: stop id(s); default: the model's generation config, else the tokenizer's.
     """
-    from deepinsert.frozen_vlm import build_batch
-
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise InputError("prompts must be a list of strings")
     if len(prompts) == 0:
@@ -121,8 +145,7 @@ def generate(
         idx = groups[k]
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
-            batch = build_batch(vlm.processor, [images[i] for i in chunk], [prompts[i] for i in chunk])
-            batch = batch.to(vlm.device, dtype=vlm.dtype)
+            batch = _batch(vlm, [images[i] for i in chunk], [prompts[i] for i in chunk])
             new = vlm.generate(
                 batch.input_ids,
                 batch.pixel_values,
