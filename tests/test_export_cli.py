@@ -1,0 +1,84 @@
+"""`deepinsert route` and `deepinsert serve` as a user runs them (serve: a real process on loopback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+from deepinsert.cli import build_parser
+from deepinsert.cli import main as cli_main
+from deepinsert.export.cli_serve import _is_loopback
+from deepinsert.export.exporter import export_bundle
+from deepinsert.export.runtime import Router
+from deepinsert.export.testing import tiny_embedding, tiny_tokenizer, train_tiny_policy
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    tok = tiny_tokenizer()
+    model = train_tiny_policy("dqn", dim=8, n_actions=3, steps=64, seed=5)
+    out = tmp_path_factory.mktemp("cli") / "b"
+    export_bundle(out, policy=model.policy, algorithm="dqn", embedding_weight=torch.from_numpy(tiny_embedding(len(tok), 8)),
+                  tokenizer=tok, lam=0.2, candidate_layers=[0, 4, 8], num_layers=8, model_source="tiny",
+                  max_tokens=256, n_prompts=30, n_embeddings=30)
+    return out
+
+
+def test_route_cli(bundle, capsys):
+    router = Router.load(bundle)
+    prompts = ["what colour is the square", "add two plus three"]
+    assert cli_main(["route", str(bundle), *prompts, "--json"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert lines == [{"prompt": p, **router.route(p).to_dict()} for p in prompts]
+    assert cli_main(["route", str(bundle), prompts[0]]) == 0
+    assert capsys.readouterr().out.startswith(f"layer {router.route(prompts[0]).layer}\t")
+    assert cli_main(["route", str(bundle), "   "]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_serve_defaults_to_loopback():
+    args = build_parser().parse_args(["serve", "B"])
+    assert (args.host, args.port) == ("127.0.0.1", 8000)
+    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
+    assert not _is_loopback("0.0.0.0") and not _is_loopback("10.1.2.3")
+
+
+def test_serve_cli_real_process(bundle):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepinsert.cli", "serve", str(bundle), "--port", str(port), "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else "server exited"
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up in 60 s"
+            time.sleep(0.2)
+        r = httpx.post(f"{base}/route", json={"prompt": "how many objects"}, timeout=10)
+        assert r.status_code == 200 and r.json() == Router.load(bundle).route("how many objects").to_dict()
+        assert httpx.get(f"{base}/info", timeout=10).json()["candidate_layers"] == [0, 4, 8]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
