@@ -185,3 +185,26 @@ def test_runtime_never_imports_torch_or_transformers(setup):
     assert res.returncode == 0, res.stderr
     line = [x for x in res.stdout.splitlines() if x.startswith("HEAVY")][0]
     assert line.startswith("HEAVY [] "), line
+
+
+def test_route_embeddings_batch_and_errors(setup, router):
+    _, tok, weight, model = setup
+    emb = np.random.default_rng(3).normal(0.1, 0.3, size=(40, 12)).astype(np.float64)
+    want, _ = model.predict(emb.astype(np.float32), deterministic=True)
+    assert [d.index for d in router.route_embeddings(emb)] == [int(a) for a in want]
+    for bad in (np.zeros((0, 12)), np.zeros((3, 11)), np.zeros(12), np.array([["a"] * 12])):
+        with pytest.raises(InputError):
+            router.route_embeddings(bad)
+    with pytest.raises(InputError, match="real vector"):
+        router.route_embedding(["x"] * 12)
+
+
+def test_missing_onnxruntime_gives_the_extra_to_install(setup):
+    code = (
+        "import sys; sys.modules['onnxruntime'] = None\n"
+        "from deepinsert.export import Router\n"
+        "from deepinsert.errors import MissingExtraError\n"
+        f"try:\n    Router.load({str(setup[0])!r})\nexcept MissingExtraError as e:\n    print('MSG', e)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "MSG 'onnxruntime' is not installed" in res.stdout and "deepinsert[export]" in res.stdout, res.stderr
