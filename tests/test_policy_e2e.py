@@ -1,0 +1,83 @@
+"""End to end on the shipped demo model (tiny budgets): train -> evaluate -> sweep via the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from deepinsert.demo import demo_data_root, demo_model_path
+
+MODEL = Path(os.environ.get("DEEPINSERT_TEST_MODEL", demo_model_path()))
+DATA = Path(os.environ.get("DEEPINSERT_TEST_DATA", demo_data_root()))
+
+pytestmark = pytest.mark.skipif(
+    not (MODEL / "config.json").is_file() or not (DATA / "train.json").is_file(),
+    reason="the demo model/data are not built (deepinsert demo build)",
+)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("e2e")
+    cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "demo.yaml").read_text())
+    cfg.update(model=str(MODEL), total_timesteps=512, n_envs=16, checkpoint_every=256,
+               cache_dir=str(d / "cache"), device="cpu", dtype="float32")
+    cfg["data"] = {"train": str(DATA / "train.json"), "eval": str(DATA / "test.json"),
+                   "max_train_samples": 40, "max_eval_samples": 24}
+    path = d / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_train_evaluate_sweep_cli(config, tmp_path, capsys):
+    from deepinsert.cli import main
+    from deepinsert.policy import load_run
+
+    run_dir = tmp_path / "lam0.1"
+    assert main(["train", "--config", str(config), "--lam", "0.1", "--out", str(run_dir), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "captured gain" in out and "static k=8" in out
+    for name in ("model.zip", "config.yaml", "run.json", "metrics.json"):
+        assert (run_dir / name).is_file()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["model_256_steps.zip",
+                                                                           "model_512_steps.zip"]
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["n_samples"] == min(24, len(json.loads((DATA / "test.json").read_text()))) and m["lam"] == 0.1 and len(m["static"]) == 9
+    # the oracle is the per-prompt best: it can never lose to a static layer or the router
+    assert m["oracle"]["mean_reward"] >= max(v["mean_reward"] for v in m["static"].values()) - 1e-9
+    assert m["oracle"]["mean_reward"] >= m["router"]["mean_reward"] - 1e-9
+    for v in m["static"].values():  # static k=8 never runs the vision tower: cheapest
+        assert 0 < v["flops_fraction"] <= 1
+    assert m["static"]["0"]["flops_fraction"] == 1.0
+    run = load_run(run_dir)
+    assert run.info["num_layers"] == 8 and run.info["obs_dim"] == run.algo.observation_space.shape[0]
+
+    png = tmp_path / "p.png"
+    assert main(["evaluate", str(run_dir), "--split", "val", "--plot", str(png), "--no-progress"]) == 0
+    assert "router" in capsys.readouterr().out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((run_dir / "metrics.json").read_text())["split"].endswith("val.json")
+
+    sweep = tmp_path / "sweep"
+    assert main(["sweep", "--config", str(config), "--lams", "0,0.5", "--out", str(sweep), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "What the routers learned" in text and "λ=0.5" in text
+    res = json.loads((sweep / "sweep.json").read_text())
+    assert [r["lam"] for r in res["runs"]] == [0.0, 0.5]
+    assert (sweep / "pareto.png").is_file() and (sweep / "lam0.5" / "model.zip").is_file()
+    # static curve: accuracy/FLOPs of k are the same numbers in every run's metrics
+    for r in res["runs"]:
+        for p in res["static"]:
+            assert r["static"][str(p["k"])]["accuracy"] == p["accuracy"]
+    # λ = 0.5 pays for late insertion: its oracle uses later layers than λ = 0's
+    assert res["runs"][1]["oracle"]["mean_k"] >= res["runs"][0]["oracle"]["mean_k"]
+    # repeating the sweep reuses runs and the loss cache: no VLM calls at all
+    assert main(["sweep", "--config", str(config), "--lams", "0,0.5", "--out", str(sweep), "--no-progress"]) == 0
+    again = json.loads((sweep / "sweep.json").read_text())
+    assert again["loss_cache"]["vlm_calls"] == 0
+    np.testing.assert_allclose(again["runs"][1]["router"]["mean_reward"], res["runs"][1]["router"]["mean_reward"])
