@@ -8,6 +8,8 @@ from pathlib import Path
 
 from deepinsert.errors import InputError
 
+MIN_VALIDATION = 1000
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="run folder written by `deepinsert train` (holds model.zip, run.json)")
@@ -35,8 +37,8 @@ def _read_prompts(path: Path | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.n_prompts < 1 or args.n_embeddings < 1:
-        raise InputError("--n-prompts and --n-embeddings must be >= 1")
+    if args.n_prompts < MIN_VALIDATION or args.n_embeddings < MIN_VALIDATION:
+        raise InputError(f"--n-prompts and --n-embeddings must be >= {MIN_VALIDATION}: a bundle is validated on at least that many")
     from deepinsert.export.exporter import export_run
 
     result = export_run(

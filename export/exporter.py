@@ -186,6 +186,8 @@ def export_run(
     from deepinsert.frozen_vlm import load_vlm
     from deepinsert.policy import load_run
 
+    if Path(out).exists() and not overwrite:
+        raise BundleError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
     run = load_run(run_dir)
     info = run.info
     vlm = load_vlm(info["model_source"], device="cpu", dtype=_run_dtype(run))
@@ -220,7 +222,15 @@ def export_run(
 
 
 def _run_dtype(run: Any) -> str:
-    """The dtype the run's environment loaded the model in (the observation uses those weights)."""
+    """The dtype the run's environment loaded the model in (the observation uses those weights).
+
+    ``run.json``'s resolved ``vlm_dtype`` if the trainer recorded it, else the config's
+    ``dtype`` (``"auto"`` loads float32 here on the CPU: a run trained with ``auto`` on a
+    GPU saw bfloat16 embedding rows, which the export validation then reports).
+    """
+    resolved = getattr(run, "info", {}).get("vlm_dtype")
+    if isinstance(resolved, str):
+        return resolved
     cfg = getattr(run, "config", None)
     for path in (("dtype",), ("vlm", "dtype"), ("env", "dtype"), ("model", "dtype")):
         node: Any = cfg

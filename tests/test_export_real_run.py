@@ -117,5 +117,7 @@ def test_cli_export_errors(trained_run, tmp_path, capsys):
     assert cli_main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "b")]) == 2
     assert "not a complete run folder" in capsys.readouterr().err
     (tmp_path / "b").mkdir()
-    assert cli_main(["export", str(run_dir), "--out", str(tmp_path / "b"), "--n-prompts", "10"]) == 2
+    assert cli_main(["export", str(run_dir), "--out", str(tmp_path / "b")]) == 2
     assert "already exists" in capsys.readouterr().err
+    assert cli_main(["export", str(run_dir), "--out", str(tmp_path / "c"), "--n-prompts", "10"]) == 2
+    assert "must be >= 1000" in capsys.readouterr().err
