@@ -223,9 +223,10 @@ class Router:
             ids = enc.ids
             if not ids:
                 raise InputError(f"prompt {prompts[i]!r} has no tokens under this tokenizer")
-            if max(ids) >= V:
-                raise InputError(f"prompt {i} has a token id {max(ids)} outside the embedding table (V={V})")
-            out.append((ids[:M], len(ids) > M))
+            kept = ids[:M]
+            if max(kept) >= V:
+                raise InputError(f"prompt {i} has a token id {max(kept)} outside the embedding table (V={V})")
+            out.append((kept, len(ids) > M))
         return out
 
     # ------------------------------------------------------------------ routing
