@@ -276,6 +276,8 @@ class FrozenVLM:
         max_new_tokens: int = 32,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
+        *,
+        image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Greedy decoding with a KV cache under late insertion.
 
@@ -288,6 +290,8 @@ class FrozenVLM:
             max_new_tokens: at most this many new tokens.
             eos_token_id: stop id(s); ``None`` uses the model's generation config.
             pad_token_id: filler after a sample finished.
+            image_features: precomputed projector outputs instead of ``pixel_values``
+                (``max_new_tokens=1`` then times exactly one serving prefill).
 
         Returns:
             ``(B, T_new)`` new token ids, ``T_new <= max_new_tokens`` (stops when all finished).
@@ -295,7 +299,7 @@ class FrozenVLM:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         eos = self._eos_ids(eos_token_id)
-        prep = prepare(self._parts, input_ids, pixel_values, attention_mask, insert_layer)
+        prep = prepare(self._parts, input_ids, pixel_values, attention_mask, insert_layer, image_features)
         last_is_image = prep.is_image[:, -1] & (prep.k > 0)
         if bool(last_is_image.any()):
             raise InputError("a prompt ends with an image token; generation under late insertion "
