@@ -261,12 +261,15 @@ class VLMLossProvider(LossProvider):
             for sl in self._chunks(len(samples)):
                 b = self._batch(samples[sl], with_answers=False)
                 self.calls += 1
+                # an answer longer than the reference by > 2 tokens cannot match it after
+                # normalisation: stop there (cheap on one-word answers)
+                ref = max(len(tok(s.answer, add_special_tokens=False)["input_ids"]) for s in samples[sl])
                 new = self.vlm.generate(
                     b.input_ids,
                     b.pixel_values,
                     b.attention_mask,
                     insert_layer=k,
-                    max_new_tokens=self.max_new_tokens,
+                    max_new_tokens=max(1, min(self.max_new_tokens, ref + 2)),
                     eos_token_id=tok.eos_token_id,
                 )  # (b, T_new)
                 texts.extend(tok.batch_decode(new.cpu(), skip_special_tokens=True))

@@ -53,6 +53,10 @@ def run_sweep(
     """
     out = Path(out)
     t0 = time.perf_counter()
+    if cfg.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
     ws = workspace or open_workspace(cfg, train=True, eval_spec=cfg.data.eval)
     t_load = time.perf_counter() - t0
     ws.cache.table(ws.splits["train"].samples, ws.candidate_layers, progress="loss table (train)" if progress else False)
