@@ -143,6 +143,17 @@ def format_sweep(result: dict[str, Any]) -> str:
             parts.append(f"; mean k {r['mean_k_needs_image']:.1f} on image-needing prompts vs "
                          f"{r['mean_k_text_only']:.1f} on text-only ones")
         lines.append("".join(parts))
+    fams = runs[0]["router"].get("per_family") if runs else None
+    if fams:
+        lines.append("")
+        lines.append("router mean k per question family (static k=0 accuracy in brackets):")
+        static0 = runs[0]["static"][str(result["candidate_layers"][0])].get("per_family", {})
+        lines.append(f"  {'family':<16}" + "".join(f"{'λ=' + format(m['lam'], 'g'):>8}" for m in runs))
+        for f in fams:
+            acc = static0.get(f, {}).get("accuracy")
+            label = f"{f} [{acc:.2f}]" if acc is not None else f
+            lines.append(f"  {label:<16}" + "".join(
+                f"{m['router']['per_family'][f]['mean_k']:>8.2f}" for m in runs))
     t = result["timing_s"]
     lines.append("")
     lines.append(f"{result['n_train']} training / {result['n_eval']} held-out prompts, "
