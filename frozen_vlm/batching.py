@@ -101,9 +101,13 @@ def build_batch(
         if not isinstance(q, str) or not q.strip():
             raise InputError(f"question {i} is empty or not a string: {q!r}")
     tok = processor.tokenizer
-    texts = [template.format(question=q) for q in questions]
-    enc = processor(text=texts, images=list(images), return_tensors="pt", padding=False)
-    prompt_ids: list[list[int]] = [list(map(int, ids)) for ids in enc["input_ids"]]
+    prompt_ids: list[list[int]] = []
+    pixels: list[torch.Tensor] = []
+    for q, img in zip(questions, images):
+        # one call per sample: prompts differ in length and we pad (left) ourselves
+        enc = processor(text=[template.format(question=q)], images=[img], return_tensors="pt")
+        prompt_ids.append([int(t) for t in enc["input_ids"][0]])
+        pixels.append(enc["pixel_values"])
     answer_ids: list[list[int]] = []
     if answers is not None:
         for i, a in enumerate(answers):
@@ -126,4 +130,4 @@ def build_batch(
         if labels is not None:
             a = answer_ids[i]
             labels[i, L - len(a) :] = torch.tensor(a)
-    return PromptBatch(input_ids, attention_mask, enc.get("pixel_values"), labels)
+    return PromptBatch(input_ids, attention_mask, torch.cat(pixels, dim=0), labels)

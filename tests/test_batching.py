@@ -1,0 +1,70 @@
+"""build_batch: LLaVA-1.5 prompt format, left padding, answer labels (EOS not counted)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deepinsert.errors import InputError
+from deepinsert.frozen_vlm import PROMPT_TEMPLATE, build_batch
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from deepinsert.demo.families import vocabulary_words
+    from deepinsert.demo.processor import build_processor
+
+    return build_processor(vocabulary_words())
+
+
+def image(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+
+
+def test_prompts_of_different_lengths_are_left_padded(processor) -> None:
+    qs = ["what colour is the circle ?", "what is 3 plus 4 ?"]
+    ans = ["red", "7"]
+    batch = build_batch(processor, [image(0), image(1)], qs, ans)
+    tok = processor.tokenizer
+    assert batch.input_ids.shape == batch.attention_mask.shape == batch.labels.shape
+    assert batch.pixel_values.shape[0] == 2
+    for i, (q, a) in enumerate(zip(qs, ans)):
+        real = batch.input_ids[i][batch.attention_mask[i].bool()].tolist()
+        # independent: the processor on this one prompt, then the answer ids
+        solo = processor(text=[PROMPT_TEMPLATE.format(question=q)], images=[image(i)], return_tensors="pt")
+        a_ids = tok(a, add_special_tokens=False)["input_ids"]
+        assert real == solo["input_ids"][0].tolist() + a_ids
+        torch.testing.assert_close(batch.pixel_values[i], solo["pixel_values"][0])
+        # left padding: the mask is 0...0 1...1
+        m = batch.attention_mask[i].tolist()
+        assert m == sorted(m)
+        lab = batch.labels[i]
+        assert lab[lab != -100].tolist() == a_ids
+        assert (lab[-len(a_ids):] == torch.tensor(a_ids)).all()
+        assert tok.eos_token_id not in lab.tolist()
+    assert batch.input_ids[0].tolist().count(processor.tokenizer.convert_tokens_to_ids("<image>")) == 16
+
+
+def test_generation_prompts_have_no_labels(processor) -> None:
+    batch = build_batch(processor, [image(0)], ["what is 3 plus 4 ?"])
+    assert batch.labels is None
+    assert batch.to("cpu").input_ids.shape == batch.input_ids.shape
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"questions": []}, "empty batch"),
+    ({"questions": "what ?"}, "list of strings"),
+    ({"questions": ["a ?", "b ?"]}, "one image per question"),
+    ({"questions": ["  "]}, "empty or not a string"),
+    ({"questions": ["what ?"], "answers": [""]}, "answer 0"),
+    ({"questions": ["what ?"], "answers": ["a", "b"]}, "answers"),
+])
+def test_bad_batches(processor, kwargs, match) -> None:
+    images = [image(0)] * (1 if kwargs["questions"] != ["a ?", "b ?"] else 1)
+    with pytest.raises(InputError, match=match):
+        build_batch(processor, images, **kwargs)
+    with pytest.raises(InputError, match="no processor"):
+        build_batch(None, [image(0)], ["what ?"])
