@@ -20,7 +20,7 @@ PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"  # == deepinsert.frozen
 
 @dataclass
 class TrainBatch:
-    """Right-padded training tensors.
+    """Padded training tensors (right padding unless asked for left).
 
     input_ids (B, L) long, attention_mask (B, L) long, labels (B, L) long (-100 except the
     answer tokens and EOS), pixel_values (B, 3, 32, 32) float32, patch_colour /
@@ -63,8 +63,8 @@ class PromptEncoder:
         """(B, 3, H, W) float32 pixel values, exactly as the processor makes them."""
         return self.processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
 
-    def batch(self, samples: Sequence[Sample]) -> TrainBatch:
-        """Collate ``samples`` into a right-padded :class:`TrainBatch`."""
+    def batch(self, samples: Sequence[Sample], *, left_pad: bool = False) -> TrainBatch:
+        """Collate ``samples`` into a right- (or left-) padded :class:`TrainBatch`."""
         import torch
 
         prompts = [self.prompt_ids(s.question, s.rendered.image) for s in samples]
@@ -76,9 +76,10 @@ class PromptEncoder:
         labels = torch.full((len(samples), length), -100, dtype=torch.long)
         for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
             seq = p + a
-            ids[i, : len(seq)] = torch.tensor(seq)
-            mask[i, : len(seq)] = 1
-            labels[i, len(p) : len(seq)] = torch.tensor(a)
+            off = length - len(seq) if left_pad else 0
+            ids[i, off : off + len(seq)] = torch.tensor(seq)
+            mask[i, off : off + len(seq)] = 1
+            labels[i, off + len(p) : off + len(seq)] = torch.tensor(a)
         return TrainBatch(
             input_ids=ids,
             attention_mask=mask,

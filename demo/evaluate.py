@@ -1,13 +1,21 @@
 """Exact-match accuracy of greedy answers, per question family and insertion layer.
 
 accuracy = share of samples whose greedy answer equals the reference after
-:func:`normalise_answer` (lower case, punctuation and whitespace removed).
+:func:`normalise_answer` (lower case, punctuation and whitespace removed), under one of
+two matching rules:
+
+* ``"exact"`` — the whole generation, up to the EOS (or ``max_new_tokens``), must match;
+* ``"answer"`` — only the first n generated tokens, n = the reference answer's token
+  count; this is what the router's reward scores (the answer's own tokens, not the EOS).
 
 Two ways to get the answers:
 * :func:`accuracy_table` — through ``deepinsert.frozen_vlm.FrozenVLM.generate`` at any
-  insertion layer k (the engine's ``build_batch`` makes the left-padded prompts);
+  insertion layer k (the engine's ``build_batch`` makes the prompts);
 * :func:`stock_accuracy` — the stock ``LlavaForConditionalGeneration`` forward at k = 0, used
-  while building (prompts grouped by length, so no padding is involved).
+  while building.
+
+Both batch prompts of equal token length together (no padding needed, and the batch
+is the same whatever order the items come in).
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ class AccuracyTable:
     """accuracy[family][k] in [0, 1] for every family and layer; ``counts[family]`` samples each."""
 
     layers: list[int]
+    match: str = "exact"  # "exact": whole generation; "answer": the answer's tokens only
     accuracy: dict[str, dict[int, float]] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -74,6 +83,7 @@ class AccuracyTable:
         """JSON-ready form: {"layers": [...], "counts": {...}, "accuracy": {family: {k: acc}}}."""
         return {
             "layers": list(self.layers),
+            "match": self.match,
             "counts": dict(self.counts),
             "accuracy": {f: {str(k): round(v, 4) for k, v in self.accuracy[f].items()} for f in self.families},
         }
@@ -94,38 +104,56 @@ class AccuracyTable:
         return "\n".join(rows)
 
 
-def _score(table: AccuracyTable, items: Sequence[EvalItem], answers: Sequence[str], k: int) -> None:
+MATCHES: tuple[str, ...] = ("exact", "answer")
+
+
+def _is_correct(tokenizer: Any, generated: list[int], answer: str, match: str) -> bool:
+    """``exact``: the whole generation (up to EOS) equals the answer after normalisation.
+    ``answer``: its first ``n`` tokens do, n = the reference answer's token count (what the
+    router's reward scores: the answer's own tokens, not the EOS after them)."""
+    if match == "answer":
+        generated = generated[: len(tokenizer(answer, add_special_tokens=False)["input_ids"])]
+    return normalise_answer(tokenizer.decode(generated, skip_special_tokens=True)) == normalise_answer(answer)
+
+
+def _score(
+    table: AccuracyTable, tokenizer: Any, items: Sequence[EvalItem], generated: Sequence[list[int]], k: int, match: str
+) -> None:
     hits: dict[str, list[int]] = {}
-    for it, a in zip(items, answers, strict=True):
-        hits.setdefault(it.family, []).append(int(normalise_answer(a) == normalise_answer(it.answer)))
+    for it, g in zip(items, generated, strict=True):
+        hits.setdefault(it.family, []).append(int(_is_correct(tokenizer, g, it.answer, match)))
     for f, h in hits.items():
         table.accuracy.setdefault(f, {})[k] = sum(h) / len(h)
         table.counts[f] = len(h)
 
 
-def _decode(tokenizer: Any, rows: Any) -> list[str]:
+def _cut(tokenizer: Any, rows: Any) -> list[list[int]]:
+    """(B, T) generated ids -> per-row id lists, cut before the first EOS."""
     eos = tokenizer.eos_token_id
     out = []
     for row in rows.tolist():
-        if eos in row:
-            row = row[: row.index(eos)]
-        out.append(tokenizer.decode(row, skip_special_tokens=True))
+        out.append(row[: row.index(eos)] if eos in row else row)
     return out
 
 
-def engine_answers(
+def _decode(tokenizer: Any, rows: Sequence[list[int]]) -> list[str]:
+    return [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+
+
+def engine_generations(
     vlm: Any, items: Sequence[EvalItem], insert_layer: int, *, batch_size: int = 256, max_new_tokens: int = 4
-) -> list[str]:
-    """Greedy answers from ``FrozenVLM.generate`` with images entering at ``insert_layer``."""
+) -> list[list[int]]:
+    """Greedy token ids (cut at EOS) from ``FrozenVLM.generate`` with images entering at ``insert_layer``."""
     import torch
 
     from deepinsert.frozen_vlm import build_batch
 
-    answers: list[str] = []
+    out: list[list[int]] = [[] for _ in items]
     with torch.inference_mode():
-        for i in range(0, len(items), batch_size):
-            chunk = items[i : i + batch_size]
-            batch = build_batch(vlm.processor, [it.image for it in chunk], [it.question for it in chunk]).to(vlm.device)
+        for chunk in _length_groups(vlm.processor, items, batch_size):
+            batch = build_batch(
+                vlm.processor, [items[i].image for i in chunk], [items[i].question for i in chunk]
+            ).to(vlm.device)
             new = vlm.generate(
                 batch.input_ids,
                 batch.pixel_values,
@@ -134,8 +162,45 @@ def engine_answers(
                 max_new_tokens=max_new_tokens,
                 eos_token_id=vlm.tokenizer.eos_token_id,
             )
-            answers.extend(_decode(vlm.tokenizer, new))
-    return answers
+            for i, ids in zip(chunk, _cut(vlm.tokenizer, new), strict=True):
+                out[i] = ids
+    return out
+
+
+def engine_answers(
+    vlm: Any, items: Sequence[EvalItem], insert_layer: int, *, batch_size: int = 256, max_new_tokens: int = 4
+) -> list[str]:
+    """Greedy answer texts from ``FrozenVLM.generate`` with images entering at ``insert_layer``."""
+    rows = engine_generations(vlm, items, insert_layer, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return _decode(vlm.tokenizer, rows)
+
+
+def _length_groups(processor: Any, items: Sequence[EvalItem], batch_size: int) -> list[list[int]]:
+    """Indices of ``items`` in chunks of at most ``batch_size`` whose prompts have equal length."""
+    enc = PromptEncoder(processor)
+    groups: dict[int, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(len(enc.prompt_ids(it.question, it.image)), []).append(i)
+    return [idx[j : j + batch_size] for idx in groups.values() for j in range(0, len(idx), batch_size)]
+
+
+def accuracy_tables(
+    vlm: Any,
+    items: Sequence[EvalItem],
+    insert_layers: Iterable[int] | None = None,
+    *,
+    batch_size: int = 256,
+    max_new_tokens: int = 4,
+) -> dict[str, AccuracyTable]:
+    """Accuracy per family at each insertion layer (default: every k in 0..N) via the engine,
+    under both matching rules: ``{"exact": ..., "answer": ...}`` (see :func:`_is_correct`)."""
+    layers = list(range(vlm.num_layers + 1)) if insert_layers is None else [int(k) for k in insert_layers]
+    tables = {m: AccuracyTable(layers=layers, match=m) for m in MATCHES}
+    for k in layers:
+        rows = engine_generations(vlm, items, k, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        for m, t in tables.items():
+            _score(t, vlm.tokenizer, items, rows, k, m)
+    return tables
 
 
 def accuracy_table(
@@ -143,15 +208,14 @@ def accuracy_table(
     items: Sequence[EvalItem],
     insert_layers: Iterable[int] | None = None,
     *,
+    match: str = "exact",
     batch_size: int = 256,
     max_new_tokens: int = 4,
 ) -> AccuracyTable:
-    """Accuracy per family at each insertion layer (default: every k in 0..N) via the engine."""
-    layers = list(range(vlm.num_layers + 1)) if insert_layers is None else [int(k) for k in insert_layers]
-    table = AccuracyTable(layers=layers)
-    for k in layers:
-        _score(table, items, engine_answers(vlm, items, k, batch_size=batch_size, max_new_tokens=max_new_tokens), k)
-    return table
+    """Accuracy per family at each insertion layer, one matching rule (``"exact"`` or ``"answer"``)."""
+    if match not in MATCHES:
+        raise ValueError(f"match must be one of {MATCHES}, got {match!r}")
+    return accuracy_tables(vlm, items, insert_layers, batch_size=batch_size, max_new_tokens=max_new_tokens)[match]
 
 
 def stock_answers(
@@ -162,33 +226,30 @@ def stock_answers(
 
     enc = PromptEncoder(processor)
     eos = processor.tokenizer.eos_token_id
-    groups: dict[int, list[int]] = {}
-    prompts = [enc.prompt_ids(it.question, it.image) for it in items]
-    for i, p in enumerate(prompts):
-        groups.setdefault(len(p), []).append(i)
     answers = [""] * len(items)
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        for idx in groups.values():
-            for j in range(0, len(idx), batch_size):
-                chunk = idx[j : j + batch_size]
-                ids = torch.tensor([prompts[i] for i in chunk])
-                pixels = enc.pixel_values([items[i].image for i in chunk])
-                start = ids.shape[1]
-                for _ in range(max_new_tokens):
-                    logits = model(input_ids=ids, pixel_values=pixels, logits_to_keep=1).logits[:, -1]
-                    ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-                    if bool((ids[:, start:] == eos).any(1).all()):
-                        break
-                for i, text in zip(chunk, _decode(processor.tokenizer, ids[:, start:]), strict=True):
-                    answers[i] = text
+        for chunk in _length_groups(processor, items, batch_size):
+            ids = torch.tensor([enc.prompt_ids(items[i].question, items[i].image) for i in chunk])
+            pixels = enc.pixel_values([items[i].image for i in chunk])
+            start = ids.shape[1]
+            for _ in range(max_new_tokens):
+                logits = model(input_ids=ids, pixel_values=pixels, logits_to_keep=1).logits[:, -1]
+                ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+                if bool((ids[:, start:] == eos).any(1).all()):
+                    break
+            for i, text in zip(chunk, _decode(processor.tokenizer, _cut(processor.tokenizer, ids[:, start:])), strict=True):
+                answers[i] = text
     model.train(was_training)
     return answers
 
 
 def stock_accuracy(model: Any, processor: Any, items: Sequence[EvalItem], *, batch_size: int = 256) -> AccuracyTable:
     """k = 0 accuracy per family with the stock model (no engine needed)."""
-    table = AccuracyTable(layers=[0])
-    _score(table, items, stock_answers(model, processor, items, batch_size=batch_size), 0)
+    table = AccuracyTable(layers=[0], match="exact")
+    tok = processor.tokenizer
+    answers = stock_answers(model, processor, items, batch_size=batch_size)
+    rows = [tok(a, add_special_tokens=False)["input_ids"] for a in answers]
+    _score(table, tok, items, rows, 0, "exact")
     return table

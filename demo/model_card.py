@@ -11,6 +11,7 @@ def table_from_dict(d: dict[str, Any]) -> AccuracyTable:
     """Inverse of :meth:`AccuracyTable.to_dict`."""
     return AccuracyTable(
         layers=[int(k) for k in d["layers"]],
+        match=str(d.get("match", "exact")),
         accuracy={f: {int(k): float(v) for k, v in row.items()} for f, row in d["accuracy"].items()},
         counts={f: int(n) for f, n in d["counts"].items()},
     )
@@ -20,6 +21,17 @@ def render_model_card(info: dict[str, Any], k0: AccuracyTable | None = None) -> 
     """Markdown model card from a ``build_info`` dict (k = 0 table and, if present, the by-k table)."""
     a, t = info["architecture"], info["train_config"]
     by_k = info.get("test_accuracy_by_k")
+    by_k_answer = info.get("test_accuracy_by_k_answer")
+    late_text, late_image = t.get("late_text_p", 0.0), t.get("late_image_p", 0.0)
+    if late_text or late_image:
+        stage2_k = (
+            f"  insertion layer sampled per sample: 0, or k ~ U{{1..{a['text_layers']}}} with probability "
+            f"{late_text} for text-only samples and {late_image} for image samples (through the engine's "
+            "late-insertion layer loop), so that the model keeps answering (and stopping) when its image "
+            "enters late."
+        )
+    else:
+        stage2_k = "  images always at layer 0 (plain LLaVA training, no insertion-layer sampling)."
     lines = [
         "# deepinsert demo VLM",
         "",
@@ -66,8 +78,8 @@ def render_model_card(info: dict[str, Any], k0: AccuracyTable | None = None) -> 
         f"- Stage 1, {t['vision_steps']} steps: the vision tower alone (+ throw-away linear heads) "
         "classifies each patch's colour and shape and, from the mean patch feature, the digit (a stand-in for CLIP pretraining).",
         f"- Stage 2, {t['lm_steps']} steps: the whole model, next-token loss on the answer tokens and the EOS,",
-        "  prompt exactly `USER: <image>\\n{question} ASSISTANT:` (BOS first), images always at layer 0",
-        "  (plain LLaVA training, no insertion-layer sampling).",
+        "  prompt exactly `USER: <image>\\n{question} ASSISTANT:` (BOS first);",
+        stage2_k,
         f"- AdamW lr {t['lr']}, betas {tuple(t['betas'])}, weight decay {t['weight_decay']}, warmup {t['warmup']}, "
         f"cosine decay, batch {t['batch_size']}, grad-norm clip 1.0; Llama `initializer_range` {a['text_init_range']}.",
         f"- Build time: {info['build_seconds']:.0f} s.",
@@ -76,13 +88,30 @@ def render_model_card(info: dict[str, Any], k0: AccuracyTable | None = None) -> 
     ]
     if k0 is not None:
         lines += ["", "At k = 0 (stock forward):", "", k0.to_markdown()]
+    if by_k_answer is not None:
+        lines += [
+            "",
+            "By insertion layer k (late insertion, `FrozenVLM.generate(insert_layer=k)`; k = 0 is the",
+            "stock model, k = 8 never shows the image), judging the **answer's tokens** (the first n",
+            "generated tokens, n = the reference's token count; what the router's reward scores):",
+            "",
+            table_from_dict(by_k_answer).to_markdown(),
+        ]
     if by_k is not None:
         lines += [
             "",
-            "By insertion layer k (training-free late insertion, `FrozenVLM.generate(insert_layer=k)`;",
-            "k = 0 is the stock model, k = 8 never shows the image):",
+            "Same, judging the **whole generation** up to the end-of-sequence token (exact match):",
             "",
             table_from_dict(by_k).to_markdown(),
+        ]
+    if by_k is not None and by_k_answer is not None and not (late_text or late_image):
+        lines += [
+            "",
+            "The gap between the two tables is the end-of-sequence token: trained with its image",
+            "always at layer 0, the model answers correctly under late insertion but then often",
+            "fails to stop (`rocket` -> `rocket yes`), even on text-only questions. The router's",
+            "reward scores the answer's own tokens, not the EOS (see `build_batch`), which is why",
+            "its table is the first one.",
         ]
     lines += [
         "",

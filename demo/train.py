@@ -37,6 +37,8 @@ class TrainConfig:
     weight_decay: float = 0.05  # AdamW weight decay
     warmup: int = 60  # linear warmup steps of stage 2 (stage 1: min(warmup, steps/4))
     digit_share: float = 0.3  # share of digit images in stage 1
+    late_text_p: float = 0.0  # stage 2: chance a text-only sample has its image enter at k ~ U{1..N}
+    late_image_p: float = 0.0  # stage 2: same for an image-family sample
     threads: int = 1  # torch CPU threads (1: bit-reproducible, and fastest on a busy 2-core box)
     progress: bool = True  # tqdm bars
 
@@ -45,6 +47,8 @@ class TrainConfig:
             raise ValueError("vision_steps >= 0, lm_steps >= 1 and batch_size >= 1 are required")
         if not (0 < self.lr < 1) or self.warmup < 0 or self.threads < 1:
             raise ValueError("lr in (0, 1), warmup >= 0 and threads >= 1 are required")
+        if not (0 <= self.late_text_p <= 1 and 0 <= self.late_image_p <= 1):
+            raise ValueError("late_text_p and late_image_p must be probabilities")
 
 
 def _rng(seed: int, stage: int, step: int) -> np.random.Generator:
@@ -136,24 +140,72 @@ def train_lm(
     """Stage 2: the whole model, answer + EOS loss, images at layer 0; returns per-step losses."""
     import torch
 
+    late = cfg.late_text_p > 0 or cfg.late_image_p > 0
+    late_forward = _LateForward(model, encoder.processor) if late else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = _optimizer(params, cfg, cfg.lm_steps, cfg.warmup)
     model.train()
     losses: list[float] = []
     bar = tqdm(range(cfg.lm_steps), desc="training", disable=not cfg.progress)
     for step in bar:
-        b = encoder.batch(lm_samples(cfg.seed, step, cfg.batch_size))
-        out = model(
-            input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values, labels=b.labels
-        )
+        samples = lm_samples(cfg.seed, step, cfg.batch_size)
+        if late_forward is not None:
+            b = encoder.batch(samples, left_pad=True)
+            k = _sample_layers(samples, cfg, model.config.text_config.num_hidden_layers, step)
+            loss = late_forward.loss(b, k)
+        else:
+            b = encoder.batch(samples)
+            loss = model(
+                input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values, labels=b.labels
+            ).loss
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        losses.append(float(out.loss.detach()))
-        bar.set_postfix(loss=f"{out.loss.item():.3f}")
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if on_step is not None:
             on_step(step, losses[-1])
     model.eval()
     return losses
+
+
+def _sample_layers(samples: list[Sample], cfg: TrainConfig, n_layers: int, step: int) -> Any:
+    """(B,) insertion layer per sample: 0, or with the family's probability k ~ U{1..N}."""
+    import torch
+
+    rng = np.random.default_rng([cfg.seed, 3, step])
+    ks = []
+    for s in samples:
+        p = cfg.late_image_p if s.needs_image else cfg.late_text_p
+        ks.append(int(rng.integers(1, n_layers + 1)) if rng.random() < p else 0)
+    return torch.tensor(ks, dtype=torch.long)
+
+
+class _LateForward:
+    """Training forward with per-sample late insertion, through the engine's layer loop.
+
+    Uses ``deepinsert.frozen_vlm``'s prepare + prefill (the one place that knows the
+    transformers internals) with gradients on; the model stays trainable.
+    """
+
+    def __init__(self, model: Any, processor: Any) -> None:
+        from deepinsert.frozen_vlm.engine import FrozenVLM
+
+        self.runner = FrozenVLM(model, processor)  # puts the model in eval mode, frozen ...
+        model.requires_grad_(True)  # ... we train it: turn gradients back on
+        model.train()
+
+    def loss(self, b: TrainBatch, k: Any) -> Any:
+        """Mean CE over the answer + EOS tokens (labels != -100), HF shift convention."""
+        import torch
+
+        from deepinsert.frozen_vlm.prepare import prepare
+
+        prep = prepare(self.runner._parts, b.input_ids, b.pixel_values, b.attention_mask, k)
+        h, _ = self.runner._prefill(prep, cache=None)  # (B, L, D)
+        target = b.labels[:, 1:]
+        rows = target != -100
+        logits = self.runner._logits(h[:, :-1][rows])  # (n_answer_tokens, V)
+        return torch.nn.functional.cross_entropy(logits, target[rows])

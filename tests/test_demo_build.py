@@ -1,0 +1,98 @@
+"""The demo builder: quick build end to end through the CLI, atomic output, determinism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepinsert.cli import main
+from deepinsert.demo import demo_data_path
+from deepinsert.demo import build as build_mod
+from deepinsert.demo.build import build_demo, read_build_info
+from deepinsert.demo.scenes import DIGIT_POOL_SIZES, digit_pool
+from deepinsert.demo.splits import SPLIT_SPECS, generate_split, llava_record
+from deepinsert.demo.train import TrainConfig
+from deepinsert.frozen_vlm import PROMPT_TEMPLATE, load_vlm
+from deepinsert.demo.batches import PROMPT_TEMPLATE as DEMO_TEMPLATE
+
+TINY = TrainConfig(vision_steps=2, lm_steps=2, batch_size=4, warmup=1, progress=False)
+
+
+def test_quick_build_cli_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "build", "--quick", "--out", str(out), "--no-progress"]) == 0
+    model_dir = out / "model"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "README.md"):
+        assert (model_dir / name).is_file(), name
+    assert sorted(p.name for p in out.iterdir()) == ["data", "model"]  # no temporary leftovers
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["images", "test.json", "train.json", "val.json"]
+    info = read_build_info(model_dir)
+    assert info["quick"] is True and info["test_accuracy_k0"]["counts"]["digit"] == 2
+
+    vlm = load_vlm(str(model_dir), dtype="float32", device="cpu")
+    assert vlm.num_layers == 8
+    enc = vlm.processor(text=[PROMPT_TEMPLATE.format(question="What digit is shown?")], images=[_blank()])
+    assert int((enc["input_ids"] == vlm.image_token_id).sum()) == 16
+    with torch.no_grad():
+        logits = vlm.forward(enc["input_ids"], enc["pixel_values"], enc["attention_mask"])
+    assert logits.shape[-1] == len(vlm.tokenizer) and torch.isfinite(logits).all()
+
+
+def test_quick_needs_out(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "build", "--quick"]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_build_is_deterministic_and_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    build_demo(a, cfg=TINY)
+    build_demo(b, cfg=TINY)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+
+    before = (a / "model.safetensors").read_bytes()
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(build_mod, "train_lm", boom)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        build_demo(a, cfg=TrainConfig(seed=1, vision_steps=1, lm_steps=1, batch_size=2, progress=False))
+    assert (a / "model.safetensors").read_bytes() == before  # the old model is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_committed_test_split_is_the_generators_output() -> None:
+    spec = next(s for s in SPLIT_SPECS if s.name == "test")
+    records = json.loads(demo_data_path("test").read_text(encoding="utf-8"))
+    generated = generate_split(spec)
+    assert len(records) == len(generated) == spec.size
+    for i, (rec, s) in enumerate(zip(records, generated, strict=True)):
+        sid = f"test-{i:05d}"
+        assert rec == llava_record(sid, f"images/{sid}.png", s)
+    # and the images: spot-check a few pixels-exact
+    from PIL import Image
+
+    for i in (0, 1, 2, 3, 799):
+        with Image.open(demo_data_path("test").parent / records[i]["image"]) as im:
+            assert im.convert("RGB").tobytes() == generated[i].rendered.image.tobytes()
+
+
+def test_digit_pools_are_disjoint() -> None:
+    pools = {name: set(digit_pool(name).tolist()) for name in DIGIT_POOL_SIZES}
+    assert {k: len(v) for k, v in pools.items()} == DIGIT_POOL_SIZES
+    assert not pools["train"] & pools["test"] and not pools["train"] & pools["val"] and not pools["val"] & pools["test"]
+    assert set().union(*pools.values()) == set(range(1797))
+
+
+def test_prompt_template_matches_engine() -> None:
+    assert DEMO_TEMPLATE == PROMPT_TEMPLATE
+
+
+def _blank():  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    return Image.new("RGB", (32, 32), (0, 0, 0))

@@ -1,0 +1,139 @@
+"""The shipped demo VLM: loads with load_vlm, meets its accuracy targets, late insertion shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepinsert.demo import SPLITS, demo_data_path, demo_model_path
+from deepinsert.demo.build import read_build_info
+from deepinsert.demo.evaluate import (
+    AccuracyTable,
+    accuracy_tables,
+    engine_answers,
+    items_from_samples,
+    normalise_answer,
+    stock_answers,
+)
+from deepinsert.demo.families import CHANCE, IMAGE_FAMILIES, TEXT_FAMILIES
+from deepinsert.env.data import load_samples
+from deepinsert.frozen_vlm import FrozenVLM, load_vlm
+
+# Measured on the committed test split (800 samples, 100 per family) with the shipped model,
+# greedy decoding through the engine; recorded in the model card (build_info.json).
+LAYERS = list(range(9))
+MARGIN = 0.02
+EXPECTED_ANSWER: dict[str, list[float]] = {  # match="answer": per family, k = 0..8
+    "colour": [1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 0.83, 0.45, 0.20],
+    "count": [0.94, 0.91, 0.89, 0.85, 0.75, 0.73, 0.67, 0.53, 0.41],
+    "exists": [0.78, 0.81, 0.55, 0.54, 0.51, 0.56, 0.54, 0.51, 0.51],
+    "position": [1.00, 1.00, 1.00, 1.00, 0.92, 0.92, 0.87, 0.52, 0.52],
+    "digit": [0.98, 0.98, 0.98, 0.92, 0.83, 0.59, 0.35, 0.16, 0.10],
+    "arith": [0.95, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95],
+    "weekday": [1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00],
+    "repeat": [1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00],
+}
+EXPECTED_EXACT_K0: dict[str, float] = {  # match="exact" at k = 0
+    "colour": 1.00,
+    "count": 0.94,
+    "exists": 0.78,
+    "position": 1.00,
+    "digit": 0.98,
+    "arith": 0.95,
+    "weekday": 1.00,
+    "repeat": 1.00,
+}
+
+
+@pytest.fixture(scope="module")
+def vlm() -> FrozenVLM:
+    torch.set_num_threads(1)
+    return load_vlm("demo", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tables(vlm: FrozenVLM) -> dict[str, AccuracyTable]:
+    items = items_from_samples(load_samples(demo_data_path("test")))
+    return accuracy_tables(vlm, items, LAYERS, batch_size=400)
+
+
+def test_shipped_model_loads_like_a_llava_checkpoint(vlm: FrozenVLM) -> None:
+    assert vlm.model.__class__.__name__ == "LlavaForConditionalGeneration"
+    assert vlm.num_layers == 8
+    tok = vlm.tokenizer
+    assert vlm.image_token_id == tok.convert_tokens_to_ids("<image>")
+    assert vlm.model.config.image_seq_length == 16
+    n_params = sum(p.numel() for p in vlm.model.parameters())
+    assert 1.5e6 < n_params < 3e6
+    size = sum(p.stat().st_size for p in demo_model_path().iterdir())
+    assert size < 12 * 2**20
+    # LLaVA-1.5 chat template, BOS first, word-level split of the prompt
+    chat = vlm.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What digit is shown?"}]}],
+        add_generation_prompt=True,
+    )
+    assert chat == "USER: <image>\nWhat digit is shown? ASSISTANT:"
+    ids = tok("USER: What is 3 plus 4? ASSISTANT:")["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == [
+        "<s>", "user", ":", "what", "is", "3", "plus", "4", "?", "assistant", ":",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_vocabulary_covers_committed_data(vlm: FrozenVLM, split: str) -> None:
+    tok = vlm.tokenizer
+    for s in load_samples(demo_data_path(split), check_images=False):
+        q = tok(s.question, add_special_tokens=False)["input_ids"]
+        a = tok(s.answer, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in q + a, s
+        assert 1 <= len(a) <= 2, s
+        assert normalise_answer(tok.decode(a)) == normalise_answer(s.answer)
+
+
+def test_k0_targets_and_measured_values(tables: dict[str, AccuracyTable]) -> None:
+    exact, answer = tables["exact"], tables["answer"]
+    for f in TEXT_FAMILIES:
+        assert exact.accuracy[f][0] >= 0.95, (f, exact.accuracy[f][0])
+    assert exact.image_mean(0) >= 0.85, exact.image_mean(0)
+    for f, v in EXPECTED_EXACT_K0.items():
+        assert abs(exact.accuracy[f][0] - v) <= MARGIN, (f, exact.accuracy[f][0], v)
+    for f, row in EXPECTED_ANSWER.items():
+        for k, v in enumerate(row):
+            assert abs(answer.accuracy[f][k] - v) <= MARGIN, (f, k, answer.accuracy[f][k], v)
+
+
+def test_late_insertion_shape(tables: dict[str, AccuracyTable]) -> None:
+    t = tables["answer"]
+    n = 8
+    for f in TEXT_FAMILIES:  # text-only families: flat in k
+        for k in LAYERS:
+            assert abs(t.accuracy[f][k] - t.accuracy[f][0]) <= 0.03, (f, k)
+    # image families: close to k = 0 for small k ...
+    assert t.image_mean(1) >= t.image_mean(0) - 0.05
+    # ... then falling toward chance; at k = N the image is never seen
+    chance = sum(CHANCE[f] for f in IMAGE_FAMILIES) / len(IMAGE_FAMILIES)
+    assert t.image_mean(n) <= chance + 0.1, (t.image_mean(n), chance)
+    for f in IMAGE_FAMILIES:
+        assert t.accuracy[f][n] <= CHANCE[f] + 0.15, (f, t.accuracy[f][n])
+        assert t.accuracy[f][n] < t.accuracy[f][0] - 0.25, f
+    means = [t.image_mean(k) for k in LAYERS]
+    assert all(b <= a + 0.02 for a, b in zip(means, means[1:])), means  # non-increasing in k
+    # families break at different depths: that is what a per-prompt router learns
+    breaking = {f: min((k for k in LAYERS if t.accuracy[f][k] < t.accuracy[f][0] - 0.1), default=n + 1) for f in IMAGE_FAMILIES}
+    assert len(set(breaking.values())) >= 3, breaking
+
+
+def test_model_card_records_the_measured_tables(tables: dict[str, AccuracyTable]) -> None:
+    info = read_build_info(demo_model_path())
+    for key, match in (("test_accuracy_by_k", "exact"), ("test_accuracy_by_k_answer", "answer")):
+        recorded = info[key]["accuracy"]
+        for f in tables[match].families:
+            for k in LAYERS:
+                assert recorded[f][str(k)] == pytest.approx(tables[match].accuracy[f][k], abs=1e-4), (key, f, k)
+    card = (demo_model_path() / "README.md").read_text(encoding="utf-8")
+    assert "| k=8 |" in card and f"{tables['answer'].image_mean(4):.3f}" in card
+
+
+def test_engine_k0_equals_stock_forward(vlm: FrozenVLM) -> None:
+    items = items_from_samples(load_samples(demo_data_path("val")))[:64]
+    assert engine_answers(vlm, items, 0) == stock_answers(vlm.model, vlm.processor, items)
