@@ -26,7 +26,7 @@ import numpy as np
 from deepinsert.errors import InputError
 
 # Bump when the definition of the loss changes (cached tables keyed on it are then ignored).
-LOSS_DEFINITION = "answer-tokens-mean-ce/v1"
+LOSS_DEFINITION = "answer-tokens-mean-ce/v1;answers=reference-length-prefix/v2"
 
 
 def sample_key(sample: Any) -> str:
@@ -252,6 +252,14 @@ class VLMLossProvider(LossProvider):
         return float(flops_fraction(self.vlm, int(k), int(n_text), int(n_image)))
 
     def answers(self, samples: Sequence[Any], k: int) -> list[str]:
+        """Greedy answers at layer k, each cut at its reference answer's token length.
+
+        Like the reward's loss (labels cover the answer's own tokens, not the EOS token),
+        accuracy asks whether the model *produces the answer*, not whether it stops right
+        after it: under late insertion the EOS prediction of text-only answers drifts while
+        the answer tokens do not (DESIGN.md §8). Decoding stops early once every sample in
+        the batch has emitted EOS.
+        """
         import torch
 
         (k,) = self.check_ks([k])
@@ -259,20 +267,21 @@ class VLMLossProvider(LossProvider):
         texts: list[str] = []
         with torch.inference_mode():
             for sl in self._chunks(len(samples)):
-                b = self._batch(samples[sl], with_answers=False)
+                chunk = samples[sl]
+                n_ref = [len(tok(s.answer, add_special_tokens=False)["input_ids"]) for s in chunk]
+                b = self._batch(chunk, with_answers=False)
                 self.calls += 1
-                # an answer longer than the reference by > 2 tokens cannot match it after
-                # normalisation: stop there (cheap on one-word answers)
-                ref = max(len(tok(s.answer, add_special_tokens=False)["input_ids"]) for s in samples[sl])
                 new = self.vlm.generate(
                     b.input_ids,
                     b.pixel_values,
                     b.attention_mask,
                     insert_layer=k,
-                    max_new_tokens=max(1, min(self.max_new_tokens, ref + 2)),
+                    max_new_tokens=max(1, min(self.max_new_tokens, max(n_ref))),
                     eos_token_id=tok.eos_token_id,
-                )  # (b, T_new)
-                texts.extend(tok.batch_decode(new.cpu(), skip_special_tokens=True))
+                ).cpu()  # (b, T_new)
+                texts.extend(
+                    tok.decode(new[i, :n].tolist(), skip_special_tokens=True) for i, n in enumerate(n_ref)
+                )
         return [t.strip() for t in texts]
 
 

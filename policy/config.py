@@ -140,7 +140,7 @@ class TrainConfig:
     persist_cache: bool = True
     """Keep the loss cache on disk so repeated or resumed runs (and other λ) reuse it."""
     max_new_tokens: int = 8
-    """Generation budget when evaluating answer accuracy."""
+    """Cap on generated tokens when checking accuracy (answers are cut at the reference length)."""
     policy_device: str = "cpu"
     """Device of the small policy network (``cpu`` is fastest for an MLP)."""
     torch_threads: int | None = None

@@ -28,7 +28,8 @@ class EvalTables:
         ks: ``(K,)`` candidate insertion layers.
         num_layers: N.
         losses: ``(S, K)`` mean answer loss.
-        correct: ``(S, K)`` bool, greedy answer == reference after normalisation
+        correct: ``(S, K)`` bool, greedy answer (cut at the reference token length) ==
+            reference after normalisation
             (None when accuracy was not computed).
         flops: ``(S, K)`` FLOPs fraction vs k = 0 (Eq. 5, the sample's own token counts).
         needs_image: ``(S,)`` bool or None.
