@@ -34,11 +34,22 @@ def test_quick_build_cli_end_to_end(tmp_path: Path) -> None:
 
     vlm = load_vlm(str(model_dir), dtype="float32", device="cpu")
     assert vlm.num_layers == 8
-    enc = vlm.processor(text=[PROMPT_TEMPLATE.format(question="What digit is shown?")], images=[_blank()])
+    enc = vlm.processor(
+        text=[PROMPT_TEMPLATE.format(question="What digit is shown?")], images=[_blank()], return_tensors="pt"
+    )
     assert int((enc["input_ids"] == vlm.image_token_id).sum()) == 16
     with torch.no_grad():
         logits = vlm.forward(enc["input_ids"], enc["pixel_values"], enc["attention_mask"])
     assert logits.shape[-1] == len(vlm.tokenizer) and torch.isfinite(logits).all()
+
+    # re-measure by insertion layer and record it in the card
+    args = ["demo", "evaluate", "--model", str(model_dir), "--data", str(out / "data" / "test.json")]
+    assert main([*args, "--layers", "0", "8", "--update-card"]) == 0
+    info = read_build_info(model_dir)
+    assert info["test_accuracy_by_k"]["layers"] == [0, 8] and info["test_accuracy_by_k"]["match"] == "exact"
+    assert info["test_accuracy_by_k_answer"]["match"] == "answer"
+    card = (model_dir / "README.md").read_text(encoding="utf-8")
+    assert "| family | n | k=0 | k=8 |" in card
 
 
 def test_quick_needs_out(capsys: pytest.CaptureFixture[str]) -> None:
