@@ -18,7 +18,8 @@ from deepinsert.demo.train import TrainConfig
 from deepinsert.frozen_vlm import PROMPT_TEMPLATE, load_vlm
 from deepinsert.demo.batches import PROMPT_TEMPLATE as DEMO_TEMPLATE
 
-TINY = TrainConfig(vision_steps=2, lm_steps=2, batch_size=4, warmup=1, progress=False)
+# late_*_p > 0 also exercises the late-insertion training path
+TINY = TrainConfig(vision_steps=2, lm_steps=2, batch_size=4, warmup=1, progress=False, late_text_p=0.5, late_image_p=0.5)
 
 
 def test_quick_build_cli_end_to_end(tmp_path: Path) -> None:
@@ -107,3 +108,36 @@ def _blank():  # type: ignore[no-untyped-def]
     from PIL import Image
 
     return Image.new("RGB", (32, 32), (0, 0, 0))
+
+
+def test_late_training_loss_at_k0_equals_the_stock_loss() -> None:
+    """The late-insertion training forward is the stock LLaVA loss when every k is 0."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from deepinsert.demo import demo_model_path
+    from deepinsert.demo.batches import PromptEncoder
+    from deepinsert.demo.train import _LateForward, _sample_layers, lm_samples
+
+    model = LlavaForConditionalGeneration.from_pretrained(demo_model_path())
+    processor = AutoProcessor.from_pretrained(demo_model_path())
+    enc = PromptEncoder(processor)
+    samples = lm_samples(7, 0, 12)
+    right = enc.batch(samples)
+    with torch.no_grad():
+        ref = model(
+            input_ids=right.input_ids,
+            attention_mask=right.attention_mask,
+            pixel_values=right.pixel_values,
+            labels=right.labels,
+        ).loss
+        late = _LateForward(model, processor)
+        left = enc.batch(samples, left_pad=True)
+        got = late.loss(left, torch.zeros(len(samples), dtype=torch.long))
+        at_n = late.loss(left, torch.full((len(samples),), 8))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    assert float(at_n) > float(ref) + 0.1  # without the image the answers get harder
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    cfg = TrainConfig(late_text_p=1.0, late_image_p=0.0)
+    ks = _sample_layers(samples, cfg, 8, 0)
+    assert all((int(k) > 0) == (not s.needs_image) for k, s in zip(ks, samples))
+    assert torch.equal(ks, _sample_layers(samples, cfg, 8, 0))
