@@ -141,3 +141,12 @@ def test_late_training_loss_at_k0_equals_the_stock_loss() -> None:
     ks = _sample_layers(samples, cfg, 8, 0)
     assert all((int(k) > 0) == (not s.needs_image) for k, s in zip(ks, samples))
     assert torch.equal(ks, _sample_layers(samples, cfg, 8, 0))
+
+
+def test_demo_cli_module_is_light() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, deepinsert.demo, deepinsert.demo.cli; print('torch' in sys.modules or 'numpy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
