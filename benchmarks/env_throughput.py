@@ -21,7 +21,6 @@ hit rate of a training-like run without the table. Writes benchmarks/results/env
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path

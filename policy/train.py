@@ -72,7 +72,8 @@ def _check_resumable(out: Path, cfg: TrainConfig) -> None:
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     if diff:
         raise ConfigError(
-            f"cannot resume {out}: its config differs in {diff}; use the same config or another --out"
+            f"cannot resume {out}: its config differs in {diff}; use the same config, another "
+            "--out, or (deepinsert sweep) --force to retrain"
         )
 
 

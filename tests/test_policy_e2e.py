@@ -81,3 +81,16 @@ def test_train_evaluate_sweep_cli(config, tmp_path, capsys):
     again = json.loads((sweep / "sweep.json").read_text())
     assert again["loss_cache"]["vlm_calls"] == 0
     np.testing.assert_allclose(again["runs"][1]["router"]["mean_reward"], res["runs"][1]["router"]["mean_reward"])
+
+
+def test_candidate_layer_beyond_the_models_n_is_a_clear_cli_error(config, tmp_path, capsys):
+    from deepinsert.cli import main
+
+    cfg = yaml.safe_load(config.read_text())
+    cfg["candidate_layers"] = [0, 4, 9]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    assert main(["train", "--config", str(bad), "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "candidate layer 9 out of range [0, 8]" in err and "N = 8" in err
+    assert not (tmp_path / "r").exists()
