@@ -56,6 +56,24 @@ class EvalTables:
         r = self.rewards(lam)[:, ::-1]
         return (r.shape[1] - 1 - np.argmax(r, axis=1)).astype(np.int64)
 
+    def family_oracle_actions(self, lam: float) -> np.ndarray:
+        """The best static layer of each question family, chosen on this split ``(S,)``.
+
+        An optimistic bound for routers that can tell the question type but not the image.
+        """
+        return _family_actions(self, lam)
+
+
+def _family_actions(t: EvalTables, lam: float) -> np.ndarray:
+    r = t.rewards(lam)
+    fam = np.array([str(f) for f in t.families])
+    out = np.empty(len(fam), dtype=np.int64)
+    for f in np.unique(fam):
+        m = fam == f
+        col = r[m].mean(0)[::-1]
+        out[m] = len(col) - 1 - int(np.argmax(col))  # ties -> the later layer
+    return out
+
 
 def build_tables(ws: Workspace, split: Split, *, accuracy: bool = True, progress: bool = True) -> EvalTables:
     """Fill the loss (and answer) tables of ``split`` through ``ws.cache``."""
@@ -126,6 +144,9 @@ def compare(t: EvalTables, lam: float, router_actions: np.ndarray) -> dict[str, 
     best_k = max(static, key=lambda kk: static[kk]["mean_reward"])
     oracle = selection_metrics(t, lam, t.oracle_actions(lam))
     router = selection_metrics(t, lam, router_actions)
+    family_oracle = None
+    if all(f is not None for f in t.families):
+        family_oracle = selection_metrics(t, lam, t.family_oracle_actions(lam))
     r_best, r_oracle = static[best_k]["mean_reward"], oracle["mean_reward"]
     gap = r_oracle - r_best
     captured = (router["mean_reward"] - r_best) / gap if gap > 1e-9 else None
@@ -137,6 +158,7 @@ def compare(t: EvalTables, lam: float, router_actions: np.ndarray) -> dict[str, 
         "num_layers": int(t.num_layers),
         "router": router,
         "oracle": oracle,
+        "family_oracle": family_oracle,
         "static": static,
         "best_static_k": int(best_k),
         "captured_gain": captured,
@@ -209,6 +231,8 @@ def static_curve(t: EvalTables) -> list[dict[str, Any]]:
 def format_comparison(m: dict[str, Any], ks: Sequence[int] | None = None) -> str:
     """Terminal table of one evaluation: router, oracle and each static k."""
     rows = [("router", m["router"]), ("oracle", m["oracle"])]
+    if m.get("family_oracle"):
+        rows.append(("family oracle", m["family_oracle"]))
     rows += [(f"static k={k}", v) for k, v in m["static"].items() if ks is None or int(k) in ks]
     head = f"{'policy':<14}{'reward':>9}{'loss':>8}{'acc':>7}{'mean k':>8}{'FLOPs':>7}"
     lines = [f"λ = {m['lam']:g}  split = {m['split']}  n = {m['n_samples']}", head, "-" * len(head)]

@@ -136,6 +136,9 @@ def format_sweep(result: dict[str, Any]) -> str:
                  f"{best['mean_reward']:+.3f} and oracle {m['oracle']['mean_reward']:+.3f}"]
         if cg is not None:
             parts.append(f" ({cg:.0%} of the oracle's gain)")
+        fo = m.get("family_oracle")
+        if fo is not None:
+            parts.append(f"; best k per question family (picked on this split) {fo['mean_reward']:+.3f}")
         parts.append(f"; {r['flops_saving']:.0%} fewer FLOPs than k=0")
         if r["accuracy"] is not None and acc0 is not None:
             parts.append(f" at accuracy {r['accuracy']:.2f} (k=0: {acc0:.2f})")

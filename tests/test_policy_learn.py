@@ -150,5 +150,8 @@ def test_compare_oracle_static_and_captured_gain():
     assert m["captured_gain"] == pytest.approx(1.0)
     assert m["router"]["mean_k_needs_image"] == 0 and m["router"]["mean_k_text_only"] == 8
     assert m["router"]["accuracy"] == 1.0 and m["router"]["flops_fraction"] == pytest.approx(0.75)
+    assert m["family_oracle"]["mean_reward"] == pytest.approx(0.1)  # one prompt per family here
+    t.families = ["a", "a"]  # one family: its best static column, ties -> later layer
+    assert compare(t, 0.4, np.array([2, 0]))["family_oracle"]["mean_k"] == 4
     half = compare(t, 0.4, np.array([1, 0]))  # reward 0.0: half of the gap -0.1 -> 0.1
     assert half["captured_gain"] == pytest.approx(0.5)
