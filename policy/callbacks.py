@@ -77,10 +77,10 @@ class TqdmCallback(BaseCallback):
 
         self.bar = tqdm(total=self.total, initial=self.initial, desc=self.desc, unit="step",
                         dynamic_ncols=True, mininterval=0.5)
-        self._last = self.model.num_timesteps
+        self._last = min(self.model.num_timesteps, self.total)
 
     def _on_step(self) -> bool:
-        n = self.model.num_timesteps
+        n = min(self.model.num_timesteps, self.total)  # SB3 rounds up to whole rollouts
         rewards = np.asarray(self.locals.get("rewards", []), dtype=np.float64).reshape(-1)
         self._r.extend(rewards.tolist())
         self._k.extend(float(i["k"]) for i in self.locals.get("infos", []) if "k" in i)
