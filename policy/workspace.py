@@ -127,5 +127,6 @@ def open_workspace(
     if train:
         ws.load_split("train", cfg.data.train, cfg, cfg.data.max_train_samples)
     if eval_spec is not None:
-        ws.load_split("eval", eval_spec, cfg, cfg.data.max_eval_samples)
+        split = ws.load_split("eval", eval_spec, cfg, cfg.data.max_eval_samples)
+        ws.splits[f"eval:{eval_spec}"] = split  # the key evaluate_run_dir looks up
     return ws
