@@ -300,6 +300,9 @@ class FrozenVLM:
             raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         eos = self._eos_ids(eos_token_id)
         prep = prepare(self._parts, input_ids, pixel_values, attention_mask, insert_layer, image_features)
+        if bool((prep.attention_mask[:, -1] == 0).any()):
+            raise InputError("generate needs left padding (every prompt's last position a real token); "
+                             "tokenize with padding_side='left'")
         last_is_image = prep.is_image[:, -1] & (prep.k > 0)
         if bool(last_is_image.any()):
             raise InputError("a prompt ends with an image token; generation under late insertion "

@@ -88,6 +88,10 @@ def test_answer_loss_and_generate_errors(vlm) -> None:
         vlm.answer_loss(ids, pv, labels=labels, insert_layers=[0, 9])
     with pytest.raises(InputError, match="max_new_tokens"):
         vlm.generate(ids, pv, max_new_tokens=0)
+    right_padded = torch.ones_like(ids)
+    right_padded[0, -1] = 0
+    with pytest.raises(InputError, match="left padding"):
+        vlm.generate(ids, pv, attention_mask=right_padded)
 
 
 def test_not_a_llava() -> None:
