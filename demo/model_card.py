@@ -29,6 +29,8 @@ def render_model_card(info: dict[str, Any], k0: AccuracyTable | None = None) -> 
             f"{late_text} for text-only samples and {late_image} for image samples (through the engine's "
             "late-insertion layer loop), so that the model keeps answering (and stopping) when its image "
             "enters late."
+            + (" Image questions always had their image at layer 0: for them late insertion is training-free."
+               if not late_image else "")
         )
     else:
         stage2_k = "  images always at layer 0 (plain LLaVA training, no insertion-layer sampling)."
@@ -111,8 +113,9 @@ def render_model_card(info: dict[str, Any], k0: AccuracyTable | None = None) -> 
             "layer 0, the model (seed 0) still produced the right first token under late insertion but",
             "then often failed to stop (`rocket` -> `rocket yes`), even on text-only questions: exact-match",
             "accuracy of the text-only families fell from 0.98 at k = 0 to 0.56 at k = 1 (image families",
-            "0.94 -> 0.47). Sampling k for a share of the samples fixes the stopping; the image families",
-            "still lose accuracy as k grows, at family-specific depths.",
+            "0.94 -> 0.47). Sampling k for half of the text-only samples fixes the stopping for every family;",
+            "the image families still lose accuracy as k grows, each at its own depth. (Sampling k also",
+            "for 15% of the image samples made them robust up to k = 6-7: a flatter, less useful curve.)",
         ]
     if by_k is not None and by_k_answer is not None and not (late_text or late_image):
         lines += [

@@ -4,9 +4,10 @@ Stage 1 (a stand-in for CLIP pretraining): the vision tower alone learns to clas
 each patch's colour and shape and, from the mean patch feature, the digit shown.
 Without it the language model ignores the image for a long time.
 Stage 2: the whole LLaVA, next-token loss on the answer tokens + EOS. Most samples have
-their image at layer 0 (stock LLaVA training); a share (``late_text_p`` / ``late_image_p``)
-has it enter at a random later layer, through the engine's layer loop, so the model keeps
-stopping after its answer under late insertion. Training data is generated on the fly from
+their image at layer 0 (stock LLaVA training); a share (``late_text_p`` / ``late_image_p``,
+by default half of the text-only samples and none of the image ones) has it enter at a
+random later layer, through the engine's layer loop, so the model keeps stopping after its
+answer under late insertion, while late insertion stays training-free for image questions. Training data is generated on the fly from
 the build seed.
 """
 
@@ -41,7 +42,7 @@ class TrainConfig:
     warmup: int = 60  # linear warmup steps of stage 2 (stage 1: min(warmup, steps/4))
     digit_share: float = 0.3  # share of digit images in stage 1
     late_text_p: float = 0.5  # stage 2: chance a text-only sample has its image enter at k ~ U{1..N}
-    late_image_p: float = 0.15  # stage 2: same for an image-family sample (0 and 0: plain LLaVA training)
+    late_image_p: float = 0.0  # stage 2: same for an image-family sample (0 and 0: plain LLaVA training)
     threads: int = 1  # torch CPU threads (1: bit-reproducible, and fastest on a busy 2-core box)
     progress: bool = True  # tqdm bars
 
