@@ -141,24 +141,36 @@ def _decode(tokenizer: Any, rows: Sequence[list[int]]) -> list[str]:
 
 
 def engine_generations(
-    vlm: Any, items: Sequence[EvalItem], insert_layer: int, *, batch_size: int = 256, max_new_tokens: int = 4
+    vlm: Any,
+    items: Sequence[EvalItem],
+    insert_layer: int | Sequence[int],
+    *,
+    batch_size: int = 256,
+    max_new_tokens: int = 4,
 ) -> list[list[int]]:
-    """Greedy token ids (cut at EOS) from ``FrozenVLM.generate`` with images entering at ``insert_layer``."""
+    """Greedy token ids (cut at EOS) from ``FrozenVLM.generate``; images enter at ``insert_layer``
+    (one k for all items, or one k per item, e.g. a router's choices)."""
     import torch
 
     from deepinsert.frozen_vlm import build_batch
 
+    per_item = not isinstance(insert_layer, int)
+    if per_item and len(insert_layer) != len(items):  # type: ignore[arg-type]
+        raise ValueError(f"got {len(insert_layer)} insertion layers for {len(items)} items")  # type: ignore[arg-type]
     out: list[list[int]] = [[] for _ in items]
     with torch.inference_mode():
         for chunk in _length_groups(vlm.processor, items, batch_size):
             batch = build_batch(
                 vlm.processor, [items[i].image for i in chunk], [items[i].question for i in chunk]
             ).to(vlm.device)
+            k: Any = insert_layer
+            if per_item:
+                k = torch.tensor([int(insert_layer[i]) for i in chunk], dtype=torch.long, device=vlm.device)  # type: ignore[index]
             new = vlm.generate(
                 batch.input_ids,
                 batch.pixel_values,
                 batch.attention_mask,
-                insert_layer=insert_layer,
+                insert_layer=k,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=vlm.tokenizer.eos_token_id,
             )
@@ -173,6 +185,23 @@ def engine_answers(
     """Greedy answer texts from ``FrozenVLM.generate`` with images entering at ``insert_layer``."""
     rows = engine_generations(vlm, items, insert_layer, batch_size=batch_size, max_new_tokens=max_new_tokens)
     return _decode(vlm.tokenizer, rows)
+
+
+def correct_answers(
+    vlm: Any,
+    items: Sequence[EvalItem],
+    insert_layer: int | Sequence[int],
+    *,
+    match: str = "exact",
+    batch_size: int = 256,
+    max_new_tokens: int = 4,
+) -> list[bool]:
+    """Per item: is the greedy answer right with the image entering at ``insert_layer``
+    (one k, or one k per item)? ``match`` as in :func:`_is_correct`."""
+    if match not in MATCHES:
+        raise ValueError(f"match must be one of {MATCHES}, got {match!r}")
+    rows = engine_generations(vlm, items, insert_layer, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return [_is_correct(vlm.tokenizer, r, it.answer, match) for r, it in zip(rows, items, strict=True)]
 
 
 def _length_groups(processor: Any, items: Sequence[EvalItem], batch_size: int) -> list[list[int]]:

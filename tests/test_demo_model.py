@@ -10,6 +10,7 @@ from deepinsert.demo.build import read_build_info
 from deepinsert.demo.evaluate import (
     AccuracyTable,
     accuracy_tables,
+    correct_answers,
     engine_answers,
     items_from_samples,
     normalise_answer,
@@ -138,3 +139,17 @@ def test_model_card_records_the_measured_tables(tables: dict[str, AccuracyTable]
 def test_engine_k0_equals_stock_forward(vlm: FrozenVLM) -> None:
     items = items_from_samples(load_samples(demo_data_path("val")))[:64]
     assert engine_answers(vlm, items, 0) == stock_answers(vlm.model, vlm.processor, items)
+
+
+def test_correct_answers_with_one_k_per_item(vlm: FrozenVLM, tables: dict[str, AccuracyTable]) -> None:
+    """A router's per-prompt choices: mixed k in one batch give each item its own-k answer."""
+    samples = [s for s in load_samples(demo_data_path("test")) if s.family in ("digit", "repeat")]
+    items = items_from_samples(samples)
+    ks = [8 if s.family == "repeat" else 0 for s in samples]  # text late, images early
+    ok = correct_answers(vlm, items, ks)
+    by_family: dict[str, list[bool]] = {}
+    for s, c in zip(samples, ok, strict=True):
+        by_family.setdefault(s.family or "", []).append(c)
+    exact = tables["exact"].accuracy
+    assert sum(by_family["digit"]) / 100 == pytest.approx(exact["digit"][0])
+    assert sum(by_family["repeat"]) / 100 == pytest.approx(exact["repeat"][8])
