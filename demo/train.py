@@ -190,8 +190,8 @@ def _sample_layers(samples: list[Sample], cfg: TrainConfig, n_layers: int, step:
 class _LateForward:
     """Training forward with per-sample late insertion, through the engine's layer loop.
 
-    Uses ``deepinsert.frozen_vlm``'s prepare + prefill (the one place that knows the
-    transformers internals) with gradients on; the model stays trainable.
+    Uses ``FrozenVLM.last_hidden_state`` (the engine's layer loop, the one place that knows
+    the transformers internals) with gradients on; the model stays trainable.
     """
 
     def __init__(self, model: Any, processor: Any) -> None:
@@ -205,11 +205,8 @@ class _LateForward:
         """Mean CE over the answer + EOS tokens (labels != -100), HF shift convention."""
         import torch
 
-        from deepinsert.frozen_vlm.prepare import prepare
-
-        prep = prepare(self.runner._parts, b.input_ids, b.pixel_values, b.attention_mask, k)
-        h, _ = self.runner._prefill(prep, cache=None)  # (B, L, D)
+        h = self.runner.last_hidden_state(b.input_ids, b.pixel_values, b.attention_mask, k)  # (B, L, D)
         target = b.labels[:, 1:]
         rows = target != -100
-        logits = self.runner._logits(h[:, :-1][rows])  # (n_answer_tokens, V)
+        logits = self.runner.model.lm_head(h[:, :-1][rows])  # (n_answer_tokens, V)
         return torch.nn.functional.cross_entropy(logits, target[rows])

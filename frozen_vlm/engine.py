@@ -193,11 +193,31 @@ class FrozenVLM:
 
         Rows at image positions are unspecified for samples with k > 0.
         """
-        prep = prepare(self._parts, input_ids, pixel_values, attention_mask, insert_layer, image_features)
-        h, _ = self._prefill(prep, cache=None)
-        return self._logits(h)
+        return self._parts.lm_head(
+            self.last_hidden_state(input_ids, pixel_values, attention_mask, insert_layer,
+                                   image_features=image_features)
+        )
 
     __call__ = forward
+
+    def last_hidden_state(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        insert_layer: InsertLayer = 0,
+        *,
+        image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Hidden states after the final norm ``(B, L, D)``, arguments as in :meth:`forward`.
+
+        Unlike the other methods this one does not switch autograd off: a caller that turns
+        gradients back on can train *through* late insertion (the demo builder does, to
+        fine-tune with sampled insertion layers). ``forward`` is ``lm_head`` of this.
+        """
+        prep = prepare(self._parts, input_ids, pixel_values, attention_mask, insert_layer, image_features)
+        h, _ = self._prefill(prep, cache=None)
+        return self._parts.norm(h)
 
     @torch.inference_mode()
     def answer_loss(
