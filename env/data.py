@@ -233,7 +233,7 @@ def load_samples(
     result = SampleList(samples)
     result.report = LoadReport(path, fmt, len(items), len(samples), tuple(ctx.skipped))
     if ctx.skipped:
-        logger.warning("%s: skipped %d bad records of %d (first: %s)", path, len(ctx.skipped), len(items), ctx.skipped[0])
+        logger.warning("%s: skipped %d of %d records as bad (first: %s)", path, len(ctx.skipped), len(items), ctx.skipped[0])
     return result
 
 

@@ -140,7 +140,7 @@ def test_bad_jsonl_line_names_file_and_line(
     with caplog.at_level(logging.WARNING, logger="deepinsert.env.data"):
         samples = load_samples(path, skip_bad=True)
     assert len(samples) == 3 and samples.report.n_skipped == 1
-    assert "skipped 1 of 4" in caplog.text
+    assert "skipped 1 of 4 records as bad" in caplog.text
 
 
 def test_unreadable_json_array_and_missing_file(tmp_path: Path) -> None:
