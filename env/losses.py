@@ -184,7 +184,9 @@ class VLMLossProvider(LossProvider):
         self.max_memo_bytes = int(max_memo_mb * 2**20)
         self._parts: dict[tuple[str, bool], Any] = {}
         self._parts_bytes = 0
-        self._pad = _pad_id(vlm.tokenizer)
+        from deepinsert.frozen_vlm import pad_token_id
+
+        self._pad = pad_token_id(vlm.tokenizer)
 
     # -- helpers ----------------------------------------------------------------------------
     def _one(self, sample: Any, with_answer: bool) -> Any:
@@ -210,8 +212,10 @@ class VLMLossProvider(LossProvider):
         Samples are tokenized and image-processed one by one (memoised, so repeated batches
         only pad and stack) and left-padded here.
         """
+        from deepinsert.frozen_vlm import collate
+
         parts = [self._one(s, with_answers) for s in samples]
-        return _left_pad(parts, self._pad).to(self.vlm.device, self.vlm.dtype)
+        return collate(parts, self._pad).to(self.vlm.device, self.vlm.dtype)
 
     def _chunks(self, n: int) -> list[slice]:
         return [slice(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)]
@@ -283,38 +287,6 @@ class VLMLossProvider(LossProvider):
                     tok.decode(new[i, :n].tolist(), skip_special_tokens=True) for i, n in enumerate(n_ref)
                 )
         return [t.strip() for t in texts]
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise InputError("the tokenizer has neither a pad nor an eos token; cannot pad a batch")
-    return int(pad)
-
-
-def _left_pad(parts: Sequence[Any], pad_id: int) -> Any:
-    """Collate single-sample ``PromptBatch``es into one left-padded batch ``(B, L)``."""
-    import torch
-
-    from deepinsert.frozen_vlm import IGNORE_INDEX, PromptBatch
-
-    n = len(parts)
-    L = max(int(p.input_ids.shape[1]) for p in parts)
-    ids = torch.full((n, L), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, L), dtype=torch.long)
-    has_labels = parts[0].labels is not None
-    labels = torch.full((n, L), IGNORE_INDEX, dtype=torch.long) if has_labels else None
-    for i, p in enumerate(parts):
-        m = p.attention_mask[0].bool()
-        row = p.input_ids[0][m]
-        ids[i, L - row.numel():] = row
-        mask[i, L - row.numel():] = 1
-        if labels is not None:
-            labels[i, L - row.numel():] = p.labels[0][m]
-    pv = None
-    if parts[0].pixel_values is not None:
-        pv = torch.cat([p.pixel_values for p in parts], dim=0)
-    return PromptBatch(ids, mask, pv, labels)
 
 
 def describe(provider: LossProvider) -> Mapping[str, Any]:

@@ -80,29 +80,10 @@ def _eos_ids(vlm: Any, eos_token_id: int | Sequence[int] | None) -> list[int]:
 
 
 def _batch(vlm: Any, images: Sequence[Any], prompts: Sequence[str]) -> Any:
-    """Left-padded :class:`~deepinsert.frozen_vlm.PromptBatch` of the prompts, on the model's device.
+    """Left-padded :class:`~deepinsert.frozen_vlm.PromptBatch` of the prompts, on the model's device."""
+    from deepinsert.frozen_vlm import build_batch
 
-    Each sample is formatted by ``build_batch`` on its own and the samples are left-padded
-    here (``build_batch`` on a list of prompts of different lengths is not relied upon).
-    """
-    import torch
-
-    from deepinsert.frozen_vlm import PromptBatch, build_batch
-
-    parts = [build_batch(vlm.processor, [img], [q]) for img, q in zip(images, prompts)]
-    tok = vlm.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if pad is None:
-        raise InputError("the tokenizer has neither a pad nor an eos token; cannot pad a batch")
-    L = max(int(p.input_ids.shape[1]) for p in parts)
-    ids = torch.full((len(parts), L), int(pad), dtype=torch.long)  # (B, L)
-    mask = torch.zeros((len(parts), L), dtype=torch.long)
-    for r, p in enumerate(parts):
-        n = int(p.input_ids.shape[1])
-        ids[r, L - n :] = p.input_ids[0]
-        mask[r, L - n :] = p.attention_mask[0]
-    pixels = None if parts[0].pixel_values is None else torch.cat([p.pixel_values for p in parts])  # (B, 3, H, W)
-    return PromptBatch(input_ids=ids, attention_mask=mask, pixel_values=pixels).to(vlm.device, dtype=vlm.dtype)
+    return build_batch(vlm.processor, list(images), list(prompts)).to(vlm.device, dtype=vlm.dtype)
 
 
 def generate(

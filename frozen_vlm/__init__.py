@@ -6,7 +6,14 @@ The only part of deepinsert that touches transformers internals (through
 
 from __future__ import annotations
 
-from deepinsert.frozen_vlm.batching import IGNORE_INDEX, PROMPT_TEMPLATE, PromptBatch, build_batch
+from deepinsert.frozen_vlm.batching import (
+    IGNORE_INDEX,
+    PROMPT_TEMPLATE,
+    PromptBatch,
+    build_batch,
+    collate,
+    pad_token_id,
+)
 from deepinsert.frozen_vlm.engine import FrozenVLM
 from deepinsert.frozen_vlm.flops import flops, flops_fraction  # binds the functions, not the module
 from deepinsert.frozen_vlm.loading import load_vlm
@@ -17,8 +24,10 @@ __all__ = [
     "FrozenVLM",
     "PromptBatch",
     "build_batch",
+    "collate",
     "flops",
     "flops_fraction",
     "load_vlm",
+    "pad_token_id",
 ]
 

@@ -57,7 +57,8 @@ class PromptBatch:
         return int(self.input_ids.shape[0])
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_token_id(tokenizer: Any) -> int:
+    """The id used for left padding: the tokenizer's pad token, else its eos token."""
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id
@@ -117,17 +118,40 @@ def build_batch(
             if not ids:
                 raise InputError(f"answer {i} ({a!r}) tokenizes to nothing")
             answer_ids.append(list(map(int, ids)))
-    pad = _pad_id(tok)
-    seqs = [p + (answer_ids[i] if answers is not None else []) for i, p in enumerate(prompt_ids)]
-    L = max(len(s) for s in seqs)
-    input_ids = torch.full((n, L), pad, dtype=torch.long)
+    parts = []
+    for i, p in enumerate(prompt_ids):
+        ids = torch.tensor([p + (answer_ids[i] if answers is not None else [])])  # (1, L_i)
+        labels = None
+        if answers is not None:
+            labels = torch.full_like(ids, IGNORE_INDEX)
+            labels[0, len(p):] = ids[0, len(p):]
+        parts.append(PromptBatch(ids, torch.ones_like(ids), pixels[i], labels))
+    return collate(parts, pad_token_id(tok))
+
+
+def collate(parts: Sequence[PromptBatch], pad_id: int) -> PromptBatch:
+    """Left-pad and stack batches (e.g. memoised single-sample ones) into one ``(B, L)`` batch.
+
+    Padding already in ``parts`` is dropped first, so re-collating is stable. ``labels`` and
+    ``pixel_values`` are kept only when every part has them.
+    """
+    if not parts:
+        raise InputError("nothing to collate: empty list of batches")
+    rows = [(p.input_ids[r], p.attention_mask[r].bool(), None if p.labels is None else p.labels[r])
+            for p in parts for r in range(p.input_ids.shape[0])]
+    n = len(rows)
+    L = max(int(m.sum()) for _, m, _ in rows)
+    input_ids = torch.full((n, L), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, L), dtype=torch.long)
-    labels = torch.full((n, L), IGNORE_INDEX, dtype=torch.long) if answers is not None else None
-    for i, s in enumerate(seqs):
-        off = L - len(s)
-        input_ids[i, off:] = torch.tensor(s)
-        attention_mask[i, off:] = 1
+    with_labels = all(p.labels is not None for p in parts)
+    labels = torch.full((n, L), IGNORE_INDEX, dtype=torch.long) if with_labels else None
+    for i, (ids, m, lab) in enumerate(rows):
+        real = ids[m]
+        input_ids[i, L - real.numel():] = real
+        attention_mask[i, L - real.numel():] = 1
         if labels is not None:
-            a = answer_ids[i]
-            labels[i, L - len(a) :] = torch.tensor(a)
-    return PromptBatch(input_ids, attention_mask, torch.cat(pixels, dim=0), labels)
+            labels[i, L - real.numel():] = lab[m]
+    pixel_values = None
+    if all(p.pixel_values is not None for p in parts):
+        pixel_values = torch.cat([p.pixel_values for p in parts], dim=0)
+    return PromptBatch(input_ids, attention_mask, pixel_values, labels)

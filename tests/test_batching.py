@@ -68,3 +68,18 @@ def test_bad_batches(processor, kwargs, match) -> None:
         build_batch(processor, images, **kwargs)
     with pytest.raises(InputError, match="no processor"):
         build_batch(None, [image(0)], ["what ?"])
+
+
+def test_collate_of_single_batches_equals_build_batch(processor) -> None:
+    from deepinsert.frozen_vlm import collate, pad_token_id
+
+    qs = ["what colour is the circle ?", "what is 3 plus 4 ?", "repeat the word rocket ."]
+    ans = ["red", "7", "rocket"]
+    imgs = [image(i) for i in range(3)]
+    whole = build_batch(processor, imgs, qs, ans)
+    parts = [build_batch(processor, [im], [q], [a]) for im, q, a in zip(imgs, qs, ans)]
+    again = collate(parts, pad_token_id(processor.tokenizer))
+    for name in ("input_ids", "attention_mask", "labels", "pixel_values"):
+        assert torch.equal(getattr(again, name), getattr(whole, name)), name
+    # re-collating an already padded batch is stable
+    assert torch.equal(collate([whole], pad_token_id(processor.tokenizer)).input_ids, whole.input_ids)
