@@ -190,7 +190,7 @@ def _sample_layers(samples: list[Sample], cfg: TrainConfig, n_layers: int, step:
 class _LateForward:
     """Training forward with per-sample late insertion, through the engine's layer loop.
 
-    Uses ``FrozenVLM.last_hidden_state`` (the engine's layer loop, the one place that knows
+    Uses ``FrozenVLM.logits`` (the engine's layer loop, the one place that knows
     the transformers internals) with gradients on; the model stays trainable.
     """
 
@@ -205,8 +205,9 @@ class _LateForward:
         """Mean CE over the answer + EOS tokens (labels != -100), HF shift convention."""
         import torch
 
-        h = self.runner.last_hidden_state(b.input_ids, b.pixel_values, b.attention_mask, k)  # (B, L, D)
         target = b.labels[:, 1:]
-        rows = target != -100
-        logits = self.runner.model.lm_head(h[:, :-1][rows])  # (n_answer_tokens, V)
+        rows = target != -100  # (B, L-1): positions whose next token is scored
+        positions = torch.nn.functional.pad(rows, (0, 1))  # (B, L)
+        logits = self.runner.logits(b.input_ids, b.pixel_values, b.attention_mask, k,
+                                    positions=positions)  # (n_answer_tokens, V)
         return torch.nn.functional.cross_entropy(logits, target[rows])

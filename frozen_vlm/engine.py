@@ -193,31 +193,35 @@ class FrozenVLM:
 
         Rows at image positions are unspecified for samples with k > 0.
         """
-        return self._parts.lm_head(
-            self.last_hidden_state(input_ids, pixel_values, attention_mask, insert_layer,
-                                   image_features=image_features)
-        )
+        return self.logits(input_ids, pixel_values, attention_mask, insert_layer,
+                           image_features=image_features)
 
     __call__ = forward
 
-    def last_hidden_state(
+    def logits(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         insert_layer: InsertLayer = 0,
         *,
+        positions: torch.Tensor | None = None,
         image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Hidden states after the final norm ``(B, L, D)``, arguments as in :meth:`forward`.
+        """Logits ``(B, L, V)``, or ``(n, V)`` at the ``True`` entries of ``positions`` ``(B, L)``.
 
-        Unlike the other methods this one does not switch autograd off: a caller that turns
-        gradients back on can train *through* late insertion (the demo builder does, to
-        fine-tune with sampled insertion layers). ``forward`` is ``lm_head`` of this.
+        Arguments as in :meth:`forward`. Unlike the other methods this one does not switch
+        autograd off: a caller that turns gradients back on can train *through* late
+        insertion (the demo builder does, with sampled insertion layers).
         """
         prep = prepare(self._parts, input_ids, pixel_values, attention_mask, insert_layer, image_features)
         h, _ = self._prefill(prep, cache=None)
-        return self._parts.norm(h)
+        if positions is not None:
+            if not isinstance(positions, torch.Tensor) or positions.shape != prep.attention_mask.shape:
+                raise InputError(f"positions must be a (B, L) bool mask like input_ids, got "
+                                 f"{tuple(getattr(positions, 'shape', ()))}")
+            h = h[positions.to(h.device, torch.bool)]  # (n, D)
+        return self._logits(h)
 
     @torch.inference_mode()
     def answer_loss(
