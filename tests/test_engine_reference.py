@@ -149,3 +149,18 @@ def test_vision_tower_runs_when_some_sample_needs_it() -> None:
     finally:
         handle.remove()
     assert len(calls) == 1
+
+
+def test_logits_at_positions_equal_forward_and_carry_gradients() -> None:
+    model = tiny_llava()
+    ids, pv = make_inputs(model)
+    vlm = FrozenVLM(model)
+    full = vlm.forward(ids, pv, insert_layer=2)
+    positions = torch.zeros_like(ids, dtype=torch.bool)
+    positions[:, -3:] = True
+    sel = vlm.logits(ids, pv, insert_layer=2, positions=positions)
+    assert_close(sel, full[positions], rtol=0, atol=0)
+    model.requires_grad_(True)  # a caller training through late insertion
+    vlm.logits(ids, pv, insert_layer=2, positions=positions).logsumexp(-1).sum().backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+    assert model.model.language_model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
