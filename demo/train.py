@@ -93,6 +93,18 @@ def _optimizer(params: list[Any], cfg: TrainConfig, total: int, warmup: int) -> 
     return opt, sched
 
 
+def _optimizer_step(loss: Any, params: list[Any], opt: Any, sched: Any) -> float:
+    """Backward, clip the gradient norm to 1.0, step optimiser and schedule; returns the loss."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    return float(loss.detach())
+
+
 def pretrain_vision(model: Any, encoder: PromptEncoder, cfg: TrainConfig) -> list[float]:
     """Stage 1: train ``model.model.vision_tower`` on patch colour/shape + digit; returns losses."""
     import torch
@@ -124,13 +136,8 @@ def pretrain_vision(model: Any, encoder: PromptEncoder, cfg: TrainConfig) -> lis
             + nn.functional.cross_entropy(heads["shape"](feats).flatten(0, 1), b.patch_shape.flatten())
             + nn.functional.cross_entropy(heads["digit"](feats.mean(1)), digit)
         )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        losses.append(_optimizer_step(loss, params, opt, sched))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return losses
 
 
@@ -141,9 +148,9 @@ def train_lm(
     *,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Stage 2: the whole model, answer + EOS loss, images at layer 0; returns per-step losses."""
-    import torch
-
+    """Stage 2: the whole model, answer + EOS loss; the image enters at layer 0 except for the
+    samples given a late insertion layer (``cfg.late_text_p`` / ``cfg.late_image_p``); returns
+    per-step losses."""
     late = cfg.late_text_p > 0 or cfg.late_image_p > 0
     late_forward = _LateForward(model, encoder.processor) if late else None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -162,12 +169,7 @@ def train_lm(
             loss = model(
                 input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values, labels=b.labels
             ).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+        losses.append(_optimizer_step(loss, params, opt, sched))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if on_step is not None:
             on_step(step, losses[-1])

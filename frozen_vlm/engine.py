@@ -149,13 +149,15 @@ class FrozenVLM:
         if kmax > kmin:
             embeds, is_image = prep.embeds, prep.is_image
 
-            def refill(layer: int, hh: torch.Tensor) -> torch.Tensor:
+            def reset_image_rows(layer: int, hh: torch.Tensor) -> torch.Tensor:
                 # image rows of samples with k >= layer are (re)set to their layer-0 embeddings:
                 # entering samples get exactly what layer 0 saw; pending ones stay finite.
                 if layer <= kmin or layer > kmax:
                     return hh
                 rows = is_image & (k >= layer).unsqueeze(1)
                 return torch.where(rows.unsqueeze(-1), embeds, hh)
+
+            refill = reset_image_rows
 
         h = self._layers(h, kmin, N, masks, prep.position_ids, cache, refill)
         return h, masks

@@ -6,7 +6,12 @@ Llama decoder), so the layer loop is exercised exactly as on LLaVA-1.5.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    import transformers
 
 
 def tiny_llava_config(
@@ -19,7 +24,7 @@ def tiny_llava_config(
     image_size: int = 16,
     patch: int = 4,
     attn_implementation: str = "sdpa",
-) -> "transformers.LlavaConfig":  # noqa: F821
+) -> transformers.LlavaConfig:
     """A LlavaConfig with a 1-layer CLIP tower; ``(image_size/patch)**2`` image tokens.
 
     The image token id is ``vocab - 1``; pad id 0, bos 1, eos 2.
@@ -61,7 +66,7 @@ def tiny_llava_config(
     return cfg
 
 
-def tiny_llava(seed: int = 0, **config_kwargs: object) -> "transformers.LlavaForConditionalGeneration":  # noqa: F821
+def tiny_llava(seed: int = 0, **config_kwargs: object) -> transformers.LlavaForConditionalGeneration:
     """A random-weight ``LlavaForConditionalGeneration`` in fp32 eval mode."""
     from transformers import LlavaForConditionalGeneration
 
