@@ -1,13 +1,12 @@
 """deepinsert: late image insertion for frozen LLaVA models, with RL routers that pick the layer.
 
-Sub-packages (imports flow one way): ``frozen_vlm`` <- ``env`` <- ``policy`` <- ``export``.
+Sub-packages (imports flow one way, docs/design.md): ``frozen_vlm`` <- ``env`` <- ``policy`` <- ``export``;
+``router`` is torch-free; ``generate`` may import ``frozen_vlm`` and ``router``.
 This top-level module is deliberately light: it imports neither torch nor transformers,
-so the torch-free router runtime (``deepinsert.export.Router``) stays torch-free.
+so the torch-free router runtime (``deepinsert.router.Router``) stays torch-free.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from deepinsert.errors import (
     BundleError,
@@ -19,6 +18,10 @@ from deepinsert.errors import (
     ModelLoadError,
 )
 
+# `deepinsert.generate` is the function (generate.py imports torch only when called);
+# binding it here makes the attribute the function, not the submodule of the same name.
+from deepinsert.generate import GenerationResult, generate  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -26,18 +29,10 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DeepInsertError",
+    "GenerationResult",
     "InputError",
     "MissingExtraError",
     "ModelLoadError",
     "__version__",
     "generate",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy: `deepinsert.generate` pulls in torch, which the router runtime must not.
-    if name == "generate":
-        from deepinsert.export.inference import generate
-
-        return generate
-    raise AttributeError(f"module 'deepinsert' has no attribute {name!r}")

@@ -1,56 +1,372 @@
-"""The ``deepinsert`` command: one table of subcommand -> module (litgpt style).
+"""The ``deepinsert`` command: one table of subcommand -> (argument setup, handler) (litgpt style).
 
-Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int`` and must
-be cheap to import (no torch at module level) so ``deepinsert --help`` stays fast.
-Errors derived from :class:`~deepinsert.errors.DeepInsertError` are printed as one
-line and exit with status 2; anything else is a bug and keeps its traceback.
+Every subcommand is two functions in this file: ``_args_NAME(parser)`` declares its
+arguments and ``cmd_NAME(args) -> int`` runs it. Handlers import what they need (torch,
+stable-baselines3, onnxruntime...) inside their body, so ``deepinsert --help`` and
+``python -m deepinsert`` stay fast and work on a base install. Errors derived from
+:class:`~deepinsert.errors.DeepInsertError` are printed as one line
+``deepinsert CMD: error: ...`` and exit with status 2; anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import ipaddress
+import json
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 from deepinsert import __version__
-from deepinsert.errors import DeepInsertError
+from deepinsert.errors import DeepInsertError, InputError
 
-# subcommand -> (module implementing it, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("deepinsert.demo.cli", "build the shipped demo VLM and its data"),
-    "train": ("deepinsert.policy.cli_train", "train one router policy at one lambda"),
-    "sweep": ("deepinsert.policy.cli_sweep", "train one router per lambda, evaluate, plot"),
-    "evaluate": ("deepinsert.policy.cli_evaluate", "evaluate a run vs static layers and the oracle"),
-    "export": ("deepinsert.export.cli_export", "export a trained run as an ONNX router bundle"),
-    "route": ("deepinsert.export.cli_route", "ask a router bundle which layer for a prompt"),
-    "serve": ("deepinsert.export.cli_serve", "serve a router bundle over HTTP"),
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = "demo"
+"""``--config`` default of ``train`` and ``sweep``: the shipped ``configs/demo.yaml``."""
+DEFAULT_LAMS = "0,0.05,0.1,0.2,0.5"
+ALGORITHMS = ("ppo", "a2c", "dqn")
+MIN_VALIDATION = 1000
+"""A bundle is validated on at least this many prompts and random embeddings."""
+DEMO_BUILD_DIR = Path("demo-build")
+"""Default ``demo build --out``: a new folder, never the installed package's demo."""
+
+
+# ---------------------------------------------------------------------------- shared
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _resolve_config_path(path: str) -> str:
+    """A config path, or the name of a shipped config (``demo`` -> deepinsert/configs/demo.yaml)."""
+    p = Path(path)
+    if p.is_file():
+        return str(p)
+    shipped = Path(__file__).resolve().parent / "configs" / (p.name if p.suffix else f"{p.name}.yaml")
+    return str(shipped) if shipped.is_file() else str(p)
+
+
+def _args_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=DEFAULT_CONFIG,
+                   help=f"training config YAML, or a shipped config's name (default {DEFAULT_CONFIG}: configs/demo.yaml)")
+    p.add_argument("--timesteps", type=int, default=None, help="override total_timesteps")
+    p.add_argument("--seed", type=int, default=None, help="override seed")
+    p.add_argument("--algorithm", default=None, choices=ALGORITHMS, help="override the algorithm")
+    p.add_argument("--cache-dir", default=None, help="loss-cache folder (default ~/.cache/deepinsert)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _load_config(args: argparse.Namespace, **extra: Any) -> Any:
+    """The TrainConfig from ``--config`` with command-line overrides applied (re-validated)."""
+    from deepinsert.policy.config import TrainConfig
+    from deepinsert.utils.config_io import from_dict, load_yaml
+
+    data = load_yaml(_resolve_config_path(args.config))
+    for key, attr in (("total_timesteps", "timesteps"), ("seed", "seed"), ("algorithm", "algorithm"),
+                      ("cache_dir", "cache_dir")):
+        v = getattr(args, attr, None)
+        if v is not None:
+            data[key] = v
+    data.update({k: v for k, v in extra.items() if v is not None})
+    return from_dict(TrainConfig, data, where=str(args.config))
+
+
+# ---------------------------------------------------------------------------- train / sweep / evaluate
+
+
+def _args_train(p: argparse.ArgumentParser) -> None:
+    _args_config(p)
+    p.add_argument("--lam", type=float, default=None, help="λ >= 0 (overrides the config's lam)")
+    p.add_argument("--out", required=True, help="run folder to write (model.zip, config.yaml, run.json...)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation after training")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train one router at one λ and write its run folder."""
+    _setup_logging()
+    cfg = _load_config(args, lam=args.lam)
+    from deepinsert.policy.evaluate import format_comparison
+    from deepinsert.policy.run import load_run
+    from deepinsert.policy.train import train_router
+
+    out = train_router(cfg, args.out, resume=args.resume, evaluate=not args.no_eval, progress=not args.no_progress)
+    run_ = load_run(out)
+    if run_.metrics is not None:
+        print(format_comparison(run_.metrics))
+    print(f"run written to {out}")
+    return 0
+
+
+def _args_sweep(p: argparse.ArgumentParser) -> None:
+    _args_config(p)
+    p.add_argument("--lams", default=DEFAULT_LAMS, help=f"comma-separated λ values (default {DEFAULT_LAMS})")
+    p.add_argument("--out", default="runs/sweep", help="folder for the runs, sweep.json and pareto.png")
+    p.add_argument("--force", action="store_true", help="retrain runs that already exist in --out")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """One router per λ, evaluated against every static layer and the oracle."""
+    _setup_logging()
+    from deepinsert.env.problem import parse_lams
+
+    lams = parse_lams(args.lams)  # validated before any work
+    cfg = _load_config(args)
+    from deepinsert.policy.sweep import format_sweep, run_sweep
+
+    result = run_sweep(cfg, lams, args.out, force=args.force, progress=not args.no_progress)
+    print()
+    print(format_sweep(result))
+    print(f"\nwrote {args.out}/sweep.json, {args.out}/pareto.png and one run folder per λ")
+    return 0
+
+
+def _args_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a run folder written by `deepinsert train`")
+    p.add_argument("--split", default=None, help="held-out data: test/val/train (the config's files) or a data file path")
+    p.add_argument("--no-accuracy", action="store_true", help="skip greedy generation (no accuracy)")
+    p.add_argument("--json", default=None, help="also write the metrics here (default RUN_DIR/metrics.json)")
+    p.add_argument("--plot", default=None, help="write a Pareto plot PNG here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """The router vs every static layer and the per-prompt oracle."""
+    _setup_logging()
+    from deepinsert.policy.evaluate import evaluate_run_dir, format_comparison, resolve_split_spec
+    from deepinsert.policy.run import load_run, write_metrics
+    from deepinsert.utils.atomic import atomic_write_json
+
+    run_ = load_run(args.run_dir)
+    spec = resolve_split_spec(run_.config, args.split)
+    metrics = evaluate_run_dir(args.run_dir, split_spec=spec, accuracy=not args.no_accuracy,
+                               progress=not args.no_progress)
+    print(format_comparison(metrics))
+    if args.json:
+        atomic_write_json(Path(args.json), metrics)
+    else:
+        write_metrics(Path(args.run_dir), metrics)
+    if args.plot and metrics["router"]["accuracy"] is not None:
+        from deepinsert.policy.plot import pareto_plot
+
+        static = [{"k": int(k), "accuracy": v["accuracy"], "flops_fraction": v["flops_fraction"]}
+                  for k, v in metrics["static"].items()]
+        pareto_plot(static, [metrics], args.plot)
+    return 0
+
+
+# ---------------------------------------------------------------------------- export / route / serve
+
+
+def _args_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", type=Path, help="run folder written by `deepinsert train` (holds model.zip, run.json)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="bundle folder to write (router.onnx, policy.onnx, router.json, tokenizer.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    p.add_argument("--prompts", type=Path, default=None,
+                   help="extra validation prompts: a text file (one per line) or a JSON list of strings")
+    p.add_argument("--n-prompts", type=int, default=MIN_VALIDATION, help=f"validation prompts (default {MIN_VALIDATION})")
+    p.add_argument("--n-embeddings", type=int, default=MIN_VALIDATION,
+                   help=f"validation random embeddings (default {MIN_VALIDATION})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation inputs")
+
+
+def _read_prompts(path: Path | None) -> list[str]:
+    """Extra validation prompts: a text file (one per line) or a ``.json`` list of strings."""
+    if path is None:
+        return []
+    if not path.is_file():
+        raise InputError(f"prompts file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        data = json.loads(text)
+        if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
+            raise InputError(f"{path} must hold a JSON list of strings")
+        return data
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a validated ONNX router bundle from a run folder."""
+    if args.n_prompts < MIN_VALIDATION or args.n_embeddings < MIN_VALIDATION:
+        raise InputError(f"--n-prompts and --n-embeddings must be >= {MIN_VALIDATION}: a bundle is validated on at least that many")
+    from deepinsert.export import export_run
+
+    result = export_run(args.run_dir, args.out, prompts=_read_prompts(args.prompts), n_prompts=args.n_prompts,
+                        n_embeddings=args.n_embeddings, seed=args.seed, overwrite=args.overwrite)
+    v, info = result.validation, result.info
+    print(f"wrote {result.bundle_dir}: {info.algorithm} router, lambda={info.lam}, layers {list(info.candidate_layers)}")
+    print(
+        f"validated on {v['n_prompts']} prompts ({v['n_truncated_prompts']} truncated) and {v['n_embeddings']} random "
+        f"embeddings: same action everywhere, max |dp| = {max(v['max_abs_prob_diff_prompts'], v['max_abs_prob_diff_embeddings']):.2e}"
+    )
+    return 0
+
+
+def _args_route(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle_dir", type=Path, help="router bundle written by `deepinsert export`")
+    p.add_argument("prompts", nargs="+", help="question text(s), without the chat template or <image>")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    """Which insertion layer for each prompt."""
+    from deepinsert.router import Router
+
+    router = Router.load(args.bundle_dir)
+    decisions = router.route_batch(args.prompts)
+    for prompt, d in zip(args.prompts, decisions, strict=True):
+        if args.json:
+            print(json.dumps({"prompt": prompt, **d.to_dict()}))
+        else:
+            note = f", truncated to {d.num_tokens} tokens" if d.truncated else ""
+            print(f"layer {d.layer}\t(p={d.probs[d.index]:.3f}{note})\t{prompt}")
+    return 0
+
+
+def _args_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle_dir", type=Path, help="router bundle written by `deepinsert export`")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-batch", type=int, default=64, help="most prompts per request (default 64)")
+    p.add_argument("--max-body-bytes", type=int, default=256 * 1024, help="largest request body (default 256 KiB)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads per call (default 1)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` binds this machine only (``localhost``, 127.0.0.0/8, ``::1``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a router bundle over HTTP."""
+    if not 0 < args.port < 65536:
+        raise InputError(f"--port must be in 1..65535, got {args.port}")
+    from deepinsert.utils.extras import require
+
+    uvicorn = require("uvicorn", "serve")
+    from deepinsert.router import Router
+    from deepinsert.router.service import create_app
+
+    router = Router.load(args.bundle_dir, num_threads=args.threads)
+    app = create_app(router, max_batch=args.max_batch, max_body_bytes=args.max_body_bytes)
+    if not is_loopback(args.host):
+        log.warning("binding %s: the router is reachable from other machines (no authentication)", args.host)
+    print(f"serving {router} on http://{args.host}:{args.port} (POST /route, GET /health, GET /info)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+# ---------------------------------------------------------------------------- demo
+
+
+def _args_demo(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="demo_command", metavar="{build,evaluate}", required=True)
+    b = sub.add_parser("build", help="generate the data and train the demo VLM (deterministic)")
+    b.add_argument("--out", type=Path, default=DEMO_BUILD_DIR,
+                   help=f"write OUT/model and OUT/data (default ./{DEMO_BUILD_DIR}; the installed demo is never replaced)")
+    b.add_argument("--quick", action="store_true", help="tiny splits and step counts (tests): a throw-away model")
+    b.add_argument("--seed", type=int, default=0, help="build seed (init + training samples); default 0")
+    b.add_argument("--threads", type=int, default=1, help="torch CPU threads; default 1 (results depend on it)")
+    b.add_argument("--late-text-p", type=float, default=None, help="override: late-insertion chance, text samples")
+    b.add_argument("--late-image-p", type=float, default=None, help="override: late-insertion chance, image samples")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.set_defaults(_demo_run=_cmd_demo_build)
+    e = sub.add_parser("evaluate", help="accuracy by family and insertion layer on a split")
+    e.add_argument("--model", default="demo", help="model folder or 'demo' (the shipped one)")
+    e.add_argument("--data", type=Path, default=None, help="data file (default: the demo split)")
+    e.add_argument("--split", default="test", help="demo split (train, val, test...); default test")
+    e.add_argument("--layers", type=int, nargs="*", default=None, help="insertion layers (default 0..N)")
+    e.add_argument("--update-card", action="store_true", help="write the table into the model card")
+    e.set_defaults(_demo_run=_cmd_demo_evaluate)
+
+
+def _cmd_demo_build(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from deepinsert.demo import demo_model_path
+    from deepinsert.demo.build import build_demo, default_train_config, quick_train_config
+
+    if args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    for name in ("late_text_p", "late_image_p"):
+        v = getattr(args, name)
+        if v is not None and not 0 <= v <= 1:
+            raise InputError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
+    out = Path(args.out)
+    if out.resolve() == demo_model_path().parent.resolve():
+        raise InputError(f"--out {out} is the installed demo; build into a new folder and load it with load_vlm(path)")
+    base = quick_train_config() if args.quick else default_train_config()
+    overrides = {"late_text_p": args.late_text_p, "late_image_p": args.late_image_p}
+    cfg = dataclasses.replace(base, seed=args.seed, threads=args.threads, progress=not args.no_progress,
+                              **{k: v for k, v in overrides.items() if v is not None})
+    result = build_demo(out / "model", out / "data", cfg=cfg, quick=args.quick)
+    print(f"model: {result.model_dir}\ndata: {result.data_dir}\nseconds: {result.seconds:.0f}")
+    if result.test_table is not None:
+        print(result.test_table.to_markdown())
+    print(f"use it with load_vlm({str(result.model_dir)!r}), or `model: {result.model_dir}` in a train config")
+    return 0
+
+
+def _cmd_demo_evaluate(args: argparse.Namespace) -> int:
+    from deepinsert.demo import demo_data_path
+    from deepinsert.demo.card_update import evaluate_and_update
+
+    data = args.data or demo_data_path(args.split)
+    table = evaluate_and_update(args.model, data, args.layers, update_card=args.update_card)
+    print(table.to_markdown())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build the demo VLM and its data, or re-measure its accuracy by layer."""
+    return int(args._demo_run(args))
+
+
+# ---------------------------------------------------------------------------- the table
+
+Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
+
+COMMANDS: dict[str, Command] = {
+    "sweep": (_args_sweep, cmd_sweep, "train one router per lambda, evaluate, plot"),
+    "train": (_args_train, cmd_train, "train one router policy at one lambda"),
+    "evaluate": (_args_evaluate, cmd_evaluate, "evaluate a run vs static layers and the oracle"),
+    "export": (_args_export, cmd_export, "export a trained run as an ONNX router bundle"),
+    "route": (_args_route, cmd_route, "ask a router bundle which layer for a prompt"),
+    "serve": (_args_serve, cmd_serve, "serve a router bundle over HTTP"),
+    "demo": (_args_demo, cmd_demo, "build the demo VLM and its data, or its accuracy by layer"),
 }
+"""subcommand -> (argument setup, handler, one-line help)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser; commands whose module is not there yet are skipped."""
+    """The full argument parser (no heavy import: handlers import what they use)."""
     parser = argparse.ArgumentParser(
         prog="deepinsert",
-        description="Late image insertion for frozen LLaVA models, and RL routers that pick the layer.",
+        description="Late image insertion for frozen LLaVA models, and routers that pick the layer per prompt.",
     )
     parser.add_argument("--version", action="version", version=f"deepinsert {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name == module_name:  # command not built yet
-                continue
-            raise
+    for name, (setup, handler, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        setup(p)
+        p.set_defaults(_run=handler)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``deepinsert`` console script."""
+    """Entry point of the ``deepinsert`` console script and ``python -m deepinsert``."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:

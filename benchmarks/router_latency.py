@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     from deepinsert.env.observation import prompt_observation, prompt_observations
     from deepinsert.export.exporter import export_run
-    from deepinsert.export.runtime import Router
+    from deepinsert.router.runtime import Router
     from deepinsert.frozen_vlm import build_batch, load_vlm
     from deepinsert.policy import load_run
 

@@ -10,27 +10,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deepinsert.errors import InputError
+from deepinsert.utils.sources import demo_data_dir, demo_model_dir, resolve_data_spec
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-_HERE = Path(__file__).resolve().parent
 
 
 def demo_model_path() -> Path:
     """Folder of the shipped demo model (``save_pretrained`` layout; load with ``load_vlm``)."""
-    return _HERE / "model"
+    return demo_model_dir()
 
 
 def demo_data_root() -> Path:
     """Folder holding the committed splits (``<split>.json``) and ``images/``."""
-    return _HERE / "data"
+    return demo_data_dir()
 
 
 def demo_data_path(split: str) -> Path:
     """LLaVA-Instruct JSON file of one committed split: ``"train"``, ``"val"`` or ``"test"``."""
-    if split not in SPLITS:
-        raise InputError(f"unknown demo split {split!r}; expected one of {', '.join(SPLITS)}")
-    return demo_data_root() / f"{split}.json"
+    return resolve_data_spec(f"demo:{split}")
 
 
 __all__ = ["SPLITS", "demo_data_path", "demo_data_root", "demo_model_path"]

@@ -27,6 +27,11 @@ from deepinsert.utils.atomic import atomic_dir, atomic_write_json, atomic_write_
 QUICK_SPLITS: tuple[SplitSpec, ...] = tuple(dataclasses.replace(s, size=16) for s in SPLIT_SPECS)
 
 
+def default_train_config() -> TrainConfig:
+    """The recipe of the shipped demo model."""
+    return TrainConfig()
+
+
 def quick_train_config(seed: int = 0, threads: int = 1, progress: bool = False) -> TrainConfig:
     """A tiny recipe that exercises every stage in seconds (the model it makes is useless)."""
     return TrainConfig(

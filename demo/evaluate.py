@@ -127,15 +127,6 @@ def _score(
         table.counts[f] = len(h)
 
 
-def _cut(tokenizer: Any, rows: Any) -> list[list[int]]:
-    """(B, T) generated ids -> per-row id lists, cut before the first EOS."""
-    eos = tokenizer.eos_token_id
-    out = []
-    for row in rows.tolist():
-        out.append(row[: row.index(eos)] if eos in row else row)
-    return out
-
-
 def _decode(tokenizer: Any, rows: Sequence[list[int]]) -> list[str]:
     return [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
 
@@ -152,7 +143,7 @@ def engine_generations(
     (one k for all items, or one k per item, e.g. a router's choices)."""
     import torch
 
-    from deepinsert.frozen_vlm import build_batch
+    from deepinsert.frozen_vlm import build_batch, cut_at_eos
 
     per_item = not isinstance(insert_layer, int)
     if per_item and len(insert_layer) != len(items):  # type: ignore[arg-type]
@@ -172,9 +163,9 @@ def engine_generations(
                 batch.attention_mask,
                 insert_layer=k,
                 max_new_tokens=max_new_tokens,
-                eos_token_id=vlm.tokenizer.eos_token_id,
+                eos_token_id=vlm.eos_token_ids(),
             )
-            for i, ids in zip(chunk, _cut(vlm.tokenizer, new), strict=True):
+            for i, ids in zip(chunk, cut_at_eos(new, vlm.eos_token_ids()), strict=True):
                 out[i] = ids
     return out
 
@@ -253,6 +244,8 @@ def stock_answers(
     """Greedy answers from the stock model's forward (images at layer 0), no padding, no cache."""
     import torch
 
+    from deepinsert.frozen_vlm import cut_at_eos
+
     enc = PromptEncoder(processor)
     eos = processor.tokenizer.eos_token_id
     answers = [""] * len(items)
@@ -268,7 +261,7 @@ def stock_answers(
                 ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
                 if bool((ids[:, start:] == eos).any(1).all()):
                     break
-            for i, text in zip(chunk, _decode(processor.tokenizer, _cut(processor.tokenizer, ids[:, start:])), strict=True):
+            for i, text in zip(chunk, _decode(processor.tokenizer, cut_at_eos(ids[:, start:], [eos])), strict=True):
                 answers[i] = text
     model.train(was_training)
     return answers

@@ -281,7 +281,7 @@ class VLMLossProvider(LossProvider):
                     b.attention_mask,
                     insert_layer=k,
                     max_new_tokens=max(1, min(self.max_new_tokens, max(n_ref))),
-                    eos_token_id=tok.eos_token_id,
+                    eos_token_id=self.vlm.eos_token_ids(),
                 ).cpu()  # (b, T_new)
                 texts.extend(
                     tok.decode(new[i, :n].tolist(), skip_special_tokens=True) for i, n in enumerate(n_ref)

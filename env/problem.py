@@ -5,6 +5,10 @@ cache, λ and the candidate layers, and turns (sample, action) pairs into reward
 
     reward = -loss(sample, k) + λ · k / N,   k = candidate_layers[action]
 
+This module is the one home of the bandit's definitions: candidate-layer specs
+(:func:`check_layer_spec`, :func:`resolve_layers`), action -> layer (:func:`action_layers`),
+the reward (:func:`reward`) and the λ checks (:func:`check_lam`, :func:`parse_lams`).
+
 All rewards of a batch come from one :meth:`LossCache.pair_losses` call, which computes
 only the missing (sample, k) pairs with one VLM call per distinct k.
 """
@@ -12,6 +16,7 @@ only the missing (sample, k) pairs with one VLM call per distinct k.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,23 +28,99 @@ from deepinsert.env.observation import prompt_observations
 from deepinsert.errors import ConfigError, DataError, InputError
 
 
-def check_lam(lam: float) -> float:
-    """λ must be a finite number ≥ 0 (ConfigError otherwise)."""
+LAM_MAX = 1e6
+"""Largest accepted λ: beyond it the efficiency term swamps every loss (and float32 rewards overflow)."""
+_EVERY = re.compile(r"^every:(\d+)$")
+
+
+def check_lam(lam: float, *, what: str = "lam") -> float:
+    """λ must be a finite number in ``[0, LAM_MAX]`` (ConfigError otherwise); returns it as float."""
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
-        raise ConfigError(f"lam must be a finite number, got {lam!r}")
+        raise ConfigError(f"{what} must be a finite number, got {lam!r}")
     if lam < 0:
         raise ConfigError(
-            f"lam must be >= 0 (got {lam}): it rewards later insertion (efficiency); "
+            f"{what} must be >= 0 (got {lam}): it rewards later insertion (efficiency); "
             "a negative value would reward spending more compute"
         )
+    if lam > LAM_MAX:
+        raise ConfigError(f"{what} must be <= {LAM_MAX:g} (got {lam:g}): the efficiency term would swamp every loss")
     return float(lam)
 
 
-def resolve_layers(spec: Sequence[int] | str, num_layers: int) -> list[int]:
-    """Candidate layers from ``"all"``, ``"every:S"`` or a list, checked against N."""
-    from deepinsert.frozen_vlm.architectures import resolve_candidate_layers
+def parse_lams(text: str) -> list[float]:
+    """``"0,0.05,0.1"`` -> ``[0.0, 0.05, 0.1]``: each λ checked by :func:`check_lam`, no duplicates."""
+    try:
+        lams = [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--lams must be comma-separated numbers, got {text!r}") from None
+    if not lams:
+        raise ConfigError("--lams is empty")
+    lams = [check_lam(v, what="every λ") for v in lams]
+    if len(set(lams)) != len(lams):
+        raise ConfigError(f"--lams has duplicates: {lams}")
+    return lams
 
-    return resolve_candidate_layers(list(spec) if not isinstance(spec, str) else spec, num_layers)
+
+def check_layer_spec(spec: Any) -> list[int] | str:
+    """Syntax of a candidate-layer spec, before N is known: ``"all"``, ``"every:S"`` or a list.
+
+    Returns the spec normalised (a sorted list, or the lower-cased string). The range check
+    against N happens in :func:`resolve_layers`.
+    """
+    if isinstance(spec, str):
+        s = spec.strip().lower().replace(" ", "")
+        if s == "all":
+            return s
+        m = _EVERY.match(s)
+        if m:
+            if int(m.group(1)) <= 0:
+                raise ConfigError(f"candidate_layers {spec!r}: the step must be positive")
+            return s
+        raise ConfigError(f"candidate_layers {spec!r} not understood; use 'all', 'every:S' or a list of ints")
+    if not isinstance(spec, (list, tuple)):
+        raise ConfigError(f"candidate_layers must be a non-empty list or a string, got {spec!r}")
+    if not spec:
+        raise ConfigError("candidate_layers is empty (non-empty list needed): the router needs at least two layers")
+    for k in spec:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ConfigError(f"candidate_layers entries must be integers >= 0, got {k!r}")
+    if len(set(spec)) < 2:
+        raise ConfigError(f"candidate_layers needs at least two distinct layers, got {list(spec)}")
+    if len(set(spec)) != len(spec):
+        raise ConfigError(f"candidate_layers has duplicates: {list(spec)}")
+    return sorted(int(k) for k in spec)
+
+
+def resolve_layers(spec: Sequence[int] | str, num_layers: int) -> list[int]:
+    """Candidate insertion layers, sorted, each in ``[0, N]``, from ``"all"`` (0..N),
+    ``"every:S"`` (0, S, 2S, ... and always N) or an explicit list. ConfigError otherwise."""
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers <= 0:
+        raise ConfigError(f"num_layers must be a positive integer, got {num_layers!r}")
+    s = check_layer_spec(list(spec) if isinstance(spec, tuple) else spec)
+    if s == "all":
+        return list(range(num_layers + 1))
+    if isinstance(s, str):
+        step = int(_EVERY.match(s).group(1))  # type: ignore[union-attr]
+        layers = list(range(0, num_layers + 1, step))
+        return layers if layers[-1] == num_layers else [*layers, num_layers]
+    bad = [k for k in s if k > num_layers]
+    if bad:
+        raise ConfigError(f"candidate layer {bad[0]} out of range [0, {num_layers}] (N = {num_layers} decoder layers)")
+    return s
+
+
+def reward(losses: Any, ks: Any, lam: float, num_layers: int) -> np.ndarray:
+    """The bandit's reward ``-loss + λ·k/N`` (float64, broadcast over ``losses`` and ``ks``)."""
+    return -np.asarray(losses, dtype=np.float64) + float(lam) * np.asarray(ks, dtype=np.float64) / num_layers
+
+
+def action_layers(candidate_layers: Sequence[int], actions: Any) -> np.ndarray:
+    """Action indices -> insertion layers ``k = candidate_layers[a]`` (int64); InputError when out of range."""
+    ks = np.asarray(candidate_layers, dtype=np.int64)
+    a = np.asarray(actions, dtype=np.int64).reshape(-1)
+    if a.size and (a.min() < 0 or a.max() >= ks.size):
+        raise InputError(f"actions must be in [0, {ks.size}), got {a.tolist()}")
+    return ks[a]
 
 
 class InsertionProblem:
@@ -74,7 +155,6 @@ class InsertionProblem:
         self.lam = check_lam(lam)
         self.num_layers = int(cache.provider.num_layers)
         self.candidate_layers = resolve_layers(candidate_layers, self.num_layers)
-        self._ks = np.asarray(self.candidate_layers, dtype=np.int64)
         self._flops: dict[tuple[int, int, int], float] = {}
 
     @classmethod
@@ -115,10 +195,7 @@ class InsertionProblem:
 
     def layers(self, actions: np.ndarray | Sequence[int]) -> np.ndarray:
         """Action indices -> insertion layers k (int64)."""
-        a = np.asarray(actions, dtype=np.int64).reshape(-1)
-        if a.size and (a.min() < 0 or a.max() >= self.n_actions):
-            raise InputError(f"actions must be in [0, {self.n_actions}), got {a.tolist()}")
-        return self._ks[a]
+        return action_layers(self.candidate_layers, actions)
 
     def flops_fraction(self, k: int, n_text: int, n_image: int) -> float:
         key = (int(k), int(n_text), int(n_image))
@@ -140,7 +217,7 @@ class InsertionProblem:
         tokens = self.cache.token_counts(batch)  # (B, 2)
         frac = ks / self.num_layers
         eff = self.lam * frac
-        rewards = (-losses + eff).astype(np.float32)
+        rewards = reward(losses, ks, self.lam, self.num_layers).astype(np.float32)
         infos = [
             {
                 "sample_id": str(batch[j].id),
@@ -154,9 +231,3 @@ class InsertionProblem:
             for j in range(idx.size)
         ]
         return rewards, infos
-
-    def reward_table(self, losses: np.ndarray) -> np.ndarray:
-        """Rewards for a loss table ``(S, K)`` over the candidate layers -> ``(S, K)``."""
-        return (-np.asarray(losses, dtype=np.float64) + self.lam * self._ks / self.num_layers).astype(
-            np.float32
-        )

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from deepinsert.errors import BundleError, InputError
-from deepinsert.export.bundle import (
+from deepinsert.router.bundle import (
     OBSERVATION_KIND,
     POLICY_ONNX,
     ROUTER_JSON,
@@ -74,15 +74,6 @@ def _save_tokenizer(tokenizer: Any, folder: Path) -> None:
         backend.save(str(folder / TOKENIZER_JSON))
 
 
-def _cpu_copy(policy: Any) -> Any:
-    """A fresh CPU copy of an SB3 policy in eval mode (SB3's own save/load recipe; the caller's is untouched)."""
-    fresh = type(policy)(**policy._get_constructor_parameters())
-    fresh.load_state_dict(policy.state_dict())
-    fresh = fresh.to("cpu")
-    fresh.set_training_mode(False)
-    return fresh
-
-
 def export_bundle(
     out: str | Path,
     *,
@@ -116,9 +107,10 @@ def export_bundle(
     import torch
 
     from deepinsert.env.observation import OBS_MAX_TOKENS
-    from deepinsert.export.modules import PROBS_DEFINITION, EmbeddingRouter, PolicyHead, policy_kind
+    from deepinsert.export.modules import PROBS_DEFINITION, EmbeddingRouter, PolicyHead
+    from deepinsert.policy.sb3_access import cpu_copy, policy_kind
     from deepinsert.export.onnx_io import check_onnx, export_policy_onnx, export_router_onnx
-    from deepinsert.export.runtime import Router
+    from deepinsert.router.runtime import Router
     from deepinsert.export.validate import validate_bundle, validation_prompts
 
     require("onnx", "export")
@@ -129,7 +121,7 @@ def export_bundle(
     if max_tokens != OBS_MAX_TOKENS:
         raise InputError(f"max_tokens={max_tokens} but deepinsert.env.observation truncates at {OBS_MAX_TOKENS}")
     kind = policy_kind(policy)
-    policy = _cpu_copy(policy)
+    policy = cpu_copy(policy)
     n_actions = int(policy.action_space.n)
     if len(candidate_layers) != n_actions:
         raise InputError(f"the policy has {n_actions} actions but {len(candidate_layers)} candidate layers were given")

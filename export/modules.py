@@ -1,7 +1,8 @@
 """torch modules that become the two ONNX graphs of a router bundle.
 
 :class:`PolicyHead` wraps a stable-baselines3 policy as ``embedding (B, D) -> (action (B,),
-probs (B, A))``, generically over SB3's discrete-action policies:
+probs (B, A))``, generically over SB3's discrete-action policies (the SB3 internals it
+uses live in :mod:`deepinsert.policy.sb3_access`):
 
 - ``ActorCriticPolicy`` (PPO, A2C): ``features = extract_features(obs, pi_features_extractor)``
   (so a custom features extractor, e.g. observation normalisation with registered buffers,
@@ -24,30 +25,12 @@ import torch
 from torch import nn
 
 from deepinsert.errors import InputError
+from deepinsert.policy.sb3_access import policy_kind, policy_scores
 
 PROBS_DEFINITION = {
     "actor_critic": "softmax of the actor's logits (the policy's action distribution); action = argmax",
     "dqn": "softmax of the Q-values (a score, not a calibrated probability: DQN has no policy distribution); action = argmax",
 }
-
-
-def policy_kind(policy: Any) -> str:
-    """``"actor_critic"`` or ``"dqn"`` for a supported SB3 policy; InputError otherwise."""
-    from stable_baselines3.common.distributions import CategoricalDistribution
-    from stable_baselines3.common.policies import ActorCriticPolicy
-    from stable_baselines3.dqn.policies import DQNPolicy
-
-    if isinstance(policy, ActorCriticPolicy):
-        if not isinstance(policy.action_dist, CategoricalDistribution):
-            raise InputError(
-                f"only discrete action spaces can be exported, this policy has {type(policy.action_dist).__name__}"
-            )
-        return "actor_critic"
-    if isinstance(policy, DQNPolicy):
-        return "dqn"
-    raise InputError(
-        f"cannot export a {type(policy).__name__}: supported are stable-baselines3 ActorCriticPolicy (PPO, A2C) and DQNPolicy"
-    )
 
 
 class PolicyHead(nn.Module):
@@ -60,15 +43,7 @@ class PolicyHead(nn.Module):
 
     def scores(self, obs: torch.Tensor) -> torch.Tensor:
         """Actor logits (PPO/A2C) or Q-values (DQN), (B, A)."""
-        p = self.policy
-        if self.kind == "dqn":
-            return p.q_net(obs)
-        # BaseModel.extract_features (not the ActorCriticPolicy override, which returns a
-        # (pi, vf) tuple when extractors are not shared): exactly SB3's get_distribution path.
-        from stable_baselines3.common.policies import BaseModel
-
-        features = BaseModel.extract_features(p, obs, p.pi_features_extractor)
-        return p.action_net(p.mlp_extractor.forward_actor(features))
+        return policy_scores(self.policy, obs)
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs = torch.softmax(self.scores(obs).float(), dim=-1)  # (B, A)

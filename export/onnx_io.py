@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from deepinsert.errors import BundleError
-from deepinsert.export.bundle import POLICY_INPUTS, POLICY_OUTPUTS, ROUTER_INPUTS, ROUTER_OUTPUTS
+from deepinsert.router.bundle import POLICY_INPUTS, POLICY_OUTPUTS, ROUTER_INPUTS, ROUTER_OUTPUTS
 from deepinsert.export.modules import EmbeddingRouter, PolicyHead
 from deepinsert.utils.extras import require
 

@@ -3,7 +3,7 @@
 The reference is computed independently of the exported graphs: the environment's own
 observation (``deepinsert.env.observation``, the HF tokenizer + numpy) and
 stable-baselines3's own ``policy.predict`` / action distribution. The candidate is the
-torch-free :class:`~deepinsert.export.runtime.Router` loaded from the written files
+torch-free :class:`~deepinsert.router.runtime.Router` loaded from the written files
 (``tokenizer.json`` + onnxruntime). Required: identical token ids, the same action for
 every prompt and every random embedding, probabilities within ``prob_atol``.
 """
@@ -14,12 +14,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from deepinsert.env.observation import OBS_MAX_TOKENS, embedding_matrix, mean_embedding, question_token_ids
 from deepinsert.errors import BundleError, InputError
-from deepinsert.export.modules import policy_kind
-from deepinsert.export.runtime import Router
+from deepinsert.policy.sb3_access import reference_probs
+from deepinsert.router.runtime import Router
 
 FIXED_PROMPTS = (
     "What colour is the square?",
@@ -78,12 +77,7 @@ def random_embeddings(weight: np.ndarray, n: int, seed: int) -> np.ndarray:
 def reference_policy(policy: Any, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """SB3's own deterministic actions ``predict(obs)`` (B,) and its probabilities (B, A)."""
     actions, _ = policy.predict(obs, deterministic=True)
-    with torch.no_grad():
-        t, _ = policy.obs_to_tensor(obs)
-        if policy_kind(policy) == "dqn":
-            probs = torch.softmax(policy.q_net(t).float(), dim=-1)
-        else:
-            probs = policy.get_distribution(t).distribution.probs
+    probs = reference_probs(policy, obs)
     return np.asarray(actions, dtype=np.int64).reshape(-1), probs.cpu().numpy()
 
 

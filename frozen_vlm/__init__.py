@@ -14,6 +14,7 @@ from deepinsert.frozen_vlm.batching import (
     collate,
     pad_token_id,
 )
+from deepinsert.frozen_vlm.decoding import cut_at_eos, resolve_eos_ids
 from deepinsert.frozen_vlm.engine import FrozenVLM
 from deepinsert.frozen_vlm.flops import flops, flops_fraction  # binds the functions, not the module
 from deepinsert.frozen_vlm.loading import load_vlm
@@ -25,9 +26,11 @@ __all__ = [
     "PromptBatch",
     "build_batch",
     "collate",
+    "cut_at_eos",
     "flops",
     "flops_fraction",
     "load_vlm",
     "pad_token_id",
+    "resolve_eos_ids",
 ]
 

@@ -1,4 +1,4 @@
-"""Model configs: hub id, dtype, candidate insertion layers and the exact LLaVA architecture.
+"""Model configs: hub id, dtype and the exact LLaVA architecture.
 
 A YAML file in ``configs/`` (package ``deepinsert.configs``) describes one LLaVA-1.5
 checkpoint completely enough to build a random-weight model of the real shape without any
@@ -6,7 +6,6 @@ download (``ModelConfig.to_llava_config()``), which times exactly like the real 
 
     source: llava-hf/llava-1.5-7b-hf
     dtype: bfloat16
-    candidate_layers: "every:4"      # or "all", or an explicit list [0, 8, 16, 24, 32]
     image_token_id: 32000
     projector_act: gelu
     text: {hidden_size: 4096, num_layers: 32, ...}
@@ -21,7 +20,6 @@ from __future__ import annotations
 
 import importlib.resources
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +32,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _DTYPES = ("float32", "float16", "bfloat16", "auto")
 _SELECT_STRATEGIES = ("default", "full")
-_EVERY = re.compile(r"^every:(\d+)$")
 
 
 def _positive_ints(obj: Any, names: tuple[str, ...]) -> None:
@@ -167,55 +164,18 @@ class VisionArchitecture:
         return self.num_patches + (1 if self.select_strategy == "full" else 0)
 
 
-def resolve_candidate_layers(spec: list[int] | tuple[int, ...] | str, num_layers: int) -> list[int]:
-    """Turn a candidate-layer spec into a sorted list of insertion layers k in ``[0, N]``.
-
-    ``spec`` is ``"all"`` (0..N), ``"every:S"`` (0, S, 2S, ..., and always N), or an
-    explicit list of distinct ints in ``[0, N]``. ``ConfigError`` for anything else.
-    """
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers <= 0:
-        raise ConfigError(f"num_layers must be a positive integer, got {num_layers!r}")
-    if isinstance(spec, str):
-        s = spec.strip().lower()
-        if s == "all":
-            return list(range(num_layers + 1))
-        m = _EVERY.match(s.replace(" ", ""))
-        if m:
-            step = int(m.group(1))
-            if step <= 0:
-                raise ConfigError(f"candidate_layers {spec!r}: the step must be positive")
-            layers = list(range(0, num_layers + 1, step))
-            if layers[-1] != num_layers:
-                layers.append(num_layers)
-            return layers
-        raise ConfigError(
-            f"candidate_layers {spec!r} not understood; use 'all', 'every:S' or a list of ints"
-        )
-    if not isinstance(spec, (list, tuple)) or not spec:
-        raise ConfigError(f"candidate_layers must be a non-empty list or a string, got {spec!r}")
-    for k in spec:
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise ConfigError(f"candidate_layers entries must be integers, got {k!r}")
-        if not 0 <= k <= num_layers:
-            raise ConfigError(f"candidate layer {k} out of range [0, {num_layers}]")
-    if len(set(spec)) != len(spec):
-        raise ConfigError(f"candidate_layers has duplicates: {list(spec)}")
-    return sorted(spec)
-
-
 @dataclass
 class ModelConfig:
     """One LLaVA-1.5 checkpoint: where to load it, and its exact shape.
 
-    ``candidate_layers`` is validated against ``text.num_layers`` (N); the resolved list
-    is :attr:`candidate_layer_list`.
+    Candidate insertion layers belong to the training config (``deepinsert.env.problem``),
+    not to the model.
     """
 
     source: str
     text: TextArchitecture
     vision: VisionArchitecture
     dtype: str = "auto"
-    candidate_layers: list[int] | str = "all"
     image_token_id: int = 32000
     projector_act: str = "gelu"
     projector_bias: bool = True
@@ -244,19 +204,11 @@ class ModelConfig:
             raise ConfigError(f"projector_act must be a non-empty string, got {self.projector_act!r}")
         if not isinstance(self.projector_bias, bool):
             raise ConfigError(f"projector_bias must be true/false, got {self.projector_bias!r}")
-        if isinstance(self.candidate_layers, tuple):
-            self.candidate_layers = list(self.candidate_layers)
-        resolve_candidate_layers(self.candidate_layers, self.text.num_layers)  # validates
 
     @property
     def num_layers(self) -> int:
         """N, the number of decoder layers of the language model."""
         return self.text.num_layers
-
-    @property
-    def candidate_layer_list(self) -> list[int]:
-        """The candidate insertion layers, sorted, each in ``[0, N]``."""
-        return resolve_candidate_layers(self.candidate_layers, self.text.num_layers)
 
     @property
     def num_image_tokens(self) -> int:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from deepinsert.errors import InputError
 from deepinsert.frozen_vlm.batching import IGNORE_INDEX
+from deepinsert.frozen_vlm.decoding import resolve_eos_ids
 from deepinsert.frozen_vlm.layers import LlavaParts, llava_parts
 from deepinsert.frozen_vlm.prepare import InsertLayer, Prepared, normalize_insert_layer, prepare
 
@@ -314,7 +315,7 @@ class FrozenVLM:
         Args:
             input_ids, pixel_values, attention_mask, insert_layer: as in :meth:`forward`.
             max_new_tokens: at most this many new tokens.
-            eos_token_id: stop id(s); ``None`` uses the model's generation config.
+            eos_token_id: stop id(s); ``None``: :meth:`eos_token_ids` (generation config, else tokenizer).
             pad_token_id: filler after a sample finished.
             image_features: precomputed projector outputs instead of ``pixel_values``
                 (``max_new_tokens=1`` then times exactly one serving prefill).
@@ -324,7 +325,7 @@ class FrozenVLM:
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        eos = self._eos_ids(eos_token_id)
+        eos = self.eos_token_ids(eos_token_id)
         prep = prepare(self._parts, input_ids, pixel_values, attention_mask, insert_layer, image_features)
         if bool((prep.attention_mask[:, -1] == 0).any()):
             raise InputError("generate needs left padding (every prompt's last position a real token); "
@@ -360,12 +361,6 @@ class FrozenVLM:
             pos = pos + 1
         return torch.stack(out, dim=1)
 
-    def _eos_ids(self, eos_token_id: int | Sequence[int] | None) -> list[int]:
-        if eos_token_id is None:
-            gc = getattr(self._model, "generation_config", None)
-            eos_token_id = getattr(gc, "eos_token_id", None)
-        if eos_token_id is None:
-            return []
-        if isinstance(eos_token_id, int):
-            return [eos_token_id]
-        return [int(e) for e in eos_token_id]
+    def eos_token_ids(self, eos_token_id: int | Sequence[int] | None = None) -> list[int]:
+        """Stop ids for :meth:`generate`: the override, else the generation config's, else the tokenizer's."""
+        return resolve_eos_ids(self._model, getattr(self.processor, "tokenizer", None), eos_token_id)

@@ -13,16 +13,14 @@ from deepinsert.errors import InputError, ModelLoadError
 from deepinsert.frozen_vlm.engine import FrozenVLM
 from deepinsert.utils.devices import get_device, get_dtype
 from deepinsert.utils.extras import require
+from deepinsert.utils.sources import resolve_model_source
 
 log = logging.getLogger(__name__)
-
-DEMO_ALIAS = "demo"
-
 
 def resolve_source(source: str | os.PathLike[str]) -> str:
     """Map ``source`` to what ``from_pretrained`` takes, with clear errors for missing folders.
 
-    ``"demo"`` is the shipped demo model folder. An existing path is a local folder; a
+    ``"demo"`` is the shipped demo model folder (:mod:`deepinsert.utils.sources`). An existing path is a local folder; a
     string that looks like a path (``./x``, ``/x``, ``~/x``, ``a/b/c``) but does not exist
     is an error; anything else (``org/name``) is taken as a hub id.
     """
@@ -30,10 +28,7 @@ def resolve_source(source: str | os.PathLike[str]) -> str:
         source = os.fspath(source)
     if not isinstance(source, str) or not source.strip():
         raise InputError(f"model source must be a hub id or a folder path, got {source!r}")
-    if source == DEMO_ALIAS:
-        from deepinsert.demo import demo_model_path
-
-        return str(demo_model_path())
+    source = os.fspath(resolve_model_source(source))
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():

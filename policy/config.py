@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from deepinsert.env.problem import check_lam, check_layer_spec
 from deepinsert.errors import ConfigError
 
 ALGORITHMS: tuple[str, ...] = ("ppo", "a2c", "dqn")
@@ -151,28 +152,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, str) or not v.strip():
                 raise ConfigError(f"{name} must be a non-empty string, got {v!r}")
-        cl = self.candidate_layers
-        if isinstance(cl, str):
-            if not cl.strip():
-                raise ConfigError("candidate_layers must be 'all', 'every:S' or a list of ints")
-        elif isinstance(cl, (list, tuple)):
-            if not cl:
-                raise ConfigError("candidate_layers is empty: the router needs at least one layer")
-            for k in cl:
-                if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-                    raise ConfigError(f"candidate_layers entries must be integers >= 0, got {k!r}")
-            if len(set(cl)) < 2:
-                raise ConfigError(f"candidate_layers needs at least two distinct layers, got {list(cl)}")
-            self.candidate_layers = sorted(int(k) for k in cl)
-        else:
-            raise ConfigError(f"candidate_layers must be a string or a list, got {cl!r}")
-        _finite("lam", self.lam)
-        if self.lam < 0:
-            raise ConfigError(
-                f"lam must be >= 0, got {self.lam}: λ rewards later insertion (k/N); "
-                "a negative λ would reward spending compute"
-            )
-        self.lam = float(self.lam)
+        self.candidate_layers = check_layer_spec(self.candidate_layers)
+        self.lam = check_lam(self.lam)
         if not isinstance(self.algorithm, str) or self.algorithm.lower() not in ALGORITHMS:
             raise ConfigError(f"unknown algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
         self.algorithm = self.algorithm.lower()

@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 
 from deepinsert.env.losses import normalize_answer
+from deepinsert.env.problem import reward
 from deepinsert.errors import DataError
 from deepinsert.policy.workspace import Split, Workspace
+from deepinsert.utils.sources import DEMO_DATA_PREFIX, is_demo_data
 
 
 @dataclass
@@ -49,7 +51,7 @@ class EvalTables:
 
     def rewards(self, lam: float) -> np.ndarray:
         """``(S, K)`` reward = -loss + λ·k/N."""
-        return -self.losses.astype(np.float64) + float(lam) * self.ks[None, :] / self.num_layers
+        return reward(self.losses, self.ks[None, :], lam, self.num_layers)
 
     def oracle_actions(self, lam: float) -> np.ndarray:
         """Per-prompt best action ``(S,)``; ties go to the latest (cheapest) layer."""
@@ -75,9 +77,17 @@ def _family_actions(t: EvalTables, lam: float) -> np.ndarray:
     return out
 
 
-def build_tables(ws: Workspace, split: Split, *, accuracy: bool = True, progress: bool = True) -> EvalTables:
-    """Fill the loss (and answer) tables of ``split`` through ``ws.cache``."""
-    ks = list(ws.candidate_layers)
+def build_tables(
+    ws: Workspace,
+    split: Split,
+    *,
+    accuracy: bool = True,
+    progress: bool = True,
+    candidate_layers: Sequence[int] | None = None,
+) -> EvalTables:
+    """Fill the loss (and answer) tables of ``split`` through ``ws.cache``, over
+    ``candidate_layers`` (default: the workspace's)."""
+    ks = list(ws.candidate_layers if candidate_layers is None else candidate_layers)
     losses = ws.cache.table(split.samples, ks, progress=f"loss table ({split.name})" if progress else False)
     correct = None
     if accuracy:
@@ -175,8 +185,8 @@ def resolve_split_spec(cfg: Any, split: str | None) -> str:
         base = cfg.data.eval
         if split == "eval":
             return base
-        if base.startswith("demo:"):
-            return f"demo:{split}"
+        if is_demo_data(base):
+            return f"{DEMO_DATA_PREFIX}{split}"
         p = Path(base)
         for ext in (".json", ".jsonl"):
             cand = p.with_name(split + ext)
@@ -206,9 +216,7 @@ def evaluate_run_dir(
         split = ws.load_split("eval", spec, run.config, run.config.data.max_eval_samples)
         ws.splits[key] = split
     split = ws.splits[key]
-    if list(ws.candidate_layers) != run.candidate_layers:
-        ws.candidate_layers = run.candidate_layers
-    tables = build_tables(ws, split, accuracy=accuracy, progress=progress)
+    tables = build_tables(ws, split, accuracy=accuracy, progress=progress, candidate_layers=run.candidate_layers)
     metrics = compare(tables, float(run.info["lam"]), run.predict(split.observations))
     metrics["split"] = spec
     metrics["run_dir"] = str(run_dir)

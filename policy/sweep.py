@@ -18,21 +18,6 @@ from deepinsert.policy.workspace import Workspace, open_workspace
 from deepinsert.utils.atomic import atomic_write_json
 
 
-def parse_lams(text: str) -> list[float]:
-    """``"0,0.05,0.1"`` -> [0.0, 0.05, 0.1] (each λ ≥ 0, no duplicates)."""
-    try:
-        lams = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"--lams must be comma-separated numbers, got {text!r}") from None
-    if not lams:
-        raise ConfigError("--lams is empty")
-    if any(v < 0 for v in lams):
-        raise ConfigError(f"every λ must be >= 0, got {lams}")
-    if len(set(lams)) != len(lams):
-        raise ConfigError(f"--lams has duplicates: {lams}")
-    return lams
-
-
 def run_dir_name(lam: float) -> str:
     return f"lam{lam:g}"
 

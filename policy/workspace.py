@@ -19,17 +19,14 @@ from deepinsert.env.observation import prompt_observations
 from deepinsert.env.problem import InsertionProblem, resolve_layers
 from deepinsert.errors import ConfigError, DataError
 from deepinsert.policy.config import TrainConfig
+from deepinsert.utils.sources import resolve_data_spec
 
 log = logging.getLogger(__name__)
 
 
 def resolve_data_path(spec: str) -> Path:
     """``demo:<split>`` -> the shipped demo split; anything else is a file path."""
-    if spec.startswith("demo:"):
-        from deepinsert.demo import demo_data_path
-
-        return demo_data_path(spec.split(":", 1)[1])
-    return Path(spec).expanduser()
+    return resolve_data_spec(spec)
 
 
 @dataclass

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+
+# Test-only helpers (tiny models, the stand-in problem, tiny bundles) live in tests/helpers/,
+# outside the library; pytest runs with --import-mode=importlib, so put tests/ on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

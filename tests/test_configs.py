@@ -21,7 +21,6 @@ from deepinsert.frozen_vlm.architectures import (
     ModelConfig,
     available_model_configs,
     load_model_config,
-    resolve_candidate_layers,
 )
 from deepinsert.utils.config_io import from_dict
 
@@ -71,8 +70,6 @@ def test_model_yaml_loads_and_maps_to_llava_config(path: Path) -> None:
     assert lc.image_token_id == raw["image_token_id"]
     assert lc.projector_hidden_act == raw["projector_act"]
     assert lc.image_seq_length == cfg.num_image_tokens
-    ks = cfg.candidate_layer_list
-    assert ks[0] == 0 and ks[-1] == cfg.num_layers and ks == sorted(set(ks))
 
 
 def test_llava_15_real_shapes() -> None:
@@ -87,8 +84,6 @@ def test_llava_15_real_shapes() -> None:
     for c in (c7, c13):
         assert c.text.vocab_size == 32064 and c.image_token_id == 32000
         assert c.num_image_tokens == (336 // 14) ** 2 == 576
-    assert c7.candidate_layer_list == [0, 4, 8, 12, 16, 20, 24, 28, 32]
-    assert c13.candidate_layer_list == [0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40]
 
 
 def test_vision_tower_gives_576_image_tokens() -> None:
@@ -128,10 +123,6 @@ def test_unknown_keys_rejected(tmp_path: Path, where: tuple[str, ...], key: str)
     [
         ({"dtype": "float8"}, "dtype"),
         ({"image_token_id": 40000}, "image_token_id"),
-        ({"candidate_layers": [0, 33]}, "out of range"),
-        ({"candidate_layers": [0, 4, 4]}, "duplicates"),
-        ({"candidate_layers": "every second"}, "not understood"),
-        ({"candidate_layers": []}, "non-empty"),
         ({"text": {"num_heads": 30}}, "divisible"),
         ({"text": {"num_layers": 0}}, "num_layers"),
         ({"vision": {"image_size": 330}}, "multiple of patch_size"),
@@ -148,14 +139,6 @@ def test_invalid_values_rejected(patch: dict[str, Any], match: str) -> None:
             data[k] = v
     with pytest.raises(ConfigError, match=match):
         from_dict(ModelConfig, data)
-
-
-def test_candidate_layer_specs() -> None:
-    assert resolve_candidate_layers("all", 4) == [0, 1, 2, 3, 4]
-    assert resolve_candidate_layers("every:3", 8) == [0, 3, 6, 8]  # N always included
-    assert resolve_candidate_layers([8, 0, 2], 8) == [0, 2, 8]
-    with pytest.raises(ConfigError, match="step must be positive"):
-        resolve_candidate_layers("every:0", 8)
 
 
 def test_unknown_name_and_missing_file() -> None:

@@ -53,9 +53,13 @@ def test_quick_build_cli_end_to_end(tmp_path: Path) -> None:
     assert "| family | n | k=0 | k=8 |" in card
 
 
-def test_quick_needs_out(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "build", "--quick"]) == 2
-    assert "--out" in capsys.readouterr().err
+def test_build_never_replaces_the_installed_demo(capsys: pytest.CaptureFixture[str]) -> None:
+    from deepinsert.demo import demo_model_path
+
+    before = (demo_model_path() / "model.safetensors").stat().st_mtime_ns
+    assert main(["demo", "build", "--quick", "--out", str(demo_model_path().parent)]) == 2
+    assert "installed demo" in capsys.readouterr().err
+    assert (demo_model_path() / "model.safetensors").stat().st_mtime_ns == before
 
 
 def test_build_is_deterministic_and_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -147,6 +151,6 @@ def test_demo_cli_module_is_light() -> None:
     import subprocess
     import sys
 
-    code = "import sys, deepinsert.demo, deepinsert.demo.cli; print('torch' in sys.modules or 'numpy' in sys.modules)"
+    code = "import sys, deepinsert.demo, deepinsert.cli; print('torch' in sys.modules or 'numpy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -7,7 +7,7 @@ import torch
 
 from deepinsert.errors import InputError, ModelLoadError
 from deepinsert.frozen_vlm import FrozenVLM, load_vlm
-from deepinsert.frozen_vlm.tiny import tiny_llava
+from helpers.tiny import tiny_llava
 
 N_IMG = 16
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from deepinsert.frozen_vlm import FrozenVLM
-from deepinsert.frozen_vlm.tiny import tiny_llava
+from helpers.tiny import tiny_llava
 
 N_LAYERS = 4
 N_IMG = 16

@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from deepinsert.env import InsertionLayerVecEnv, InsertionProblem, LossCache
-from deepinsert.env.standin import clustered_standin
+from helpers.standin import clustered_standin
 
 
 def test_pair_losses_compute_each_pair_once_grouped_by_k():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from deepinsert.env import ENV_ID, InsertionLayerEnv, InsertionLayerVecEnv, InsertionProblem, LossCache
-from deepinsert.env.standin import clustered_standin
+from helpers.standin import clustered_standin
 from deepinsert.errors import ConfigError, DataError, InputError
 
 

@@ -11,10 +11,10 @@ import torch
 
 from deepinsert.env.observation import prompt_observations
 from deepinsert.errors import BundleError, InputError
-from deepinsert.export.bundle import POLICY_ONNX, ROUTER_JSON, ROUTER_ONNX, TOKENIZER_JSON, read_bundle_info
+from deepinsert.router.bundle import POLICY_ONNX, ROUTER_JSON, ROUTER_ONNX, TOKENIZER_JSON, read_bundle_info
 from deepinsert.export.exporter import export_bundle
-from deepinsert.export.runtime import Router
-from deepinsert.export.testing import make_normalizing_extractor_class, tiny_embedding, tiny_tokenizer, train_tiny_policy
+from deepinsert.router.runtime import Router
+from helpers.export import make_normalizing_extractor_class, tiny_embedding, tiny_tokenizer, train_tiny_policy
 
 torch.set_num_threads(1)
 LAYERS = [0, 2, 4, 6, 8]

@@ -16,10 +16,10 @@ import torch
 
 from deepinsert.cli import build_parser
 from deepinsert.cli import main as cli_main
-from deepinsert.export.cli_serve import _is_loopback
+from deepinsert.cli import is_loopback
 from deepinsert.export.exporter import export_bundle
-from deepinsert.export.runtime import Router
-from deepinsert.export.testing import tiny_embedding, tiny_tokenizer, train_tiny_policy
+from deepinsert.router.runtime import Router
+from helpers.export import tiny_embedding, tiny_tokenizer, train_tiny_policy
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,8 @@ def test_route_cli(bundle, capsys):
 def test_serve_defaults_to_loopback():
     args = build_parser().parse_args(["serve", "B"])
     assert (args.host, args.port) == ("127.0.0.1", 8000)
-    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
-    assert not _is_loopback("0.0.0.0") and not _is_loopback("10.1.2.3")
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3")
 
 
 def test_serve_cli_real_process(bundle):

@@ -11,9 +11,9 @@ import deepinsert
 from deepinsert.env.observation import prompt_observations
 from deepinsert.errors import InputError
 from deepinsert.export.exporter import export_bundle
-from deepinsert.export.inference import GenerationResult
-from deepinsert.export.runtime import Router
-from deepinsert.export.testing import train_tiny_policy
+from deepinsert.generate import GenerationResult
+from deepinsert.router.runtime import Router
+from helpers.export import train_tiny_policy
 from deepinsert.frozen_vlm import FrozenVLM, build_batch, load_vlm
 
 QUESTIONS = [

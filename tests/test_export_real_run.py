@@ -17,7 +17,7 @@ from deepinsert.env import LossCache
 from deepinsert.env.data import VQASample
 from deepinsert.env.losses import TableLossProvider
 from deepinsert.env.observation import prompt_observations
-from deepinsert.export.runtime import Router
+from deepinsert.router.runtime import Router
 from deepinsert.frozen_vlm import load_vlm
 from deepinsert.policy import TrainConfig, load_run, train_router
 from deepinsert.policy.config import AlgoConfig

@@ -6,7 +6,7 @@ import torch
 from torch.testing import assert_close
 
 from deepinsert.frozen_vlm import load_vlm
-from deepinsert.frozen_vlm.tiny import tiny_llava
+from helpers.tiny import tiny_llava
 
 N_IMG = 16
 

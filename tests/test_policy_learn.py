@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from deepinsert.env import LossCache
-from deepinsert.env.standin import clustered_standin
+from helpers.standin import clustered_standin
 from deepinsert.policy import TrainConfig, load_run, train_router
 from deepinsert.policy.config import AlgoConfig
 from deepinsert.policy.evaluate import EvalTables, compare

@@ -14,10 +14,10 @@ import torch
 
 from deepinsert.env.observation import OBS_MAX_TOKENS, prompt_observations
 from deepinsert.errors import BundleError, InputError
-from deepinsert.export.bundle import POLICY_ONNX, ROUTER_JSON, ROUTER_ONNX, TOKENIZER_JSON
+from deepinsert.router.bundle import POLICY_ONNX, ROUTER_JSON, ROUTER_ONNX, TOKENIZER_JSON
 from deepinsert.export.exporter import export_bundle
-from deepinsert.export.runtime import RouteDecision, Router
-from deepinsert.export.testing import WORDS, tiny_embedding, tiny_tokenizer, train_tiny_policy
+from deepinsert.router.runtime import RouteDecision, Router
+from helpers.export import WORDS, tiny_embedding, tiny_tokenizer, train_tiny_policy
 
 LAYERS = [0, 3, 5, 8]
 
@@ -171,12 +171,12 @@ def test_runtime_never_imports_torch_or_transformers(setup):
     code = textwrap.dedent(
         f"""
         import sys
-        from deepinsert.export import Router, RouteDecision
+        from deepinsert.router import Router, RouteDecision
         r = Router.load({str(setup[0])!r})
         d = r.route("what colour is the square")
         r.route_batch(["red", "how many objects"])
         r.route_embedding([0.0] * 12)
-        import deepinsert.export.service, deepinsert.export.cli_route, deepinsert.export.cli_serve
+        import deepinsert.router.service, deepinsert.cli
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "stable_baselines3", "onnx"))
         print("HEAVY", heavy, d.layer)
         """
@@ -202,7 +202,7 @@ def test_route_embeddings_batch_and_errors(setup, router):
 def test_missing_onnxruntime_gives_the_extra_to_install(setup):
     code = (
         "import sys; sys.modules['onnxruntime'] = None\n"
-        "from deepinsert.export import Router\n"
+        "from deepinsert.router import Router\n"
         "from deepinsert.errors import MissingExtraError\n"
         f"try:\n    Router.load({str(setup[0])!r})\nexcept MissingExtraError as e:\n    print('MSG', e)\n"
     )

@@ -14,9 +14,9 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from deepinsert.export.exporter import export_bundle
-from deepinsert.export.runtime import Router
-from deepinsert.export.service import create_app
-from deepinsert.export.testing import tiny_embedding, tiny_tokenizer, train_tiny_policy
+from deepinsert.router.runtime import Router
+from deepinsert.router.service import create_app
+from helpers.export import tiny_embedding, tiny_tokenizer, train_tiny_policy
 
 LAYERS = [0, 4, 8]
 

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deepinsert.errors import InputError
-from deepinsert.export.runtime import RouteDecision, Router
+
+if TYPE_CHECKING:  # generate.py is imported by `import deepinsert`: keep it free of numpy/torch
+    from deepinsert.frozen_vlm import FrozenVLM
+    from deepinsert.router import RouteDecision, Router
 
 
 @dataclass(frozen=True)
@@ -61,22 +64,13 @@ def _layers_for(vlm: Any, prompts: Sequence[str], router: Router | int) -> tuple
         if not 0 <= router <= vlm.num_layers:
             raise InputError(f"fixed layer {router} is outside 0..{vlm.num_layers}")
         return [router] * len(prompts), None
+    from deepinsert.router import Router
+
     if not isinstance(router, Router):
         raise InputError(f"router must be a deepinsert.export.Router or an int, got {type(router).__name__}")
     _check_router_fits(router, vlm)
     decisions = router.route_batch(list(prompts))
     return [d.layer for d in decisions], decisions
-
-
-def _eos_ids(vlm: Any, eos_token_id: int | Sequence[int] | None) -> list[int]:
-    if eos_token_id is None:
-        gc = getattr(vlm.model, "generation_config", None)
-        eos_token_id = getattr(gc, "eos_token_id", None)
-        if eos_token_id is None:
-            eos_token_id = vlm.tokenizer.eos_token_id
-    if eos_token_id is None:
-        return []
-    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
 
 
 def _batch(vlm: Any, images: Sequence[Any], prompts: Sequence[str]) -> Any:
@@ -117,7 +111,9 @@ def generate(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
     layers, decisions = _layers_for(vlm, prompts, router)
-    eos = _eos_ids(vlm, eos_token_id)
+    from deepinsert.frozen_vlm import cut_at_eos
+
+    eos = vlm.eos_token_ids(eos_token_id)
     groups: dict[int, list[int]] = {}
     for i, k in enumerate(layers):
         groups.setdefault(k, []).append(i)
@@ -135,9 +131,7 @@ def generate(
                 max_new_tokens=max_new_tokens,
                 eos_token_id=eos or None,
             )  # (b, T_new)
-            for r, i in enumerate(chunk):
-                row = [int(t) for t in new[r].tolist()]
-                cut = next((j for j, t in enumerate(row) if t in eos), len(row))
-                token_ids[i] = row[:cut]
+            for i, ids in zip(chunk, cut_at_eos(new, eos), strict=True):
+                token_ids[i] = ids
     texts = [vlm.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
     return GenerationResult(texts=texts, layers=layers, token_ids=token_ids, decisions=decisions)

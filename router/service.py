@@ -1,4 +1,4 @@
-"""The HTTP router service: FastAPI over a loaded :class:`~deepinsert.export.runtime.Router`.
+"""The HTTP router service: FastAPI over a loaded :class:`~deepinsert.router.runtime.Router`.
 
 Endpoints (all JSON):
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from deepinsert.errors import InputError
-from deepinsert.export.runtime import Router
+from deepinsert.router.runtime import Router
 from deepinsert.utils.extras import require
 
 fastapi = require("fastapi", "serve")
@@ -103,7 +103,7 @@ class RouteRequest(pydantic.BaseModel):
 
 
 class Decision(pydantic.BaseModel):
-    """One routing decision (see :class:`~deepinsert.export.runtime.RouteDecision`)."""
+    """One routing decision (see :class:`~deepinsert.router.runtime.RouteDecision`)."""
 
     layer: int
     index: int

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from deepinsert.errors import BundleError, InputError
-from deepinsert.export.bundle import (
+from deepinsert.router.bundle import (
     POLICY_INPUTS,
     POLICY_ONNX,
     POLICY_OUTPUTS,
