@@ -9,7 +9,7 @@
     >>> out.texts, out.layers                                           # doctest: +SKIP
 
 Samples routed to the same layer k share one batch, so the layers below k run on the short
-text-only sequence for the whole batch (the fast path, DESIGN.md §4).
+text-only sequence for the whole batch (the fast path, docs/design.md §3).
 """
 
 from __future__ import annotations

@@ -261,7 +261,7 @@ class VLMLossProvider(LossProvider):
         Like the reward's loss (labels cover the answer's own tokens, not the EOS token),
         accuracy asks whether the model *produces the answer*, not whether it stops right
         after it: under late insertion the EOS prediction of text-only answers drifts while
-        the answer tokens do not (DESIGN.md §8). Decoding stops early once every sample in
+        the answer tokens do not (docs/design.md §6). Decoding stops early once every sample in
         the batch has emitted EOS.
         """
         import torch

@@ -8,7 +8,7 @@ The processor expands ``<image>`` to the model's image tokens. Answer ids are
 ``tokenizer(answer, add_special_tokens=False)`` appended after the prompt ids, so the
 answer tokens are known exactly. Labels cover the answer's own tokens only: the
 end-of-sequence token is *not* counted in the loss (under late insertion the EOS loss
-of text-only answers moves while the answer's does not; DESIGN.md §8).
+of text-only answers moves while the answer's does not; docs/design.md §6).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """FrozenVLM: a frozen LLaVA whose image tokens enter at decoder layer k (DeepInsert).
 
-Semantics (DESIGN.md §3): layers ``0..k-1`` run on the text tokens only, causal among
+Semantics (docs/design.md §3): layers ``0..k-1`` run on the text tokens only, causal among
 themselves, with the position ids they have in the full sequence; at layer ``k`` the
 image rows are filled with the projector outputs (what layer 0 of the stock model
 receives there) and layers ``k..N-1`` run on the full sequence. ``k = 0`` is the stock

@@ -1,7 +1,7 @@
 """The ONE place that knows where transformers keeps a LLaVA's pieces.
 
 If a transformers release moves a module, only :func:`llava_parts` changes. Paths are
-those of transformers 5.23 (DESIGN.md §4): ``m.model.vision_tower``,
+those of transformers 5.23 (docs/design.md §4): ``m.model.vision_tower``,
 ``m.model.multi_modal_projector``, ``m.model.get_image_features``,
 ``m.model.language_model`` (a LlamaModel-like decoder) and ``m.lm_head``.
 """
@@ -58,7 +58,7 @@ class LlavaParts:
 
         ``mask2d`` is ``(B, kv_len)`` (1 = attend), where ``kv_len`` is that layer's cached
         length plus ``h.shape[1]``. Passing it (never ``None``) and ``layer_idx`` matters:
-        see DESIGN.md §4.
+        see docs/design.md §4.
         """
         return create_causal_mask(
             config=self.text_config,

@@ -5,7 +5,7 @@ projected image features — what layer 0 of the stock model sees.
 *Text layout* ``(B, T)``: the same samples with their image tokens removed and re-padded
 on the left, ``T = max_b (L - n_img_b)``. Every token keeps the position id it has in the
 full sequence (gapped ids), so layers ``< k`` run on text only yet RoPE sees the true
-distances (DESIGN.md §3).
+distances (docs/design.md §3).
 """
 
 from __future__ import annotations

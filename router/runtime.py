@@ -263,15 +263,8 @@ class Router:
 
     def route(self, prompt: str) -> RouteDecision:
         """The insertion layer for one question (the user's text, without the chat template)."""
-        _check_prompt(prompt)
-        ids = self._tokenizer.encode(prompt, add_special_tokens=self.info.observation.add_special_tokens).ids
-        if not ids:
-            raise InputError(f"prompt {prompt!r} has no tokens under this tokenizer")
-        truncated = len(ids) > self.max_tokens
-        ids = ids[: self.max_tokens]
+        ((ids, truncated),) = self._token_ids_batch([prompt])  # the one tokenise/truncate path
         arr = np.array([ids], dtype=np.int64)  # (1, T)
-        if int(arr.max()) >= self.info.observation.vocab_size:
-            raise InputError(f"prompt has a token id {int(arr.max())} outside the embedding table")
         action, probs, _ = self._run_router(arr, np.ones_like(arr))
         a = int(action[0])
         return RouteDecision(int(self._layers[a]), a, tuple(probs[0].tolist()), len(ids), truncated)

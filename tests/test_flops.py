@@ -46,7 +46,7 @@ def test_llava_7b_numbers() -> None:
     text = 8 * 60 * d * d + 4 * 60 * 60 * d + 6 * 60 * d * f
     assert flops(cfg, 0, 60, 576) == pytest.approx(n * full, rel=1e-12)
     assert flops(cfg, 12, 60, 576) == pytest.approx(n * full - 12 * (full - text), rel=1e-12)
-    # ~8.4 TFLOPs for the stock prefill; k = 12 saves ~34% (DESIGN.md §5).
+    # ~8.4 TFLOPs for the stock prefill; k = 12 saves ~34% (docs/design.md §5).
     assert flops(cfg, 0, 60, 576) == pytest.approx(8.45e12, rel=0.01)
     assert 1 - flops_fraction(cfg, 12, 60, 576) == pytest.approx(0.340, abs=0.005)
 
