@@ -41,7 +41,7 @@ class GenerationResult:
     decisions: list[RouteDecision] | None = None
 
 
-def _check_router_fits(router: Router, vlm: Any) -> None:
+def _check_router_fits(router: Router, vlm: FrozenVLM) -> None:
     """The router must have been trained for this model (same N, same embedding table shape)."""
     info = router.info
     if info.num_layers != vlm.num_layers:
@@ -57,7 +57,7 @@ def _check_router_fits(router: Router, vlm: Any) -> None:
         )
 
 
-def _layers_for(vlm: Any, prompts: Sequence[str], router: Router | int) -> tuple[list[int], list[RouteDecision] | None]:
+def _layers_for(vlm: FrozenVLM, prompts: Sequence[str], router: Router | int) -> tuple[list[int], list[RouteDecision] | None]:
     if isinstance(router, bool):
         raise InputError("router must be a Router or an int layer, got a bool")
     if isinstance(router, int):
@@ -73,7 +73,7 @@ def _layers_for(vlm: Any, prompts: Sequence[str], router: Router | int) -> tuple
     return [d.layer for d in decisions], decisions
 
 
-def _batch(vlm: Any, images: Sequence[Any], prompts: Sequence[str]) -> Any:
+def _batch(vlm: FrozenVLM, images: Sequence[Any], prompts: Sequence[str]) -> Any:
     """Left-padded :class:`~deepinsert.frozen_vlm.PromptBatch` of the prompts, on the model's device."""
     from deepinsert.frozen_vlm import build_batch
 
@@ -81,7 +81,7 @@ def _batch(vlm: Any, images: Sequence[Any], prompts: Sequence[str]) -> Any:
 
 
 def generate(
-    vlm: Any,
+    vlm: FrozenVLM,
     images: Sequence[Any],
     prompts: Sequence[str],
     router: Router | int = 0,

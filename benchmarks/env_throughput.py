@@ -24,19 +24,22 @@ import argparse
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from deepinsert.frozen_vlm import FrozenVLM
 
-def _problem(vlm: Any, samples: list[Any], obs: np.ndarray, batch_size: int) -> Any:
+
+def _problem(vlm: FrozenVLM, samples: list[Any], obs: np.ndarray, batch_size: int) -> Any:
     from deepinsert.env import InsertionProblem, LossCache, VLMLossProvider
 
     prov = VLMLossProvider(vlm, batch_size=batch_size)
     return InsertionProblem(samples, obs, LossCache(prov), 0.1, "all")
 
 
-def bench_batched(vlm: Any, samples: list[Any], obs: np.ndarray, B: int, n_rewards: int, same_k: bool,
+def bench_batched(vlm: FrozenVLM, samples: list[Any], obs: np.ndarray, B: int, n_rewards: int, same_k: bool,
                   seed: int = 0) -> dict[str, Any]:
     from deepinsert.env import InsertionLayerVecEnv
 
@@ -63,7 +66,7 @@ def bench_batched(vlm: Any, samples: list[Any], obs: np.ndarray, B: int, n_rewar
             "vlm_calls": problem.provider.calls - calls0, "hit_rate": round(problem.cache.hit_rate, 4)}
 
 
-def bench_one_by_one(vlm: Any, samples: list[Any], obs: np.ndarray, n_rewards: int, seed: int = 0) -> dict[str, Any]:
+def bench_one_by_one(vlm: FrozenVLM, samples: list[Any], obs: np.ndarray, n_rewards: int, seed: int = 0) -> dict[str, Any]:
     from deepinsert.env import InsertionLayerEnv
 
     problem = _problem(vlm, samples, obs, batch_size=1)
@@ -83,7 +86,7 @@ def bench_one_by_one(vlm: Any, samples: list[Any], obs: np.ndarray, n_rewards: i
             "rewards_per_s_mean": round(n_rewards / dt, 2)}
 
 
-def bench_table(vlm: Any, samples: list[Any], obs: np.ndarray, batch_size: int) -> dict[str, Any]:
+def bench_table(vlm: FrozenVLM, samples: list[Any], obs: np.ndarray, batch_size: int) -> dict[str, Any]:
     problem = _problem(vlm, samples, obs, batch_size)
     t0 = time.perf_counter()
     problem.cache.table(samples, problem.candidate_layers)
@@ -93,7 +96,7 @@ def bench_table(vlm: Any, samples: list[Any], obs: np.ndarray, batch_size: int) 
             "rewards_per_s": round(pairs / dt, 1), "vlm_calls": problem.provider.calls}
 
 
-def bench_training_hit_rate(vlm: Any, samples: list[Any], obs: np.ndarray, steps: int, n_envs: int) -> dict[str, Any]:
+def bench_training_hit_rate(vlm: FrozenVLM, samples: list[Any], obs: np.ndarray, steps: int, n_envs: int) -> dict[str, Any]:
     from deepinsert.env import InsertionLayerVecEnv
 
     problem = _problem(vlm, samples, obs, batch_size=64)

@@ -9,7 +9,7 @@ two matching rules:
   count; this is what the router's reward scores (the answer's own tokens, not the EOS).
 
 Two ways to get the answers:
-* :func:`accuracy_table` — through ``deepinsert.frozen_vlm.FrozenVLM.generate`` at any
+* :func:`accuracy_tables` — through ``deepinsert.frozen_vlm.FrozenVLM.generate`` at any
   insertion layer k (the engine's ``build_batch`` makes the prompts);
 * :func:`stock_accuracy` — the stock ``LlavaForConditionalGeneration`` forward at k = 0, used
   while building.
@@ -23,10 +23,13 @@ from __future__ import annotations
 import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from deepinsert.demo.batches import PromptEncoder
 from deepinsert.demo.families import FAMILIES, IMAGE_FAMILIES, TEXT_FAMILIES
+
+if TYPE_CHECKING:
+    from deepinsert.frozen_vlm import FrozenVLM
 
 _STRIP = str.maketrans("", "", string.punctuation + string.whitespace)
 
@@ -74,10 +77,6 @@ class AccuracyTable:
     def image_mean(self, k: int) -> float:
         """Mean accuracy over the image families at layer ``k``."""
         return self.mean(IMAGE_FAMILIES, k)
-
-    def text_mean(self, k: int) -> float:
-        """Mean accuracy over the text-only families at layer ``k``."""
-        return self.mean(TEXT_FAMILIES, k)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form: {"layers": [...], "counts": {...}, "accuracy": {family: {k: acc}}}."""
@@ -132,7 +131,7 @@ def _decode(tokenizer: Any, rows: Sequence[list[int]]) -> list[str]:
 
 
 def engine_generations(
-    vlm: Any,
+    vlm: FrozenVLM,
     items: Sequence[EvalItem],
     insert_layer: int | Sequence[int],
     *,
@@ -171,7 +170,7 @@ def engine_generations(
 
 
 def engine_answers(
-    vlm: Any, items: Sequence[EvalItem], insert_layer: int, *, batch_size: int = 256, max_new_tokens: int = 4
+    vlm: FrozenVLM, items: Sequence[EvalItem], insert_layer: int, *, batch_size: int = 256, max_new_tokens: int = 4
 ) -> list[str]:
     """Greedy answer texts from ``FrozenVLM.generate`` with images entering at ``insert_layer``."""
     rows = engine_generations(vlm, items, insert_layer, batch_size=batch_size, max_new_tokens=max_new_tokens)
@@ -179,7 +178,7 @@ def engine_answers(
 
 
 def correct_answers(
-    vlm: Any,
+    vlm: FrozenVLM,
     items: Sequence[EvalItem],
     insert_layer: int | Sequence[int],
     *,
@@ -205,7 +204,7 @@ def _length_groups(processor: Any, items: Sequence[EvalItem], batch_size: int) -
 
 
 def accuracy_tables(
-    vlm: Any,
+    vlm: FrozenVLM,
     items: Sequence[EvalItem],
     insert_layers: Iterable[int] | None = None,
     *,
@@ -221,21 +220,6 @@ def accuracy_tables(
         for m, t in tables.items():
             _score(t, vlm.tokenizer, items, rows, k, m)
     return tables
-
-
-def accuracy_table(
-    vlm: Any,
-    items: Sequence[EvalItem],
-    insert_layers: Iterable[int] | None = None,
-    *,
-    match: str = "exact",
-    batch_size: int = 256,
-    max_new_tokens: int = 4,
-) -> AccuracyTable:
-    """Accuracy per family at each insertion layer, one matching rule (``"exact"`` or ``"answer"``)."""
-    if match not in MATCHES:
-        raise ValueError(f"match must be one of {MATCHES}, got {match!r}")
-    return accuracy_tables(vlm, items, insert_layers, batch_size=batch_size, max_new_tokens=max_new_tokens)[match]
 
 
 def stock_answers(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import gymnasium as gym
 import numpy as np
@@ -13,6 +13,9 @@ from deepinsert.env.cache import LossCache
 from deepinsert.env.losses import LossProvider, VLMLossProvider
 from deepinsert.env.problem import InsertionProblem
 from deepinsert.errors import InputError
+
+if TYPE_CHECKING:
+    from deepinsert.frozen_vlm import FrozenVLM
 
 
 class InsertionLayerEnv(gym.Env[np.ndarray, np.int64]):
@@ -68,7 +71,7 @@ class InsertionLayerEnv(gym.Env[np.ndarray, np.int64]):
         samples: Sequence[Any] | None = None,
         lam: float = 0.0,
         candidate_layers: Sequence[int] | str = "all",
-        vlm: Any = None,
+        vlm: FrozenVLM | None = None,
         provider: LossProvider | None = None,
         cache: LossCache | None = None,
         observations: np.ndarray | None = None,
@@ -116,7 +119,7 @@ def _build_problem(
     samples: Sequence[Any] | None,
     lam: float,
     candidate_layers: Sequence[int] | str,
-    vlm: Any,
+    vlm: FrozenVLM,
     provider: LossProvider | None,
     cache: LossCache | None,
     observations: np.ndarray | None,

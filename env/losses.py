@@ -18,12 +18,15 @@ import json
 import re
 import string
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 
 from deepinsert.errors import InputError
+
+if TYPE_CHECKING:
+    from deepinsert.frozen_vlm import FrozenVLM
 
 # Bump when the definition of the loss changes (cached tables keyed on it are then ignored).
 LOSS_DEFINITION = "answer-tokens-mean-ce/v1;answers=reference-length-prefix/v2"
@@ -139,7 +142,7 @@ class TableLossProvider(LossProvider):
         return [s.answer if self.loss_fn(s, k) < self.correct_below else "?" for s in samples]
 
 
-def model_fingerprint(vlm: Any) -> str:
+def model_fingerprint(vlm: FrozenVLM) -> str:
     """Cheap identity of a loaded model: config, dtype and a strided sample of every weight."""
     import torch
 
@@ -171,7 +174,7 @@ class VLMLossProvider(LossProvider):
     """
 
     def __init__(
-        self, vlm: Any, *, batch_size: int = 64, max_new_tokens: int = 16, max_memo_mb: float = 512.0
+        self, vlm: FrozenVLM, *, batch_size: int = 64, max_new_tokens: int = 16, max_memo_mb: float = 512.0
     ) -> None:
         if batch_size <= 0:
             raise InputError(f"batch_size must be positive, got {batch_size}")
@@ -287,9 +290,3 @@ class VLMLossProvider(LossProvider):
                     tok.decode(new[i, :n].tolist(), skip_special_tokens=True) for i, n in enumerate(n_ref)
                 )
         return [t.strip() for t in texts]
-
-
-def describe(provider: LossProvider) -> Mapping[str, Any]:
-    """A small JSON-able description of a provider (for run metadata)."""
-    return {"kind": type(provider).__name__, "num_layers": provider.num_layers,
-            "fingerprint": provider.fingerprint}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from deepinsert.env.cache import LossCache
 from deepinsert.env.losses import LossProvider, VLMLossProvider
 from deepinsert.env.observation import prompt_observations
 from deepinsert.errors import ConfigError, DataError, InputError
+
+if TYPE_CHECKING:
+    from deepinsert.frozen_vlm import FrozenVLM
 
 
 LAM_MAX = 1e6
@@ -160,7 +163,7 @@ class InsertionProblem:
     @classmethod
     def from_vlm(
         cls,
-        vlm: Any,
+        vlm: FrozenVLM,
         samples: Sequence[Any],
         lam: float,
         candidate_layers: Sequence[int] | str = "all",

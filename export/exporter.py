@@ -223,11 +223,4 @@ def _run_dtype(run: Any) -> str:
     resolved = getattr(run, "info", {}).get("vlm_dtype")
     if isinstance(resolved, str):
         return resolved
-    cfg = getattr(run, "config", None)
-    for path in (("dtype",), ("vlm", "dtype"), ("env", "dtype"), ("model", "dtype")):
-        node: Any = cfg
-        for key in path:
-            node = node.get(key) if isinstance(node, dict) else getattr(node, key, None)
-        if isinstance(node, str):
-            return node
-    return "auto"
+    return str(run.config.dtype)

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deepinsert.errors import ConfigError
 from deepinsert.policy.config import TrainConfig
 from deepinsert.policy.evaluate import build_tables, compare, static_curve
 from deepinsert.policy.plot import pareto_plot

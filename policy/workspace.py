@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from deepinsert.env.problem import InsertionProblem, resolve_layers
 from deepinsert.errors import ConfigError, DataError
 from deepinsert.policy.config import TrainConfig
 from deepinsert.utils.sources import resolve_data_spec
+
+if TYPE_CHECKING:
+    from deepinsert.frozen_vlm import FrozenVLM
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ class Workspace:
     model_source: str
     tokenizer: Any = None
     embedding_weight: Any = None
-    vlm: Any = None
+    vlm: FrozenVLM | None = None
     splits: dict[str, Split] = field(default_factory=dict)
 
     @property
