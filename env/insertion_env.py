@@ -10,7 +10,7 @@ import numpy as np
 from gymnasium import spaces
 
 from deepinsert.env.cache import LossCache
-from deepinsert.env.losses import LossProvider, VLMLossProvider
+from deepinsert.env.losses import LossProvider
 from deepinsert.env.problem import InsertionProblem
 from deepinsert.errors import InputError
 
@@ -78,7 +78,8 @@ class InsertionLayerEnv(gym.Env[np.ndarray, np.int64]):
         render_mode: str | None = None,
     ) -> None:
         if problem is None:
-            problem = _build_problem(samples, lam, candidate_layers, vlm, provider, cache, observations)
+            problem = InsertionProblem.build(samples, lam, candidate_layers, vlm=vlm, provider=provider, cache=cache,
+                                             observations=observations)
         if render_mode is not None:
             raise InputError(f"InsertionLayerEnv has no render modes, got render_mode={render_mode!r}")
         self.problem = problem
@@ -113,27 +114,3 @@ class InsertionLayerEnv(gym.Env[np.ndarray, np.int64]):
         obs = self.problem.observations[self._index].copy()
         self._index = None
         return obs, float(rewards[0]), True, False, infos[0]
-
-
-def _build_problem(
-    samples: Sequence[Any] | None,
-    lam: float,
-    candidate_layers: Sequence[int] | str,
-    vlm: FrozenVLM,
-    provider: LossProvider | None,
-    cache: LossCache | None,
-    observations: np.ndarray | None,
-) -> InsertionProblem:
-    if samples is None:
-        raise InputError("InsertionLayerEnv needs `problem` or `samples`")
-    if cache is None and provider is None and vlm is None:
-        raise InputError("InsertionLayerEnv needs one of `vlm`, `provider` or `cache`")
-    if cache is None and provider is not None:
-        cache = LossCache(provider)
-    if observations is None:
-        if vlm is None:
-            raise InputError("`observations` are required unless a `vlm` is given")
-        return InsertionProblem.from_vlm(vlm, samples, lam, candidate_layers, cache=cache)
-    if cache is None:
-        cache = LossCache(VLMLossProvider(vlm))
-    return InsertionProblem(samples, observations, cache, lam, candidate_layers)

@@ -161,6 +161,37 @@ class InsertionProblem:
         self._flops: dict[tuple[int, int, int], float] = {}
 
     @classmethod
+    def build(
+        cls,
+        samples: Sequence[Any] | None,
+        lam: float,
+        candidate_layers: Sequence[int] | str = "all",
+        *,
+        vlm: FrozenVLM | None = None,
+        provider: LossProvider | None = None,
+        cache: LossCache | None = None,
+        observations: np.ndarray | None = None,
+        batch_size: int = 64,
+    ) -> InsertionProblem:
+        """The one factory of the bandit, from whichever pieces the caller holds.
+
+        Losses come from ``cache``, else a new in-memory cache over ``provider``, else over a
+        ``VLMLossProvider(vlm)``. Observations are ``observations`` if given, else computed
+        from ``vlm``'s input embeddings (``deepinsert.env.observation``).
+        """
+        if samples is None:
+            raise InputError("the insertion problem needs `samples`")
+        if cache is None and provider is None and vlm is None:
+            raise InputError("the insertion problem needs one of `vlm`, `provider` or `cache`")
+        if cache is None:
+            cache = LossCache(provider if provider is not None else VLMLossProvider(vlm, batch_size=batch_size))
+        if observations is None:
+            if vlm is None:
+                raise InputError("`observations` are required unless a `vlm` is given")
+            observations = prompt_observations(vlm.tokenizer, vlm.embedding_weight, [s.question for s in samples])
+        return cls(samples, observations, cache, lam, candidate_layers)
+
+    @classmethod
     def from_vlm(
         cls,
         vlm: FrozenVLM,
@@ -171,11 +202,8 @@ class InsertionProblem:
         cache: LossCache | None = None,
         batch_size: int = 64,
     ) -> InsertionProblem:
-        """Build from a ``FrozenVLM``: observations from its embeddings, an in-memory cache."""
-        if cache is None:
-            cache = LossCache(VLMLossProvider(vlm, batch_size=batch_size))
-        obs = prompt_observations(vlm.tokenizer, vlm.embedding_weight, [s.question for s in samples])
-        return cls(samples, obs, cache, lam, candidate_layers)
+        """:meth:`build` from a ``FrozenVLM``: observations from its embeddings, an in-memory cache."""
+        return cls.build(samples, lam, candidate_layers, vlm=vlm, cache=cache, batch_size=batch_size)
 
     def with_lam(self, lam: float) -> InsertionProblem:
         """Same samples, observations and cache, another λ (the loss does not depend on λ)."""

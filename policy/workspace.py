@@ -96,7 +96,7 @@ class Workspace:
     def problem(self, split: str, lam: float) -> InsertionProblem:
         """The bandit over split ``split`` at λ = ``lam`` (shares this workspace's cache)."""
         s = self.splits[split]
-        return InsertionProblem(s.samples, s.observations, self.cache, lam, self.candidate_layers)
+        return InsertionProblem.build(s.samples, lam, self.candidate_layers, cache=self.cache, observations=s.observations)
 
 
 def open_workspace(

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from deepinsert.env.problem import check_layer_spec, resolve_layers
 from deepinsert.errors import ConfigError
 from deepinsert.frozen_vlm.architectures import ModelConfig
 from deepinsert.policy.config import TrainConfig
@@ -20,9 +21,18 @@ def schema_of(data: dict) -> type:
     return ModelConfig if {"text", "vision"} <= set(data) else TrainConfig
 
 
-def test_there_are_configs() -> None:
-    names = {p.name for p in CONFIGS}
-    assert {"demo.yaml", "llava-1.5-7b.yaml", "llava-1.5-13b.yaml", "train-llava-1.5-7b.yaml"} <= names
+def _assert_loaded_as_written(obj, data: dict, where: str) -> None:
+    """Every value in the YAML reached the config object unchanged (nested sections too)."""
+    for key, want in data.items():
+        got = getattr(obj, key)
+        if isinstance(want, dict):
+            _assert_loaded_as_written(got, want, f"{where}.{key}")
+        elif key == "candidate_layers":
+            assert got == check_layer_spec(want), f"{where}.{key}"
+        elif isinstance(want, float) or isinstance(got, float):
+            assert got == pytest.approx(want), f"{where}.{key}"
+        else:
+            assert got == want, f"{where}.{key}: {got!r} != {want!r}"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -30,6 +40,18 @@ def test_config_loads_and_rejects_unknown_keys(path: Path) -> None:
     data = yaml.safe_load(path.read_text())
     cls = schema_of(data)
     cfg = from_dict(cls, data, where=path.name)
-    assert isinstance(cfg, cls)
+    _assert_loaded_as_written(cfg, data, path.name)
     with pytest.raises(ConfigError, match="unknown key"):
         from_dict(cls, {**data, "not_a_field": 1}, where=path.name)
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name.startswith("train-")], ids=lambda p: p.name)
+def test_train_configs_fit_their_model(path: Path) -> None:
+    """A shipped train config's candidate layers resolve against the model config it names."""
+    from deepinsert.frozen_vlm.architectures import load_model_config
+
+    cfg = from_dict(TrainConfig, yaml.safe_load(path.read_text()), where=path.name)
+    model = next(m for m in (load_model_config(c.stem) for c in CONFIGS if schema_of(yaml.safe_load(c.read_text())) is ModelConfig)
+                 if m.source == cfg.model)
+    layers = resolve_layers(cfg.candidate_layers, model.num_layers)
+    assert layers[0] == 0 and layers[-1] == model.num_layers

@@ -49,9 +49,16 @@ def test_prompts_of_different_lengths_are_left_padded(processor) -> None:
 
 
 def test_generation_prompts_have_no_labels(processor) -> None:
-    batch = build_batch(processor, [image(0)], ["what is 3 plus 4 ?"])
+    q = "what is 3 plus 4 ?"
+    batch = build_batch(processor, [image(0)], [q])
     assert batch.labels is None
-    assert batch.to("cpu").input_ids.shape == batch.input_ids.shape
+    # independent: the processor alone on the templated prompt, nothing appended
+    solo = processor(text=[PROMPT_TEMPLATE.format(question=q)], images=[image(0)], return_tensors="pt")
+    assert batch.input_ids.tolist() == solo["input_ids"].tolist()
+    assert batch.attention_mask.tolist() == [[1] * solo["input_ids"].shape[1]]
+    moved = batch.to("cpu", dtype=torch.float64)  # dtype applies to pixel values only
+    assert moved.pixel_values.dtype == torch.float64 and moved.input_ids.dtype == torch.long
+    torch.testing.assert_close(moved.pixel_values, solo["pixel_values"].double())
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -63,9 +70,11 @@ def test_generation_prompts_have_no_labels(processor) -> None:
     ({"questions": ["what ?"], "answers": ["a", "b"]}, "answers"),
 ])
 def test_bad_batches(processor, kwargs, match) -> None:
-    images = [image(0)] * (1 if kwargs["questions"] != ["a ?", "b ?"] else 1)
     with pytest.raises(InputError, match=match):
-        build_batch(processor, images, **kwargs)
+        build_batch(processor, [image(0)], **kwargs)
+
+
+def test_batch_needs_a_processor() -> None:
     with pytest.raises(InputError, match="no processor"):
         build_batch(None, [image(0)], ["what ?"])
 

@@ -13,10 +13,6 @@ from deepinsert.demo import demo_data_root, demo_model_path
 MODEL = Path(os.environ.get("DEEPINSERT_TEST_MODEL", demo_model_path()))
 DATA = Path(os.environ.get("DEEPINSERT_TEST_DATA", demo_data_root()))
 
-pytestmark = pytest.mark.skipif(
-    not (MODEL / "config.json").is_file() or not (DATA / "train.json").is_file(),
-    reason="the demo model/data are not built (deepinsert demo build)",
-)
 
 
 class CountingVLM:

@@ -12,25 +12,17 @@ import time
 
 import httpx
 import pytest
-import torch
 
 from deepinsert.cli import build_parser
 from deepinsert.cli import main as cli_main
 from deepinsert.cli import is_loopback
-from deepinsert.export.exporter import export_bundle
 from deepinsert.router.runtime import Router
-from helpers.export import tiny_embedding, tiny_tokenizer, train_tiny_policy
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    tok = tiny_tokenizer()
-    model = train_tiny_policy("dqn", dim=8, n_actions=3, steps=64, seed=5)
-    out = tmp_path_factory.mktemp("cli") / "b"
-    export_bundle(out, policy=model.policy, algorithm="dqn", embedding_weight=torch.from_numpy(tiny_embedding(len(tok), 8)),
-                  tokenizer=tok, lam=0.2, candidate_layers=[0, 4, 8], num_layers=8, model_source="tiny",
-                  max_tokens=256, n_prompts=30, n_embeddings=30)
-    return out
+def bundle(make_tiny_bundle):
+    return make_tiny_bundle(algorithm="dqn", dim=8, layers=(0, 4, 8), lam=0.2, seed=5, emb_seed=0, steps=64,
+                            n_validation=30)[0]
 
 
 def test_route_cli(bundle, capsys):

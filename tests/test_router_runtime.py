@@ -17,21 +17,14 @@ from deepinsert.errors import BundleError, InputError
 from deepinsert.router.bundle import POLICY_ONNX, ROUTER_JSON, ROUTER_ONNX, TOKENIZER_JSON
 from deepinsert.export.exporter import export_bundle
 from deepinsert.router.runtime import RouteDecision, Router
-from helpers.export import WORDS, tiny_embedding, tiny_tokenizer, train_tiny_policy
+from helpers.export import WORDS, train_tiny_policy
 
 LAYERS = [0, 3, 5, 8]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    tok = tiny_tokenizer()
-    weight = torch.from_numpy(tiny_embedding(len(tok), dim=12, seed=2))
-    model = train_tiny_policy("ppo", dim=12, n_actions=len(LAYERS), steps=128, seed=1)
-    out = tmp_path_factory.mktemp("bundle") / "b"
-    export_bundle(out, policy=model.policy, algorithm="ppo", embedding_weight=weight, tokenizer=tok, lam=0.1,
-                  candidate_layers=LAYERS, num_layers=8, model_source="tiny", max_tokens=256,
-                  n_prompts=100, n_embeddings=100)
-    return out, tok, weight, model
+def setup(make_tiny_bundle):
+    return make_tiny_bundle(algorithm="ppo", dim=12, layers=LAYERS, lam=0.1, seed=1, emb_seed=2, steps=128)
 
 
 @pytest.fixture(scope="module")

@@ -9,27 +9,19 @@ import time
 
 import httpx
 import pytest
-import torch
 import uvicorn
 from fastapi.testclient import TestClient
 
-from deepinsert.export.exporter import export_bundle
 from deepinsert.router.runtime import Router
 from deepinsert.router.service import create_app
-from helpers.export import tiny_embedding, tiny_tokenizer, train_tiny_policy
 
 LAYERS = [0, 4, 8]
 
 
 @pytest.fixture(scope="module")
-def router(tmp_path_factory):
-    tok = tiny_tokenizer()
-    weight = torch.from_numpy(tiny_embedding(len(tok), dim=8, seed=4))
-    model = train_tiny_policy("dqn", dim=8, n_actions=len(LAYERS), steps=64, seed=2)
-    out = tmp_path_factory.mktemp("svc") / "b"
-    export_bundle(out, policy=model.policy, algorithm="dqn", embedding_weight=weight, tokenizer=tok, lam=0.5,
-                  candidate_layers=LAYERS, num_layers=8, model_source="tiny", max_tokens=256,
-                  metrics={"accuracy": 0.9}, n_prompts=50, n_embeddings=50)
+def router(make_tiny_bundle):
+    out = make_tiny_bundle(algorithm="dqn", dim=8, layers=LAYERS, lam=0.5, seed=2, emb_seed=4, steps=64,
+                           n_validation=50, metrics={"accuracy": 0.9})[0]
     return Router.load(out)
 
 

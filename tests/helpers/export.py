@@ -6,6 +6,7 @@ Not used by the library itself.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -97,3 +98,31 @@ def train_tiny_policy(algorithm: str, dim: int, n_actions: int, seed: int = 0, s
         raise ValueError(f"unknown algorithm {algorithm!r}")
     model.learn(steps)
     return model
+
+
+def export_tiny_bundle(
+    out: Any,
+    *,
+    algorithm: str = "ppo",
+    dim: int = 12,
+    layers: Sequence[int] = (0, 3, 5, 8),
+    lam: float = 0.1,
+    seed: int = 1,
+    emb_seed: int = 2,
+    steps: int = 128,
+    n_validation: int = 100,
+    **extra: Any,
+) -> tuple[Any, Any, Any, Any]:
+    """Train a tiny policy on the tiny tokenizer's vocabulary and export it: (bundle dir, tokenizer,
+    embedding (V, D) tensor, SB3 model). ``extra`` goes to ``export_bundle`` (e.g. ``metrics``)."""
+    import torch
+
+    from deepinsert.export.exporter import export_bundle
+
+    tok = tiny_tokenizer()
+    weight = torch.from_numpy(tiny_embedding(len(tok), dim=dim, seed=emb_seed))
+    model = train_tiny_policy(algorithm, dim=dim, n_actions=len(layers), steps=steps, seed=seed)
+    export_bundle(out, policy=model.policy, algorithm=algorithm, embedding_weight=weight, tokenizer=tok, lam=lam,
+                  candidate_layers=list(layers), num_layers=8, model_source="tiny", max_tokens=256,
+                  n_prompts=n_validation, n_embeddings=n_validation, **extra)
+    return out, tok, weight, model
