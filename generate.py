@@ -1,22 +1,25 @@
 """Plug the router into inference: route each prompt, group by layer, decode with the frozen VLM.
 
     >>> import deepinsert
-    >>> from deepinsert.export import Router
     >>> from deepinsert.frozen_vlm import load_vlm
     >>> vlm = load_vlm("llava-hf/llava-1.5-7b-hf")                      # doctest: +SKIP
-    >>> router = Router.load("bundles/lam0.1")                          # doctest: +SKIP
-    >>> out = deepinsert.generate(vlm, images, questions, router=router, max_new_tokens=64)  # doctest: +SKIP
+    >>> out = deepinsert.generate(vlm, images, questions, router="bundles/lam0.1")  # doctest: +SKIP
     >>> out.texts, out.layers                                           # doctest: +SKIP
 
-Samples routed to the same layer k share one batch, so the layers below k run on the short
-text-only sequence for the whole batch (the fast path, docs/design.md §3).
+``router`` has no default: pass a :class:`~deepinsert.router.Router`, a bundle folder, or
+an int layer (``router=0`` is the stock model, every image at layer 0). Samples routed to
+the same layer k share one batch, so the layers below k run on the short text-only
+sequence for the whole batch (the fast path, docs/design.md §3). A prompt whose image is
+``None`` is a text-only request: LLaVA-1.5's text-only prompt, no image tokens, the vision
+tower never runs; it is reported at layer N (the image never enters) and not routed.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Union
 
 from deepinsert.errors import InputError
 
@@ -24,21 +27,25 @@ if TYPE_CHECKING:  # generate.py is imported by `import deepinsert`: keep it fre
     from deepinsert.frozen_vlm import FrozenVLM
     from deepinsert.router import RouteDecision, Router
 
+RouterSpec = Union["Router", str, "os.PathLike[str]", int]
+"""What ``generate(router=...)`` takes: a Router, a bundle folder, or a fixed layer k."""
+
 
 @dataclass(frozen=True)
 class GenerationResult:
     """What :func:`generate` returns, one entry per prompt, in input order.
 
     texts: the decoded answers (special tokens and everything from the first EOS removed).
-    layers: the insertion layer each prompt ran at.
+    layers: the insertion layer each prompt ran at (N for text-only prompts: no image enters).
     token_ids: the generated token ids up to (not including) the first EOS.
-    decisions: the router's decisions (``None`` when a fixed layer was given).
+    decisions: the router's decisions, ``None`` entries for text-only prompts (not routed);
+        ``None`` when a fixed layer was given.
     """
 
     texts: list[str]
     layers: list[int]
     token_ids: list[list[int]]
-    decisions: list[RouteDecision] | None = None
+    decisions: list[RouteDecision | None] | None = None
 
 
 def _check_router_fits(router: Router, vlm: FrozenVLM) -> None:
@@ -57,20 +64,39 @@ def _check_router_fits(router: Router, vlm: FrozenVLM) -> None:
         )
 
 
-def _layers_for(vlm: FrozenVLM, prompts: Sequence[str], router: Router | int) -> tuple[list[int], list[RouteDecision] | None]:
+def _resolve_router(router: RouterSpec) -> Router | int:
+    """A Router, or a fixed layer; a bundle folder (str / PathLike) is loaded."""
     if isinstance(router, bool):
-        raise InputError("router must be a Router or an int layer, got a bool")
+        raise InputError("router must be a Router, a bundle folder or an int layer, got a bool")
     if isinstance(router, int):
-        if not 0 <= router <= vlm.num_layers:
-            raise InputError(f"fixed layer {router} is outside 0..{vlm.num_layers}")
-        return [router] * len(prompts), None
+        return router
+    if isinstance(router, (str, os.PathLike)):
+        from deepinsert.router import Router
+
+        return Router.load(router)
     from deepinsert.router import Router
 
     if not isinstance(router, Router):
-        raise InputError(f"router must be a deepinsert.export.Router or an int, got {type(router).__name__}")
+        raise InputError(
+            f"router must be a deepinsert.router.Router, a bundle folder or an int layer, got {type(router).__name__}"
+        )
+    return router
+
+
+def _layers_for(
+    vlm: FrozenVLM, prompts: Sequence[str], routed: Sequence[int], router: Router | int
+) -> tuple[dict[int, int], list[RouteDecision | None] | None]:
+    """Layer of each prompt index in ``routed`` (the prompts with an image), and the decisions."""
+    if isinstance(router, int):
+        if not 0 <= router <= vlm.num_layers:
+            raise InputError(f"fixed layer {router} is outside 0..{vlm.num_layers}")
+        return {i: router for i in routed}, None
     _check_router_fits(router, vlm)
-    decisions = router.route_batch(list(prompts))
-    return [d.layer for d in decisions], decisions
+    decisions: list[RouteDecision | None] = [None] * len(prompts)
+    if routed:
+        for i, d in zip(routed, router.route_batch([prompts[i] for i in routed]), strict=True):
+            decisions[i] = d
+    return {i: decisions[i].layer for i in routed}, decisions  # type: ignore[union-attr]
 
 
 def _batch(vlm: FrozenVLM, images: Sequence[Any], prompts: Sequence[str]) -> Any:
@@ -82,10 +108,10 @@ def _batch(vlm: FrozenVLM, images: Sequence[Any], prompts: Sequence[str]) -> Any
 
 def generate(
     vlm: FrozenVLM,
-    images: Sequence[Any],
+    images: Sequence[Any] | None,
     prompts: Sequence[str],
-    router: Router | int = 0,
     *,
+    router: RouterSpec,
     max_new_tokens: int = 32,
     batch_size: int = 8,
     eos_token_id: int | Sequence[int] | None = None,
@@ -94,10 +120,16 @@ def generate(
 
     Args:
         vlm: a :class:`~deepinsert.frozen_vlm.FrozenVLM` (``load_vlm(...)``).
-        images: ``B`` PIL images, one per prompt.
+        images: ``B`` PIL images, one per prompt; a ``None`` entry (or ``images=None`` for
+            all) is a text-only request: LLaVA-1.5's text-only prompt ``USER: {q}
+            ASSISTANT:``, no image tokens, the vision tower never runs, reported at layer N.
         prompts: ``B`` questions, plain text (no ``<image>``, no chat template: the
             frozen_vlm ``PROMPT_TEMPLATE`` is applied here, the router sees the question).
-        router: a :class:`~deepinsert.export.Router` trained for this model, or a fixed layer k.
+            A question holding ``<image>`` is an ``InputError``.
+        router: required, no default. A :class:`~deepinsert.router.Router` trained for this
+            model, a bundle folder written by ``deepinsert export`` (loaded on each call:
+            pass a loaded Router to reuse it), or a fixed layer k (``router=0``: the stock
+            model, every image at layer 0; ``router=N``: no image ever enters).
         max_new_tokens: at most this many new tokens per answer.
         batch_size: most prompts per decoding batch (batches never mix layers).
         eos_token_id: stop id(s); default: the model's generation config, else the tokenizer's.
@@ -106,20 +138,35 @@ def generate(
         raise InputError("prompts must be a list of strings")
     if len(prompts) == 0:
         raise InputError("prompts is empty")
+    if images is None:
+        images = [None] * len(prompts)
+    if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
+        raise InputError("images must be a list (one PIL image or None per prompt) or None")
     if len(images) != len(prompts):
-        raise InputError(f"got {len(images)} images for {len(prompts)} prompts; one image per prompt")
+        raise InputError(f"got {len(images)} images for {len(prompts)} prompts; one image per prompt (None: a text-only request)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
-    layers, decisions = _layers_for(vlm, prompts, router)
+    for i, q in enumerate(prompts):
+        if not isinstance(q, str) or not q.strip():
+            raise InputError(f"prompt {i} is empty or not a string: {q!r}")
+    image_token = str(getattr(vlm.processor, "image_token", None) or "<image>")
+    for i, q in enumerate(prompts):
+        if image_token in q:
+            raise InputError(f"prompt {i} contains {image_token!r}: pass the plain question (the template places "
+                             "the image; give it in images, or None for a text-only request)")
+    resolved = _resolve_router(router)
+    with_image = [i for i, img in enumerate(images) if img is not None]
+    routed_layers, decisions = _layers_for(vlm, prompts, with_image, resolved)
+    N = vlm.num_layers
+    layers = [routed_layers.get(i, N) for i in range(len(prompts))]
     from deepinsert.frozen_vlm import cut_at_eos
 
     eos = vlm.eos_token_ids(eos_token_id)
-    groups: dict[int, list[int]] = {}
+    groups: dict[tuple[int, bool], list[int]] = {}  # (k, has image) -> prompt indices
     for i, k in enumerate(layers):
-        groups.setdefault(k, []).append(i)
+        groups.setdefault((k, images[i] is not None), []).append(i)
     token_ids: list[list[int]] = [[] for _ in prompts]
-    for k in sorted(groups):
-        idx = groups[k]
+    for (k, _has_image), idx in sorted(groups.items()):
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
             batch = _batch(vlm, [images[i] for i in chunk], [prompts[i] for i in chunk])

@@ -9,6 +9,7 @@ from __future__ import annotations
 from deepinsert.frozen_vlm.batching import (
     IGNORE_INDEX,
     PROMPT_TEMPLATE,
+    TEXT_PROMPT_TEMPLATE,
     PromptBatch,
     build_batch,
     collate,
@@ -22,6 +23,7 @@ from deepinsert.frozen_vlm.loading import load_vlm
 __all__ = [
     "IGNORE_INDEX",
     "PROMPT_TEMPLATE",
+    "TEXT_PROMPT_TEMPLATE",
     "FrozenVLM",
     "PromptBatch",
     "build_batch",

@@ -3,8 +3,10 @@
 One format everywhere (the env, evaluation, ``deepinsert.generate``), LLaVA-1.5 style::
 
     USER: <image>\\n{question} ASSISTANT:{answer tokens}
+    USER: {question} ASSISTANT:{answer tokens}          (no image: the text-only prompt)
 
-The processor expands ``<image>`` to the model's image tokens. Answer ids are
+The processor expands ``<image>`` to the model's image tokens; a prompt without an image
+(``None`` in ``images``) uses LLaVA-1.5's text-only format and never runs the vision tower. Answer ids are
 ``tokenizer(answer, add_special_tokens=False)`` appended after the prompt ids, so the
 answer tokens are known exactly. Labels cover the answer's own tokens only: the
 end-of-sequence token is *not* counted in the loss (under late insertion the EOS loss
@@ -22,6 +24,8 @@ import torch
 from deepinsert.errors import InputError
 
 PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+TEXT_PROMPT_TEMPLATE = "USER: {question} ASSISTANT:"
+"""The prompt of a request without an image (LLaVA-1.5's text-only turns)."""
 IGNORE_INDEX = -100
 
 
@@ -32,7 +36,7 @@ class PromptBatch:
     Attributes:
         input_ids: ``(B, L)`` token ids, left padded.
         attention_mask: ``(B, L)`` 1 for real tokens, 0 for padding.
-        pixel_values: ``(B, 3, H, W)`` one image per sample, or ``None``.
+        pixel_values: ``(I, 3, H, W)`` one image per sample that has one (in order), or ``None``.
         labels: ``(B, L)`` answer token ids at answer positions, ``-100`` elsewhere, or ``None``.
     """
 
@@ -69,23 +73,28 @@ def pad_token_id(tokenizer: Any) -> int:
 
 def build_batch(
     processor: Any,
-    images: Sequence[Any],
+    images: Sequence[Any] | None,
     questions: Sequence[str],
     answers: Sequence[str] | None = None,
     *,
     template: str = PROMPT_TEMPLATE,
+    text_template: str = TEXT_PROMPT_TEMPLATE,
 ) -> PromptBatch:
-    """Format and tokenize a batch of single-image prompts (and optional answers).
+    """Format and tokenize a batch of single-image (or text-only) prompts and optional answers.
 
     Args:
         processor: a LLaVA processor (tokenizer + image processor), e.g. ``vlm.processor``.
-        images: ``B`` PIL images (or arrays the image processor accepts).
-        questions: ``B`` question strings (without ``<image>``).
-        answers: ``B`` answer strings, or ``None`` for generation prompts.
+        images: ``B`` PIL images (or arrays the image processor accepts); a ``None`` entry,
+            or ``images=None`` for all, is a text-only prompt (``text_template``, no image tokens).
+        questions: ``B`` plain question strings (no ``<image>``: the template adds it).
+        answers: ``B`` answer strings for loss batches, or ``None`` for generation prompts. A
+            batch built *with* answers ends with the answer: do not pass it to ``generate``.
         template: prompt template with one ``<image>`` and a ``{question}`` field.
+        text_template: prompt template of text-only prompts (a ``{question}`` field).
 
     Returns:
-        A left-padded :class:`PromptBatch` (``labels`` set iff ``answers`` is given).
+        A left-padded :class:`PromptBatch` (``labels`` set iff ``answers`` is given;
+        ``pixel_values`` holds the images that were given, in order, or is ``None``).
     """
     if processor is None:
         raise InputError("this model has no processor; load it with load_vlm() or pass one")
@@ -94,21 +103,32 @@ def build_batch(
     n = len(questions)
     if n == 0:
         raise InputError("empty batch: no questions given")
-    if len(images) != n:
-        raise InputError(f"got {len(images)} images for {n} questions; one image per question")
+    if images is None:
+        images = [None] * n
+    if isinstance(images, (str, bytes)) or len(images) != n:
+        raise InputError(f"got {len(images)} images for {n} questions; one image per question (None: a text-only prompt)")
     if answers is not None and len(answers) != n:
         raise InputError(f"got {len(answers)} answers for {n} questions")
+    image_token = str(getattr(processor, "image_token", None) or "<image>")
     for i, q in enumerate(questions):
         if not isinstance(q, str) or not q.strip():
             raise InputError(f"question {i} is empty or not a string: {q!r}")
+        if image_token in q:
+            raise InputError(
+                f"question {i} contains {image_token!r}: pass the plain question; the prompt template "
+                f"places the image (give the image in images, or None for a text-only prompt)"
+            )
     tok = processor.tokenizer
     prompt_ids: list[list[int]] = []
-    pixels: list[torch.Tensor] = []
+    pixels: list[torch.Tensor | None] = []
     for q, img in zip(questions, images):
         # one call per sample: prompts differ in length and we pad (left) ourselves
-        enc = processor(text=[template.format(question=q)], images=[img], return_tensors="pt")
+        if img is None:
+            enc = processor(text=[text_template.format(question=q)], return_tensors="pt")
+        else:
+            enc = processor(text=[template.format(question=q)], images=[img], return_tensors="pt")
         prompt_ids.append([int(t) for t in enc["input_ids"][0]])
-        pixels.append(enc["pixel_values"])
+        pixels.append(None if img is None else enc["pixel_values"])
     answer_ids: list[list[int]] = []
     if answers is not None:
         for i, a in enumerate(answers):
@@ -132,8 +152,9 @@ def build_batch(
 def collate(parts: Sequence[PromptBatch], pad_id: int) -> PromptBatch:
     """Left-pad and stack batches (e.g. memoised single-sample ones) into one ``(B, L)`` batch.
 
-    Padding already in ``parts`` is dropped first, so re-collating is stable. ``labels`` and
-    ``pixel_values`` are kept only when every part has them.
+    Padding already in ``parts`` is dropped first, so re-collating is stable. ``labels`` are
+    kept only when every part has them; ``pixel_values`` are the parts' images in order
+    (parts without an image, text-only prompts, contribute none), ``None`` when no part has one.
     """
     if not parts:
         raise InputError("nothing to collate: empty list of batches")
@@ -152,6 +173,7 @@ def collate(parts: Sequence[PromptBatch], pad_id: int) -> PromptBatch:
         if labels is not None:
             labels[i, L - real.numel():] = lab[m]
     pixel_values = None
-    if all(p.pixel_values is not None for p in parts):
-        pixel_values = torch.cat([p.pixel_values for p in parts], dim=0)
+    images = [p.pixel_values for p in parts if p.pixel_values is not None]
+    if images:
+        pixel_values = torch.cat(images, dim=0)  # (I, 3, H, W): one per block of image tokens, in order
     return PromptBatch(input_ids, attention_mask, pixel_values, labels)

@@ -310,7 +310,9 @@ class FrozenVLM:
 
         Layers ``< k`` cache the text tokens only, layers ``>= k`` the full sequence; new
         tokens take positions ``n_real + t``. Finished samples are padded with
-        ``pad_token_id`` (default: the eos id).
+        ``pad_token_id`` (default: the eos id). Decoding continues after the last token of
+        ``input_ids``: give generation prompts (``build_batch`` *without* answers); a loss
+        batch already ends with its answer and typically decodes to an immediate EOS.
 
         Args:
             input_ids, pixel_values, attention_mask, insert_layer: as in :meth:`forward`.

@@ -98,7 +98,7 @@ def test_generate_input_errors(vlm, routed, images):
         deepinsert.generate(vlm, images[:2], QUESTIONS[:3], router=0)
     with pytest.raises(InputError, match="outside 0..8"):
         deepinsert.generate(vlm, images[:1], QUESTIONS[:1], router=vlm.num_layers + 1)
-    with pytest.raises(InputError, match="Router or an int"):
-        deepinsert.generate(vlm, images[:1], QUESTIONS[:1], router="4")
+    with pytest.raises(InputError, match="a bundle folder or an int layer"):
+        deepinsert.generate(vlm, images[:1], QUESTIONS[:1], router=4.0)
     with pytest.raises(InputError, match="empty"):
         deepinsert.generate(vlm, images[:1], [""], router=router)
