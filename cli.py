@@ -12,11 +12,12 @@ its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,24 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """``--no-progress``: also switch off transformers' own bars ("Loading weights") for the command,
+    through transformers' logging API (restored afterwards)."""
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _resolve_config_path(path: str) -> str:
     """A config path, or the name of a shipped config (``demo`` -> deepinsert/configs/demo.yaml)."""
     p = Path(path)
@@ -58,7 +77,14 @@ def _args_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="override seed")
     p.add_argument("--algorithm", default=None, choices=ALGORITHMS, help="override the algorithm")
     p.add_argument("--cache-dir", default=None, help="loss-cache folder (default ~/.cache/deepinsert)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _args_device(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (also transformers' weight loading)")
+
+
+def _args_device(p: argparse.ArgumentParser) -> None:
+    """``--device`` / ``--dtype``: override the config's VLM device and dtype."""
+    p.add_argument("--device", default=None, help="VLM device, overrides the config: auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default=None, help="VLM dtype, overrides the config: auto, float32, bfloat16, float16")
 
 
 def _load_config(args: argparse.Namespace, **extra: Any) -> Any:
@@ -68,7 +94,7 @@ def _load_config(args: argparse.Namespace, **extra: Any) -> Any:
 
     data = load_yaml(_resolve_config_path(args.config))
     for key, attr in (("total_timesteps", "timesteps"), ("seed", "seed"), ("algorithm", "algorithm"),
-                      ("cache_dir", "cache_dir")):
+                      ("cache_dir", "cache_dir"), ("device", "device"), ("dtype", "dtype")):
         v = getattr(args, attr, None)
         if v is not None:
             data[key] = v
@@ -132,21 +158,35 @@ def _args_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-accuracy", action="store_true", help="skip greedy generation (no accuracy)")
     p.add_argument("--json", default=None, help="also write the metrics here (default RUN_DIR/metrics.json)")
     p.add_argument("--plot", default=None, help="write a Pareto plot PNG here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--per-prompt", default=None, metavar="FILE.csv",
+                   help="also write one CSV row per prompt: id, prompt, family, layer, fallback, loss, "
+                        "loss_k0, correct, flops_fraction")
+    _args_device(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (also transformers' weight loading)")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """The router vs every static layer and the per-prompt oracle."""
     _setup_logging()
+    import dataclasses
+
     from deepinsert.policy.evaluate import evaluate_run_dir, format_comparison, resolve_split_spec
     from deepinsert.policy.run import load_run, write_metrics
+    from deepinsert.policy.workspace import open_workspace
     from deepinsert.utils.atomic import atomic_write_json
 
     run_ = load_run(args.run_dir)
     spec = resolve_split_spec(run_.config, args.split)
-    metrics = evaluate_run_dir(args.run_dir, split_spec=spec, accuracy=not args.no_accuracy,
+    overrides = {k: getattr(args, k) for k in ("device", "dtype") if getattr(args, k, None) is not None}
+    ws = open_workspace(dataclasses.replace(run_.config, **overrides), train=False)
+    metrics = evaluate_run_dir(args.run_dir, workspace=ws, split_spec=spec, accuracy=not args.no_accuracy,
                                progress=not args.no_progress)
     print(format_comparison(metrics))
+    if args.per_prompt:
+        from deepinsert.policy.per_prompt import per_prompt_for_run, write_per_prompt_csv
+
+        rows = per_prompt_for_run(run_, ws, spec, accuracy=not args.no_accuracy)
+        print(f"wrote {write_per_prompt_csv(args.per_prompt, rows)} ({len(rows)} prompts)")
     if args.json:
         atomic_write_json(Path(args.json), metrics)
     else:
@@ -208,9 +248,54 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_prompt_lines(text: str, where: str) -> list[str]:
+    """Prompts from text: one per line, or JSONL (a line starting with ``{`` or ``"`` is JSON:
+    a string, or an object with a ``prompt`` or ``question`` key). Blank lines are skipped."""
+    out: list[str] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if not s:
+            continue
+        if s[0] in '{"':
+            try:
+                obj = json.loads(s)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{where}, line {n}: invalid JSON ({e.msg}); give one prompt per line or JSONL") from e
+            if isinstance(obj, dict):
+                obj = obj.get("prompt", obj.get("question"))
+            if not isinstance(obj, str) or not obj.strip():
+                raise InputError(f'{where}, line {n}: expected a JSON string or an object with a "prompt" string')
+            s = obj
+        out.append(s)
+    return out
+
+
+def _route_prompts(prompts: list[str], file: str | None) -> list[str]:
+    """``route``'s prompts: the arguments, ``-`` (stdin) or ``--file FILE`` (``-`` = stdin)."""
+    if prompts == ["-"] and file is None:
+        prompts, file = [], "-"
+    if file is not None:
+        if prompts:
+            raise InputError("give prompts as arguments or with --file, not both")
+        if file == "-":
+            prompts = parse_prompt_lines(sys.stdin.read(), "stdin")
+        else:
+            path = Path(file)
+            if not path.is_file():
+                raise InputError(f"prompts file {file!r} does not exist")
+            prompts = parse_prompt_lines(path.read_text(encoding="utf-8"), file)
+    if not prompts:
+        raise InputError("no prompts: give them as arguments, '-' for stdin, or --file FILE")
+    return prompts
+
+
 def _args_route(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle_dir", type=Path, help="router bundle written by `deepinsert export`")
-    p.add_argument("prompts", nargs="+", help="question text(s), without the chat template or <image>")
+    p.add_argument("prompts", nargs="*",
+                   help="question text(s), without the chat template or <image>; a single '-' reads stdin")
+    p.add_argument("-f", "--file", default=None, metavar="FILE",
+                   help="read prompts from FILE ('-' for stdin): one per line, or JSONL "
+                        '(a JSON string or {"prompt": ...} per line)')
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
 
 
@@ -218,6 +303,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     """Which insertion layer for each prompt."""
     from deepinsert.router import Router
 
+    args.prompts = _route_prompts(args.prompts, args.file)
     router = Router.load(args.bundle_dir)
     decisions = router.route_batch(args.prompts)
     for prompt, d in zip(args.prompts, decisions, strict=True):
@@ -268,6 +354,125 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- info
+
+
+def _args_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", type=Path, help="a run folder (`deepinsert train`), a router bundle (`deepinsert export`) "
+                                            "or a sweep folder (`deepinsert sweep`)")
+    p.add_argument("--json", action="store_true", help="print the description as one JSON object")
+
+
+def _read_json(path: Path, problems: list[str]) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        problems.append(f"{path.name}: unreadable JSON ({type(e).__name__}: {e})")
+        return None
+
+
+def _metrics_summary(m: Any) -> dict[str, Any] | None:
+    """The headline numbers of an evaluation (metrics.json or a bundle's metrics)."""
+    if not isinstance(m, dict) or not isinstance(m.get("router"), dict):
+        return None
+    r = m["router"]
+    return {"split": m.get("split"), "n_samples": m.get("n_samples"), "accuracy": r.get("accuracy"),
+            "mean_reward": r.get("mean_reward"), "mean_k": r.get("mean_k"),
+            "flops_fraction": r.get("flops_fraction"), "best_static_k": m.get("best_static_k"),
+            "captured_gain": m.get("captured_gain")}
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def describe_path(path: Path) -> dict[str, Any]:
+    """What a run folder, bundle or sweep folder holds, read from its JSON/YAML files only
+    (nothing is unpickled or executed). ``problems`` lists integrity failures."""
+    import zipfile
+
+    if not path.is_dir():
+        raise InputError(f"{str(path)!r} is not a folder; give a run folder, a router bundle or a sweep folder")
+    problems: list[str] = []
+    if (path / "router.json").is_file():
+        from deepinsert.errors import BundleError
+        from deepinsert.router.bundle import read_bundle_info, verify_checksums
+
+        info = read_bundle_info(path)
+        try:
+            verify_checksums(path, info)
+        except BundleError as e:
+            problems.append(str(e))
+        return {"kind": "bundle", "path": str(path), "lam": info.lam, "algorithm": info.algorithm,
+                "candidate_layers": list(info.candidate_layers), "num_layers": info.num_layers,
+                "model": info.model_source, "metrics": _metrics_summary(info.metrics),
+                "validation": info.validation, "versions": info.versions, "files": _files(path),
+                "checksums_checked": sorted(info.checksums), "problems": problems}
+    if (path / "run.json").is_file():
+        import yaml
+
+        run = _read_json(path / "run.json", problems) or {}
+        cfg: dict[str, Any] = {}
+        if (path / "config.yaml").is_file():
+            try:
+                cfg = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError as e:
+                problems.append(f"config.yaml: unreadable YAML ({e})")
+        metrics = _read_json(path / "metrics.json", problems) if (path / "metrics.json").is_file() else None
+        for name in ("model.zip", "config.yaml"):
+            if not (path / name).is_file():
+                problems.append(f"{name} is missing")
+        zips = [path / "model.zip"] * (path / "model.zip").is_file() + sorted((path / "checkpoints").glob("*.zip"))
+        for z in zips:  # CRC check of the archive members; the pickled parts are never loaded
+            try:
+                with zipfile.ZipFile(z) as zf:
+                    bad = zf.testzip()
+                if bad is not None:
+                    problems.append(f"{z.relative_to(path)}: member {bad} fails its CRC check")
+            except (zipfile.BadZipFile, OSError) as e:
+                problems.append(f"{z.relative_to(path)}: not a valid zip ({e})")
+        return {"kind": "run", "path": str(path), "lam": run.get("lam"), "algorithm": run.get("algorithm"),
+                "candidate_layers": run.get("candidate_layers"), "num_layers": run.get("num_layers"),
+                "model": run.get("model_source"), "seed": run.get("seed"),
+                "trained_timesteps": run.get("trained_timesteps"),
+                "device": cfg.get("device"), "dtype": cfg.get("dtype"), "data": cfg.get("data"),
+                "metrics": _metrics_summary(metrics), "evaluated": metrics is not None,
+                "checkpoints": len(list((path / "checkpoints").glob("*.zip"))),
+                "tensorboard": (path / "tb").is_dir(), "files": _files(path), "problems": problems}
+    if (path / "sweep.json").is_file():
+        sweep = _read_json(path / "sweep.json", problems) or {}
+        runs = [{"lam": r.get("lam"), **(_metrics_summary(r) or {})} for r in sweep.get("runs", [])]
+        return {"kind": "sweep", "path": str(path), "runs": runs,
+                "run_folders": sorted(d.name for d in path.iterdir() if (d / "run.json").is_file()),
+                "files": {k: v for k, v in _files(path).items() if "/" not in k}, "problems": problems}
+    raise InputError(f"{str(path)!r} holds none of router.json (a bundle), run.json (a run folder) "
+                     "or sweep.json (a sweep folder)")
+
+
+def _format_description(d: dict[str, Any]) -> str:
+    lines = [f"{d['kind']}: {d['path']}"]
+    skip = {"kind", "path", "files", "problems", "metrics", "runs", "validation", "versions"}
+    for k, v in d.items():
+        if k not in skip and v is not None:
+            lines.append(f"  {k}: {v}")
+    for name in ("metrics", "validation", "versions"):
+        if d.get(name):
+            lines.append(f"  {name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                   for k, v in d[name].items()))
+    for r in d.get("runs", []):
+        lines.append("  run " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+    lines.append(f"  files ({len(d['files'])}): " + ", ".join(f"{n} ({size:,} B)" for n, size in d["files"].items()))
+    lines.append("  integrity: " + ("ok" if not d["problems"] else "FAILED\n    " + "\n    ".join(d["problems"])))
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Describe a run folder, bundle or sweep folder (λ, algorithm, layers, model, metrics, files, integrity)."""
+    d = describe_path(args.path)
+    print(json.dumps(d, indent=2) if args.json else _format_description(d))
+    return 1 if d["problems"] else 0
+
+
 # ---------------------------------------------------------------------------- demo
 
 
@@ -289,6 +494,7 @@ def _args_demo(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--split", default="test", help="demo split (train, val, test...); default test")
     e.add_argument("--layers", type=int, nargs="*", default=None, help="insertion layers (default 0..N)")
     e.add_argument("--update-card", action="store_true", help="write the table into the model card")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(_demo_run=_cmd_demo_evaluate)
 
 
@@ -324,7 +530,8 @@ def _cmd_demo_evaluate(args: argparse.Namespace) -> int:
     from deepinsert.demo.card_update import evaluate_and_update
 
     data = args.data or demo_data_path(args.split)
-    table = evaluate_and_update(args.model, data, args.layers, update_card=args.update_card)
+    table = evaluate_and_update(args.model, data, args.layers, update_card=args.update_card,
+                                progress=not args.no_progress)
     print(table.to_markdown())
     return 0
 
@@ -346,6 +553,7 @@ COMMANDS: dict[str, Command] = {
     "route": (_args_route, cmd_route, "ask a router bundle which layer for a prompt"),
     "serve": (_args_serve, cmd_serve, "serve a router bundle over HTTP"),
     "demo": (_args_demo, cmd_demo, "build the demo VLM and its data, or its accuracy by layer"),
+    "info": (_args_info, cmd_info, "describe a run folder, router bundle or sweep folder"),
 }
 """subcommand -> (argument setup, handler, one-line help)."""
 
@@ -373,7 +581,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args._run(args) or 0)
+        with _progress_bars(not getattr(args, "no_progress", False)):
+            return int(args._run(args) or 0)
     except DeepInsertError as e:
         print(f"deepinsert {args.command}: error: {e}", file=sys.stderr)
         return 2

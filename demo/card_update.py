@@ -19,19 +19,21 @@ def evaluate_and_update(
     *,
     update_card: bool = False,
     batch_size: int = 256,
+    progress: bool = False,
 ) -> AccuracyTable:
     """Accuracy per family and insertion layer of ``model`` on ``data`` (CPU, float32, exact match).
 
     With ``update_card``, the exact-match and answer-token tables are stored as
     ``test_accuracy_by_k`` / ``test_accuracy_by_k_answer`` in the model folder's
-    ``build_info.json`` and the ``README.md`` model card is re-rendered.
+    ``build_info.json`` and the ``README.md`` model card is re-rendered. ``progress``: a tqdm bar.
     """
     from deepinsert.env.data import load_samples
     from deepinsert.frozen_vlm import load_vlm
     from deepinsert.frozen_vlm.loading import resolve_source
 
     vlm = load_vlm(model, dtype="float32", device="cpu")
-    tables = accuracy_tables(vlm, items_from_samples(load_samples(data)), layers, batch_size=batch_size)
+    tables = accuracy_tables(vlm, items_from_samples(load_samples(data)), layers, batch_size=batch_size,
+                             progress=progress)
     table = tables["exact"]
     if update_card:
         folder = Path(resolve_source(model))

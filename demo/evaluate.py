@@ -210,12 +210,16 @@ def accuracy_tables(
     *,
     batch_size: int = 256,
     max_new_tokens: int = 4,
+    progress: bool = False,
 ) -> dict[str, AccuracyTable]:
     """Accuracy per family at each insertion layer (default: every k in 0..N) via the engine,
-    under both matching rules: ``{"exact": ..., "answer": ...}`` (see :func:`_is_correct`)."""
+    under both matching rules: ``{"exact": ..., "answer": ...}`` (see :func:`_is_correct`).
+    ``progress``: a tqdm bar over the layers."""
     layers = list(range(vlm.num_layers + 1)) if insert_layers is None else [int(k) for k in insert_layers]
     tables = {m: AccuracyTable(layers=layers, match=m) for m in MATCHES}
-    for k in layers:
+    from tqdm.auto import tqdm
+
+    for k in tqdm(layers, desc=f"accuracy by k ({len(items)} prompts)", unit="layer", disable=not progress):
         rows = engine_generations(vlm, items, k, batch_size=batch_size, max_new_tokens=max_new_tokens)
         for m, t in tables.items():
             _score(t, vlm.tokenizer, items, rows, k, m)

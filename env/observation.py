@@ -29,7 +29,10 @@ def question_token_ids(tokenizer: Any, question: str) -> list[int]:
         raise InputError(f"question must be a string, got {type(question).__name__}")
     if not question.strip():
         raise InputError("question is empty: the router needs some text to embed")
-    ids = list(tokenizer(question, add_special_tokens=False)["input_ids"])[:OBS_MAX_TOKENS]
+    # verbose=False: a question longer than the model's max length (export validates ~3% such
+    # prompts) is only embedded here, never run through the model, so transformers' "sequence
+    # length is longer than the specified maximum ... indexing errors" warning does not apply.
+    ids = list(tokenizer(question, add_special_tokens=False, verbose=False)["input_ids"])[:OBS_MAX_TOKENS]
     if not ids:
         raise InputError(f"question {question!r} has zero tokens under this tokenizer")
     return [int(i) for i in ids]
