@@ -168,3 +168,18 @@ def test_route_from_file_and_stdin(make_tiny_bundle, tmp_path, capsys, monkeypat
     assert "no prompts" in capsys.readouterr().err
     assert main(["route", str(bundle), "x", "--file", str(f)]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_long_questions_embed_without_the_tokenizer_length_warning(capfd):
+    from transformers import AutoTokenizer
+
+    from deepinsert.env.observation import OBS_MAX_TOKENS, question_token_ids
+
+    tok = AutoTokenizer.from_pretrained(demo_model_path())
+    q = " ".join(["red"] * (tok.model_max_length + 50))  # longer than the model's max length
+    capfd.readouterr()
+    ids = question_token_ids(tok, q)
+    assert "longer than the specified maximum" not in capfd.readouterr().err
+    # the same ids as the tokenizer's plain call, truncated to the observation's first 256 tokens
+    assert ids == tok(q, add_special_tokens=False)["input_ids"][:OBS_MAX_TOKENS]
+    assert "longer than the specified maximum" in capfd.readouterr().err  # what the plain call prints
