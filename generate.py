@@ -70,12 +70,10 @@ def _resolve_router(router: RouterSpec) -> Router | int:
         raise InputError("router must be a Router, a bundle folder or an int layer, got a bool")
     if isinstance(router, int):
         return router
+    from deepinsert.router import Router  # torch-free
+
     if isinstance(router, (str, os.PathLike)):
-        from deepinsert.router import Router
-
         return Router.load(router)
-    from deepinsert.router import Router
-
     if not isinstance(router, Router):
         raise InputError(
             f"router must be a deepinsert.router.Router, a bundle folder or an int layer, got {type(router).__name__}"

@@ -137,9 +137,11 @@ def engine_generations(
     *,
     batch_size: int = 256,
     max_new_tokens: int = 4,
+    bar: Any = None,
 ) -> list[list[int]]:
     """Greedy token ids (cut at EOS) from ``FrozenVLM.generate``; images enter at ``insert_layer``
-    (one k for all items, or one k per item, e.g. a router's choices)."""
+    (one k for all items, or one k per item, e.g. a router's choices). ``bar``: a tqdm bar
+    advanced by the number of items of each batch."""
     import torch
 
     from deepinsert.frozen_vlm import build_batch, cut_at_eos
@@ -166,6 +168,8 @@ def engine_generations(
             )
             for i, ids in zip(chunk, cut_at_eos(new, vlm.eos_token_ids()), strict=True):
                 out[i] = ids
+            if bar is not None:
+                bar.update(len(chunk))
     return out
 
 
@@ -214,15 +218,19 @@ def accuracy_tables(
 ) -> dict[str, AccuracyTable]:
     """Accuracy per family at each insertion layer (default: every k in 0..N) via the engine,
     under both matching rules: ``{"exact": ..., "answer": ...}`` (see :func:`_is_correct`).
-    ``progress``: a tqdm bar over the layers."""
+    ``progress``: a tqdm bar over (layer, prompt) pairs."""
     layers = list(range(vlm.num_layers + 1)) if insert_layers is None else [int(k) for k in insert_layers]
     tables = {m: AccuracyTable(layers=layers, match=m) for m in MATCHES}
     from tqdm.auto import tqdm
 
-    for k in tqdm(layers, desc=f"accuracy by k ({len(items)} prompts)", unit="layer", disable=not progress):
-        rows = engine_generations(vlm, items, k, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    bar = tqdm(total=len(layers) * len(items), desc=f"accuracy by k (k in {layers[0]}..{layers[-1]})",
+               unit="prompt", disable=not progress)
+    for k in layers:
+        bar.set_postfix(k=k, refresh=False)
+        rows = engine_generations(vlm, items, k, batch_size=batch_size, max_new_tokens=max_new_tokens, bar=bar)
         for m, t in tables.items():
             _score(t, vlm.tokenizer, items, rows, k, m)
+    bar.close()
     return tables
 
 
