@@ -134,8 +134,8 @@ def train_router(
         if cfg.checkpoint_every > 0:
             callbacks.append(CheckpointCallback(save_freq=max(cfg.checkpoint_every // cfg.n_envs, 1),
                                                 save_path=str(out / "checkpoints"), name_prefix="model"))
-        eval_key = f"eval:{cfg.data.eval}"
-        if evaluate and cfg.checkpoint_every > 0 and eval_key in ws.splits:
+        eval_key = f"eval:{cfg.data.eval}"  # held by the workspace unless --no-eval (a sweep's always)
+        if cfg.checkpoint_every > 0 and eval_key in ws.splits:
             from deepinsert.policy.eval_callback import HeldOutEvalCallback  # eval/* scalars at checkpoints
 
             callbacks.append(HeldOutEvalCallback(ws, eval_key, cfg.lam, cfg.checkpoint_every, cfg.total_timesteps))

@@ -170,16 +170,42 @@ def test_route_from_file_and_stdin(make_tiny_bundle, tmp_path, capsys, monkeypat
     assert "not both" in capsys.readouterr().err
 
 
-def test_long_questions_embed_without_the_tokenizer_length_warning(capfd):
+def test_long_questions_embed_without_the_tokenizer_length_warning():
+    import logging
+
     from transformers import AutoTokenizer
 
     from deepinsert.env.observation import OBS_MAX_TOKENS, question_token_ids
 
+    class Records(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
     tok = AutoTokenizer.from_pretrained(demo_model_path())
     q = " ".join(["red"] * (tok.model_max_length + 50))  # longer than the model's max length
-    capfd.readouterr()
-    ids = question_token_ids(tok, q)
-    assert "longer than the specified maximum" not in capfd.readouterr().err
-    # the same ids as the tokenizer's plain call, truncated to the observation's first 256 tokens
-    assert ids == tok(q, add_special_tokens=False)["input_ids"][:OBS_MAX_TOKENS]
-    assert "longer than the specified maximum" in capfd.readouterr().err  # what the plain call prints
+    seen = Records()
+    hf = logging.getLogger("transformers")  # transformers' library root logger
+    hf.addHandler(seen)
+    try:
+        ids = question_token_ids(tok, q)
+        assert not any("longer than the specified maximum" in m for m in seen.messages)
+        # the same ids as the tokenizer's plain call (which warns), truncated to the first 256 tokens
+        assert ids == tok(q, add_special_tokens=False)["input_ids"][:OBS_MAX_TOKENS]
+        assert any("longer than the specified maximum" in m for m in seen.messages)
+    finally:
+        hf.removeHandler(seen)
+
+
+def test_sweep_runs_log_held_out_eval(run_dir, tmp_path):
+    cfg = run_dir.parent / "cfg.yaml"
+    assert main(["sweep", "--config", str(cfg), "--lams", "0.5", "--out", str(tmp_path / "s"), "--no-progress",
+                 "--device", "cpu"]) == 0
+    s = _scalars(tmp_path / "s" / "lam0.5" / "tb")
+    m = json.loads((tmp_path / "s" / "lam0.5" / "metrics.json").read_text())
+    assert [st for st, _ in s["eval/mean_reward"]] == [256, 512]
+    np.testing.assert_allclose(s["eval/mean_reward"][-1][1], m["router"]["mean_reward"], rtol=1e-6)
+    np.testing.assert_allclose(s["eval/captured_gain"][-1][1], m["captured_gain"], rtol=1e-5)
