@@ -209,3 +209,17 @@ def test_sweep_runs_log_held_out_eval(run_dir, tmp_path):
     assert [st for st, _ in s["eval/mean_reward"]] == [256, 512]
     np.testing.assert_allclose(s["eval/mean_reward"][-1][1], m["router"]["mean_reward"], rtol=1e-6)
     np.testing.assert_allclose(s["eval/captured_gain"][-1][1], m["captured_gain"], rtol=1e-5)
+
+
+def test_info_reads_json_only(run_dir, make_tiny_bundle):
+    """`info` loads neither torch nor stable-baselines3: nothing is unpickled."""
+    import subprocess
+    import sys
+
+    bundle, *_ = make_tiny_bundle(algorithm="a2c")
+    code = ("import sys; from deepinsert.cli import main\n"
+            f"assert main(['info', {str(run_dir)!r}]) == 0 and main(['info', {str(bundle)!r}]) == 0\n"
+            "print(sorted(m for m in ('torch', 'stable_baselines3', 'onnxruntime') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"
