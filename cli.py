@@ -175,6 +175,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from deepinsert.policy.workspace import open_workspace
     from deepinsert.utils.atomic import atomic_write_json
 
+    if args.per_prompt and Path(args.per_prompt).is_dir():
+        raise InputError(f"--per-prompt {args.per_prompt} is a folder; give a file name such as per_prompt.csv")
     run_ = load_run(args.run_dir)
     spec = resolve_split_spec(run_.config, args.split)
     overrides = {k: getattr(args, k) for k in ("device", "dtype") if getattr(args, k, None) is not None}
