@@ -143,7 +143,11 @@ class TableLossProvider(LossProvider):
 
 
 def model_fingerprint(vlm: FrozenVLM) -> str:
-    """Cheap identity of a loaded model: config, dtype and a strided sample of every weight."""
+    """Cheap identity of a loaded model: config, dtype, merged adapter and a strided sample of every weight.
+
+    The adapter identity (``vlm.adapter``) is hashed explicitly: a LoRA's merged update can
+    miss every strided sample, and the cache of the base model must never serve it.
+    """
     import torch
 
     model = vlm.model
@@ -151,6 +155,9 @@ def model_fingerprint(vlm: FrozenVLM) -> str:
     cfg = model.config.to_dict() if hasattr(model.config, "to_dict") else {}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     h.update(str(vlm.dtype).encode())
+    adapter = getattr(vlm, "adapter", None)
+    if adapter:
+        h.update(f"adapter={adapter}".encode())
     with torch.no_grad():
         for name, p in model.named_parameters():
             flat = p.detach().reshape(-1)

@@ -35,14 +35,16 @@ class FrozenVLM:
     Args:
         model: a loaded LLaVA (put in eval mode, every parameter frozen).
         processor: its processor (tokenizer + image processor), needed for prompt building.
+        adapter: identity of the peft adapter merged into ``model`` (``load_vlm`` sets it), or None.
     """
 
-    def __init__(self, model: torch.nn.Module, processor: Any = None) -> None:
+    def __init__(self, model: torch.nn.Module, processor: Any = None, *, adapter: str | None = None) -> None:
         self._parts: LlavaParts = llava_parts(model)
         model.eval()
         model.requires_grad_(False)
         self._model = model
         self._processor = processor
+        self._adapter = adapter
 
     # ------------------------------------------------------------------ properties
     @property
@@ -59,6 +61,11 @@ class FrozenVLM:
     def tokenizer(self) -> Any:
         """The processor's tokenizer, or ``None``."""
         return None if self._processor is None else self._processor.tokenizer
+
+    @property
+    def adapter(self) -> str | None:
+        """Identity (``sha256:...``) of the peft adapter merged into the weights; None for the base model."""
+        return self._adapter
 
     @property
     def num_layers(self) -> int:
@@ -91,8 +98,9 @@ class FrozenVLM:
         return self._parts.config
 
     def __repr__(self) -> str:
+        adapter = f", adapter={self.adapter}" if self.adapter else ""
         return (f"FrozenVLM(num_layers={self.num_layers}, hidden={self.embedding_weight.shape[1]}, "
-                f"device={self.device}, dtype={self.dtype})")
+                f"device={self.device}, dtype={self.dtype}{adapter})")
 
     # ------------------------------------------------------------------ layer loop
     def _layers(

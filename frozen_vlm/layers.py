@@ -8,6 +8,7 @@ those of transformers 5.23 (docs/design.md §4): ``m.model.vision_tower``,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,6 +127,26 @@ def llava_parts(model: nn.Module) -> LlavaParts:
     if not hasattr(llava, "get_image_features"):
         raise ModelLoadError(f"{type(llava).__name__} has no get_image_features()")
     return parts
+
+
+def adaptable_linears(model: nn.Module, names: Sequence[str], *, projector: bool = False) -> list[str]:
+    """Qualified names (as in ``model.named_modules()``) of the linear layers a LoRA adapts.
+
+    ``names`` are leaf names inside the language model's decoder layers (``q_proj``,
+    ``gate_proj``...); the vision tower's layers of the same name are excluded. With
+    ``projector``, the multimodal projector's linear layers are added. Sorted.
+    """
+    parts = llava_parts(model)
+    in_layers = {id(m) for m in parts.layers.modules()}
+    in_projector = {id(m) for m in parts.llava.multi_modal_projector.modules()} if projector else set()
+    wanted = set(names)
+    out = []
+    for qual, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        if (id(mod) in in_layers and qual.rsplit(".", 1)[-1] in wanted) or id(mod) in in_projector:
+            out.append(qual)
+    return sorted(out)
 
 
 def image_tokens_per_image(config: Any) -> int:

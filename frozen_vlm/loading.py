@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -57,7 +59,9 @@ def load_vlm(
             ``save_pretrained``, or ``"demo"`` for the shipped demo model.
         dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPU) or ``"float32"``/``"bf16"``/``"fp16"``.
         device: ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
-        adapter: optional peft adapter folder, merged into the weights (still frozen).
+        adapter: optional peft adapter folder (``save_pretrained`` format, e.g. written by
+            ``deepinsert finetune``), merged into the weights (still frozen); its
+            :func:`adapter_identity` is ``vlm.adapter``.
         attn_implementation: ``"sdpa"`` (default) or ``"eager"``.
     """
     dev = get_device(device)
@@ -84,15 +88,17 @@ def load_vlm(
         model = LlavaForConditionalGeneration.from_pretrained(src, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load the LLaVA weights from {source!r}: {e}") from e
+    identity = None
     if adapter is not None:
         model = _merge_adapter(model, adapter)
+        identity = adapter_identity(adapter)
     model.to(dev)
     processor = None
     try:
         processor = AutoProcessor.from_pretrained(src)
     except (OSError, ValueError, TypeError) as e:
         log.warning("no processor could be loaded from %s (%s); build_batch will need one", source, e)
-    return FrozenVLM(model, processor)
+    return FrozenVLM(model, processor, adapter=identity)
 
 
 def _merge_adapter(model: torch.nn.Module, adapter: str | os.PathLike[str]) -> torch.nn.Module:
@@ -106,3 +112,32 @@ def _merge_adapter(model: torch.nn.Module, adapter: str | os.PathLike[str]) -> t
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"could not load the peft adapter from {str(adapter)!r}: {e}") from e
     return wrapped.merge_and_unload()
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+_SCALING_KEYS = ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "target_modules", "modules_to_save")
+
+
+def adapter_identity(adapter: str | os.PathLike[str]) -> str:
+    """``"sha256:<16 hex>"`` of a peft adapter folder: its weights file and the config fields
+    that change the math (rank, alpha, targets...), not its paths; equal adapters match
+    wherever they are stored."""
+    path = Path(adapter).expanduser()
+    cfg_path = path / ADAPTER_CONFIG
+    weights = next((path / w for w in ADAPTER_WEIGHTS if (path / w).is_file()), None)
+    if not cfg_path.is_file() or weights is None:
+        raise ModelLoadError(f"{str(adapter)!r} is not a peft adapter folder ({ADAPTER_CONFIG} + "
+                             f"{' or '.join(ADAPTER_WEIGHTS)} expected)")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {cfg_path}: {e}") from e
+    math_fields = {k: cfg.get(k) for k in _SCALING_KEYS}
+    if isinstance(math_fields["target_modules"], list):
+        math_fields["target_modules"] = sorted(math_fields["target_modules"])
+    h = hashlib.sha256(json.dumps(math_fields, sort_keys=True, default=str).encode())
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"sha256:{h.hexdigest()[:16]}"
