@@ -475,6 +475,36 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 1 if d["problems"] else 0
 
 
+# ---------------------------------------------------------------------------- finetune
+
+
+def _args_finetune(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="finetune-demo",
+                   help="fine-tuning config YAML, or a shipped config's name (default finetune-demo)")
+    p.add_argument("--out", required=True, help="adapter folder to write (peft format + finetune.json, checkpoint/, tb/)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint/state.pt")
+    p.add_argument("--no-eval", action="store_true", help="skip the validation accuracy-by-k table at the end")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Train a LoRA adapter under late insertion; print the validation accuracy by k."""
+    _setup_logging()
+    from deepinsert.finetune.config import FinetuneConfig
+    from deepinsert.utils.config_io import from_dict, load_yaml
+
+    cfg = from_dict(FinetuneConfig, load_yaml(_resolve_config_path(args.config)), where=str(args.config))
+    from deepinsert.finetune.train import finetune, format_accuracy
+
+    result = finetune(cfg, args.out, resume=args.resume, progress=not args.no_progress, evaluate=not args.no_eval)
+    if result.val:
+        print("validation accuracy by k, adapted (base):")
+        print(format_accuracy(result.val["adapted"], result.val["base"]))
+    print(f"adapter {result.adapter} written to {result.out} ({result.train_seconds:.0f} s of training); "
+          f"use it with `adapter: {result.out}` in a train config or load_vlm(..., adapter={str(result.out)!r})")
+    return 0
+
+
 # ---------------------------------------------------------------------------- demo
 
 
@@ -495,6 +525,7 @@ def _args_demo(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--data", type=Path, default=None, help="data file (default: the demo split)")
     e.add_argument("--split", default="test", help="demo split (train, val, test...); default test")
     e.add_argument("--layers", type=int, nargs="*", default=None, help="insertion layers (default 0..N)")
+    e.add_argument("--adapter", default=None, help="peft adapter folder: print the table with and without it")
     e.add_argument("--update-card", action="store_true", help="write the table into the model card")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(_demo_run=_cmd_demo_evaluate)
@@ -532,9 +563,18 @@ def _cmd_demo_evaluate(args: argparse.Namespace) -> int:
     from deepinsert.demo.card_update import evaluate_and_update
 
     data = args.data or demo_data_path(args.split)
+    if args.adapter is not None and args.update_card:
+        raise InputError("--update-card describes the base model; it does not combine with --adapter")
     table = evaluate_and_update(args.model, data, args.layers, update_card=args.update_card,
                                 progress=not args.no_progress)
+    if args.adapter is not None:
+        print("base model:")
     print(table.to_markdown())
+    if args.adapter is not None:
+        adapted = evaluate_and_update(args.model, data, args.layers, adapter=args.adapter,
+                                      progress=not args.no_progress)
+        print(f"\nwith adapter {args.adapter}:")
+        print(adapted.to_markdown())
     return 0
 
 
@@ -554,6 +594,7 @@ COMMANDS: dict[str, Command] = {
     "export": (_args_export, cmd_export, "export a trained run as an ONNX router bundle"),
     "route": (_args_route, cmd_route, "ask a router bundle which layer for a prompt"),
     "serve": (_args_serve, cmd_serve, "serve a router bundle over HTTP"),
+    "finetune": (_args_finetune, cmd_finetune, "train a LoRA adapter so late image insertion keeps its accuracy"),
     "demo": (_args_demo, cmd_demo, "build the demo VLM and its data, or its accuracy by layer"),
     "info": (_args_info, cmd_info, "describe a run folder, router bundle or sweep folder"),
 }

@@ -49,8 +49,19 @@ class GenerationResult:
 
 
 def _check_router_fits(router: Router, vlm: FrozenVLM) -> None:
-    """The router must have been trained for this model (same N, same embedding table shape)."""
+    """The router must have been trained for this model (same N, same embedding table shape,
+    same merged adapter: a router learnt on an adapted model's losses misroutes the base one)."""
     info = router.info
+    recorded = getattr(info, "model_adapter", None)
+    if recorded != vlm.adapter:
+        def name(a: str | None) -> str:
+            return f"adapter {a}" if a else "no adapter"
+
+        raise InputError(
+            f"the router was trained for {info.model_source!r} with {name(recorded)}, but this model was "
+            f"loaded with {name(vlm.adapter)}; load it with load_vlm(..., adapter=<that adapter folder>) "
+            "or use a router exported for this model"
+        )
     if info.num_layers != vlm.num_layers:
         raise InputError(
             f"the router was trained for a model with N={info.num_layers} decoder layers "

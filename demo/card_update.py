@@ -20,6 +20,7 @@ def evaluate_and_update(
     update_card: bool = False,
     batch_size: int = 256,
     progress: bool = False,
+    adapter: str | os.PathLike[str] | None = None,
 ) -> AccuracyTable:
     """Accuracy per family and insertion layer of ``model`` on ``data`` (CPU, float32, exact match).
 
@@ -31,11 +32,11 @@ def evaluate_and_update(
     from deepinsert.frozen_vlm import load_vlm
     from deepinsert.frozen_vlm.loading import resolve_source
 
-    vlm = load_vlm(model, dtype="float32", device="cpu")
+    vlm = load_vlm(model, dtype="float32", device="cpu", adapter=adapter)
     tables = accuracy_tables(vlm, items_from_samples(load_samples(data)), layers, batch_size=batch_size,
                              progress=progress)
     table = tables["exact"]
-    if update_card:
+    if update_card and adapter is None:
         folder = Path(resolve_source(model))
         info = read_build_info(folder)
         info["test_accuracy_by_k"] = table.to_dict()

@@ -86,6 +86,7 @@ def export_bundle(
     num_layers: int,
     model_source: str,
     max_tokens: int,
+    model_adapter: str | None = None,
     metrics: dict[str, Any] | None = None,
     run_meta: dict[str, Any] | None = None,
     prompts: Sequence[str] = (),
@@ -100,6 +101,8 @@ def export_bundle(
         policy: a stable-baselines3 ActorCriticPolicy (PPO/A2C) or DQNPolicy; not modified.
         embedding_weight: (V, D) the frozen model's input embedding matrix.
         tokenizer: the model's fast transformers tokenizer.
+        model_adapter: identity of the peft adapter merged into the model (``vlm.adapter``);
+            recorded so ``deepinsert.generate`` refuses the bundle on another model.
         prompts: extra validation prompts (tried first); random ones fill up to ``n_prompts``.
         n_prompts / n_embeddings: validation sizes (the issue asks for >= 1000 each).
         overwrite: replace an existing ``out`` (otherwise BundleError).
@@ -140,6 +143,7 @@ def export_bundle(
         candidate_layers=tuple(int(k) for k in candidate_layers),
         num_layers=int(num_layers),
         model_source=str(model_source),
+        model_adapter=model_adapter,
         observation=ObservationSpec(kind=OBSERVATION_KIND, max_tokens=int(max_tokens), dim=D, vocab_size=V),
         probs_definition=PROBS_DEFINITION[kind],
         versions=library_versions(),
@@ -182,7 +186,7 @@ def export_run(
         raise BundleError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
     run = load_run(run_dir)
     info = run.info
-    vlm = load_vlm(info["model_source"], device="cpu", dtype=_run_dtype(run))
+    vlm = load_vlm(info["model_source"], device="cpu", dtype=_run_dtype(run), adapter=run.config.adapter)
     if int(vlm.num_layers) != int(info["num_layers"]):
         raise BundleError(
             f"run {run_dir} was trained for N={info['num_layers']} layers but {info['model_source']!r} has {vlm.num_layers}"
@@ -198,6 +202,7 @@ def export_run(
         candidate_layers=info["candidate_layers"],
         num_layers=info["num_layers"],
         model_source=info["model_source"],
+        model_adapter=vlm.adapter,
         max_tokens=int(obs.get("max_tokens", 256)),
         metrics=run.metrics,
         run_meta={

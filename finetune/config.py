@@ -81,6 +81,8 @@ class FinetuneConfig:
     """LoRA scaling numerator (the update is scaled by alpha / r)."""
     dropout: float = 0.0
     """Dropout on the LoRA branch's input."""
+    distill: float = 0.0
+    """Weight w of distillation: loss = (1 - w)·CE(answer) + w·KL(base model at k = 0 || adapted at k)."""
     targets: list[str] = field(default_factory=lambda: list(LM_TARGETS))
     """Linear layers of every decoder layer to adapt (subset of q/k/v/o_proj, gate/up/down_proj)."""
     projector: bool = False
@@ -136,6 +138,7 @@ class FinetuneConfig:
         _int("rank", self.rank, 1)
         _num("alpha", self.alpha, 0.0, open_lo=True)
         _num("dropout", self.dropout, 0.0, 1.0)
+        _num("distill", self.distill, 0.0, 1.0)
         if self.dropout >= 1:
             raise ConfigError(f"dropout must be < 1, got {self.dropout}")
         if not isinstance(self.targets, (list, tuple)) or not self.targets:

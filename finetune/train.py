@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TYPE_CHECKING
@@ -64,12 +64,21 @@ class FinetuneResult:
 # ---------------------------------------------------------------------------- loss
 
 
-def answer_loss(vlm: FrozenVLM, batch: PromptBatch, ks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_loss(
+    vlm: FrozenVLM,
+    batch: PromptBatch,
+    ks: torch.Tensor,
+    *,
+    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    distill: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Training loss with the image of sample i entering at ``ks[i]``, gradients on.
 
     Returns ``(loss, per_sample)``: ``per_sample`` ``(B,)`` = mean cross-entropy of each
     sample's answer tokens (``FrozenVLM.answer_loss``'s definition, computed through
-    ``FrozenVLM.logits``), ``loss`` = its mean.
+    ``FrozenVLM.logits``), ``loss`` = its mean. With ``distill`` = w > 0, ``loss`` is
+    ``(1 - w)·CE + w·KL(teacher || model)`` per answer token, averaged the same way;
+    ``teacher(positions)`` gives the teacher's logits ``(n, V)`` at those positions.
     """
     import torch
     import torch.nn.functional as F
@@ -84,10 +93,19 @@ def answer_loss(vlm: FrozenVLM, batch: PromptBatch, ks: torch.Tensor) -> tuple[t
     positions = F.pad(rows, (0, 1))  # (B, L): logits at t predict labels[t + 1]
     logits = vlm.logits(batch.input_ids, batch.pixel_values, batch.attention_mask, ks,
                         positions=positions)  # (n, V)
-    nll = F.cross_entropy(logits.float(), target[rows], reduction="none")  # (n,)
+    logp = F.log_softmax(logits.float(), dim=-1)
+    nll = -logp.gather(1, target[rows].unsqueeze(1)).squeeze(1)  # (n,)
     b_idx = rows.nonzero(as_tuple=True)[0]
-    per_sample = torch.zeros(labels.shape[0], device=nll.device).index_add(0, b_idx, nll) / rows.sum(1)
-    return per_sample.mean(), per_sample
+    counts = rows.sum(1)
+    per_sample = torch.zeros(labels.shape[0], device=nll.device).index_add(0, b_idx, nll) / counts
+    if distill <= 0 or teacher is None:
+        return per_sample.mean(), per_sample
+    with torch.no_grad():
+        t_logp = F.log_softmax(teacher(positions).float(), dim=-1)  # (n, V)
+    kl = (t_logp.exp() * (t_logp - logp)).sum(-1)  # (n,)
+    per_token = (1.0 - distill) * nll + distill * kl
+    mixed = torch.zeros(labels.shape[0], device=nll.device).index_add(0, b_idx, per_token) / counts
+    return mixed.mean(), per_sample
 
 
 def lr_multiplier(step: int, total: int, warmup: int) -> float:
@@ -188,8 +206,12 @@ def _check_resume(saved: dict[str, Any], cfg: FinetuneConfig) -> None:
 
 
 def finetune(cfg: FinetuneConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
-             evaluate: bool = True) -> FinetuneResult:
-    """Train a LoRA adapter as ``cfg`` says and write the run folder ``out`` (see module doc)."""
+             evaluate: bool = True, stop_after: int | None = None) -> FinetuneResult:
+    """Train a LoRA adapter as ``cfg`` says and write the run folder ``out`` (see module doc).
+
+    ``stop_after``: run at most this many steps in this call, then write a checkpoint and
+    return without an adapter (``adapter=""``); ``resume=True`` continues it.
+    """
     import torch
 
     from deepinsert.frozen_vlm import load_vlm
@@ -250,6 +272,11 @@ def finetune(cfg: FinetuneConfig, out: str | Path, *, resume: bool = False, prog
     window: dict[str, list[float]] = {}
     bar = tqdm(range(start, cfg.steps), desc="fine-tuning", initial=start, total=cfg.steps, disable=not progress)
     for step in bar:
+        if stop_after is not None and step - start >= stop_after:
+            checkpoint(step)
+            bar.close()
+            writer.close()
+            return FinetuneResult(out=out, adapter="", steps=step, train_seconds=seconds)
         t0 = time.perf_counter()
         total = 0.0
         for micro in range(cfg.grad_accum):
@@ -257,8 +284,13 @@ def finetune(cfg: FinetuneConfig, out: str | Path, *, resume: bool = False, prog
             idx = batch_indices(len(train), cfg.batch_size, cfg.seed, i)
             ks = torch.as_tensor(sample_layers(layers, cfg.batch_size, cfg.seed, i), device=device)
             b = train.batch(idx).to(device, vlm.dtype)
+            teacher = None
+            if cfg.distill > 0:
+                def teacher(positions: torch.Tensor, b: Any = b) -> torch.Tensor:
+                    with wrapped.disable_adapter():
+                        return vlm.logits(b.input_ids, b.pixel_values, b.attention_mask, 0, positions=positions)
             with autocast:
-                loss, per_sample = answer_loss(vlm, b, ks)
+                loss, per_sample = answer_loss(vlm, b, ks, teacher=teacher, distill=cfg.distill)
             (loss / cfg.grad_accum).backward()
             total += float(loss.detach()) / cfg.grad_accum
             for k, v in zip(ks.tolist(), per_sample.detach().tolist(), strict=True):

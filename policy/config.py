@@ -106,6 +106,8 @@ class TrainConfig:
 
     model: str = "demo"
     """``load_vlm`` source: hub id, local folder, or ``demo`` (the shipped demo model)."""
+    adapter: str | None = None
+    """peft adapter folder merged into the model (``deepinsert finetune``); None: the base model."""
     dtype: str = "auto"
     """VLM dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``float32``, ``bfloat16``..."""
     device: str = "auto"
@@ -152,6 +154,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, str) or not v.strip():
                 raise ConfigError(f"{name} must be a non-empty string, got {v!r}")
+        if self.adapter is not None and (not isinstance(self.adapter, str) or not self.adapter.strip()):
+            raise ConfigError(f"adapter must be an adapter folder path or null, got {self.adapter!r}")
         self.candidate_layers = check_layer_spec(self.candidate_layers)
         self.lam = check_lam(self.lam)
         if not isinstance(self.algorithm, str) or self.algorithm.lower() not in ALGORITHMS:

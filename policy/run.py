@@ -57,6 +57,7 @@ def run_info(cfg: TrainConfig, candidate_layers: list[int], num_layers: int, obs
         "candidate_layers": [int(k) for k in candidate_layers],
         "num_layers": int(num_layers),
         "model_source": cfg.model,
+        "adapter": cfg.adapter,
         "obs_dim": int(obs_dim),
         "observation": {"kind": OBS_KIND, "max_tokens": OBS_MAX_TOKENS},
         "seed": int(cfg.seed),

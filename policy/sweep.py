@@ -65,6 +65,7 @@ def run_sweep(
     static = static_curve(tables)
     result: dict[str, Any] = {
         "model_source": cfg.model,
+        "adapter": cfg.adapter,
         "train": cfg.data.train,
         "eval": cfg.data.eval,
         "n_train": len(ws.splits["train"].samples),

@@ -105,7 +105,7 @@ def open_workspace(
     """Load the VLM named by ``cfg.model``, the requested splits, and the loss cache."""
     from deepinsert.frozen_vlm import load_vlm
 
-    vlm = load_vlm(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    vlm = load_vlm(cfg.model, dtype=cfg.dtype, device=cfg.device, adapter=cfg.adapter)
     provider = VLMLossProvider(vlm, batch_size=cfg.loss_batch_size, max_new_tokens=cfg.max_new_tokens)
     try:
         layers = resolve_layers(cfg.candidate_layers, provider.num_layers)

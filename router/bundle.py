@@ -81,6 +81,7 @@ class BundleInfo:
     validation: dict[str, Any] = field(default_factory=dict)  # export-time checks and their numbers
     checksums: dict[str, str] = field(default_factory=dict)  # file name -> sha256 hex
     run: dict[str, Any] = field(default_factory=dict)  # seed, run folder, deepinsert version
+    model_adapter: str | None = None  # identity ("sha256:...") of the peft adapter merged into that model; None: base
     format: str = BUNDLE_FORMAT
     format_version: int = BUNDLE_FORMAT_VERSION
 

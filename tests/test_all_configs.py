@@ -9,6 +9,7 @@ import yaml
 
 from deepinsert.env.problem import check_layer_spec, resolve_layers
 from deepinsert.errors import ConfigError
+from deepinsert.finetune.config import FinetuneConfig, check_insert_layers
 from deepinsert.frozen_vlm.architectures import ModelConfig
 from deepinsert.policy.config import TrainConfig
 from deepinsert.utils.config_io import from_dict
@@ -16,9 +17,12 @@ from deepinsert.utils.config_io import from_dict
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 
-def schema_of(data: dict) -> type:
-    """Model configs describe an architecture (text + vision); the rest are train configs."""
-    return ModelConfig if {"text", "vision"} <= set(data) else TrainConfig
+def schema_of(data: dict, name: str = "") -> type:
+    """Model configs describe an architecture (text + vision), ``finetune-*`` files a LoRA
+    fine-tune; the rest are router train configs."""
+    if {"text", "vision"} <= set(data):
+        return ModelConfig
+    return FinetuneConfig if name.startswith("finetune-") else TrainConfig
 
 
 def _assert_loaded_as_written(obj, data: dict, where: str) -> None:
@@ -27,8 +31,10 @@ def _assert_loaded_as_written(obj, data: dict, where: str) -> None:
         got = getattr(obj, key)
         if isinstance(want, dict):
             _assert_loaded_as_written(got, want, f"{where}.{key}")
-        elif key == "candidate_layers":
+        elif key in ("candidate_layers", "eval_layers"):
             assert got == check_layer_spec(want), f"{where}.{key}"
+        elif key == "insert_layers":
+            assert got == check_insert_layers(want), f"{where}.{key}"
         elif isinstance(want, float) or isinstance(got, float):
             assert got == pytest.approx(want), f"{where}.{key}"
         else:
@@ -38,7 +44,7 @@ def _assert_loaded_as_written(obj, data: dict, where: str) -> None:
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_config_loads_and_rejects_unknown_keys(path: Path) -> None:
     data = yaml.safe_load(path.read_text())
-    cls = schema_of(data)
+    cls = schema_of(data, path.name)
     cfg = from_dict(cls, data, where=path.name)
     _assert_loaded_as_written(cfg, data, path.name)
     with pytest.raises(ConfigError, match="unknown key"):

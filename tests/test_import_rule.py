@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("errors", "utils", "frozen_vlm", "env", "policy", "export", "router", "generate", "demo", "cli",
-         "analysis", "serving", "configs")
+         "analysis", "serving", "configs", "finetune")
 
 # part -> the deepinsert parts it may import (itself always allowed)
 ALLOWED: dict[str, set[str]] = {
@@ -27,6 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "router": {"errors", "utils"},
     "generate": {"errors", "utils", "frozen_vlm", "router"},
     "demo": {"errors", "utils", "frozen_vlm", "env"},
+    "finetune": {"errors", "utils", "frozen_vlm", "env"},
 }
 # third-party packages a part must never import
 FORBIDDEN_THIRD_PARTY: dict[str, set[str]] = {
