@@ -45,8 +45,18 @@ def check_insert_layers(spec: Any) -> list[int] | str:
         raise ConfigError(str(e).replace("candidate_layers", "insert_layers")) from None
 
 
-def resolve_insert_layers(spec: list[int] | str, num_layers: int) -> list[int]:
-    """The layers k are sampled from, each in ``[0, N]`` (ConfigError naming ``insert_layers``)."""
+def resolve_insert_layers(spec: list[int] | str, num_layers: int,
+                          weights: list[float] | None = None) -> list[int]:
+    """The layers k are sampled from, each in ``[0, N]`` (ConfigError naming ``insert_layers``);
+    ``weights``, when given, must have one entry per resolved layer."""
+    layers = _resolve(spec, num_layers)
+    if weights is not None and len(weights) != len(layers):
+        raise ConfigError(f"layer_weights has {len(weights)} entries but insert_layers resolves to "
+                          f"{len(layers)} layers {layers}")
+    return layers
+
+
+def _resolve(spec: list[int] | str, num_layers: int) -> list[int]:
     try:
         if isinstance(spec, list) and len(spec) == 1:
             if spec[0] > num_layers:
@@ -74,7 +84,9 @@ class FinetuneConfig:
     max_val_samples: int | None = None
     """Use only the first N validation samples (None: all)."""
     insert_layers: list[int] | str = "all"
-    """Layers k the image enters at, sampled uniformly per sample; one k = DI-k training."""
+    """Layers k the image enters at, sampled per sample; one k = DI-k training."""
+    layer_weights: list[float] | None = None
+    """Sampling weight of each resolved ``insert_layers`` entry (None: uniform)."""
     rank: int = 16
     """LoRA rank r."""
     alpha: float = 32.0
@@ -131,6 +143,17 @@ class FinetuneConfig:
             if getattr(self, name) is not None:
                 _int(name, getattr(self, name), 1)
         self.insert_layers = check_insert_layers(self.insert_layers)
+        if self.layer_weights is not None:
+            if not isinstance(self.layer_weights, (list, tuple)) or not self.layer_weights:
+                raise ConfigError(f"layer_weights must be a list of numbers or null, got {self.layer_weights!r}")
+            for w in self.layer_weights:
+                _num("layer_weights entries", w, 0.0)
+            if sum(self.layer_weights) <= 0:
+                raise ConfigError("layer_weights must not all be zero")
+            if isinstance(self.insert_layers, list) and len(self.layer_weights) != len(self.insert_layers):
+                raise ConfigError(f"layer_weights has {len(self.layer_weights)} entries for "
+                                  f"{len(self.insert_layers)} insert_layers")
+            self.layer_weights = [float(w) for w in self.layer_weights]
         try:
             self.eval_layers = check_layer_spec(self.eval_layers)
         except ConfigError as e:

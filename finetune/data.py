@@ -74,7 +74,14 @@ def batch_indices(n: int, batch_size: int, seed: int, micro_step: int) -> np.nda
     return np.asarray(out, dtype=np.int64)
 
 
-def sample_layers(layers: Sequence[int], batch_size: int, seed: int, micro_step: int) -> np.ndarray:
-    """``(B,)`` insertion layers drawn uniformly from ``layers`` for micro-batch ``micro_step``."""
+def sample_layers(layers: Sequence[int], batch_size: int, seed: int, micro_step: int,
+                  weights: Sequence[float] | None = None) -> np.ndarray:
+    """``(B,)`` insertion layers drawn from ``layers`` (uniformly, or with ``weights``) for
+    micro-batch ``micro_step``."""
     rng = np.random.default_rng([seed, _LAYERS, micro_step])
-    return np.asarray(layers, dtype=np.int64)[rng.integers(len(layers), size=batch_size)]
+    if weights is None:
+        idx = rng.integers(len(layers), size=batch_size)
+    else:
+        p = np.asarray(weights, dtype=np.float64)
+        idx = rng.choice(len(layers), size=batch_size, p=p / p.sum())
+    return np.asarray(layers, dtype=np.int64)[idx]

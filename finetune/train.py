@@ -229,7 +229,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, *, resume: bool = False, prog
     dtype = "bfloat16" if cfg.precision == "bf16" else "float32"
     vlm = load_vlm(cfg.model, dtype=dtype, device=cfg.device)
     N = vlm.num_layers
-    layers = resolve_insert_layers(cfg.insert_layers, N)
+    layers = resolve_insert_layers(cfg.insert_layers, N, cfg.layer_weights)
     try:
         eval_layers = resolve_layers(cfg.eval_layers, N)
     except ConfigError as e:
@@ -282,7 +282,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, *, resume: bool = False, prog
         for micro in range(cfg.grad_accum):
             i = step * cfg.grad_accum + micro
             idx = batch_indices(len(train), cfg.batch_size, cfg.seed, i)
-            ks = torch.as_tensor(sample_layers(layers, cfg.batch_size, cfg.seed, i), device=device)
+            ks = torch.as_tensor(sample_layers(layers, cfg.batch_size, cfg.seed, i, cfg.layer_weights), device=device)
             b = train.batch(idx).to(device, vlm.dtype)
             teacher = None
             if cfg.distill > 0:
