@@ -223,3 +223,22 @@ def test_demo_run_folder_and_resume(demo_runs) -> None:
 
     with pytest.raises(InputError, match="--resume"):
         finetune(cfg, whole.out, progress=False)
+
+
+def test_cli_finetune_and_its_errors(tmp_path, capsys) -> None:
+    import yaml
+
+    from deepinsert.cli import main
+
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text(yaml.safe_dump({"steps": 2, "batch_size": 2, "max_train_samples": 4, "rank": 2, "device": "cpu",
+                                   "insert_layers": [0, 4], "checkpoint_every": 0, "warmup": 0}))
+    out = tmp_path / "adapter"
+    assert main(["finetune", "--config", str(cfg), "--out", str(out), "--no-eval", "--no-progress"]) == 0
+    assert "sha256:" in capsys.readouterr().out
+    assert (out / "adapter_config.json").is_file()
+    assert main(["finetune", "--config", str(cfg), "--out", str(out), "--no-eval", "--no-progress"]) == 2
+    assert "deepinsert finetune: error:" in capsys.readouterr().err
+    cfg.write_text(yaml.safe_dump({"insert_layers": [0, 9], "device": "cpu"}))
+    assert main(["finetune", "--config", str(cfg), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "insert_layers" in capsys.readouterr().err
