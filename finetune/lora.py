@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TYPE_CHECKING
@@ -58,7 +59,9 @@ def attach_lora(
         bias="none",
         base_model_name_or_path=base_source,
     )
-    wrapped = peft.get_peft_model(vlm.model, config)
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        wrapped = peft.get_peft_model(vlm.model, config)
     for name, p in wrapped.named_parameters():
         p.requires_grad_("lora_" in name)
     return wrapped

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,9 @@ def _merge_adapter(model: torch.nn.Module, adapter: str | os.PathLike[str]) -> t
     if not path.is_dir():
         raise ModelLoadError(f"adapter folder {str(adapter)!r} does not exist")
     try:
-        wrapped = peft.PeftModel.from_pretrained(model, str(path))
+        with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            wrapped = peft.PeftModel.from_pretrained(model, str(path))
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"could not load the peft adapter from {str(adapter)!r}: {e}") from e
     return wrapped.merge_and_unload()
