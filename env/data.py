@@ -25,7 +25,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,29 @@ from deepinsert.errors import DataError
 
 logger = logging.getLogger(__name__)
 IMAGE_TOKEN = "<image>"
+MAX_IMAGE_PIXELS = 8192 * 8192
+"""Largest image (width x height) a data file may point at: a PNG header claiming more
+(a decompression bomb) is a :class:`DataError`, never a multi-GB allocation."""
+
+_IMAGE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+@contextmanager
+def _open_image(path: Path) -> Iterator[Image.Image]:
+    """``Image.open`` that refuses images over :data:`MAX_IMAGE_PIXELS` from the header alone."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombWarning as e:
+            raise Image.DecompressionBombError(str(e)) from None
+    with im:
+        w, h = im.size
+        if w * h > MAX_IMAGE_PIXELS:
+            raise Image.DecompressionBombError(
+                f"image is {w}x{h} = {w * h} pixels, over the {MAX_IMAGE_PIXELS} pixel limit"
+            )
+        yield im
 
 
 @dataclass(frozen=True)
@@ -56,9 +81,9 @@ class VQASample:
     def load_image(self) -> Image.Image:
         """The image as an RGB ``PIL.Image`` (fully loaded); DataError if it cannot be read."""
         try:
-            with Image.open(self.image_path) as im:
+            with _open_image(self.image_path) as im:
                 return im.convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
+        except _IMAGE_ERRORS as e:
             raise DataError(f"sample {self.id!r}: cannot read image {self.image_path}: {e}") from e
 
 
@@ -140,16 +165,20 @@ def _record(rec: Any, where: str, default_id: str, ctx: _Ctx) -> VQASample:
     image = rec.get("image")
     if not isinstance(image, str) or not image.strip():
         raise DataError(f"{where}: record has no 'image' (deepinsert needs one image per sample)")
-    image_path = (ctx.image_root / image).resolve()
+    try:
+        image_path = (ctx.image_root / image).resolve()
+        is_file = image_path.is_file()
+    except (OSError, ValueError) as e:  # NUL bytes, too long, symlink loops
+        raise DataError(f"{where}: unusable image path {image!r}: {e}") from None
     if not image_path.is_relative_to(ctx.image_root):
         raise DataError(f"{where}: image path {image!r} escapes the image folder {ctx.image_root}")
-    if not image_path.is_file():
+    if not is_file:
         raise DataError(f"{where}: image file not found: {image_path}")
     if ctx.check_images:
         try:
-            with Image.open(image_path) as im:
+            with _open_image(image_path) as im:
                 im.verify()
-        except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        except _IMAGE_ERRORS as e:
             raise DataError(f"{where}: corrupt image {image_path}: {e}") from e
     needs_image = rec.get("needs_image")
     if needs_image is not None and not isinstance(needs_image, bool):
@@ -185,6 +214,8 @@ def _jsonl_items(text: str, path: Path) -> list[tuple[str, str, Any]]:
             rec: Any = json.loads(line)
         except json.JSONDecodeError as e:
             rec = DataError(f"{path}: line {lineno}: unreadable JSON: {e.msg} (column {e.colno})")
+        except RecursionError:
+            rec = DataError(f"{path}: line {lineno}: JSON nested too deeply")
         items.append((f"line {lineno}", f"line{lineno}", rec))
     return items
 
@@ -211,6 +242,8 @@ def load_samples(
         DataError: unreadable file or JSON, or (without ``skip_bad``) the first bad record.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"data file {path} is a folder, not a file")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -225,6 +258,10 @@ def load_samples(
             records = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: line {e.lineno}: unreadable JSON: {e.msg} (column {e.colno})") from e
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply to be a data file") from None
+        if not isinstance(records, list):
+            raise DataError(f"{path}: a JSON data file must hold a list of records")
         items = [(f"record {i}", f"record{i}", rec) for i, rec in enumerate(records)]
     else:
         fmt = "jsonl"
