@@ -70,6 +70,23 @@ def _resolve_config_path(path: str) -> str:
     return str(shipped) if shipped.is_file() else str(p)
 
 
+def _require_train_extra() -> None:
+    """``MissingExtraError`` naming the ``train`` extra before anything imports SB3 / gymnasium."""
+    from deepinsert.utils.extras import require
+
+    for module in ("gymnasium", "stable_baselines3"):
+        require(module, "train")
+
+
+def _check_prompt_text(prompts: Sequence[str], what: str) -> None:
+    """Prompts must be valid Unicode text (a non-UTF-8 byte in argv arrives as a lone surrogate)."""
+    for i, p in enumerate(prompts):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"{what} {i + 1} is not valid UTF-8 text") from None
+
+
 def _args_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=DEFAULT_CONFIG,
                    help=f"training config YAML, or a shipped config's name (default {DEFAULT_CONFIG}: configs/demo.yaml)")
@@ -99,7 +116,13 @@ def _load_config(args: argparse.Namespace, **extra: Any) -> Any:
         if v is not None:
             data[key] = v
     data.update({k: v for k, v in extra.items() if v is not None})
-    return from_dict(TrainConfig, data, where=str(args.config))
+    cfg = from_dict(TrainConfig, data, where=str(args.config))
+    from deepinsert.env.cache import default_cache_dir
+    from deepinsert.utils.atomic import check_output_dir
+
+    if cfg.persist_cache:  # a cache folder that cannot be written fails now, not after the loss table
+        check_output_dir(cfg.cache_dir or default_cache_dir(), "--cache-dir" if args.cache_dir else "cache_dir")
+    return cfg
 
 
 # ---------------------------------------------------------------------------- train / sweep / evaluate
@@ -111,20 +134,29 @@ def _args_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder to write (model.zip, config.yaml, run.json...)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation after training")
+    p.add_argument("--trust-run", action="store_true",
+                   help="with --resume: load checkpoints that fail the integrity check (they are unpickled: only for folders you trust)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one router at one λ and write its run folder."""
     _setup_logging()
+    _require_train_extra()
+    from deepinsert.utils.atomic import check_output_dir
+
+    check_output_dir(args.out, "--out")
     cfg = _load_config(args, lam=args.lam)
     from deepinsert.policy.evaluate import format_comparison
-    from deepinsert.policy.run import load_run
+    from deepinsert.policy.run import read_metrics
     from deepinsert.policy.train import train_router
 
-    out = train_router(cfg, args.out, resume=args.resume, evaluate=not args.no_eval, progress=not args.no_progress)
-    run_ = load_run(out)
-    if run_.metrics is not None:
-        print(format_comparison(run_.metrics))
+    out = train_router(cfg, args.out, resume=args.resume, evaluate=not args.no_eval, progress=not args.no_progress,
+                       trust_run=args.trust_run)
+    metrics = None if args.no_eval else read_metrics(Path(out))
+    if metrics is not None:
+        print(format_comparison(metrics))
+    elif args.no_eval:
+        print(f"not evaluated (--no-eval): run `deepinsert evaluate {out}` for its metrics")
     print(f"run written to {out}")
     return 0
 
@@ -134,18 +166,23 @@ def _args_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lams", default=DEFAULT_LAMS, help=f"comma-separated λ values (default {DEFAULT_LAMS})")
     p.add_argument("--out", default="runs/sweep", help="folder for the runs, sweep.json and pareto.png")
     p.add_argument("--force", action="store_true", help="retrain runs that already exist in --out")
+    p.add_argument("--trust-run", action="store_true",
+                   help="resume runs in --out whose checkpoints fail the integrity check (unpickled: trusted folders only)")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """One router per λ, evaluated against every static layer and the oracle."""
     _setup_logging()
+    _require_train_extra()
     from deepinsert.env.problem import parse_lams
+    from deepinsert.utils.atomic import check_output_dir
 
     lams = parse_lams(args.lams)  # validated before any work
+    check_output_dir(args.out, "--out")
     cfg = _load_config(args)
     from deepinsert.policy.sweep import format_sweep, run_sweep
 
-    result = run_sweep(cfg, lams, args.out, force=args.force, progress=not args.no_progress)
+    result = run_sweep(cfg, lams, args.out, force=args.force, progress=not args.no_progress, trust_run=args.trust_run)
     print()
     print(format_sweep(result))
     print(f"\nwrote {args.out}/sweep.json, {args.out}/pareto.png and one run folder per λ")
@@ -165,11 +202,26 @@ def _args_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (also transformers' weight loading)")
 
 
+def _check_output_file(path: str | None, what: str) -> None:
+    """An output file path whose folder can be created and which is not a folder itself."""
+    if path is None:
+        return
+    from deepinsert.utils.atomic import check_output_dir
+
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{what} {path!r} is a folder, not a file")
+    check_output_dir(p.parent, f"{what} {path!r}: its folder")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """The router vs every static layer and the per-prompt oracle."""
     _setup_logging()
     import dataclasses
 
+    _require_train_extra()
+    _check_output_file(args.json, "--json")
+    _check_output_file(args.plot, "--plot")
     from deepinsert.policy.evaluate import evaluate_run_dir, format_comparison, resolve_split_spec
     from deepinsert.policy.run import load_run, write_metrics
     from deepinsert.policy.workspace import open_workspace
@@ -177,6 +229,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.per_prompt and Path(args.per_prompt).is_dir():
         raise InputError(f"--per-prompt {args.per_prompt} is a folder; give a file name such as per_prompt.csv")
+    _check_output_file(args.per_prompt, "--per-prompt")
     run_ = load_run(args.run_dir)
     spec = resolve_split_spec(run_.config, args.split)
     overrides = {k: getattr(args, k) for k in ("device", "dtype") if getattr(args, k, None) is not None}
@@ -224,22 +277,45 @@ def _read_prompts(path: Path | None) -> list[str]:
         return []
     if not path.is_file():
         raise InputError(f"prompts file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"prompts file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise InputError(f"cannot read prompts file {path}: {e.strerror or e}") from None
     if path.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"prompts file {path}: invalid JSON: {e}") from None
+        except RecursionError:
+            raise InputError(f"prompts file {path}: JSON nested too deeply") from None
         if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
             raise InputError(f"{path} must hold a JSON list of strings")
-        return data
-    return [line for line in text.splitlines() if line.strip()]
+        prompts = data
+    else:
+        prompts = [line for line in text.splitlines() if line.strip()]
+    _check_prompt_text(prompts, f"{path}: prompt")
+    return prompts
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a validated ONNX router bundle from a run folder."""
     if args.n_prompts < MIN_VALIDATION or args.n_embeddings < MIN_VALIDATION:
         raise InputError(f"--n-prompts and --n-embeddings must be >= {MIN_VALIDATION}: a bundle is validated on at least that many")
+    from deepinsert.utils.atomic import check_output_dir
+    from deepinsert.utils.extras import require
+
+    if args.out.exists() and not args.overwrite:
+        raise InputError(f"--out {str(args.out)!r} already exists (pass --overwrite to replace it)")
+    check_output_dir(args.out, "--out")
+    prompts = _read_prompts(args.prompts)
+    _require_train_extra()
+    require("onnx", "export")
+    require("onnxruntime", "export")
     from deepinsert.export import export_run
 
-    result = export_run(args.run_dir, args.out, prompts=_read_prompts(args.prompts), n_prompts=args.n_prompts,
+    result = export_run(args.run_dir, args.out, prompts=prompts, n_prompts=args.n_prompts,
                         n_embeddings=args.n_embeddings, seed=args.seed, overwrite=args.overwrite)
     v, info = result.validation, result.info
     print(f"wrote {result.bundle_dir}: {info.algorithm} router, lambda={info.lam}, layers {list(info.candidate_layers)}")
@@ -303,6 +379,7 @@ def _args_route(p: argparse.ArgumentParser) -> None:
 
 def cmd_route(args: argparse.Namespace) -> int:
     """Which insertion layer for each prompt."""
+    _check_prompt_text(args.prompts, "prompt")
     from deepinsert.router import Router
 
     args.prompts = _route_prompts(args.prompts, args.file)
@@ -323,6 +400,12 @@ def _args_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-batch", type=int, default=64, help="most prompts per request (default 64)")
     p.add_argument("--max-body-bytes", type=int, default=256 * 1024, help="largest request body (default 256 KiB)")
+    p.add_argument("--max-prompt-chars", type=int, default=32 * 1024,
+                   help="most prompt characters per request, all prompts together (default 32768); checked before tokenising")
+    p.add_argument("--request-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send a whole request (headers and body); slower clients are dropped (default 10)")
+    p.add_argument("--max-connections", type=int, default=128, help="connections served at once; 503 beyond (default 128)")
+    p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (off by default)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads per call (default 1)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -341,18 +424,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a router bundle over HTTP."""
     if not 0 < args.port < 65536:
         raise InputError(f"--port must be in 1..65535, got {args.port}")
+    for flag, v in (("--max-batch", args.max_batch), ("--max-body-bytes", args.max_body_bytes),
+                    ("--max-prompt-chars", args.max_prompt_chars), ("--max-connections", args.max_connections),
+                    ("--threads", args.threads)):
+        if v < 1:
+            raise InputError(f"{flag} must be >= 1, got {v}")
+    if not 0 < args.request_timeout <= 3600:  # also rejects nan
+        raise InputError(f"--request-timeout must be in (0, 3600] seconds, got {args.request_timeout}")
     from deepinsert.utils.extras import require
 
-    uvicorn = require("uvicorn", "serve")
+    require("uvicorn", "serve")
     from deepinsert.router import Router
-    from deepinsert.router.service import create_app
+    from deepinsert.router.service import bind_socket, create_app, serve
 
     router = Router.load(args.bundle_dir, num_threads=args.threads)
-    app = create_app(router, max_batch=args.max_batch, max_body_bytes=args.max_body_bytes)
+    app = create_app(router, max_batch=args.max_batch, max_body_bytes=args.max_body_bytes,
+                     max_prompt_chars=args.max_prompt_chars, docs=args.docs)
+    sock = bind_socket(args.host, args.port)  # a busy port fails here, in one line
     if not is_loopback(args.host):
         log.warning("binding %s: the router is reachable from other machines (no authentication)", args.host)
-    print(f"serving {router} on http://{args.host}:{args.port} (POST /route, GET /health, GET /info)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    print(f"serving {router} on http://{args.host}:{args.port} (POST /route, GET /health, GET /info)", flush=True)
+    try:
+        serve(app, sock, log_level=args.log_level, request_timeout_s=args.request_timeout,
+              max_connections=args.max_connections)
+    finally:
+        sock.close()
     return 0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -11,10 +13,15 @@ from typing import Any
 from deepinsert.policy.config import TrainConfig
 from deepinsert.policy.evaluate import build_tables, compare, static_curve
 from deepinsert.policy.plot import pareto_plot
-from deepinsert.policy.run import INFO_FILE, MODEL_FILE, load_run, write_metrics
+from deepinsert.errors import DeepInsertError
+from deepinsert.policy.run import INFO_FILE, MODEL_FILE, WEIGHTS_FILE, load_run, write_metrics
 from deepinsert.policy.train import train_router
 from deepinsert.policy.workspace import Workspace, open_workspace
-from deepinsert.utils.atomic import atomic_write_json
+from deepinsert.utils.atomic import atomic_write_json, check_output_dir
+from deepinsert.utils.config_io import to_dict
+
+log = logging.getLogger(__name__)
+SWEEP_FILE = "sweep.json"
 
 
 def run_dir_name(lam: float) -> str:
@@ -30,12 +37,17 @@ def run_sweep(
     progress: bool = True,
     workspace: Workspace | None = None,
     plot: bool = True,
+    trust_run: bool = False,
 ) -> dict[str, Any]:
     """Train + evaluate one router per λ; returns (and writes ``out/sweep.json``) the results.
 
-    Runs already complete in ``out`` are reused (resumed) unless ``force``.
+    Runs already complete in ``out`` are reused (resumed) unless ``force``. λ values of an
+    earlier sweep into the same ``out`` (same model, data and config) that this call does
+    not name are kept: their runs are re-evaluated on the same tables, so ``sweep.json``
+    and ``pareto.png`` always cover every λ the folder holds.
     """
     out = Path(out)
+    check_output_dir(out, "--out")
     t0 = time.perf_counter()
     if cfg.torch_threads is not None:
         import torch
@@ -54,7 +66,8 @@ def run_sweep(
             shutil.rmtree(run_dir)
         t1 = time.perf_counter()
         train_router(dataclasses.replace(cfg, lam=lam), run_dir, workspace=ws,
-                     resume=(run_dir / MODEL_FILE).is_file(), evaluate=False, progress=progress)
+                     resume=(run_dir / MODEL_FILE).is_file() or (run_dir / WEIGHTS_FILE).is_file(),
+                     evaluate=False, progress=progress, trust_run=trust_run)
         train_s[f"{lam:g}"] = round(time.perf_counter() - t1, 2)
         run = load_run(run_dir)
         m = compare(tables, lam, run.predict(tables.observations))
@@ -62,6 +75,16 @@ def run_sweep(
         m["run_dir"] = str(run_dir)
         write_metrics(run_dir, m)
         runs.append(m)
+    for lam in _earlier_lams(out, cfg, lams):  # keep what an earlier sweep into `out` trained
+        run_dir = out / run_dir_name(lam)
+        run = load_run(run_dir)
+        m = compare(tables, lam, run.predict(tables.observations))
+        m["split"] = cfg.data.eval
+        m["run_dir"] = str(run_dir)
+        write_metrics(run_dir, m)
+        runs.append(m)
+    runs.sort(key=lambda m: m["lam"])
+    lams = [m["lam"] for m in runs]
     static = static_curve(tables)
     result: dict[str, Any] = {
         "model_source": cfg.model,
@@ -83,8 +106,44 @@ def run_sweep(
     if plot:
         result["pareto_png"] = str(pareto_plot(static, runs, out / "pareto.png"))
     result["timing_s"]["total"] = round(time.perf_counter() - t0, 2)
-    atomic_write_json(out / "sweep.json", result)
+    atomic_write_json(out / SWEEP_FILE, result)
     return result
+
+
+def _same_setup(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    a, b = dict(a), dict(b)
+    for key in ("lam", "total_timesteps"):
+        a.pop(key, None), b.pop(key, None)
+    return a == b
+
+
+def _earlier_lams(out: Path, cfg: TrainConfig, lams: list[float]) -> list[float]:
+    """λ of the earlier ``out/sweep.json`` not in ``lams`` whose run folder is complete and has
+    the same setup (a warning names any that cannot be kept)."""
+    path = out / SWEEP_FILE
+    if not path.is_file():
+        return []
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        old_lams = [float(v) for v in old["lams"]]
+    except (OSError, ValueError, RecursionError, KeyError, TypeError) as e:
+        log.warning("replacing unreadable %s (%s)", path, e)
+        return []
+    keep = []
+    for lam in old_lams:
+        if lam in lams:
+            continue
+        run_dir = out / run_dir_name(lam)
+        try:
+            run = load_run(run_dir)
+        except DeepInsertError as e:
+            log.warning("dropping λ=%g from %s: %s", lam, path, e)
+            continue
+        if not _same_setup(to_dict(run.config), to_dict(cfg)):
+            log.warning("dropping λ=%g from %s: its run was trained with another config", lam, path)
+            continue
+        keep.append(lam)
+    return keep
 
 
 def format_sweep(result: dict[str, Any]) -> str:

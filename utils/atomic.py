@@ -174,3 +174,27 @@ def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = True) -> Itera
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output_dir(path: str | os.PathLike[str], what: str) -> Path:
+    """Fail fast (``InputError``) when folder ``path`` cannot be created or written.
+
+    ``what`` names the flag in the message (``--out``). Checks, without writing anything:
+    ``path`` is a folder or absent, its nearest existing ancestor is a writable folder.
+    """
+    from deepinsert.errors import InputError
+
+    p = Path(path)
+    try:
+        if p.exists() and not p.is_dir():
+            raise InputError(f"{what} {str(p)!r} is an existing file, not a folder")
+        anc = p if p.exists() else p.parent
+        while not anc.exists() and anc != anc.parent:
+            anc = anc.parent
+        if not anc.is_dir():
+            raise InputError(f"{what} {str(p)!r}: {str(anc)!r} is a file, so the folder cannot be created")
+        if not os.access(anc, os.W_OK | os.X_OK):
+            raise InputError(f"{what} {str(p)!r}: no permission to write in {str(anc)!r}")
+    except (OSError, ValueError) as e:  # NUL bytes, names too long
+        raise InputError(f"{what} {str(p)!r} is not a usable path: {e}") from None
+    return p
