@@ -656,25 +656,38 @@ COMMANDS: dict[str, Command] = {
 """subcommand -> (argument setup, handler, one-line help)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors in the CLI's one-line form ``deepinsert CMD: error: ...`` (exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (no heavy import: handlers import what they use)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="deepinsert",
         description="Late image insertion for frozen LLaVA models, and routers that pick the layer per prompt.",
     )
     parser.add_argument("--version", action="version", version=f"deepinsert {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subs: dict[str, argparse.ArgumentParser] = {}
     for name, (setup, handler, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         setup(p)
         p.set_defaults(_run=handler)
+        subs[name] = p
+    parser.subcommand_parsers = subs  # type: ignore[attr-defined]
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``deepinsert`` console script and ``python -m deepinsert``."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # report it as the subcommand's error, in the one-line form
+        sub = getattr(parser, "subcommand_parsers", {}).get(getattr(args, "command", None), parser)
+        sub.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0

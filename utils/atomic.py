@@ -185,6 +185,8 @@ def check_output_dir(path: str | os.PathLike[str], what: str) -> Path:
     from deepinsert.errors import InputError
 
     p = Path(path)
+    if "\x00" in str(p):
+        raise InputError(f"{what} {str(p)!r} is not a usable path: it contains a NUL byte")
     try:
         if p.exists() and not p.is_dir():
             raise InputError(f"{what} {str(p)!r} is an existing file, not a folder")
@@ -195,6 +197,8 @@ def check_output_dir(path: str | os.PathLike[str], what: str) -> Path:
             raise InputError(f"{what} {str(p)!r}: {str(anc)!r} is a file, so the folder cannot be created")
         if not os.access(anc, os.W_OK | os.X_OK):
             raise InputError(f"{what} {str(p)!r}: no permission to write in {str(anc)!r}")
+    except InputError:
+        raise
     except (OSError, ValueError) as e:  # NUL bytes, names too long
         raise InputError(f"{what} {str(p)!r} is not a usable path: {e}") from None
     return p
