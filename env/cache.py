@@ -104,6 +104,7 @@ class LossCache:
         if self.path is not None and self.path.is_file():
             with _file_lock(self.path):
                 self._merge_file(self.path)
+                self._disk_stamp = self._stamp()
 
     @classmethod
     def for_provider(
@@ -192,7 +193,8 @@ class LossCache:
                 indent=None,
             )
             self._disk_stamp = self._stamp()
-            remove_stale_temps(self.path.parent)
+            # we hold the lock: any temp of this file belongs to a writer that was killed
+            remove_stale_temps(self.path.parent, prefix=f".{self.path.name}.", older_than_s=0)
         self._dirty = False
         self._last_save = time.monotonic()
         return self.path

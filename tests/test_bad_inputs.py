@@ -482,3 +482,36 @@ def test_config_error_is_typed():
     with pytest.raises(ConfigError):
         from_dict(TrainConfig, {"lam": float("nan")})
     assert issubclass(ConfigError, DeepInsertError)
+
+
+# ------------------------------------------------------------------------------------- base install
+
+BASE_INSTALL_CASES = [
+    ("sweep", ["sweep", "--out", "{tmp}/o"], ["gymnasium", "stable_baselines3"], "train"),
+    ("train", ["train", "--out", "{tmp}/o"], ["gymnasium", "stable_baselines3"], "train"),
+    ("evaluate", ["evaluate", "{tmp}/run"], ["stable_baselines3"], "train"),
+    ("export", ["export", "{tmp}/run", "--out", "{tmp}/b"], ["stable_baselines3"], "train"),
+    ("export-no-onnx", ["export", "{tmp}/run", "--out", "{tmp}/b"], ["onnx"], "export"),
+    ("serve", ["serve", "{tmp}/b"], ["uvicorn"], "serve"),
+]
+
+
+@pytest.mark.parametrize("case", BASE_INSTALL_CASES, ids=[c[0] for c in BASE_INSTALL_CASES])
+def test_base_install_names_the_extra(case, tmp_path):
+    """A base install (no extras) gets MissingExtraError naming the extra, not ModuleNotFoundError.
+
+    Simulated in a subprocess where importing the extra's modules fails (``sys.modules[name] = None``).
+    """
+    import subprocess
+    import sys
+
+    _, argv, blocked, extra = case
+    code = (f"import sys\nfor m in {blocked!r}: sys.modules[m] = None\n"
+            f"from deepinsert.cli import main\nsys.exit(main({[a.format(tmp=tmp_path) for a in argv]!r}))\n")
+    before = _tree(tmp_path)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "DEEPINSERT_CACHE": str(tmp_path / "cache")})
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2, p.stderr
+    assert len(lines) == 1 and f"'deepinsert[{extra}]'" in lines[0] and "is not installed" in lines[0], p.stderr
+    assert _tree(tmp_path) == before

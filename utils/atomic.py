@@ -95,11 +95,14 @@ def temp_sibling(path: str | os.PathLike[str]) -> Path:
     return Path(tmp)
 
 
-def remove_stale_temps(folder: str | os.PathLike[str], *, older_than_s: float = STALE_TEMP_AGE_S) -> list[Path]:
+def remove_stale_temps(
+    folder: str | os.PathLike[str], *, older_than_s: float = STALE_TEMP_AGE_S, prefix: str = "."
+) -> list[Path]:
     """Delete ``.<name>.<random>.tmp*`` / ``.old`` siblings in ``folder`` left by killed writers.
 
-    Only entries untouched for ``older_than_s`` seconds go (a live writer's temp is young).
-    Returns what was removed.
+    Only entries whose name starts with ``prefix`` (``".<name>."`` for one file's temps) and
+    untouched for ``older_than_s`` seconds go (a live writer's temp is young; a writer that
+    holds a lock on the file may pass 0). Returns what was removed.
     """
     folder = Path(folder)
     removed: list[Path] = []
@@ -108,7 +111,7 @@ def remove_stale_temps(folder: str | os.PathLike[str], *, older_than_s: float = 
     now = time.time()
     for p in folder.iterdir():
         name = p.name
-        if not name.startswith(".") or not (".tmp" in name or name.endswith(".old")):
+        if not name.startswith(prefix) or not name.startswith(".") or not (".tmp" in name or name.endswith(".old")):
             continue
         try:
             if now - p.lstat().st_mtime < older_than_s:
@@ -155,6 +158,7 @@ def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = True) -> Itera
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent, prefix=f".{path.name}.")  # a killed earlier write of this folder
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         os.chmod(tmp, dir_mode())
