@@ -121,6 +121,36 @@ def _cut_paths(obj: Any) -> Any:
     return obj
 
 
+class ErrorBody(pydantic.BaseModel):
+    """Every 4xx answer: one human-readable line."""
+
+    error: str
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "a prompt the router cannot use (empty, no tokens, not UTF-8)"},
+    413: {"model": ErrorBody, "description": "body over max_body_bytes, or prompts over max_prompt_chars"},
+    422: {"model": ErrorBody, "description": "a request that does not match the schema"},
+}
+
+
+def _check_budget(req: Any, max_prompt_chars: int) -> None:
+    """Bound the work of one request before any tokenising (413), and refuse text that is not
+    valid Unicode (a lone surrogate such as ``"\\ud800"`` in the JSON) with 400."""
+    from starlette.exceptions import HTTPException
+
+    prompts = [req.prompt] if req.prompt is not None else list(req.prompts or ())
+    chars = sum(len(p) for p in prompts)
+    if chars > max_prompt_chars:
+        raise HTTPException(status_code=413,
+                            detail=f"prompts too long: {chars} characters > max_prompt_chars={max_prompt_chars}")
+    for i, p in enumerate(prompts):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            raise HTTPException(status_code=400, detail=f"prompt {i} is not valid Unicode text (lone surrogate)") from None
+
+
 class RouteRequest(pydantic.BaseModel):
     """Exactly one of ``prompt`` (a string) or ``prompts`` (a non-empty list of strings)."""
 
@@ -210,13 +240,9 @@ def create_app(
         limits = {"max_batch": max_batch, "max_body_bytes": max_body_bytes, "max_prompt_chars": max_prompt_chars}
         return {**_cut_paths(router.info.to_dict()), "limits": limits}
 
-    @app.post("/route", response_model=Decision | BatchDecision)
+    @app.post("/route", response_model=Decision | BatchDecision, responses=ERROR_RESPONSES)
     def route(req: RouteRequest) -> dict[str, Any]:
-        chars = len(req.prompt) if req.prompt is not None else sum(len(p) for p in req.prompts or ())
-        if chars > max_prompt_chars:  # before any tokenising: bounded work per request
-            raise StarletteHTTPException(
-                status_code=413, detail=f"prompts too long: {chars} characters > max_prompt_chars={max_prompt_chars}"
-            )
+        _check_budget(req, max_prompt_chars)
         if req.prompt is not None:
             return router.route(req.prompt).to_dict()
         assert req.prompts is not None

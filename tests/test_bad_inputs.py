@@ -439,6 +439,8 @@ HTTP_CASES: list[tuple[str, str, str, object, int]] = [
     ("nested-body", "POST", "/route", b"[" * 3000, 400),
     ("nested-body-small", "POST", "/route", b'{"prompt": ' + b"[" * 1000 + b"]" * 1000 + b"}", 400),
     ("not-json-text", "POST", "/route", b"prompt=hi", 422),
+    ("lone-surrogate", "POST", "/route", b'{"prompt": "a \\ud800"}', 400),
+    ("lone-surrogate-batch", "POST", "/route", b'{"prompts": ["ok", "\\udfff b"]}', 400),
     ("get-route", "GET", "/route", None, 405),
     ("post-health", "POST", "/health", {}, 405),
     ("unknown-path", "GET", "/admin", None, 404),
