@@ -400,8 +400,8 @@ def _args_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-batch", type=int, default=64, help="most prompts per request (default 64)")
     p.add_argument("--max-body-bytes", type=int, default=256 * 1024, help="largest request body (default 256 KiB)")
-    p.add_argument("--max-prompt-chars", type=int, default=8192,
-                   help="most prompt characters per request, all prompts together (default 8192); checked before tokenising")
+    p.add_argument("--max-prompt-chars", type=int, default=4096,
+                   help="most prompt characters per request, all prompts together (default 4096); checked before tokenising")
     p.add_argument("--request-timeout", type=float, default=10.0,
                    help="seconds a connection has to send a whole request (headers and body); slower clients are dropped (default 10)")
     p.add_argument("--max-connections", type=int, default=128, help="connections served at once; 503 beyond (default 128)")

@@ -5,11 +5,12 @@
 Starts ``deepinsert serve`` on 127.0.0.1 with the tiny test bundle (a word-level tokenizer like
 the demo model's) and measures one well-behaved client's latency (p50 / p90 over 100
 sequential requests, keep-alive) alone and while 4 clients send the largest prompt the server
-accepts back to back; then opens 40 slow connections of each kind (partial headers, partial
+accepts: bursts (4 clients x 3 requests, 6 rounds interleaved with rounds alone) and a sustained flood (and, for
+scale, a sustained flood of 200-character prompts); then opens 40 slow connections of each kind (partial headers, partial
 body, one header byte per 0.5 s) and counts how many the server closes within 10 s.
 
-``after``: this code with its defaults (8192 prompt characters per request, 10 s request
-timeout; the slow-client part uses ``--request-timeout 2``). ``before``: the same code with
+``after``: this code with its defaults (4096 prompt characters per request) and
+``--request-timeout 2`` (default 10 s). ``before``: the same code with
 the limits lifted (``--max-prompt-chars 10**9 --request-timeout 3600``: 254 KB prompts,
 no timeout) and, with ``--baseline-pythonpath``, an older checkout run as is. Loopback only;
 every loop is bounded in count and time.
@@ -29,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from helpers.abuse import latency_under_flood, slow_clients, start_server  # noqa: E402
+from helpers.abuse import latency_under_burst, latency_under_flood, slow_clients, start_server  # noqa: E402
 from helpers.export import export_tiny_bundle  # noqa: E402
 
 
@@ -41,7 +42,13 @@ def measure(bundle: Path, args: list[str], prompt_chars: int, env: dict[str, str
     srv = start_server(bundle, *args, env=env)
     try:
         body = json.dumps({"prompt": _words(prompt_chars)}).encode()
-        out: dict[str, Any] = {"server_args": args, "flood": latency_under_flood(srv.port, body, n_clients=4, n=100)}
+        small = json.dumps({"prompt": _words(200)}).encode()
+        out: dict[str, Any] = {
+            "server_args": args,
+            "burst": latency_under_burst(srv.port, body, n_clients=4, per_client=3, rounds=6, per_round=25),
+            "flood_max_size": latency_under_flood(srv.port, body, n_clients=4, n=100),
+            "flood_small": latency_under_flood(srv.port, small, n_clients=4, n=100),
+        }
         if slow:
             out["slow_clients"] = [slow_clients(srv.port, 40, mode=m, hold_s=10.0) for m in ("headers", "body", "trickle")]
     finally:
@@ -59,8 +66,7 @@ def main() -> None:
                                     emb_seed=0, steps=64, n_validation=30)[0]
         res: dict[str, Any] = {"machine": platform.platform(), "python": platform.python_version(),
                                "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        res["after"] = measure(bundle, [], 8192, None, slow=False)
-        res["after"]["slow_clients"] = measure(bundle, ["--request-timeout", "2"], 8192, None, slow=True)["slow_clients"]
+        res["after"] = measure(bundle, ["--request-timeout", "2"], 4096, None, slow=True)
         res["limits_lifted"] = measure(bundle, ["--max-prompt-chars", str(10**9), "--request-timeout", "3600"],
                                        254_000, None, slow=True)
         if a.baseline_pythonpath:

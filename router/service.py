@@ -43,9 +43,9 @@ pydantic = require("pydantic", "serve")
 
 DEFAULT_MAX_BATCH = 64
 DEFAULT_MAX_BODY_BYTES = 256 * 1024
-DEFAULT_MAX_PROMPT_CHARS = 8192
+DEFAULT_MAX_PROMPT_CHARS = 4096
 """Characters of all prompts of one request together (a 256-token prompt is ~1-2 K characters;
-tokenising 8 K characters takes ~5 ms on one core, 254 K took ~200 ms)."""
+tokenising 4 K characters takes ~2-3 ms on one core, 254 K took ~200 ms)."""
 DEFAULT_REQUEST_TIMEOUT_S = 10.0
 DEFAULT_KEEP_ALIVE_S = 5
 DEFAULT_MAX_CONNECTIONS = 128

@@ -1,6 +1,7 @@
 """A real ``deepinsert serve`` on 127.0.0.1 under abuse: slow clients are dropped within the
-request timeout, and a flood of maximum-size requests leaves a well-behaved client's median
-latency within 2x. (The before/after figures come from ``benchmarks/service_abuse.py``.)"""
+request timeout, and a burst of maximum-size requests (4 clients x 3 requests) leaves a
+well-behaved client's median latency within 2x. (Before/after figures, and a sustained
+flood, come from ``benchmarks/service_abuse.py``.)"""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 
 import pytest
 
-from helpers.abuse import good_latencies, latency_under_flood, slow_clients, start_server
+from helpers.abuse import good_latencies, latency_under_burst, slow_clients, start_server
 
 TIMEOUT_S = 2.0
 
@@ -30,12 +31,13 @@ def test_slow_clients_are_dropped(server, mode):
     assert len(good_latencies(server.port, 5)) == 5  # and the server still answers
 
 
-def test_flood_of_max_size_prompts_keeps_good_latency(server):
-    # the largest request the server accepts: max_prompt_chars (8192) characters of real words
-    words = ("what colour is the square circle how many objects " * 400)[:8192]
+def test_burst_of_max_size_prompts_keeps_good_latency(server):
+    # the largest request the server accepts: max_prompt_chars (4096) characters of real words
+    words = ("what colour is the square circle how many objects " * 100)[:4096]
     body = json.dumps({"prompt": words}).encode()
-    res = latency_under_flood(server.port, body, n_clients=4, n=60)
-    assert res["p50_under_flood_ms"] <= 2.0 * res["p50_alone_ms"] + 1.0, res
+    res = latency_under_burst(server.port, body, n_clients=4, per_client=3, rounds=4, per_round=25)
+    assert res["burst_statuses"] == [200], res
+    assert res["p50_with_burst_ms"] <= 2.0 * res["p50_alone_ms"], res
     # and anything longer is refused before tokenising
     too_long = json.dumps({"prompt": words + "x"}).encode()
     import http.client

@@ -9,7 +9,6 @@ import http.client
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -110,8 +109,62 @@ def flood(port: int, body: bytes, n_clients: int, stop: threading.Event, max_req
     return threads
 
 
+def _p(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return 1e3 * xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def latency_under_burst(port: int, body: bytes, *, n_clients: int = 4, per_client: int = 3,
+                        rounds: int = 4, per_round: int = 25) -> dict[str, Any]:
+    """A well-behaved client's latency alone vs during bursts, interleaved so both see the same
+    background load: each round is ``per_round`` requests alone, then ``per_round`` requests
+    with ``n_clients`` clients each sending ``per_client`` requests of ``body`` starting with
+    the first of them. Also how long each burst took to be answered."""
+    good_latencies(port, 20)  # warm-up
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    good = json.dumps({"prompt": GOOD_PROMPT}).encode()
+    statuses: list[int] = []
+    alone: list[float] = []
+    during: list[float] = []
+    burst_ms: list[float] = []
+    for _ in range(rounds):
+        for _ in range(per_round):
+            t0 = time.perf_counter()
+            assert post(conn, good) == 200
+            alone.append(time.perf_counter() - t0)
+        done: list[float] = []
+
+        def burst_client() -> None:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            for _ in range(per_client):
+                statuses.append(post(c, body))
+            c.close()
+            done.append(time.perf_counter())
+
+        t_burst = time.perf_counter()
+        threads = [threading.Thread(target=burst_client, daemon=True) for _ in range(n_clients)]
+        for t in threads:
+            t.start()
+        for _ in range(per_round):
+            t0 = time.perf_counter()
+            assert post(conn, good) == 200
+            during.append(time.perf_counter() - t0)
+        for t in threads:
+            t.join(timeout=120)
+        burst_ms.append(1e3 * (max(done) - t_burst))
+    conn.close()
+    return {
+        "p50_alone_ms": _p(alone, 0.5), "p90_alone_ms": _p(alone, 0.9),
+        "p50_with_burst_ms": _p(during, 0.5), "p90_with_burst_ms": _p(during, 0.9),
+        "max_with_burst_ms": _p(during, 1.0), "burst_answered_after_ms": sorted(burst_ms),
+        "burst_statuses": sorted(set(statuses)), "requests_each": rounds * per_round,
+        "burst": f"{n_clients} clients x {per_client} requests, {rounds} times", "burst_body_bytes": len(body),
+    }
+
+
 def latency_under_flood(port: int, body: bytes, *, n_clients: int = 4, n: int = 100) -> dict[str, Any]:
-    """p50 of the good client alone, then while ``n_clients`` send ``body`` continuously."""
+    """p50 of the good client alone, then while ``n_clients`` send ``body`` back to back (a
+    sustained flood: the good client then shares the CPU with four busy ones)."""
     good_latencies(port, 20)  # warm-up
     base = good_latencies(port, n)
     stop = threading.Event()
@@ -122,13 +175,9 @@ def latency_under_flood(port: int, body: bytes, *, n_clients: int = 4, n: int = 
     for t in threads:
         t.join(timeout=60)
     return {
-        "p50_alone_ms": 1e3 * statistics.median(base),
-        "p50_under_flood_ms": 1e3 * statistics.median(loaded),
-        "p90_alone_ms": 1e3 * statistics.quantiles(base, n=10)[-1],
-        "p90_under_flood_ms": 1e3 * statistics.quantiles(loaded, n=10)[-1],
-        "n": n,
-        "flood_clients": n_clients,
-        "flood_body_bytes": len(body),
+        "p50_alone_ms": _p(base, 0.5), "p50_under_flood_ms": _p(loaded, 0.5),
+        "p90_alone_ms": _p(base, 0.9), "p90_under_flood_ms": _p(loaded, 0.9),
+        "n": n, "flood_clients": n_clients, "flood_body_bytes": len(body),
     }
 
 
