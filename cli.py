@@ -339,6 +339,8 @@ def parse_prompt_lines(text: str, where: str) -> list[str]:
                 obj = json.loads(s)
             except json.JSONDecodeError as e:
                 raise InputError(f"{where}, line {n}: invalid JSON ({e.msg}); give one prompt per line or JSONL") from e
+            except RecursionError:
+                raise InputError(f"{where}, line {n}: JSON nested too deeply") from None
             if isinstance(obj, dict):
                 obj = obj.get("prompt", obj.get("question"))
             if not isinstance(obj, str) or not obj.strip():
@@ -355,13 +357,21 @@ def _route_prompts(prompts: list[str], file: str | None) -> list[str]:
     if file is not None:
         if prompts:
             raise InputError("give prompts as arguments or with --file, not both")
-        if file == "-":
-            prompts = parse_prompt_lines(sys.stdin.read(), "stdin")
-        else:
-            path = Path(file)
-            if not path.is_file():
-                raise InputError(f"prompts file {file!r} does not exist")
-            prompts = parse_prompt_lines(path.read_text(encoding="utf-8"), file)
+        try:
+            if file == "-":
+                data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+                where = "stdin"
+            else:
+                path = Path(file)
+                if not path.is_file():
+                    raise InputError(f"prompts file {file!r} does not exist")
+                data, where = path.read_bytes(), file
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise InputError(f"cannot read prompts from {file}: {e.strerror or e}") from None
+        prompts = parse_prompt_lines(text, where)
     if not prompts:
         raise InputError("no prompts: give them as arguments, '-' for stdin, or --file FILE")
     return prompts
@@ -379,10 +389,10 @@ def _args_route(p: argparse.ArgumentParser) -> None:
 
 def cmd_route(args: argparse.Namespace) -> int:
     """Which insertion layer for each prompt."""
-    _check_prompt_text(args.prompts, "prompt")
     from deepinsert.router import Router
 
     args.prompts = _route_prompts(args.prompts, args.file)
+    _check_prompt_text(args.prompts, "prompt")
     router = Router.load(args.bundle_dir)
     decisions = router.route_batch(args.prompts)
     for prompt, d in zip(args.prompts, decisions, strict=True):

@@ -274,7 +274,12 @@ CLI_CASES: list[tuple[str, list[str], Callable | None, str]] = [
     ("route-bundle-is-file", ["route", T + "/f", "hi"], _file("f"), "error"),
     ("route-not-utf8", ["route", "{bundle}", "what \udcff colour"], None, "UTF-8"),
     ("route-empty-prompt", ["route", "{bundle}", "   "], None, "empty"),
-    ("route-no-prompt", ["route", "{bundle}"], None, "required"),
+    ("route-no-prompt", ["route", "{bundle}"], None, "no prompts"),
+    ("route-file-not-utf8", ["route", "{bundle}", "--file", T + "/p.txt"], _file("p.txt", b"what \xff\n"), "not UTF-8"),
+    ("route-file-jsonl-surrogate", ["route", "{bundle}", "--file", T + "/p.txt"], _file("p.txt", '"a \\ud800"\n'), "UTF-8"),
+    ("route-file-jsonl-nested", ["route", "{bundle}", "--file", T + "/p.txt"], _file("p.txt", "{" + '"a":' * 1 + NESTED), "nested"),
+    ("route-file-missing", ["route", "{bundle}", "--file", T + "/nope.txt"], None, "does not exist"),
+    ("route-file-and-args", ["route", "{bundle}", "hi", "--file", T + "/p.txt"], _file("p.txt", "x"), "not both"),
     # serve (all fail before any server starts)
     ("serve-port-zero", ["serve", "{bundle}", "--port", "0"], None, "--port"),
     ("serve-port-huge", ["serve", "{bundle}", "--port", "70000"], None, "--port"),
