@@ -36,7 +36,7 @@ from deepinsert.env.observation import OBS_KIND, OBS_MAX_TOKENS
 from deepinsert.errors import ConfigError, DeepInsertError, InputError, ModelLoadError
 from deepinsert.policy.config import ALGORITHMS, TrainConfig
 from deepinsert.utils import integrity
-from deepinsert.utils.atomic import atomic_write_json, atomic_write_text, temp_sibling
+from deepinsert.utils.atomic import atomic_write_json, atomic_write_text, file_mode, temp_sibling
 from deepinsert.utils.config_io import from_dict, load_yaml, to_dict
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,7 @@ def save_model_atomic(algo: Any, path: Path, *, run_dir: Path | None = None) -> 
     tmp = temp_sibling(path)
     try:
         algo.save(str(tmp))
+        os.chmod(tmp, file_mode())  # writers may recreate the file with their own mode
         if run_dir is not None:
             integrity.sign(run_dir, path.relative_to(run_dir).as_posix(), source=tmp)
         os.replace(tmp, path)
@@ -180,6 +181,7 @@ def save_policy_weights(policy: Any, path: Path) -> None:
     tmp = temp_sibling(path)
     try:
         save_model(policy, str(tmp))
+        os.chmod(tmp, file_mode())  # safetensors writes 0600
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

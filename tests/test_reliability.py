@@ -227,3 +227,20 @@ def test_bound_socket_is_tcp_so_responses_are_not_delayed():
         assert s.proto == socket.IPPROTO_TCP
     finally:
         s.close()
+
+
+def test_run_folder_files_get_umask_modes(tmp_path, monkeypatch):
+    from deepinsert.policy import train_router
+
+    monkeypatch.setenv("DEEPINSERT_RUN_KEY", str(tmp_path / "k"))
+    st = clustered_standin(n_samples=48, breaking_layers=(1, 3, 8), num_layers=8, dim=16, seed=0)
+    old = os.umask(0o022)
+    try:
+        train_router(_cfg(checkpoint_every=64), tmp_path / "run", workspace=_ws(st, eval_split=False),
+                     evaluate=False, progress=False)
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert {"policy.safetensors", "model.zip", "run.json", "config.yaml", "integrity.json"} <= {p.name for p in files}
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: "0o644" for p in files}
+    assert stat.S_IMODE((tmp_path / "run" / "checkpoints").stat().st_mode) == 0o755
