@@ -71,7 +71,7 @@ def _temps(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*") if ".tmp" in p.name or p.name.endswith(".old"))
 
 
-def test_kill_during_checkpoint_write_resumes_from_the_previous_one(tmp_path):
+def test_kill_during_checkpoint_write_resumes_from_the_previous_one(tmp_path, monkeypatch, caplog):
     run = tmp_path / "run"
     # 1. train; while checkpoint 64 is being written (half the bytes on disk), SIGKILL
     _py(TRAIN + f"""
@@ -92,19 +92,25 @@ def test_kill_during_checkpoint_write_resumes_from_the_previous_one(tmp_path):
     assert not (run / "checkpoints" / "model_64_steps.zip").exists() and not (run / "model.zip").exists()
     # what SB3's own in-place CheckpointCallback used to leave: a 0-byte newest checkpoint
     (run / "checkpoints" / "model_96_steps.zip").write_bytes(b"")
-    # 2. resume: skips the 0-byte one (no valid HMAC), continues from 32, finishes, cleans up
-    p = _py(TRAIN + f"""
-        st, ws = train_workspace()
-        train_router(TrainConfig(total_timesteps=128, **CFG), {str(run)!r}, workspace=ws, resume=True,
-                     evaluate=False, progress=False)
-    """, tmp_path)
-    assert "model_96_steps.zip" in p.stderr and "resuming" in p.stderr and "at 32 timesteps" in p.stderr, p.stderr
+    # 2. resume (in this process): skips the 0-byte one (no valid HMAC), continues from 32, cleans up
+    from deepinsert.env.cache import LossCache
+    from deepinsert.policy import TrainConfig, load_run, train_router
+    from deepinsert.policy.workspace import Workspace
+    from helpers.standin import clustered_standin
+
+    monkeypatch.setenv("DEEPINSERT_RUN_KEY", str(tmp_path / "run.key"))
+    caplog.set_level("INFO")
+    st = clustered_standin(n_samples=48, breaking_layers=(1, 3, 8), num_layers=8, dim=16, seed=0)
+    ws = Workspace(provider=st.provider, cache=LossCache(st.provider), candidate_layers=list(range(9)),
+                   model_source="stand-in")
+    ws.add_split("train", st.samples, st.observations)
+    train_router(TrainConfig(total_timesteps=128, n_envs=8, persist_cache=False, checkpoint_every=32, seed=0, lam=0.1),
+                 run, workspace=ws, resume=True, evaluate=False, progress=False)
+    assert "model_96_steps.zip" in caplog.text and "at 32 timesteps" in caplog.text, caplog.text
     info = json.loads((run / "run.json").read_text())
     assert info["trained_timesteps"] >= 128  # PPO rounds up to whole rollouts
     assert _temps(run) == []
     assert (run / "checkpoints" / "model_64_steps.zip").stat().st_size > 1000  # rewritten whole
-    from deepinsert.policy import load_run
-
     assert load_run(run).predict(np.zeros((2, 16), np.float32)).shape == (2,)
 
 
