@@ -231,7 +231,7 @@ class VLMLossProvider(LossProvider):
         if part is None:
             part = build_batch(
                 self.vlm.processor, [sample.load_image()], [sample.question],
-                [sample.answer] if with_answer else None,
+                [sample.answer] if with_answer else None, histories=[getattr(sample, "history", ())],
             )
             nbytes = 0 if part.pixel_values is None else part.pixel_values.numel() * part.pixel_values.element_size()
             if self._parts_bytes + nbytes <= self.max_memo_bytes:

@@ -48,6 +48,14 @@ class DataConfig:
     """Use only the first N evaluation samples (None: all)."""
     skip_bad: bool = False
     """Skip malformed records (reported) instead of failing."""
+    turns: str = "first"
+    """Multi-turn records: ``first`` (first gpt turn only) or ``all`` (every gpt turn, with its history)."""
+    text_only: str = "error"
+    """Records without an image: ``error`` or ``skip`` (LLaVA-Instruct's text-only conversations)."""
+    subset: float | None = None
+    """Keep this fraction of the records, stratified by source dataset (App. D: 0.1); None: all."""
+    subset_seed: int = 0
+    """Seed of the subset sampler."""
 
     def __post_init__(self) -> None:
         for name in ("train", "eval"):
@@ -58,6 +66,17 @@ class DataConfig:
             v = getattr(self, name)
             if v is not None:
                 _positive_int(f"data.{name}", v)
+        from deepinsert.env.data import TEXT_ONLY, TURNS
+
+        if self.turns not in TURNS:
+            raise ConfigError(f"data.turns must be one of {', '.join(TURNS)}, got {self.turns!r}")
+        if self.text_only not in TEXT_ONLY:
+            raise ConfigError(f"data.text_only must be one of {', '.join(TEXT_ONLY)}, got {self.text_only!r}")
+        if self.subset is not None:
+            _finite("data.subset", self.subset, hi=1.0)
+            if self.subset <= 0:
+                raise ConfigError(f"data.subset must be a fraction in (0, 1], got {self.subset}")
+        _positive_int("data.subset_seed", self.subset_seed, allow_zero=True)
 
 
 @dataclass
