@@ -649,6 +649,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return int(args._demo_run(args))
 
 
+# ---------------------------------------------------------------------------- tables
+
+
+def _args_tables(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=DEFAULT_CONFIG,
+                   help=f"training config YAML, or a shipped config's name (default {DEFAULT_CONFIG})")
+    p.add_argument("--split", default="train", choices=("train", "eval", "all"),
+                   help="which data of the config: train (default), eval, or all")
+    p.add_argument("--subset", type=float, default=None,
+                   help="keep this fraction of the records, stratified by source dataset (overrides data.subset)")
+    p.add_argument("--seed", dest="subset_seed", type=int, default=None,
+                   help="seed of the --subset sampler (overrides data.subset_seed)")
+    p.add_argument("--cache-dir", default=None, help="loss-cache folder (default ~/.cache/deepinsert); shared by all nodes")
+    p.add_argument("--timeout-min", type=float, default=120.0, help="torch.distributed timeout in minutes (default 120)")
+    _args_device(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (also transformers' weight loading)")
+
+
+def cmd_tables(args: argparse.Namespace) -> int:
+    """The config's loss table (+ router observations) into the cache; one process or under torchrun."""
+    _setup_logging()
+    cfg = _load_config(args)
+    if args.subset is not None or args.subset_seed is not None:
+        import dataclasses
+
+        from deepinsert.policy.config import DataConfig
+
+        d = dataclasses.asdict(cfg.data)
+        d.update({k: v for k, v in (("subset", args.subset), ("subset_seed", args.subset_seed)) if v is not None})
+        cfg = dataclasses.replace(cfg, data=DataConfig(**d))
+        print("note: train/sweep reuse this table only with the same data.subset and data.subset_seed in their config",
+              file=sys.stderr)
+    from deepinsert.policy.tables import format_tables, run_tables
+
+    splits = ("train", "eval") if args.split == "all" else (args.split,)
+    result = run_tables(cfg, splits, progress=not args.no_progress, timeout_min=args.timeout_min)
+    if result.rank.rank == 0:
+        print(format_tables(result))
+    return 0
+
+
 # ---------------------------------------------------------------------------- the table
 
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
@@ -662,6 +703,7 @@ COMMANDS: dict[str, Command] = {
     "serve": (_args_serve, cmd_serve, "serve a router bundle over HTTP"),
     "demo": (_args_demo, cmd_demo, "build the demo VLM and its data, or its accuracy by layer"),
     "info": (_args_info, cmd_info, "describe a run folder, router bundle or sweep folder"),
+    "tables": (_args_tables, cmd_tables, "compute the loss table into the cache (one process or under torchrun)"),
 }
 """subcommand -> (argument setup, handler, one-line help)."""
 
