@@ -171,7 +171,13 @@ def process_group(info: RankInfo, device: Any, *, timeout_min: float = 120.0) ->
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, timeout=timedelta(minutes=timeout_min))
+    # Our own key prefix per elastic attempt: torchrun's agent keeps one store across restarts,
+    # and a plain init_process_group after a restart reads the dead attempt's gloo/NCCL
+    # addresses ("Connection refused"; seen with torch 2.13).
+    timeout = timedelta(minutes=timeout_min)
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    store = dist.PrefixStore(f"deepinsert-tables/attempt-{info.restart}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     try:
         yield TorchComm(info, device)
     finally:
@@ -460,7 +466,8 @@ def fill_table(
         if recovered:
             log.warning("recovered %d (sample, k) losses from an interrupted run's part files", recovered)
         missing = missing_mask(cache_path, provider, uniq, ks)
-        batches = [[i for i in b if missing[i].any()] for b in plan_batches(uniq, provider.batch_size)]
+        size = int(getattr(provider, "batch_size", 64))
+        batches = [[i for i in b if missing[i].any()] for b in plan_batches(uniq, size)]
         batches = [b for b in batches if b]
         plan = {"run": uuid.uuid4().hex[:12], "batches": batches, "recovered": recovered,
                 "missing": [[int(k) for k, m in zip(ks, missing[i]) if m] for i in range(len(uniq))]}
