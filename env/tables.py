@@ -372,6 +372,7 @@ class TableRun:
     merged_at_start: int  # (sample, k) entries recovered from an earlier run's parts
     rows: int = 0  # rows this rank computed
     seconds: float = 0.0  # this rank's compute loop, wall clock
+    cpu_seconds: float = 0.0  # this process's CPU time in the loop (all its threads)
     ranks: list[dict[str, float]] = field(default_factory=list)
     table: np.ndarray | None = None  # (S, K) on rank 0, after the merge
     tokens: np.ndarray | None = None  # (S, 2) on rank 0
@@ -380,6 +381,14 @@ class TableRun:
     def rows_per_s(self) -> float:
         """This rank's rate."""
         return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def rows_per_cpu_s(self) -> float:
+        """All rows over the busiest rank's CPU time: the total rate if every process had its
+        own idle core(s) (on a shared machine, wall-clock rates also measure the neighbours)."""
+        ranks = self.ranks or [{"rows": self.rows, "cpu_seconds": self.cpu_seconds}]
+        t = max(r["cpu_seconds"] for r in ranks)
+        return sum(r["rows"] for r in ranks) / t if t > 0 else 0.0
 
     @property
     def total_rows_per_s(self) -> float:
@@ -480,7 +489,7 @@ def fill_table(
     # 2. every rank: its batches, one part file each; lockstep steps carry the total progress
     n_steps = max(len(b) for b in (shard(batches, r, comm.world_size) for r in range(comm.world_size)))
     own, tot = _bars(progress, comm, sum(len(b) for b in mine), run.n_rows_todo)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for step in range(n_steps):
         if step < len(mine):
             batch = mine[step]
@@ -499,11 +508,12 @@ def fill_table(
         done = comm.sum([run.rows])[0] if comm.info.distributed else run.rows
         if tot is not None:
             tot.update(int(done) - tot.n)
-    run.seconds = time.perf_counter() - t0
+    run.seconds, run.cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     for bar in (own, tot):
         if bar is not None:
             bar.close()
-    run.ranks = comm.gather({"rank": comm.rank, "rows": run.rows, "seconds": run.seconds})
+    run.ranks = comm.gather({"rank": comm.rank, "rows": run.rows, "seconds": run.seconds,
+                             "cpu_seconds": run.cpu_seconds})
 
     # 3. rank 0: merge every part into the cache
     comm.barrier()

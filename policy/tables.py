@@ -116,7 +116,8 @@ def format_tables(result: TablesResult) -> str:
                              if r["seconds"] > 0 else f"rank {int(r['rank'])}: 0 rows" for r in run.ranks)
         lines.append(f"{name}: {run.n_samples} samples x {len(run.ks)} layers {run.ks}; computed {run.n_rows_todo} "
                      f"rows in {run.n_batches} batches ({run.total_rows_per_s:.1f} rows/s over "
-                     f"{len(run.ranks)} rank(s); {per_rank})"
+                     f"{len(run.ranks)} rank(s); {run.rows_per_cpu_s:.1f} rows per CPU-second of the busiest "
+                     f"rank; {per_rank})"
                      + (f"; {run.merged_at_start} losses recovered from an interrupted run" if run.merged_at_start else ""))
         if name in result.exports:
             lines.append(f"  table + observations: {result.exports[name]}")
