@@ -270,15 +270,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for g in (1, 8, 64):
         s = args.rows * full_row["total"] / (eff * g)
         est.append({"gpus": g, "seconds": s, "hours": s / 3600})
-    # memory: weights in bf16 + per-row activations; the per-row peak measured on the built
-    # model holds one layer's working set plus one stored hidden state per candidate k
-    # (len(ks) here, len(full_ks) in the full model)
+    # memory: weights in bf16 + per-row activations. The per-row peak measured on the built
+    # model holds one layer's working set plus, per candidate k (len(ks) here, len(full_ks)
+    # in the full model), one stored hidden state and the answer rows' fp32 logits and
+    # log-softmax; the extra ks of the full model are added at the mean lengths.
     n_params_full = cfg_params(cfg)
     w_full = n_params_full * 2
     per_row = max(r["peak_bytes"] / r["batch_size"] for r in results)
     L_mean = mean_text + cfg.num_image_tokens
-    state = L_mean * cfg.text.hidden_size * torch.finfo(dtype).bits / 8
-    per_row_full = per_row + (len(full_ks) - len(ks)) * state
+    per_k = (L_mean * cfg.text.hidden_size * torch.finfo(dtype).bits / 8
+             + 2 * mean_ans * cfg.text.vocab_size * 4)
+    per_row_full = per_row + (len(full_ks) - len(ks)) * per_k
     fit = int((args.gpu_gb * 1e9 * 0.9 - w_full) // per_row_full)
     return {
         "benchmark": "tables_throughput",
@@ -299,7 +301,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "estimate": {
             "rows": args.rows, "a100_peak_tflops": args.a100_tflops, "mfu": args.mfu, "table": est,
             "weights_gb_bf16": w_full / 1e9, "act_bytes_per_row_built": per_row,
-            "act_bytes_per_row_full": per_row_full, "usable_gb": args.gpu_gb * 0.9, "max_batch_80gb": fit,
+            "act_bytes_per_extra_k": per_k, "act_bytes_per_row_full": per_row_full,
+            "usable_gb": args.gpu_gb * 0.9, "max_batch_80gb": fit,
         },
     }
 
