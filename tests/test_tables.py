@@ -134,6 +134,14 @@ def test_single_process_table_matches_the_cache_path_and_train_never_recomputes(
     np.testing.assert_array_equal(ws.cache.token_counts(samples), table["tokens"])
     np.testing.assert_array_equal(ws.splits["train"].observations, table["observations"])
     assert ws.provider.calls == 0 and ws.cache.misses == 0
+    # and a real (short) training run on that workspace: every reward is a cache hit
+    from dataclasses import replace
+
+    from deepinsert.policy.train import train_router
+
+    cfg = replace(_load(folder / "single.yaml"), total_timesteps=64, n_envs=8, checkpoint_every=0)
+    train_router(cfg, folder / "run", workspace=ws, evaluate=False, progress=False)
+    assert ws.provider.calls == 0 and ws.cache.misses == 0 and ws.cache.hits > 64
     # independent reference: the existing in-memory path (data order, other batches)
     ref = LC(ws.provider).table(samples, ks)
     np.testing.assert_allclose(table["losses"], ref, rtol=0, atol=1e-5)
