@@ -1,0 +1,347 @@
+"""Continuous batching by KV-memory budget, grouped prefill by layer, one model worker thread.
+
+The HTTP side calls :meth:`Scheduler.submit` (never blocks: a full queue raises a 429
+:class:`~deepinsert.serving.protocol.APIError`) and reads the job's events from an
+``asyncio.Queue``. One worker thread owns the model and loops:
+
+1. **admit** waiting jobs in arrival order while the running batch has rows left
+   (``max_batch``) and KV memory left: a job reserves what its cache will really hold
+   at the end, ``bytes_per_token_layer · (k·n_text + (N−k)·(n_text + n_image) + N·max_tokens)``
+   (text only below its k, text + image from k on); admission stops at the first job
+   that does not fit, so large requests are not starved. When the model is idle it waits
+   ``batch_window_s`` first so that requests arriving together are prefilled together;
+2. **prefill** the admitted jobs grouped by layer k (one batch, one image-processor call,
+   no image processing or vision tower for k = N), and they join the running batch;
+3. **one decode step** over the whole running batch (rows at any k, each with its own
+   cache lengths: :class:`~deepinsert.frozen_vlm.running.RunningBatch`); finished,
+   cancelled (client gone) and timed-out rows leave the batch right after it.
+
+New requests therefore join between decode steps and never wait for a batch to drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from deepinsert.errors import ConfigError
+from deepinsert.frozen_vlm.sampling import SamplingParams, find_stop, pick_tokens
+from deepinsert.serving.protocol import APIError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of the scheduler."""
+
+    max_batch: int = 32  # most sequences decoded together
+    kv_budget_bytes: int = 2 << 30  # KV-cache bytes the running batch may reserve
+    max_queue: int = 64  # waiting requests beyond this are refused with 429
+    batch_window_s: float = 0.01  # an idle model waits this long for more arrivals before a prefill
+    request_timeout_s: float = 600.0  # a request still running after this is stopped (408)
+    retry_after_s: int = 1  # the Retry-After header of a 429
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "kv_budget_bytes", "max_queue", "retry_after_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive int, got {v!r}")
+        if not 0 <= self.batch_window_s <= 1:
+            raise ConfigError(f"batch_window_s must be in [0, 1], got {self.batch_window_s}")
+        if not self.request_timeout_s > 0:
+            raise ConfigError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+
+
+@dataclass(eq=False)
+class Job:
+    """One request in the scheduler. Events go to ``events``: ("delta", text), ("done", info), ("error", APIError)."""
+
+    prompt_ids: list[int]
+    image: Any
+    layer: int
+    n_text: int
+    n_image: int
+    max_tokens: int
+    sampling: SamplingParams
+    stops: list[str]
+    reserve: int = 0
+    id: int = 0
+    loop: asyncio.AbstractEventLoop | None = None
+    events: asyncio.Queue | None = None
+    t_arrival: float = field(default_factory=time.perf_counter)
+    deadline: float = 0.0
+    cancelled: bool = False
+    t_first: float | None = None
+    tokens: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of the answer already emitted
+    last: int = 0
+    generator: Any = None
+
+    def cancel(self) -> None:
+        """Ask the worker to drop this job (client disconnected, timed out)."""
+        self.cancelled = True
+
+    def emit(self, kind: str, payload: Any) -> None:
+        """Hand an event to the HTTP side (thread-safe)."""
+        if self.loop is not None and self.events is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+
+
+class Scheduler:
+    """Runs jobs on a :class:`~deepinsert.frozen_vlm.FrozenVLM` in one worker thread."""
+
+    def __init__(self, vlm: Any, builder: Any, config: SchedulerConfig, metrics: Any = None) -> None:
+        from deepinsert.frozen_vlm.running import RunningBatch
+
+        self.vlm, self.builder, self.config, self.metrics = vlm, builder, config, metrics
+        self.batch = RunningBatch(vlm)
+        self.eos = set(vlm.eos_token_ids())
+        tc = vlm.config.text_config
+        heads = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        elsize = vlm.embedding_weight.element_size()
+        self.bytes_per_token_layer = 2 * int(heads) * int(head_dim) * int(elsize)
+        self._pending: deque[Job] = deque()
+        self._running: dict[int, Job] = {}
+        self._reserved = 0
+        self._cond = threading.Condition()
+        self._ids = itertools.count(1)
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="deepinsert-model-worker", daemon=True)
+        self.steps = 0
+        self.prefills = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the model worker."""
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker; waiting and running jobs get an error event."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        """The worker thread is running."""
+        return self._thread.is_alive()
+
+    # ------------------------------------------------------------------ accounting
+    def reservation(self, layer: int, n_text: int, n_image: int, max_tokens: int) -> int:
+        """KV bytes a request holds at its end: text below k, text + image from k, plus its answer."""
+        N = self.vlm.num_layers
+        rows = layer * n_text + (N - layer) * (n_text + n_image) + N * max_tokens
+        return rows * self.bytes_per_token_layer
+
+    def state(self) -> dict[str, Any]:
+        """Queue and batch sizes, reserved and held KV bytes."""
+        with self._cond:
+            return {"queued": len(self._pending), "running": len(self._running), "kv_reserved_bytes": self._reserved,
+                    **self.batch.info()}
+
+    # ------------------------------------------------------------------ HTTP side
+    def submit(self, job: Job, loop: asyncio.AbstractEventLoop) -> Job:
+        """Queue ``job``; its events arrive on ``job.events``. 429 when the queue is full."""
+        job.reserve = self.reservation(job.layer, job.n_text, job.n_image, job.max_tokens)
+        if job.reserve > self.config.kv_budget_bytes:
+            self._reject("too_large")
+            raise APIError(f"this request needs {job.reserve} bytes of KV cache, more than the server's budget "
+                           f"({self.config.kv_budget_bytes}); lower max_tokens", param="max_tokens")
+        job.loop, job.events = loop, asyncio.Queue()
+        job.id = next(self._ids)
+        job.deadline = job.t_arrival + self.config.request_timeout_s
+        job.generator = job.sampling.generator()
+        with self._cond:
+            if self._stop:
+                raise APIError("the server is shutting down", 503, type="server_error")
+            if len(self._pending) >= self.config.max_queue:
+                self._reject("queue_full")
+                raise APIError(f"the server is busy ({len(self._pending)} requests waiting); retry later", 429,
+                               type="rate_limit_error", code="queue_full",
+                               headers={"Retry-After": str(self.config.retry_after_s)})
+            self._pending.append(job)
+            if self.metrics is not None:
+                self.metrics.queue_depth.set(len(self._pending))
+            self._cond.notify_all()
+        return job
+
+    def _reject(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected.labels(reason).inc()
+
+    # ------------------------------------------------------------------ worker
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._pending and not self._running:
+                    self._cond.wait(0.5)
+                if self._stop:
+                    break
+                idle = not self._running
+            if idle and self.config.batch_window_s > 0:
+                time.sleep(self.config.batch_window_s)
+            try:
+                self._iteration()
+            except Exception as e:  # a bug: fail the running jobs, keep serving
+                log.exception("model worker iteration failed")
+                for job in list(self._running.values()):
+                    self._finish(job, None, error=APIError(f"internal error: {type(e).__name__}: {e}", 500,
+                                                           type="server_error"))
+        err = APIError("the server is shutting down", 503, type="server_error")
+        with self._cond:
+            pending, self._pending = list(self._pending), deque()
+        for job in pending:
+            job.emit("error", err)
+        for job in list(self._running.values()):
+            self._finish(job, None, error=err)
+
+    def _admit(self) -> list[Job]:
+        now = time.perf_counter()
+        out: list[Job] = []
+        with self._cond:
+            while self._pending:
+                job = self._pending[0]
+                if job.cancelled or now > job.deadline:
+                    self._pending.popleft()
+                    if not job.cancelled:
+                        self._reject("timeout")
+                        job.emit("error", APIError("the request timed out while waiting", 408, type="timeout"))
+                    continue
+                rows = len(self._running) + len(out)
+                if rows >= self.config.max_batch or self._reserved + job.reserve > self.config.kv_budget_bytes:
+                    break
+                self._pending.popleft()
+                self._reserved += job.reserve
+                out.append(job)
+            if self.metrics is not None:
+                self.metrics.queue_depth.set(len(self._pending))
+        return out
+
+    def _iteration(self) -> None:
+        admitted = self._admit()
+        by_layer: dict[int, list[Job]] = {}
+        for job in admitted:
+            by_layer.setdefault(job.layer, []).append(job)
+        for layer in sorted(by_layer):
+            self._prefill(layer, by_layer[layer])
+        now = time.perf_counter()
+        for job in list(self._running.values()):
+            if job.cancelled:
+                self._finish(job, "cancelled")
+            elif now > job.deadline:
+                self._finish(job, None, error=APIError("the request timed out", 408, type="timeout"))
+        if self._running:
+            self._step()
+        if self.metrics is not None:
+            self.metrics.set_running(self.batch.info(), self._reserved, len(self._pending))
+
+    def _prefill(self, layer: int, jobs: list[Job]) -> None:
+        import torch
+
+        pad = self.vlm.tokenizer.pad_token_id
+        pad = int(pad if pad is not None else (min(self.eos) if self.eos else 0))
+        L = max(len(j.prompt_ids) for j in jobs)
+        ids = torch.full((len(jobs), L), pad, dtype=torch.long)
+        mask = torch.zeros((len(jobs), L), dtype=torch.long)
+        for r, j in enumerate(jobs):
+            ids[r, L - len(j.prompt_ids):] = torch.tensor(j.prompt_ids)
+            mask[r, L - len(j.prompt_ids):] = 1
+        images = [j.image for j in jobs if j.image is not None]
+        pixels = None
+        if images and layer < self.vlm.num_layers:  # k = N: no image processing, no vision tower
+            pixels = self.builder.pixel_values(images).to(self.vlm.device, self.vlm.dtype)
+        for j in jobs:
+            self._running[j.id] = j
+        try:
+            logits = self.batch.prefill([j.id for j in jobs], ids.to(self.vlm.device), mask.to(self.vlm.device),
+                                        pixels, layer)
+        except Exception as e:
+            log.exception("prefill failed")
+            for j in jobs:
+                self._finish(j, None, error=APIError(f"prefill failed: {type(e).__name__}: {e}", 500,
+                                                     type="server_error"), in_batch=False)
+            return
+        self.prefills += 1
+        if self.metrics is not None:
+            self.metrics.prefill_group.observe(len(jobs))
+        toks = pick_tokens(logits, [j.sampling for j in jobs], [j.generator for j in jobs]).tolist()
+        now = time.perf_counter()
+        for j, t in zip(jobs, toks, strict=True):
+            j.t_first = now
+            self._on_token(j, int(t))
+
+    def _step(self) -> None:
+        rows = list(self.batch.ids)
+        jobs = [self._running[r] for r in rows]
+        logits = self.batch.step({j.id: j.last for j in jobs})
+        self.steps += 1
+        toks = pick_tokens(logits, [j.sampling for j in jobs], [j.generator for j in jobs]).tolist()
+        for j, t in zip(jobs, toks, strict=True):
+            self._on_token(j, int(t))
+
+    def _on_token(self, job: Job, tok: int) -> None:
+        """Stream the text the token adds; finish on EOS, a stop string or max_tokens."""
+        if tok in self.eos:
+            self._finish(job, "stop")
+            return
+        job.tokens.append(tok)
+        job.last = tok
+        text = self.builder.decode(job.tokens).lstrip()
+        if job.stops:
+            longest = max(len(s) for s in job.stops)
+            at = find_stop(text, job.stops, start=job.sent - longest)
+            if at is not None:
+                self._finish(job, "stop", text=text[:at])
+                return
+            safe = len(text) - (longest - 1)
+        else:
+            safe = len(text)
+        safe = min(safe, len(text.rstrip()))  # trailing spaces wait: the final answer is stripped
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character
+            safe = min(safe, len(text) - 1)
+        if safe > job.sent:
+            job.emit("delta", text[job.sent:safe])
+            job.sent = safe
+        if len(job.tokens) >= job.max_tokens:
+            self._finish(job, "length", text=text)
+
+    def _finish(self, job: Job, reason: str | None, *, text: str | None = None, error: APIError | None = None,
+                in_batch: bool = True) -> None:
+        if job.id not in self._running:
+            return
+        del self._running[job.id]
+        if in_batch and job.id in self.batch.ids:
+            self.batch.remove(job.id)
+        with self._cond:
+            self._reserved -= job.reserve
+        if error is not None:
+            job.emit("error", error)
+            return
+        if reason == "cancelled":
+            if self.metrics is not None:
+                self.metrics.rejected.labels("cancelled").inc()
+            return
+        if text is None:
+            text = self.builder.decode(job.tokens).lstrip()
+        final = text.rstrip()
+        if len(final) > job.sent:
+            job.emit("delta", final[job.sent:])
+            job.sent = len(final)
+        now = time.perf_counter()
+        n = len(job.tokens)
+        ttft = None if job.t_first is None else job.t_first - job.t_arrival
+        tpot = (now - job.t_first) / (n - 1) if job.t_first is not None and n > 1 else None
+        if self.metrics is not None:
+            self.metrics.observe_finish(job.layer, reason or "stop", len(job.prompt_ids), n, ttft, tpot)
+        job.emit("done", {"finish_reason": reason, "text": final, "completion_tokens": n,
+                          "prompt_tokens": len(job.prompt_ids), "ttft_s": ttft, "tpot_s": tpot})
