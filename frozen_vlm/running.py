@@ -55,25 +55,25 @@ class RunningBatch:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor | None,
-        insert_layer: int,
+        insert_layer: int | Sequence[int],
         *,
         image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Prefill ``g`` left-padded prompts at one layer k and add them as rows ``ids``.
+        """Prefill ``g`` left-padded prompts and add them as rows ``ids``.
 
         Args:
             ids: ``g`` new, distinct request ids.
             input_ids, attention_mask: ``(g, L)`` left padded, image placeholders expanded.
             pixel_values: ``(I, 3, H, W)`` or ``None`` (``insert_layer = N`` needs no image).
-            insert_layer: the group's k.
+            insert_layer: the group's k, or one k per prompt. Only the layers below the
+                smallest k run on the short text-only batch, so a scheduler groups by k when
+                the compute matters more than one more call.
 
         Returns:
             ``(g, V)`` logits of each prompt's last position (they pick the first new token).
         """
         if len(set(ids)) != len(ids) or set(ids) & set(self.ids):
             raise InputError("request ids must be new and distinct")
-        if isinstance(insert_layer, bool) or not isinstance(insert_layer, int):
-            raise InputError(f"insert_layer must be one int per group, got {insert_layer!r}")
         prep = prepare(self._parts, input_ids, pixel_values, attention_mask, insert_layer, image_features)
         if len(ids) != prep.attention_mask.shape[0]:
             raise InputError(f"{len(ids)} ids for {prep.attention_mask.shape[0]} prompts")

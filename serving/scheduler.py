@@ -10,8 +10,13 @@ The HTTP side calls :meth:`Scheduler.submit` (never blocks: a full queue raises 
    (text only below its k, text + image from k on); admission stops at the first job
    that does not fit, so large requests are not starved. When the model is idle it waits
    ``batch_window_s`` first so that requests arriving together are prefilled together;
-2. **prefill** the admitted jobs grouped by layer k (one batch, one image-processor call,
-   no image processing or vision tower for k = N), and they join the running batch;
+2. **prefill** the admitted jobs grouped by layer k and they join the running batch. Each
+   call is a run of consecutive k's (sorted): one call per k saves the most compute, one
+   call for several k's saves only below the smallest but pays the per-call overhead once;
+   :meth:`Scheduler.plan_prefills` picks the split from a cost model fitted online
+   (``prefill_grouping="auto"``; ``"layer"`` and ``"merged"`` force either end). One
+   image-processor call per prefill; k = N requests never run the image processor or the
+   vision tower;
 3. **one decode step** over the whole running batch (rows at any k, each with its own
    cache lengths: :class:`~deepinsert.frozen_vlm.running.RunningBatch`); finished,
    cancelled (client gone) and timed-out rows leave the batch right after it.
@@ -47,8 +52,11 @@ class SchedulerConfig:
     batch_window_s: float = 0.01  # an idle model waits this long for more arrivals before a prefill
     request_timeout_s: float = 600.0  # a request still running after this is stopped (408)
     retry_after_s: int = 1  # the Retry-After header of a 429
+    prefill_grouping: str = "auto"  # "layer": one prefill per k; "merged": one per round; "auto": cost model
 
     def __post_init__(self) -> None:
+        if self.prefill_grouping not in ("auto", "layer", "merged"):
+            raise ConfigError(f"prefill_grouping must be auto, layer or merged, got {self.prefill_grouping!r}")
         for name in ("max_batch", "kv_budget_bytes", "max_queue", "retry_after_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -94,15 +102,46 @@ class Job:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
 
 
+class PrefillCost:
+    """Online fit of ``prefill seconds ≈ c0 + c1 · FLOPs`` (least squares with exponential forgetting).
+
+    Until a few calls of different sizes are seen it uses the priors (10 ms per call, 50 GFLOP/s).
+    """
+
+    def __init__(self, c0: float = 0.01, c1: float = 1 / 50e9, decay: float = 0.97) -> None:
+        self.prior = (c0, c1)
+        self.decay = decay
+        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
+
+    def observe(self, seconds: float, flops: float) -> None:
+        """Add one prefill call."""
+        d = self.decay
+        self.n, self.sx, self.sy = d * self.n + 1, d * self.sx + flops, d * self.sy + seconds
+        self.sxx, self.sxy = d * self.sxx + flops * flops, d * self.sxy + flops * seconds
+
+    def coefficients(self) -> tuple[float, float]:
+        """``(c0 seconds per call, c1 seconds per FLOP)``, both >= 0."""
+        if self.n < 3:
+            return self.prior
+        var = self.sxx / self.n - (self.sx / self.n) ** 2
+        if var <= 1e-12 * max(1.0, (self.sx / self.n) ** 2):  # one size seen: keep the prior's split
+            c1 = self.prior[1]
+            return max(0.0, self.sy / self.n - c1 * self.sx / self.n), c1
+        c1 = max(0.0, (self.sxy / self.n - self.sx * self.sy / self.n ** 2) / var)
+        c0 = max(0.0, self.sy / self.n - c1 * self.sx / self.n)
+        return c0, c1
+
+
 class Scheduler:
     """Runs jobs on a :class:`~deepinsert.frozen_vlm.FrozenVLM` in one worker thread."""
 
-    def __init__(self, vlm: Any, builder: Any, config: SchedulerConfig, metrics: Any = None) -> None:
+    def __init__(self, vlm: Any, builder: Any, config: SchedulerConfig, metrics: Any = None, *,
+                 eos_token_ids: list[int] | None = None) -> None:
         from deepinsert.frozen_vlm.running import RunningBatch
 
         self.vlm, self.builder, self.config, self.metrics = vlm, builder, config, metrics
         self.batch = RunningBatch(vlm)
-        self.eos = set(vlm.eos_token_ids())
+        self.eos = set(vlm.eos_token_ids() if eos_token_ids is None else eos_token_ids)
         tc = vlm.config.text_config
         heads = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
@@ -117,6 +156,7 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="deepinsert-model-worker", daemon=True)
         self.steps = 0
         self.prefills = 0
+        self._cost = PrefillCost()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -229,11 +269,8 @@ class Scheduler:
 
     def _iteration(self) -> None:
         admitted = self._admit()
-        by_layer: dict[int, list[Job]] = {}
-        for job in admitted:
-            by_layer.setdefault(job.layer, []).append(job)
-        for layer in sorted(by_layer):
-            self._prefill(layer, by_layer[layer])
+        for group in self.plan_prefills(admitted):
+            self._prefill(group)
         now = time.perf_counter()
         for job in list(self._running.values()):
             if job.cancelled:
@@ -245,10 +282,57 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.set_running(self.batch.info(), self._reserved, len(self._pending))
 
-    def _prefill(self, layer: int, jobs: list[Job]) -> None:
+    # ------------------------------------------------------------------ prefill planning
+    def _flops(self, job: Job, k: int) -> float:
+        from deepinsert.frozen_vlm.flops import flops
+
+        return flops(self.vlm, k, job.n_text, job.n_image)
+
+    def plan_prefills(self, jobs: list[Job]) -> list[list[Job]]:
+        """Split a round's admitted jobs into prefill calls, each a run of consecutive k's.
+
+        One call with several k's saves compute only below its smallest k; one call per k
+        pays the per-call overhead again. ``auto`` picks the split minimising
+        ``Σ_calls (c0 + c1 · FLOPs(call))`` (dynamic programming over the jobs sorted by k),
+        with ``c0`` (seconds per call) and ``c1`` (seconds per FLOP) fitted online to the
+        prefills run so far: a small model (overhead-bound) merges, a large one groups by k.
+        """
+        if not jobs:
+            return []
+        jobs = sorted(jobs, key=lambda j: j.layer)
+        mode = self.config.prefill_grouping
+        if mode == "merged":
+            return [jobs]
+        if mode == "layer":
+            out: list[list[Job]] = []
+            for j in jobs:
+                if out and out[-1][0].layer == j.layer:
+                    out[-1].append(j)
+                else:
+                    out.append([j])
+            return out
+        c0, c1 = self._cost.coefficients()
+        m = len(jobs)
+        best = [0.0] + [float("inf")] * m  # best[i]: cost of jobs[:i]
+        cut = [0] * (m + 1)
+        for i in range(1, m + 1):
+            for s in range(i):  # last call = jobs[s:i], run at per-job k with compute saved below jobs[s].layer
+                kmin = jobs[s].layer
+                cost = best[s] + c0 + c1 * sum(self._flops(j, kmin) for j in jobs[s:i])
+                if cost < best[i] - 1e-15:
+                    best[i], cut[i] = cost, s
+        groups: list[list[Job]] = []
+        i = m
+        while i > 0:
+            groups.append(jobs[cut[i]:i])
+            i = cut[i]
+        return groups[::-1]
+
+    def _prefill(self, jobs: list[Job]) -> None:
         import torch
 
-        pad = self.vlm.tokenizer.pad_token_id
+        N = self.vlm.num_layers
+        pad = getattr(self.vlm.tokenizer, "pad_token_id", None)
         pad = int(pad if pad is not None else (min(self.eos) if self.eos else 0))
         L = max(len(j.prompt_ids) for j in jobs)
         ids = torch.full((len(jobs), L), pad, dtype=torch.long)
@@ -256,24 +340,37 @@ class Scheduler:
         for r, j in enumerate(jobs):
             ids[r, L - len(j.prompt_ids):] = torch.tensor(j.prompt_ids)
             mask[r, L - len(j.prompt_ids):] = 1
-        images = [j.image for j in jobs if j.image is not None]
-        pixels = None
-        if images and layer < self.vlm.num_layers:  # k = N: no image processing, no vision tower
-            pixels = self.builder.pixel_values(images).to(self.vlm.device, self.vlm.dtype)
+        ks = [j.layer for j in jobs]
         for j in jobs:
             self._running[j.id] = j
+        t0 = time.perf_counter()
         try:
+            feats = None
+            seen = [j for j in jobs if j.image is not None and j.layer < N]
+            if seen:  # one image-processor call; k = N images are never processed nor encoded
+                pixels = self.builder.pixel_values([j.image for j in seen])
+                enc = iter(self.vlm.image_features(pixels))
+                with_image = [j for j in jobs if j.image is not None]
+                feats = None
+                parts = []
+                for j in with_image:
+                    # a k = N row sharing a call with earlier k's: its image columns stay masked, any value does
+                    parts.append(next(enc) if j.layer < N else None)
+                shape = next(p for p in parts if p is not None)
+                feats = [p if p is not None else torch.zeros_like(shape) for p in parts]
             logits = self.batch.prefill([j.id for j in jobs], ids.to(self.vlm.device), mask.to(self.vlm.device),
-                                        pixels, layer)
+                                        None, ks[0] if len(set(ks)) == 1 else ks, image_features=feats)
         except Exception as e:
             log.exception("prefill failed")
             for j in jobs:
                 self._finish(j, None, error=APIError(f"prefill failed: {type(e).__name__}: {e}", 500,
                                                      type="server_error"), in_batch=False)
             return
+        self._cost.observe(time.perf_counter() - t0, sum(self._flops(j, min(ks)) for j in jobs))
         self.prefills += 1
         if self.metrics is not None:
             self.metrics.prefill_group.observe(len(jobs))
+            self.metrics.set_running(self.batch.info(), self._reserved, len(self._pending))
         toks = pick_tokens(logits, [j.sampling for j in jobs], [j.generator for j in jobs]).tolist()
         now = time.perf_counter()
         for j, t in zip(jobs, toks, strict=True):
