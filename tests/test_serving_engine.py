@@ -107,7 +107,7 @@ def test_seeded_generate_is_reproducible_and_greedy_by_default(model, vlm):
 
 
 def test_running_batch_rows_join_and_leave_and_match_forward(model, vlm):
-    """Groups at k = 0, 2, 4 (N) join at different steps; every logit equals the full-sequence forward."""
+    """Groups at k = 0, 2, 4 (N), one mixed, join at different steps; every logit equals the full-sequence forward."""
     N = vlm.num_layers
     prompts = {i: _prompt(model, 2 + i % 3, 3 + (2 * i) % 5, 10 + i) for i in range(6)}
     ks = {0: 0, 1: 0, 2: 2, 3: N, 4: 2, 5: N}
@@ -120,8 +120,10 @@ def test_running_batch_rows_join_and_leave_and_match_forward(model, vlm):
 
     def join(group):
         ids, mask = _pad([prompts[i] for i in group])
-        pv = None if ks[group[0]] == N else torch.cat([pixels[i] for i in group])
-        for i, row in zip(group, rb.prefill(group, ids, mask, pv, ks[group[0]])):
+        layers = [ks[i] for i in group]
+        pv = None if set(layers) == {N} else torch.cat([pixels[i] for i in group])
+        k = layers[0] if len(set(layers)) == 1 else layers
+        for i, row in zip(group, rb.prefill(group, ids, mask, pv, k)):
             got[i].append(row)
 
     def step():
@@ -132,11 +134,12 @@ def test_running_batch_rows_join_and_leave_and_match_forward(model, vlm):
             if fed[i] >= stop_after[i]:
                 rb.remove(i)
 
-    join([0, 1])
+    join([0, 1])  # one k
     step()
-    join([2, 4])
+    join([2, 3])  # mixed k in one prefill (2 and N)
     step()
-    join([3, 5])
+    join([5])  # k = N: no image at all
+    join([4])
     while len(rb):
         step()
     assert rb.kv_bytes() == 0
@@ -162,3 +165,32 @@ def test_running_batch_kv_bytes_count_text_below_k_and_image_above(model, vlm):
     assert rb.kv_bytes() == per * (2 * n_text + (N - 2) * len(p) + N)
     with pytest.raises(InputError):
         rb.prefill(["a"], ids, mask, torch.randn(1, 3, 16, 16), 2)
+
+
+def test_prefill_plan_is_the_cheapest_split(vlm):
+    """The scheduler's DP split of a round into prefill calls vs brute force over every split."""
+    import itertools
+
+    from deepinsert.serving.scheduler import Job, PrefillCost, Scheduler, SchedulerConfig
+
+    sched = Scheduler(vlm, builder=None, config=SchedulerConfig(), eos_token_ids=[])
+    rng = np.random.default_rng(0)
+    jobs = [Job(prompt_ids=[], image=object(), layer=int(k), n_text=int(t), n_image=N_IMG, max_tokens=4,
+                sampling=SamplingParams(), stops=[])
+            for k, t in zip(rng.integers(0, 5, 7), rng.integers(5, 40, 7))]
+
+    def cost(groups, c0, c1):
+        return sum(c0 + c1 * sum(sched._flops(j, g[0].layer) for j in g) for g in groups)
+
+    for c0, c1 in [(1.0, 0.0), (0.0, 1.0), (1e-3, 1e-9), (5e-3, 2e-10)]:
+        sched._cost = PrefillCost(c0, c1)
+        plan = sched.plan_prefills(list(jobs))
+        assert sorted(j.layer for g in plan for j in g) == sorted(j.layer for j in jobs)
+        order = sorted(jobs, key=lambda j: j.layer)
+        best = min(cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))], c0, c1)
+                   for r in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), r))
+        assert cost(plan, c0, c1) == pytest.approx(best, rel=1e-12)
+    sched._cost = PrefillCost(1.0, 0.0)
+    assert len(sched.plan_prefills(list(jobs))) == 1  # overhead only: one call
+    sched._cost = PrefillCost(0.0, 1.0)
+    assert all(len({j.layer for j in g}) == 1 for g in sched.plan_prefills(list(jobs)))  # compute only: by k
