@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--demo-budget-k0", type=float, default=8.0,
                    help="demo: KV budget = this many k = 0 requests' reservations")
     p.add_argument("--max-seconds", type=float, default=60.0, help="stop issuing requests of a setting after this")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="demo: rounds; each round runs every (concurrency, mode) once, in turn (drift hits all alike)")
     p.add_argument("--server-threads", type=int, default=1, help="torch threads of the demo server process")
     p.add_argument("--llava-layers", type=int, default=2, help="llava7b: decoder layers built")
     p.add_argument("--llava-dtype", default="float32", help="llava7b: float32 or bfloat16")
@@ -261,16 +263,19 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         info = read_bundle_info(args.bundle)
         # warm-up
         asyncio.run(_demo_setting(base, work, "routed", 2, 8, 30, args.demo_max_tokens, 0))
-        rows = []
         concs = [int(c) for c in args.concurrency.split(",")]
         modes = [m.strip() for m in args.modes.split(",")]
-        for conc in concs:
-            for mode in modes:
-                row = asyncio.run(_demo_setting(base, work, mode, conc, args.demo_requests, args.max_seconds,
-                                                args.demo_max_tokens, 0))
-                rows.append(row)
-                print(f"demo {mode:>7} c={conc:<3} {row['req_per_s']:.1f} req/s  ttft p50 {row['ttft_p50_ms']:.0f} ms"
-                      f"  acc {row.get('accuracy', float('nan')):.3f}  peak batch {row['peak_batch']:.0f}", flush=True)
+        runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
+        for rep in range(args.repeats):
+            for conc in concs:
+                for mode in modes:
+                    row = asyncio.run(_demo_setting(base, work, mode, conc, args.demo_requests, args.max_seconds,
+                                                    args.demo_max_tokens, rep * args.demo_requests))
+                    runs.setdefault((conc, mode), []).append(row)
+                    print(f"demo {mode:>7} c={conc:<3} round {rep}: {row['req_per_s']:.1f} req/s  ttft p50 "
+                          f"{row['ttft_p50_ms']:.0f} ms  acc {row.get('accuracy', float('nan')):.3f}  "
+                          f"peak batch {row['peak_batch']:.0f}", flush=True)
+        rows = [_median_row(runs[(c, m)]) for c in concs for m in modes]
     finally:
         proc.terminate()
         try:
@@ -280,8 +285,18 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     _speedups(rows)
     return {"model": "demo", "num_layers": N, "image_tokens": n_img, "router_lam": info.lam,
             "kv_budget_bytes": int(budget_mib * 2**20), "kv_budget_k0_requests": args.demo_budget_k0,
-            "max_tokens": args.demo_max_tokens, "requests_per_setting": args.demo_requests,
+            "max_tokens": args.demo_max_tokens, "requests_per_setting": args.demo_requests, "rounds": args.repeats,
             "server_torch_threads": args.server_threads, "rows": rows}
+
+
+def _median_row(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median throughput, plus every round's req/s (the spread)."""
+    ordered = sorted(reps, key=lambda r: r["req_per_s"] or 0.0)
+    row = dict(ordered[len(ordered) // 2])
+    row["req_per_s_rounds"] = [r["req_per_s"] for r in reps]
+    row["ttft_p50_ms_rounds"] = [r["ttft_p50_ms"] for r in reps]
+    row["rounds"] = len(reps)
+    return row
 
 
 def _speedups(rows: list[dict[str, Any]]) -> None:
@@ -372,9 +387,14 @@ def run_llava7b(args: argparse.Namespace) -> dict[str, Any]:
             sched.start()
             peak = {"kv": 0, "batch": 0}
 
-            def layer_for(i: int) -> int:
+            # routed: the demo router's layer distribution, as quantiles (a few requests still follow it), shuffled
+            quantiles = [round(sorted(fracs)[int((i + 0.5) * len(fracs) / args.llava_requests)] * n)
+                         for i in range(args.llava_requests)]
+            random.Random(args.seed).shuffle(quantiles)
+
+            def layer_for(i: int, quantiles=quantiles) -> int:
                 if mode == "routed":
-                    return int(round(fracs[(i * 7 + rng.randrange(len(fracs))) % len(fracs)] * n))
+                    return int(quantiles[i % len(quantiles)])
                 if mode == "k0":
                     return 0
                 return int(mode[2:])
@@ -422,7 +442,7 @@ def run_llava7b(args: argparse.Namespace) -> dict[str, Any]:
             "dtype": args.llava_dtype, "text_tokens": args.llava_text, "image_tokens": n_img,
             "max_tokens": args.llava_max_tokens, "kv_budget_k0_requests": args.llava_budget_k0,
             "requests_per_setting": args.llava_requests, "torch_threads": args.threads, "build_seconds": build_s,
-            "layer_source": "demo router decisions on the demo test split, k_built = round(k/N * layers_built)",
+            "layer_source": "quantiles of the demo router's k/N on the demo test split (one per request, shuffled), k_built = round(k/N * layers_built)",
             "rows": rows}
 
 
@@ -440,7 +460,10 @@ def format_table(part: str, res: dict[str, Any]) -> str:
 
         sp = "—" if "speedup_vs_k0" not in r else (
             f"{r['speedup_vs_k0']:.2f}×" + (f" ({r['ideal_speedup']:.2f}×)" if "ideal_speedup" in r else ""))
-        lines.append(f"| {r['mode']} | {r['concurrency']} | {f(r['req_per_s'], '.2f')} | {f(r['ttft_p50_ms'], '.0f')} "
+        rps = f(r['req_per_s'], '.2f')
+        if len(r.get("req_per_s_rounds", [])) > 1:
+            rps += f" ({min(r['req_per_s_rounds']):.1f}–{max(r['req_per_s_rounds']):.1f})"
+        lines.append(f"| {r['mode']} | {r['concurrency']} | {rps} | {f(r['ttft_p50_ms'], '.0f')} "
                      f"| {f(r['ttft_p99_ms'], '.0f')} | {f(r['tpot_p50_ms'], '.1f')} | {r['peak_kv_bytes'] / 2**20:.2f} "
                      f"| {r['peak_batch']:.0f} | {f(r['mean_layer'], '.2f')} | {f(r['flops_fraction'], '.3f')} | {sp} "
                      f"| {f(r.get('accuracy'), '.3f')} |")
