@@ -165,13 +165,13 @@ class PromptBuilder:
             target = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
             with self.lock:
                 return target.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
-        from deepinsert.frozen_vlm.batching import PROMPT_TEMPLATE
+        from deepinsert.frozen_vlm.batching import PROMPT_TEMPLATE, TEXT_PROMPT_TEMPLATE
 
         if len(conv) != 1:
             raise APIError("this model has no chat template: send one user message", param="messages")
         has_image = any(p["type"] == "image" for p in conv[0]["content"])
         q = " ".join(p["text"] for p in conv[0]["content"] if p["type"] == "text")
-        return PROMPT_TEMPLATE.format(question=q) if has_image else PROMPT_TEMPLATE.replace("<image>\n", "").format(question=q)
+        return (PROMPT_TEMPLATE if has_image else TEXT_PROMPT_TEMPLATE).format(question=q)
 
     def decode(self, ids: list[int]) -> str:
         """Token ids -> text (special tokens dropped), under the tokenizer lock."""

@@ -105,6 +105,16 @@ def test_insert_layer_forces_the_layer(client, vlm, samples, k):
         assert r.choices[0].message.content == want.texts[i]
 
 
+def test_text_only_request_runs_at_n_like_deepinsert_generate(client, vlm, router, samples):
+    _, questions = samples
+    want = deepinsert.generate(vlm, [None, None], questions[:2], router=router, max_new_tokens=MAX_TOKENS)
+    for i in range(2):
+        r = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": questions[i]}],
+                                           max_tokens=MAX_TOKENS)
+        assert r.deepinsert["layer"] == vlm.num_layers == want.layers[i] and r.deepinsert["routed"] is False
+        assert r.choices[0].message.content == want.texts[i]
+
+
 def test_stream_concatenates_to_the_non_streamed_text(client, server, samples):
     images, questions = samples
     for i in range(3):
