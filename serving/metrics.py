@@ -42,6 +42,8 @@ class ServerMetrics:
                                    buckets=_LATENCY_BUCKETS, registry=r)
         self.tpot = prom.Histogram("deepinsert_time_per_output_token_seconds", "Mean time per token after the first",
                                    buckets=_TOKEN_BUCKETS, registry=r)
+        self.worker_seconds = prom.Counter("deepinsert_worker_seconds", "Model-worker time by phase", ["phase"],
+                                           registry=r)
         self.prefill_group = prom.Histogram("deepinsert_prefill_group_size", "Requests prefilled together",
                                             buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
 

@@ -157,6 +157,7 @@ class Scheduler:
         self.steps = 0
         self.prefills = 0
         self._cost = PrefillCost()
+        self.phase_seconds: dict[str, float] = {}  # worker time by phase (image_processor, vision_tower, ...)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -175,6 +176,12 @@ class Scheduler:
     def alive(self) -> bool:
         """The worker thread is running."""
         return self._thread.is_alive()
+
+    def _phase(self, name: str, since: float) -> None:
+        dt = time.perf_counter() - since
+        self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + dt
+        if self.metrics is not None:
+            self.metrics.worker_seconds.labels(name).inc(dt)
 
     # ------------------------------------------------------------------ accounting
     def reservation(self, layer: int, n_text: int, n_image: int, max_tokens: int) -> int:
@@ -348,8 +355,12 @@ class Scheduler:
             feats = None
             seen = [j for j in jobs if j.image is not None and j.layer < N]
             if seen:  # one image-processor call; k = N images are never processed nor encoded
+                t_img = time.perf_counter()
                 pixels = self.builder.pixel_values([j.image for j in seen])
+                self._phase("image_processor", t_img)
+                t_img = time.perf_counter()
                 enc = iter(self.vlm.image_features(pixels))
+                self._phase("vision_tower", t_img)
                 with_image = [j for j in jobs if j.image is not None]
                 feats = None
                 parts = []
@@ -358,8 +369,10 @@ class Scheduler:
                     parts.append(next(enc) if j.layer < N else None)
                 shape = next(p for p in parts if p is not None)
                 feats = [p if p is not None else torch.zeros_like(shape) for p in parts]
+            t_lm = time.perf_counter()
             logits = self.batch.prefill([j.id for j in jobs], ids.to(self.vlm.device), mask.to(self.vlm.device),
                                         None, ks[0] if len(set(ks)) == 1 else ks, image_features=feats)
+            self._phase("prefill_lm", t_lm)
         except Exception as e:
             log.exception("prefill failed")
             for j in jobs:
@@ -380,7 +393,9 @@ class Scheduler:
     def _step(self) -> None:
         rows = list(self.batch.ids)
         jobs = [self._running[r] for r in rows]
+        t0 = time.perf_counter()
         logits = self.batch.step({j.id: j.last for j in jobs})
+        self._phase("decode_step", t0)
         self.steps += 1
         toks = pick_tokens(logits, [j.sampling for j in jobs], [j.generator for j in jobs]).tolist()
         for j, t in zip(jobs, toks, strict=True):
@@ -393,7 +408,9 @@ class Scheduler:
             return
         job.tokens.append(tok)
         job.last = tok
+        t0 = time.perf_counter()
         text = self.builder.decode(job.tokens).lstrip()
+        self._phase("detokenize", t0)
         if job.stops:
             longest = max(len(s) for s in job.stops)
             at = find_stop(text, job.stops, start=job.sent - longest)
