@@ -89,7 +89,7 @@ def _pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
     v = sorted(values)
-    i = min(len(v) - 1, max(0, int(round(q * (len(v) - 1)))))
+    i = min(len(v) - 1, max(0, round(q * (len(v) - 1))))
     return v[i]
 
 
@@ -243,8 +243,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.server_threads), "TOKENIZERS_PARALLELISM": "false"}
     serve = ["serve", str(args.bundle), "--model", "demo", "--served-model-name", "demo", "--port", str(port),
              "--kv-budget-mib", repr(budget_mib), "--max-running", "64", "--max-queue", "256", "--log-level", "warning"]
-    cmd = [sys.executable, "-c", f"import torch; torch.set_num_threads({args.server_threads}); "
-           f"from deepinsert.cli import main; raise SystemExit(main({serve!r}))"]
+    cmd = [sys.executable, "-c", (f"import torch; torch.set_num_threads({args.server_threads}); "
+                                  f"from deepinsert.cli import main; raise SystemExit(main({serve!r}))")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -392,7 +392,7 @@ def run_llava7b(args: argparse.Namespace) -> dict[str, Any]:
                          for i in range(args.llava_requests)]
             random.Random(args.seed).shuffle(quantiles)
 
-            def layer_for(i: int, quantiles=quantiles) -> int:
+            def layer_for(i: int, quantiles=quantiles, mode=mode) -> int:
                 if mode == "routed":
                     return int(quantiles[i % len(quantiles)])
                 if mode == "k0":

@@ -15,7 +15,7 @@ do not depend on which other requests share its batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -99,7 +99,7 @@ def pick_tokens(
     return out
 
 
-def make_picker(temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):  # noqa: ANN201
+def make_picker(temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``logits (B, V) -> (B,)``: argmax when ``temperature == 0``, else one seeded generator for the batch."""
     params = SamplingParams(temperature, top_p, seed)
     if params.greedy:

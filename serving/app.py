@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,7 +111,7 @@ def create_chat_app(
     scheduler = Scheduler(vlm, builder, scheduler_config, metrics)
 
     @asynccontextmanager
-    async def lifespan(app: Any):  # noqa: ANN202
+    async def lifespan(app: Any) -> AsyncIterator[None]:
         scheduler.start()
         try:
             yield
@@ -269,7 +270,7 @@ def create_chat_app(
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        async def events():  # noqa: ANN202
+        async def events() -> AsyncIterator[str]:
             def sse(obj: Any) -> str:
                 return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 

@@ -22,7 +22,7 @@ from deepinsert.errors import InputError
 from deepinsert.utils.extras import require
 
 pydantic = require("pydantic", "serve")
-from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class APIError(InputError):

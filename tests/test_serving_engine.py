@@ -61,7 +61,7 @@ def test_greedy_is_argmax_and_params_validate():
     logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(1))
     greedy = SamplingParams()
     assert pick_tokens(logits, [greedy] * 3, [None] * 3).tolist() == logits.argmax(-1).tolist()
-    for bad in [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(seed=1.5), dict(temperature=True)]:
+    for bad in [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"seed": 1.5}, {"temperature": True}]:
         with pytest.raises(InputError):
             SamplingParams(**bad)
     assert find_stop("a cat sat", ["sat", "cat"]) == 2 and find_stop("abc", ["x"]) is None
