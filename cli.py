@@ -406,10 +406,16 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 def _args_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle_dir", type=Path, help="router bundle written by `deepinsert export`")
+    p.add_argument("--model", default=None,
+                   help="serve OpenAI-compatible chat with this VLM (hub id, folder or 'demo'); without it: the router only")
+    p.add_argument("--adapter", default=None, help="peft adapter folder merged into --model")
+    p.add_argument("--dtype", default="auto", help="--model weights dtype (auto, float32, bfloat16, float16)")
+    p.add_argument("--device", default="auto", help="--model device (auto, cpu, cuda, cuda:1...)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--max-batch", type=int, default=64, help="most prompts per request (default 64)")
-    p.add_argument("--max-body-bytes", type=int, default=256 * 1024, help="largest request body (default 256 KiB)")
+    p.add_argument("--max-batch", type=int, default=64, help="router: most prompts per /route request (default 64)")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body (default 256 KiB; 20 MiB with --model: images are base64)")
     p.add_argument("--max-prompt-chars", type=int, default=4096,
                    help="most prompt characters per request, all prompts together (default 4096); checked before tokenising")
     p.add_argument("--request-timeout", type=float, default=10.0,
@@ -417,6 +423,13 @@ def _args_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-connections", type=int, default=128, help="connections served at once; 503 beyond (default 128)")
     p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (off by default)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads per call (default 1)")
+    p.add_argument("--served-model-name", default=None, help="with --model: the model id clients name (default: --model's name)")
+    p.add_argument("--max-running", type=int, default=32, help="with --model: most sequences decoded together (default 32)")
+    p.add_argument("--kv-budget-mib", type=float, default=2048, help="with --model: KV-cache memory to fill (default 2048)")
+    p.add_argument("--max-queue", type=int, default=64, help="with --model: waiting requests before 429 (default 64)")
+    p.add_argument("--generation-timeout", type=float, default=600,
+                   help="with --model: seconds a chat request may run, queue included (default 600)")
+    p.add_argument("--allow-remote-images", action="store_true", help="with --model: fetch http(s) image URLs")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -431,9 +444,11 @@ def is_loopback(host: str) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve a router bundle over HTTP."""
+    """Serve a router bundle over HTTP; with ``--model``, OpenAI-compatible chat that generates too."""
     if not 0 < args.port < 65536:
         raise InputError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_body_bytes is None:
+        args.max_body_bytes = 256 * 1024 if args.model is None else 20 * 1024 * 1024
     for flag, v in (("--max-batch", args.max_batch), ("--max-body-bytes", args.max_body_bytes),
                     ("--max-prompt-chars", args.max_prompt_chars), ("--max-connections", args.max_connections),
                     ("--threads", args.threads)):
@@ -445,15 +460,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     require("uvicorn", "serve")
     from deepinsert.router import Router
-    from deepinsert.router.service import bind_socket, create_app, serve
+    from deepinsert.router.service import bind_socket, serve
 
     router = Router.load(args.bundle_dir, num_threads=args.threads)
-    app = create_app(router, max_batch=args.max_batch, max_body_bytes=args.max_body_bytes,
-                     max_prompt_chars=args.max_prompt_chars, docs=args.docs)
+    if args.model is None:
+        from deepinsert.router.service import create_app
+
+        app = create_app(router, max_batch=args.max_batch, max_body_bytes=args.max_body_bytes,
+                         max_prompt_chars=args.max_prompt_chars, docs=args.docs)
+        what = "POST /route, GET /health, GET /info"
+    else:
+        from deepinsert.frozen_vlm import load_vlm
+        from deepinsert.serving.app import ServerConfig, create_chat_app
+        from deepinsert.serving.scheduler import SchedulerConfig
+
+        vlm = load_vlm(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter)
+        name = args.served_model_name or Path(str(args.model).rstrip("/")).name
+        app = create_chat_app(
+            vlm, router,
+            config=ServerConfig(model_name=name, max_body_bytes=args.max_body_bytes,
+                                allow_remote_images=args.allow_remote_images),
+            scheduler_config=SchedulerConfig(max_batch=args.max_running, kv_budget_bytes=int(args.kv_budget_mib * 2**20),
+                                             max_queue=args.max_queue, request_timeout_s=args.generation_timeout),
+        )
+        what = f"model {name!r}: POST /v1/chat/completions, GET /v1/models, /route, /health, /info, /metrics"
     sock = bind_socket(args.host, args.port)  # a busy port fails here, in one line
     if not is_loopback(args.host):
-        log.warning("binding %s: the router is reachable from other machines (no authentication)", args.host)
-    print(f"serving {router} on http://{args.host}:{args.port} (POST /route, GET /health, GET /info)", flush=True)
+        log.warning("binding %s: the server is reachable from other machines (no authentication)", args.host)
+    print(f"serving {router} on http://{args.host}:{args.port} ({what})", flush=True)
     try:
         serve(app, sock, log_level=args.log_level, request_timeout_s=args.request_timeout,
               max_connections=args.max_connections)
@@ -700,7 +734,7 @@ COMMANDS: dict[str, Command] = {
     "evaluate": (_args_evaluate, cmd_evaluate, "evaluate a run vs static layers and the oracle"),
     "export": (_args_export, cmd_export, "export a trained run as an ONNX router bundle"),
     "route": (_args_route, cmd_route, "ask a router bundle which layer for a prompt"),
-    "serve": (_args_serve, cmd_serve, "serve a router bundle over HTTP"),
+    "serve": (_args_serve, cmd_serve, "serve a router bundle over HTTP (with --model: OpenAI-compatible chat)"),
     "demo": (_args_demo, cmd_demo, "build the demo VLM and its data, or its accuracy by layer"),
     "info": (_args_info, cmd_info, "describe a run folder, router bundle or sweep folder"),
     "tables": (_args_tables, cmd_tables, "compute the loss table into the cache (one process or under torchrun)"),

@@ -25,6 +25,7 @@ from deepinsert.frozen_vlm.batching import IGNORE_INDEX
 from deepinsert.frozen_vlm.decoding import resolve_eos_ids
 from deepinsert.frozen_vlm.layers import LlavaParts, llava_parts
 from deepinsert.frozen_vlm.prepare import InsertLayer, Prepared, normalize_insert_layer, prepare
+from deepinsert.frozen_vlm.sampling import make_picker
 
 Refill = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -305,8 +306,11 @@ class FrozenVLM:
         pad_token_id: int | None = None,
         *,
         image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
     ) -> torch.Tensor:
-        """Greedy decoding with a KV cache under late insertion.
+        """Greedy (default) or sampled decoding with a KV cache under late insertion.
 
         Layers ``< k`` cache the text tokens only, layers ``>= k`` the full sequence; new
         tokens take positions ``n_real + t``. Finished samples are padded with
@@ -321,6 +325,8 @@ class FrozenVLM:
             pad_token_id: filler after a sample finished.
             image_features: precomputed projector outputs instead of ``pixel_values``
                 (``max_new_tokens=1`` then times exactly one serving prefill).
+            temperature, top_p, seed: sampling (:mod:`~deepinsert.frozen_vlm.sampling`);
+                ``temperature=0`` (default) is exact greedy argmax.
 
         Returns:
             ``(B, T_new)`` new token ids, ``T_new <= max_new_tokens`` (stops when all finished).
@@ -328,6 +334,7 @@ class FrozenVLM:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         eos = self.eos_token_ids(eos_token_id)
+        pick = make_picker(temperature, top_p, seed)
         prep = prepare(self._parts, input_ids, pixel_values, attention_mask, insert_layer, image_features)
         if bool((prep.attention_mask[:, -1] == 0).any()):
             raise InputError("generate needs left padding (every prompt's last position a real token); "
@@ -341,7 +348,7 @@ class FrozenVLM:
 
         cache = self._parts.new_cache()
         h, masks = self._prefill(prep, cache)
-        nxt = self._logits(h[:, -1]).argmax(-1)  # (B,)
+        nxt = pick(self._logits(h[:, -1]))  # (B,)
         finished = torch.isin(nxt, eos_t)
         out = [nxt]
         pos = prep.attention_mask.sum(1, keepdim=True)  # (B, 1) position of the next token
@@ -356,7 +363,7 @@ class FrozenVLM:
             masks = [grown[id(m)] for m in masks]
             x = self._parts.embed_tokens(nxt.unsqueeze(1))  # (B, 1, D)
             h = self._layers(x, 0, self.num_layers, masks, pos, cache)
-            nxt = self._logits(h[:, -1]).argmax(-1)
+            nxt = pick(self._logits(h[:, -1]))
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
             finished |= torch.isin(nxt, eos_t)
             out.append(nxt)
