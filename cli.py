@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIG = "demo"
 """``--config`` default of ``train`` and ``sweep``: the shipped ``configs/demo.yaml``."""
 DEFAULT_LAMS = "0,0.05,0.1,0.2,0.5"
-ALGORITHMS = ("ppo", "a2c", "dqn")
+DEFAULT_SEEDS = 3
+ALGORITHMS = ("ppo", "a2c", "dqn", "losscurve")
 MIN_VALIDATION = 1000
 """A bundle is validated on at least this many prompts and random embeddings."""
 DEMO_BUILD_DIR = Path("demo-build")
@@ -168,6 +169,22 @@ def _args_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="retrain runs that already exist in --out")
     p.add_argument("--trust-run", action="store_true",
                    help="resume runs in --out whose checkpoints fail the integrity check (unpickled: trusted folders only)")
+    p.add_argument("--algorithms", default=None,
+                   help="comma-separated algorithms to compare at every λ (default: the config's algorithm and "
+                        "losscurve), e.g. ppo,a2c,dqn,losscurve")
+    p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
+                   help=f"seeds per algorithm (config seed, seed+1, ...; default {DEFAULT_SEEDS}): sweep.json reports "
+                        "mean ± spread")
+
+
+def _parse_algorithms(text: str | None, default: str) -> list[str]:
+    if text is None:
+        return list(dict.fromkeys([default, "losscurve"]))
+    algs = [a.strip().lower() for a in text.split(",") if a.strip()]
+    bad = [a for a in algs if a not in ALGORITHMS]
+    if not algs or bad:
+        raise InputError(f"--algorithms must list some of {', '.join(ALGORITHMS)}, got {text!r}")
+    return list(dict.fromkeys(algs))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -180,9 +197,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     lams = parse_lams(args.lams)  # validated before any work
     check_output_dir(args.out, "--out")
     cfg = _load_config(args)
+    algorithms = _parse_algorithms(args.algorithms, cfg.algorithm)
+    if args.seeds < 1:
+        raise InputError(f"--seeds must be >= 1, got {args.seeds}")
     from deepinsert.policy.sweep import format_sweep, run_sweep
 
-    result = run_sweep(cfg, lams, args.out, force=args.force, progress=not args.no_progress, trust_run=args.trust_run)
+    result = run_sweep(cfg, lams, args.out, algorithms=algorithms, seeds=args.seeds, force=args.force,
+                       progress=not args.no_progress, trust_run=args.trust_run)
     print()
     print(format_sweep(result))
     print(f"\nwrote {args.out}/sweep.json, {args.out}/pareto.png and one run folder per λ")
