@@ -3,8 +3,12 @@
 Fitted at training time on the router's own observations ``(S, D)``:
 
 1. standardise with the training mean / std (the same statistics as the policy's normalisation),
-2. project on the top ``g`` principal directions of the distinct training observations,
-   whitened (unit variance per direction): ``z = ((x - mean) / std) @ proj``, ``(B, g)``,
+2. project on ``g`` directions, whitened (unit training variance per direction):
+   ``z = ((x - mean) / std) @ proj``, ``(B, g)``. Half are the top principal
+   directions of the distinct training observations; the rest are directions in the
+   complement of those, where vocabulary rows vary most (the *residual*), so a prompt made of words no training prompt used
+   (which moves the mean embedding out of the training span) is seen even when the top
+   principal directions miss it,
 3. score = distance from ``z`` to the nearest distinct training projection ``points`` ``(M, g)``.
 
 The threshold is the ``quantile`` of the scores of the validation split (so about
@@ -126,11 +130,14 @@ def fit_guard(
     quantile: float = DEFAULT_QUANTILE,
     mean: np.ndarray | None = None,
     std: np.ndarray | None = None,
+    vocab: np.ndarray | None = None,
 ) -> ObsGuard:
     """Fit the guard on training observations ``(S, D)``, calibrate it on ``val_obs`` ``(S', D)``.
 
     Without ``val_obs`` the threshold comes from leave-one-out distances of the distinct
-    training observations. ``mean`` / ``std`` default to the training statistics.
+    training observations. ``mean`` / ``std`` default to the training statistics. ``vocab``
+    (the (V, D) embedding table, optional) picks the residual directions: the ones in which
+    vocabulary rows vary most outside the training span (random directions without it).
     """
     if not 0.5 <= quantile < 1.0:
         raise ConfigError(f"guard quantile must be in [0.5, 1), got {quantile}")
@@ -142,14 +149,38 @@ def fit_guard(
     mean = np.asarray(mean, dtype=np.float32)
     std = np.asarray(std, dtype=np.float32)
     xs = np.unique(((x - mean) / std).astype(np.float32), axis=0)  # distinct training points (M, D)
-    centred = xs - xs.mean(0)
-    g = max(1, min(int(dim), xs.shape[1], max(1, len(xs) - 1)))
-    _, sv, vt = np.linalg.svd(centred.astype(np.float64), full_matrices=False)
-    sv = sv[:g]
-    keep = sv > sv[0] * 1e-6 if sv.size else np.array([], dtype=bool)
+    centred = (xs - xs.mean(0)).astype(np.float64)
+    D = xs.shape[1]
+    dim = max(1, min(int(dim), D))
+    n_res = dim // 2 if dim < D else 0
+    g = max(1, min(dim - n_res, max(1, len(xs) - 1)))
+    _, sv, vt = np.linalg.svd(centred, full_matrices=False)
+    keep = sv[:g] > sv[0] * 1e-6 if sv.size else np.array([], dtype=bool)
     g = max(1, int(keep.sum()))
-    scale = np.sqrt(max(1, len(xs) - 1)) / np.maximum(sv[:g], 1e-12)  # unit variance per direction
-    proj = (vt[:g].T * scale[None, :]).astype(np.float32)  # (D, g)
+    n = np.sqrt(max(1, len(xs) - 1))
+    scale = n / np.maximum(sv[:g], 1e-12)  # unit variance per direction
+    cols = [vt[:g].T * scale[None, :]]  # (D, g)
+    if n_res:
+        rng = np.random.default_rng(0)
+        U = vt[:g].T  # (D, g) orthonormal
+        if vocab is not None:
+            # the directions in which single vocabulary rows vary most outside the training span:
+            # where a prompt of unused words moves the mean embedding
+            w = np.asarray(vocab, dtype=np.float32)
+            if len(w) > 4096:
+                w = w[rng.choice(len(w), 4096, replace=False)]
+            wn = ((w - mean) / std).astype(np.float64)
+            wn -= wn.mean(0)
+            wn -= (wn @ U) @ U.T
+            R = np.linalg.svd(wn, full_matrices=False)[2][:n_res].T  # (D, n_res)
+        else:
+            R = rng.standard_normal((D, n_res))
+        R -= U @ (U.T @ R)  # into the complement of the principal directions
+        R /= np.maximum(np.linalg.norm(R, axis=0, keepdims=True), 1e-12)
+        sd = (centred @ R).std(0)
+        floor = 0.05 * float(np.mean(sv[:g])) / n  # 5% of a typical principal direction's spread
+        cols.append(R / np.maximum(sd, floor)[None, :])
+    proj = np.concatenate(cols, axis=1).astype(np.float32)  # (D, g + n_res)
     guard = ObsGuard(mean, std, proj, (xs @ proj).astype(np.float32), threshold=0.0, quantile=float(quantile))
     spacing = _loo_spacing(guard.points)
     floor = _SPACING_FLOOR * float(np.median(spacing)) if spacing.size else 1e-3

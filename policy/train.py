@@ -225,8 +225,11 @@ def fit_run_guard(ws: Workspace, cfg: TrainConfig, out: Path) -> dict[str, Any]:
     val = validation_split(ws, cfg)
     mean, std = obs_stats(train)
     std = np.maximum(std, max(float(std.max()) * 1e-3, 1e-6))
+    from deepinsert.env.observation import embedding_matrix
+
+    vocab = embedding_matrix(ws.embedding_weight) if ws.embedding_weight is not None else None
     guard = fit_guard(train, None if val is None else val.observations, dim=cfg.guard_dim,
-                      quantile=cfg.guard_quantile, mean=mean, std=std)
+                      quantile=cfg.guard_quantile, mean=mean, std=std, vocab=vocab)
     guard.save(out)
     return {"guard": guard.meta()}
 
