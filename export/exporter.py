@@ -5,8 +5,8 @@ trained for (``deepinsert.frozen_vlm.load_vlm``); :func:`export_bundle` does the
 in-memory objects. The bundle is assembled in a temporary sibling folder and moved into
 place only after ``onnx.checker`` and the onnxruntime-vs-torch validation passed
 (:mod:`deepinsert.export.validate`), so a bundle that fails validation is never written
-(:mod:`deepinsert.export.publish`: atomic exchange on ``--overwrite``, stale temporary
-folders of killed exports removed, umask-respecting file modes).
+(``utils.atomic.atomic_dir``: a one-step exchange on ``--overwrite`` where the OS has one,
+stale temporary folders of killed exports removed, umask-respecting modes).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from deepinsert.router.bundle import (
     ObservationSpec,
     sha256_file,
 )
-from deepinsert.utils.atomic import atomic_write_json
+from deepinsert.utils.atomic import atomic_dir, atomic_write_json
 from deepinsert.utils.extras import require
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,6 @@ def export_bundle(
     from deepinsert.env.observation import OBS_MAX_TOKENS
     from deepinsert.export.modules import PROBS_DEFINITION, EmbeddingRouter, FoldedRouter, PolicyHead, router_kind
     from deepinsert.export.onnx_io import check_onnx, export_policy_onnx, export_router_onnx, set_metadata
-    from deepinsert.export.publish import clean_stale, publish_dir, share_modes
     from deepinsert.export.validate import validate_bundle, validation_prompts
     from deepinsert.router.bundle import graph_metadata
     from deepinsert.router.runtime import Router
@@ -190,8 +189,7 @@ def export_bundle(
         run={**(run_meta or {}), "table_stored_as": graph.stored_dtype, "policy_digest": _digest(head)},
     )
     with_lam = kind == "losscurve"
-    clean_stale(out)
-    with publish_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         log.info("exporting %s and %s", POLICY_ONNX, ROUTER_ONNX)
         export_policy_onnx(head, D, tmp / POLICY_ONNX, with_lam=with_lam)
         export_router_onnx(graph, tmp / ROUTER_ONNX, with_lam=with_lam, folded=fold)
@@ -213,7 +211,6 @@ def export_bundle(
         info = dataclasses.replace(info, validation=report, size=size)
         info = dataclasses.replace(info, info_sha256=info.sealed()["info_sha256"])
         atomic_write_json(tmp / ROUTER_JSON, info.to_dict())
-        share_modes(tmp)
     return ExportResult(bundle_dir=out, info=info)
 
 

@@ -342,14 +342,15 @@ def test_router_json_edit_is_refused_and_inputs_checked(ppo_bundle, tmp_path):
 
 
 def test_overwrite_export_keeps_a_bundle_in_place_and_modes_are_shareable(tmp_path, tok, weight, obs, guard):
-    from deepinsert.export import publish
+    from deepinsert.utils import atomic as publish
 
     net = _lc_net(obs[0])
     out = tmp_path / "b"
     _export(out, net, "losscurve", tok, weight, guard=guard, n_prompts=50, n_embeddings=50)
     # a killed export's leftovers: a temporary sibling whose process is gone
-    stale = tmp_path / f".b.{2**22 + 12345}.abcdefgh.tmp"
+    stale = tmp_path / ".b.abcdefgh.tmp"
     stale.mkdir()
+    os.utime(stale, (1e9, 1e9))  # untouched for years
     seen = []
     real = publish._exchange
 
