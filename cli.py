@@ -30,6 +30,7 @@ DEFAULT_CONFIG = "demo"
 """``--config`` default of ``train`` and ``sweep``: the shipped ``configs/demo.yaml``."""
 DEFAULT_LAMS = "0,0.05,0.1,0.2,0.5"
 DEFAULT_SEEDS = 3
+DEFAULT_RL_SEEDS = 1
 ALGORITHMS = ("ppo", "a2c", "dqn", "losscurve")
 MIN_VALIDATION = 1000
 """A bundle is validated on at least this many prompts and random embeddings."""
@@ -173,8 +174,11 @@ def _args_sweep(p: argparse.ArgumentParser) -> None:
                    help="comma-separated algorithms to compare at every λ (default: the config's algorithm and "
                         "losscurve), e.g. ppo,a2c,dqn,losscurve")
     p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
-                   help=f"seeds per algorithm (config seed, seed+1, ...; default {DEFAULT_SEEDS}): sweep.json reports "
-                        "mean ± spread")
+                   help=f"seeds of the loss-curve router (config seed, seed+1, ...; default {DEFAULT_SEEDS}, seconds each): "
+                        "sweep.json reports mean ± spread")
+    p.add_argument("--rl-seeds", type=int, default=DEFAULT_RL_SEEDS,
+                   help=f"seeds of each RL algorithm (default {DEFAULT_RL_SEEDS}: one PPO run per λ keeps the main job "
+                        "within minutes; use 3 to measure their spread)")
 
 
 def _parse_algorithms(text: str | None, default: str) -> list[str]:
@@ -198,11 +202,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
     cfg = _load_config(args)
     algorithms = _parse_algorithms(args.algorithms, cfg.algorithm)
-    if args.seeds < 1:
-        raise InputError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.seeds < 1 or args.rl_seeds < 1:
+        raise InputError(f"--seeds and --rl-seeds must be >= 1, got {args.seeds}, {args.rl_seeds}")
     from deepinsert.policy.sweep import format_sweep, run_sweep
 
-    result = run_sweep(cfg, lams, args.out, algorithms=algorithms, seeds=args.seeds, force=args.force,
+    result = run_sweep(cfg, lams, args.out, algorithms=algorithms, seeds=args.seeds, rl_seeds=args.rl_seeds,
+                       force=args.force,
                        progress=not args.no_progress, trust_run=args.trust_run)
     print()
     print(format_sweep(result))

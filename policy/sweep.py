@@ -69,6 +69,7 @@ def run_sweep(
     *,
     algorithms: list[str] | None = None,
     seeds: int = 1,
+    rl_seeds: int | None = None,
     force: bool = False,
     progress: bool = True,
     workspace: Workspace | None = None,
@@ -78,8 +79,9 @@ def run_sweep(
     """Train + evaluate every algorithm at every λ over ``seeds`` seeds; returns (and writes
     ``out/sweep.json``) the results.
 
-    ``algorithms`` defaults to the config's. RL algorithms train one run per (seed, λ); a
-    loss-curve router trains once per seed and is evaluated at every λ. ``runs`` holds the
+    ``algorithms`` defaults to the config's. RL algorithms train one run per (seed, λ) over
+    ``rl_seeds`` seeds (default ``seeds``); a loss-curve router trains once per seed (``seeds``)
+    and is evaluated at every λ. ``runs`` holds the
     config's algorithm at its seed (one entry per λ); ``algorithms`` the mean ± spread over
     seeds on the eval split and, when it exists, ``test_unseen``. Runs already complete in
     ``out`` are reused (resumed) unless ``force``. λ values of an earlier sweep into the same
@@ -91,9 +93,11 @@ def run_sweep(
     check_output_dir(out, "--out")
     t0 = time.perf_counter()
     algorithms = list(dict.fromkeys(algorithms or [cfg.algorithm]))
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ConfigError(f"seeds must be a positive integer, got {seeds!r}")
-    seed_list = [cfg.seed + i for i in range(seeds)]
+    rl_seeds = seeds if rl_seeds is None else rl_seeds
+    for name, v in (("seeds", seeds), ("rl_seeds", rl_seeds)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+    seed_list = [cfg.seed + i for i in range(max(seeds, rl_seeds))]
     primary = (cfg.algorithm, cfg.seed)
     if cfg.torch_threads is not None:
         import torch
@@ -115,7 +119,7 @@ def run_sweep(
     runs: list[dict[str, Any]] = []
     curve: list[dict[str, Any]] = []
     for alg in algorithms:
-        for seed in seed_list:
+        for seed in seed_list[: seeds if alg == "losscurve" else rl_seeds]:
             scfg = dataclasses.replace(cfg, algorithm=alg, seed=seed)
             targets: list[float | None] = [None] if alg == "losscurve" else list(all_lams if (alg, seed) == primary else lams)
             for lam in targets:
@@ -316,16 +320,15 @@ def _format_summary(result: dict[str, Any]) -> list[str]:
     summary = result.get("summary") or {}
     if not summary:
         return []
-    seeds = result.get("seeds", [])
-    lines = ["", f"algorithms compared (mean ± std over {len(seeds)} seed(s) {seeds}; captured, accuracy, "
+    lines = ["", "algorithms compared (mean ± std over the seeds in brackets; captured, accuracy, "
                  "FLOPs fraction, guard fallback rate):"]
     splits = ["test"] + (["test_unseen"] if result.get("unseen") else [])
-    head = f"  {'algorithm':<10}{'λ':>6}" + "".join(
+    head = f"  {'algorithm':<14}{'λ':>6}" + "".join(
         f"{sp + ' captured':>24}{'acc':>14}{'FLOPs':>14}{'fallback':>14}" for sp in splits)
     lines.append(head)
     for alg, entries in summary.items():
         for e in entries:
-            row = f"  {alg:<10}{e['lam']:>6g}"
+            row = f"  {alg + ' [' + str(len(e['seeds'])) + ']':<14}{e['lam']:>6g}"
             for sp in splits:
                 v = e[sp]
                 row += (f"{_pm(v['captured_gain'], pct=True):>24}{_pm(v['accuracy']):>14}"

@@ -146,6 +146,7 @@ def train_router(
     remove_stale_temps(out, older_than_s=0)  # one writer per run folder: leftovers are a killed run's
     write_config(out, cfg)
     info = run_info(cfg, ws.candidate_layers, ws.num_layers, problem.obs_dim)
+    info.update(fit_run_guard(ws, cfg, out))  # depends on the observations only: before training
     tb_dir = out / "tb"
 
     algo = None
@@ -173,7 +174,11 @@ def train_router(
         if cfg.checkpoint_every > 0 and eval_key in ws.splits:
             from deepinsert.policy.eval_callback import HeldOutEvalCallback  # eval/* scalars at checkpoints
 
-            callbacks.append(HeldOutEvalCallback(ws, eval_key, cfg.lam, cfg.checkpoint_every, cfg.total_timesteps))
+            from deepinsert.policy.guard import ObsGuard
+
+            callbacks.append(HeldOutEvalCallback(ws, eval_key, cfg.lam, cfg.checkpoint_every, cfg.total_timesteps,
+                                                 guard=ObsGuard.load(out) if cfg.guard else None,
+                                                 fallback_index=ws.candidate_layers.index(info["fallback_layer"])))
         if progress:
             callbacks.append(TqdmCallback(cfg.total_timesteps, desc=f"train λ={cfg.lam:g}", initial=done))
         log_interval = {"ppo": 1, "a2c": 10, "dqn": 4096}[cfg.algorithm]
@@ -182,7 +187,6 @@ def train_router(
     save_model_atomic(algo, out / MODEL_FILE, run_dir=out)
     save_policy_weights(algo.policy, out / WEIGHTS_FILE)
     info["trained_timesteps"] = int(algo.num_timesteps)
-    info.update(fit_run_guard(ws, cfg, out))
     atomic_write_json(out / INFO_FILE, info)
     ws.cache.save()
 
@@ -200,15 +204,17 @@ def _evaluate(out: Path, cfg: TrainConfig, ws: Workspace | None, progress: bool)
 
 def validation_split(ws: Workspace, cfg: TrainConfig) -> Any:
     """The config's validation split (``val`` next to ``data.eval``), loaded once into ``ws``; None if absent."""
-    from deepinsert.errors import DataError
+    from deepinsert.errors import DeepInsertError
     from deepinsert.policy.evaluate import resolve_split_spec
 
     if "val" in ws.splits:
         return ws.splits["val"]
+    if ws.tokenizer is None or ws.embedding_weight is None:  # a stand-in workspace: observations come given
+        return None
     try:
         spec = resolve_split_spec(cfg, "val")
         return ws.load_split("val", spec, cfg, None)
-    except DataError as e:
+    except DeepInsertError as e:
         log.warning("no validation split (%s): the guard is calibrated on the training points", e)
         return None
 
