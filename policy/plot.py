@@ -65,15 +65,18 @@ def pareto_plot(static: list[dict[str, Any]], runs: list[dict[str, Any]], path: 
             label = "loss-curve router at the sweep's λ" + (f" (mean of {n} seeds)" if n > 1 else "")
         ax.plot([p[1] for p in pts], [p[2] for p in pts], _MARKERS.get(alg, "*"), ms=9 if alg != "losscurve" else 6,
                 color=colors.get(alg, "tab:purple"), mec="k", ls="none", label=label)
-        for lam, x, y in pts:
-            ax.annotate(f"λ={lam:g}", (x, y), textcoords="offset points", xytext=(5, 3), fontsize=6.5,
+        below = alg == "losscurve"  # loss-curve labels under their points, RL labels above
+        for i, (lam, x, y) in enumerate(pts):
+            dy = (-9 - 6 * (i % 2)) if below else (3 + 6 * (i % 2))
+            ax.annotate(f"λ={lam:g}", (x, y), textcoords="offset points", xytext=(4, dy), fontsize=6.5,
                         color=colors.get(alg, "tab:purple"))
     if oracle_pts:
         ox = [v[0] for v in oracle_pts.values()]
         oy = [v[1] for v in oracle_pts.values()]
         ax.plot(ox, oy, "D", ms=5, color="0.2", alpha=0.6, ls="none", label="per-prompt oracle, one per λ")
-        for lam, (x, y) in oracle_pts.items():
-            ax.annotate(f"λ={lam:g}", (x, y), textcoords="offset points", xytext=(-28, 3), fontsize=6, color="0.3")
+        for i, (lam, (x, y)) in enumerate(sorted(oracle_pts.items())):
+            ax.annotate(f"λ={lam:g}", (x, y), textcoords="offset points", xytext=(-14, 5 + 7 * (i % 2)), fontsize=6,
+                        color="0.3")
     ax.set_xlabel("FLOPs fraction vs k = 0 (Eq. 5)")
     ax.set_ylabel("answer accuracy")
     ax.set_title(title)

@@ -310,6 +310,8 @@ def format_sweep(result: dict[str, Any]) -> str:
 def _pm(st: dict[str, Any], pct: bool = False, digits: int = 3) -> str:
     if st["mean"] is None:
         return "n/a"
+    if st["n"] == 1:  # one seed: no spread to show
+        return f"{st['mean']:.0%}" if pct else f"{st['mean']:.{digits}f}"
     if pct:
         return f"{st['mean']:.0%}±{st['std']:.0%}"
     return f"{st['mean']:.{digits}f}±{st['std']:.{digits}f}"
