@@ -196,5 +196,10 @@ def budget_table(pred_losses: np.ndarray, flops: np.ndarray, candidate_layers: S
 
 
 def default_lam_grid() -> np.ndarray:
-    """λ values of the calibration table: 0, then log-spaced 1e-3 .. 1e2 (121 points)."""
-    return np.concatenate([[0.0], np.logspace(-3, 2, 120)])
+    """λ values of the calibration table: -1e2 .. -1e-3, 0, 1e-3 .. 1e2 (log-spaced, 181 points).
+
+    Negative λ price *late* insertion: a budget above the FLOPs the router spends at λ = 0
+    (it already skips layers whose predicted loss is no worse) is reached by a negative λ.
+    """
+    pos = np.logspace(-3, 2, 120)
+    return np.concatenate([-np.logspace(2, -3, 60), [0.0], pos])
