@@ -575,7 +575,11 @@ def describe_path(path: Path) -> dict[str, Any]:
                 "candidate_layers": list(info.candidate_layers), "num_layers": info.num_layers,
                 "model": info.model_source, "metrics": _metrics_summary(info.metrics),
                 "validation": info.validation, "versions": info.versions, "files": _files(path),
-                "checksums_checked": sorted(info.checksums), "problems": problems}
+                "checksums_checked": sorted(info.checksums), "problems": problems,
+                "folded": info.folded, "size_mb": round(info.size.get("total_bytes", 0) / 1e6, 3),
+                "table_shape": info.size.get("table_shape"),
+                "guard": None if info.guard is None else {k: info.guard[k] for k in ("threshold", "fallback_layer")},
+                "request_lam": info.supports_lam}
     if (path / "run.json").is_file():
         import yaml
 
@@ -587,7 +591,8 @@ def describe_path(path: Path) -> dict[str, Any]:
             except yaml.YAMLError as e:
                 problems.append(f"config.yaml: unreadable YAML ({e})")
         metrics = _read_json(path / "metrics.json", problems) if (path / "metrics.json").is_file() else None
-        for name in ("model.zip", "config.yaml"):
+        model_name = "policy.safetensors" if run.get("algorithm") == "losscurve" else "model.zip"
+        for name in (model_name, "config.yaml"):
             if not (path / name).is_file():
                 problems.append(f"{name} is missing")
         zips = [path / "model.zip"] * (path / "model.zip").is_file() + sorted((path / "checkpoints").glob("*.zip"))

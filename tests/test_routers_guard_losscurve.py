@@ -247,7 +247,11 @@ def test_budget_request_uses_the_calibration_table(lc_bundle):
     for b in (0.5, 0.7, 0.9):
         lam = lam_for_budget(table, b)
         assert router.lam_for(budget=b) == pytest.approx(lam)
-        assert router.route(p, budget=b) == router.route(p, lam=lam)
+        d = router.route(p, budget=b)  # the table's λ may be negative (a budget above the λ = 0 spend)
+        assert d.lam == pytest.approx(lam)
+        assert d.index == int(np.argmax(reward(np.array(d.losses), np.asarray(LAYERS), lam, 8)))
+        if lam >= 0:
+            assert d == router.route(p, lam=lam)
     assert router.lam_for(budget=0.5) >= router.lam_for(budget=0.9)
     for bad in ({"budget": 0.0}, {"budget": 1.5}, {"lam": -1.0}, {"lam": float("nan")}, {"lam": 0.1, "budget": 0.5}):
         with pytest.raises(InputError):
