@@ -9,8 +9,9 @@ predicted losses::
 
 so one trained router serves every λ, and a request can pick λ (or a compute budget,
 through a calibration table) at routing time. Observation normalisation lives inside the
-network (buffers), like the RL policies'. Saved without pickle: ``model.safetensors``
-(state dict) + the architecture in ``run.json``.
+network (buffers), like the RL policies'. Saved without pickle: ``policy.safetensors``
+(state dict) + the architecture in ``run.json`` (``architecture``), rebuilt in code by
+``deepinsert.policy.run.load_run``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from torch import nn
 from deepinsert.env.problem import reward
 from deepinsert.errors import ModelLoadError
 
-LOSSCURVE_MODEL_FILE = "model.safetensors"
 ARCH_KIND = "losscurve_mlp"
 
 
