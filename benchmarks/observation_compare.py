@@ -61,7 +61,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     from deepinsert.env.observation import embedding_matrix
     from deepinsert.policy.config import load_train_config
-    from deepinsert.policy.evaluate import build_tables, compare, eval_split, unseen_spec
+    from deepinsert.policy.evaluate import (
+        build_tables,
+        compare,
+        eval_split,
+        unseen_spec,
+    )
     from deepinsert.policy.losscurve import decide, train_losscurve
     from deepinsert.policy.workspace import open_workspace
 

@@ -29,9 +29,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
 from deepinsert.errors import InputError
+from torch import nn
 
 PROBS_DEFINITION = {
     "actor_critic": "softmax of the actor's logits (the policy's action distribution); action = argmax",

@@ -18,11 +18,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from deepinsert.errors import BundleError
 from deepinsert.router.bundle import graph_io
 from deepinsert.utils.extras import require
+from torch import nn
 
 OPSET = 17
 

@@ -15,8 +15,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
-from deepinsert.env.observation import OBS_MAX_TOKENS, embedding_matrix, mean_embedding, question_token_ids
+from deepinsert.env.observation import (
+    OBS_MAX_TOKENS,
+    embedding_matrix,
+    mean_embedding,
+    question_token_ids,
+)
 from deepinsert.errors import BundleError, InputError
 from deepinsert.router.runtime import Router
 

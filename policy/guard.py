@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from deepinsert.errors import ConfigError, ModelLoadError
 from deepinsert.utils.atomic import atomic_write_bytes, atomic_write_json
 
@@ -102,7 +101,7 @@ class ObsGuard:
     def meta(self) -> dict[str, Any]:
         """The JSON part: threshold, quantile, sizes."""
         return {"kind": "nearest_training_point_in_whitened_pca", "threshold": float(self.threshold),
-                "quantile": float(self.quantile), "dim": self.dim, "n_points": int(len(self.points)),
+                "quantile": float(self.quantile), "dim": self.dim, "n_points": len(self.points),
                 "val_trip_rate": self.val_trip_rate}
 
     @classmethod

@@ -22,10 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
 from deepinsert.env.problem import reward
 from deepinsert.errors import ModelLoadError
+from torch import nn
 
 ARCH_KIND = "losscurve_mlp"
 
@@ -108,9 +107,8 @@ class LossCurveRouter:
 
     def save(self, path: Path) -> None:
         """The state dict (weights and normalisation buffers) as safetensors, atomically."""
-        from safetensors.torch import save
-
         from deepinsert.utils.atomic import atomic_write_bytes
+        from safetensors.torch import save
 
         state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
         atomic_write_bytes(path, save(state))

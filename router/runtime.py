@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from deepinsert.errors import BundleError, InputError
 from deepinsert.router.bundle import (
     LAM_MAX,

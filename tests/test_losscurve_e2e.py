@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from deepinsert.demo import demo_data_root, demo_model_path
 
 MODEL = Path(os.environ.get("DEEPINSERT_TEST_MODEL", demo_model_path()))

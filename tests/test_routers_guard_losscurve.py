@@ -15,13 +15,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from deepinsert.env.observation import prompt_observations
 from deepinsert.env.problem import reward
 from deepinsert.errors import BundleError, InputError
 from deepinsert.export.exporter import export_bundle
 from deepinsert.policy.guard import fit_guard
-from deepinsert.policy.losscurve import LossCurveNet, budget_table, decide, train_losscurve
+from deepinsert.policy.losscurve import (
+    LossCurveNet,
+    budget_table,
+    decide,
+    train_losscurve,
+)
 from deepinsert.router.bundle import ROUTER_JSON, ROUTER_ONNX, lam_for_budget
 from deepinsert.router.runtime import Router
 from helpers.export import WORDS, tiny_embedding, tiny_tokenizer, train_tiny_policy
@@ -210,9 +214,8 @@ def test_guard_falls_back_in_router_and_http(ppo_bundle, tok, weight, guard):
     model = ppo_bundle[1]
     want, _ = model.predict(prompt_observations(tok, weight, unseen), deterministic=True)
     assert [d.index for d in decs] == [int(a) for a in want]
-    from fastapi.testclient import TestClient
-
     from deepinsert.router.service import create_app
+    from fastapi.testclient import TestClient
 
     client = TestClient(create_app(router))
     r = client.post("/route", json={"prompt": unseen[0]})
