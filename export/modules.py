@@ -88,11 +88,14 @@ class GuardHead(nn.Module):
 
     def __init__(self, points: np.ndarray) -> None:
         super().__init__()
-        self.register_buffer("points", torch.as_tensor(np.asarray(points, dtype=np.float32)))  # (M, g)
+        p = torch.as_tensor(np.asarray(points, dtype=np.float32))
+        self.register_buffer("points_t", (-2.0 * p).T.contiguous())  # (g, M)
+        self.register_buffer("sq", (p.double() ** 2).sum(-1).float())  # (M,)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        d = z.unsqueeze(1) - self.points.unsqueeze(0)  # (B, M, g)
-        return torch.sqrt(torch.min((d * d).sum(-1), dim=1).values)
+        # |z - p|^2 = |z|^2 - 2 z.p + |p|^2: one MatMul instead of a (B, M, g) tensor; clamped at 0
+        d2 = (z * z).sum(-1, keepdim=True) + z @ self.points_t + self.sq  # (B, M)
+        return torch.sqrt(torch.clamp(torch.min(d2, dim=1).values, min=0.0))
 
 
 class _Decision(nn.Module):
