@@ -211,7 +211,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                        progress=not args.no_progress, trust_run=args.trust_run)
     print()
     print(format_sweep(result))
-    print(f"\nwrote {args.out}/sweep.json, {args.out}/pareto.png and one run folder per λ")
+    print(f"\nwrote {args.out}/sweep.json, {args.out}/pareto.png and the run folders (lam<λ>/ for the config's algorithm and seed, <algorithm>/seed<s>/ for the others)")
     return 0
 
 
