@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIG = "demo"
 """``--config`` default of ``train`` and ``sweep``: the shipped ``configs/demo.yaml``."""
 DEFAULT_LAMS = "0,0.05,0.1,0.2,0.5"
-ALGORITHMS = ("ppo", "a2c", "dqn")
+DEFAULT_SEEDS = 3
+DEFAULT_RL_SEEDS = 1
+ALGORITHMS = ("ppo", "a2c", "dqn", "losscurve")
 MIN_VALIDATION = 1000
 """A bundle is validated on at least this many prompts and random embeddings."""
 DEMO_BUILD_DIR = Path("demo-build")
@@ -168,6 +170,25 @@ def _args_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="retrain runs that already exist in --out")
     p.add_argument("--trust-run", action="store_true",
                    help="resume runs in --out whose checkpoints fail the integrity check (unpickled: trusted folders only)")
+    p.add_argument("--algorithms", default=None,
+                   help="comma-separated algorithms to compare at every λ (default: the config's algorithm and "
+                        "losscurve), e.g. ppo,a2c,dqn,losscurve")
+    p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
+                   help=f"seeds of the loss-curve router (config seed, seed+1, ...; default {DEFAULT_SEEDS}, seconds each): "
+                        "sweep.json reports mean ± spread")
+    p.add_argument("--rl-seeds", type=int, default=DEFAULT_RL_SEEDS,
+                   help=f"seeds of each RL algorithm (default {DEFAULT_RL_SEEDS}: one PPO run per λ keeps the main job "
+                        "within minutes; use 3 to measure their spread)")
+
+
+def _parse_algorithms(text: str | None, default: str) -> list[str]:
+    if text is None:
+        return list(dict.fromkeys([default, "losscurve"]))
+    algs = [a.strip().lower() for a in text.split(",") if a.strip()]
+    bad = [a for a in algs if a not in ALGORITHMS]
+    if not algs or bad:
+        raise InputError(f"--algorithms must list some of {', '.join(ALGORITHMS)}, got {text!r}")
+    return list(dict.fromkeys(algs))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -180,12 +201,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     lams = parse_lams(args.lams)  # validated before any work
     check_output_dir(args.out, "--out")
     cfg = _load_config(args)
+    algorithms = _parse_algorithms(args.algorithms, cfg.algorithm)
+    if args.seeds < 1 or args.rl_seeds < 1:
+        raise InputError(f"--seeds and --rl-seeds must be >= 1, got {args.seeds}, {args.rl_seeds}")
     from deepinsert.policy.sweep import format_sweep, run_sweep
 
-    result = run_sweep(cfg, lams, args.out, force=args.force, progress=not args.no_progress, trust_run=args.trust_run)
+    result = run_sweep(cfg, lams, args.out, algorithms=algorithms, seeds=args.seeds, rl_seeds=args.rl_seeds,
+                       force=args.force,
+                       progress=not args.no_progress, trust_run=args.trust_run)
     print()
     print(format_sweep(result))
-    print(f"\nwrote {args.out}/sweep.json, {args.out}/pareto.png and one run folder per λ")
+    print(f"\nwrote {args.out}/sweep.json, {args.out}/pareto.png and the run folders (lam<λ>/ for the config's algorithm and seed, <algorithm>/seed<s>/ for the others)")
     return 0
 
 
@@ -269,6 +295,9 @@ def _args_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-embeddings", type=int, default=MIN_VALIDATION,
                    help=f"validation random embeddings (default {MIN_VALIDATION})")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation inputs")
+    p.add_argument("--no-fold", action="store_true",
+                   help="keep the model's (V, D) embedding table in router.onnx instead of folding the policy's first "
+                        "layer and the guard into a (V, h + g) table (bigger; Router.observation() works)")
 
 
 def _read_prompts(path: Path | None) -> list[str]:
@@ -316,12 +345,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     from deepinsert.export import export_run
 
     result = export_run(args.run_dir, args.out, prompts=prompts, n_prompts=args.n_prompts,
-                        n_embeddings=args.n_embeddings, seed=args.seed, overwrite=args.overwrite)
+                        n_embeddings=args.n_embeddings, seed=args.seed, overwrite=args.overwrite, fold=not args.no_fold)
     v, info = result.validation, result.info
-    print(f"wrote {result.bundle_dir}: {info.algorithm} router, lambda={info.lam}, layers {list(info.candidate_layers)}")
+    lam_note = "any lambda per request (default " + f"{info.lam:g})" if info.supports_lam else f"lambda={info.lam}"
+    print(f"wrote {result.bundle_dir}: {info.algorithm} router, {lam_note}, layers {list(info.candidate_layers)}")
+    g = info.guard
+    if g is not None:
+        print(f"guard: falls back to layer {g['fallback_layer']} above score {g['threshold']:.4g} "
+              f"(trips on {100 * (g.get('val_trip_rate') or 0):.1f}% of the validation split)")
+    sz = info.size
+    print(f"size: {sz['total_bytes'] / 1e6:.2f} MB ({'folded' if info.folded else 'unfolded'} table "
+          f"{sz['table_shape'][0]} x {sz['table_shape'][1]}; the model's embedding table alone is "
+          f"{sz['unfolded_table_bytes_fp32'] / 1e6:.2f} MB in float32)")
     print(
         f"validated on {v['n_prompts']} prompts ({v['n_truncated_prompts']} truncated) and {v['n_embeddings']} random "
-        f"embeddings: same action everywhere, max |dp| = {max(v['max_abs_prob_diff_prompts'], v['max_abs_prob_diff_embeddings']):.2e}"
+        f"embeddings against the unfolded torch router (lambda {', '.join(f'{x:g}' for x in v['lams_checked'])}): "
+        f"same action everywhere, max |d| = {max(v['max_abs_prob_diff_prompts'], v['max_abs_prob_diff_embeddings']):.2e}"
     )
     return 0
 
@@ -385,22 +424,43 @@ def _args_route(p: argparse.ArgumentParser) -> None:
                    help="read prompts from FILE ('-' for stdin): one per line, or JSONL "
                         '(a JSON string or {"prompt": ...} per line)')
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.add_argument("--lam", type=float, default=None,
+                   help="decide at this λ (loss-curve bundles only; default: the bundle's λ)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="target mean FLOPs fraction vs k = 0, in (0, 1]: the λ calibrated to reach it on the validation "
+                        "split (loss-curve bundles only)")
+    p.add_argument("--explain", action="store_true",
+                   help="also print, per candidate layer, the probability (PPO/A2C), score (DQN) or predicted loss "
+                        "(loss-curve)")
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    """Which insertion layer for each prompt."""
+    """Which insertion layer for each prompt (and whether the out-of-distribution guard fell back)."""
     from deepinsert.router import Router
 
     args.prompts = _route_prompts(args.prompts, args.file)
     _check_prompt_text(args.prompts, "prompt")
     router = Router.load(args.bundle_dir)
-    decisions = router.route_batch(args.prompts)
+    decisions = router.route_batch(args.prompts, lam=args.lam, budget=args.budget)
+    if not args.json:
+        print("layer\tfallback\tp\tprompt")
     for prompt, d in zip(args.prompts, decisions, strict=True):
         if args.json:
             print(json.dumps({"prompt": prompt, **d.to_dict()}))
-        else:
-            note = f", truncated to {d.num_tokens} tokens" if d.truncated else ""
-            print(f"layer {d.layer}\t(p={d.probs[d.index]:.3f}{note})\t{prompt}")
+            continue
+        note = f", truncated to {d.num_tokens} tokens" if d.truncated else ""
+        fb = "yes" if d.fallback else "no"
+        print(f"{d.layer}\t{fb}\t{d.probs[d.index]:.3f}{note}\t{prompt}")
+        if args.explain:
+            if d.losses is not None:
+                cells = [f"k={k}: loss {l:.3f}" for k, l in zip(router.candidate_layers, d.losses)]
+                head = f"  λ={d.lam:g}, predicted loss per layer"
+            else:
+                cells = [f"k={k}: {p:.3f}" for k, p in zip(router.candidate_layers, d.probs)]
+                head = "  " + ("softmax(Q) per layer" if router.info.algorithm == "dqn" else "probability per layer")
+            guard = "" if d.ood_score is None else (f"; guard score {d.ood_score:.3g} (threshold "
+                                                     f"{router.info.guard['threshold']:.3g})")
+            print(f"{head}: " + ", ".join(cells) + guard)
     return 0
 
 
@@ -549,7 +609,11 @@ def describe_path(path: Path) -> dict[str, Any]:
                 "candidate_layers": list(info.candidate_layers), "num_layers": info.num_layers,
                 "model": info.model_source, "metrics": _metrics_summary(info.metrics),
                 "validation": info.validation, "versions": info.versions, "files": _files(path),
-                "checksums_checked": sorted(info.checksums), "problems": problems}
+                "checksums_checked": sorted(info.checksums), "problems": problems,
+                "folded": info.folded, "size_mb": round(info.size.get("total_bytes", 0) / 1e6, 3),
+                "table_shape": info.size.get("table_shape"),
+                "guard": None if info.guard is None else {k: info.guard[k] for k in ("threshold", "fallback_layer")},
+                "request_lam": info.supports_lam}
     if (path / "run.json").is_file():
         import yaml
 
@@ -561,7 +625,8 @@ def describe_path(path: Path) -> dict[str, Any]:
             except yaml.YAMLError as e:
                 problems.append(f"config.yaml: unreadable YAML ({e})")
         metrics = _read_json(path / "metrics.json", problems) if (path / "metrics.json").is_file() else None
-        for name in ("model.zip", "config.yaml"):
+        model_name = "policy.safetensors" if run.get("algorithm") == "losscurve" else "model.zip"
+        for name in (model_name, "config.yaml"):
             if not (path / name).is_file():
                 problems.append(f"{name} is missing")
         zips = [path / "model.zip"] * (path / "model.zip").is_file() + sorted((path / "checkpoints").glob("*.zip"))

@@ -77,7 +77,17 @@ def run_info(cfg: TrainConfig, candidate_layers: list[int], num_layers: int, obs
         "deepinsert_version": __version__,
         "policy": {"net_arch": [int(n) for n in cfg.net_arch], "normalize_obs": bool(cfg.normalize_obs),
                    "n_actions": len(candidate_layers)},
+        "fallback_layer": fallback_layer(cfg, candidate_layers),
     }
+
+
+def fallback_layer(cfg: TrainConfig, candidate_layers: list[int]) -> int:
+    """The guard's fallback layer: ``cfg.fallback_layer`` (must be a candidate) or the lowest candidate."""
+    if cfg.fallback_layer is None:
+        return int(min(candidate_layers))
+    if int(cfg.fallback_layer) not in candidate_layers:
+        raise ConfigError(f"fallback_layer {cfg.fallback_layer} is not one of the candidate layers {candidate_layers}")
+    return int(cfg.fallback_layer)
 
 
 def _is_int(v: Any, lo: int = 0) -> bool:
@@ -220,8 +230,8 @@ class _PolicyOnly:
 
     def __init__(self, policy: Any) -> None:
         self.policy = policy
-        self.observation_space = policy.observation_space
-        self.action_space = policy.action_space
+        self.observation_space = getattr(policy, "observation_space", None)
+        self.action_space = getattr(policy, "action_space", None)
 
     def predict(self, obs: np.ndarray, deterministic: bool = True) -> tuple[np.ndarray, None]:
         return self.policy.predict(obs, deterministic=deterministic)
@@ -244,6 +254,8 @@ class TrainedRun:
     config: TrainConfig
     metrics: dict[str, Any] | None
     run_dir: Path
+    guard: Any = None
+    """The out-of-distribution guard (:class:`~deepinsert.policy.guard.ObsGuard`) or None."""
 
     @property
     def algo(self) -> _PolicyOnly:
@@ -254,22 +266,60 @@ class TrainedRun:
     def candidate_layers(self) -> list[int]:
         return [int(k) for k in self.info["candidate_layers"]]
 
-    def predict(self, obs: np.ndarray) -> np.ndarray:
-        """Deterministic action indices ``(B,)`` int64 for observations ``(B, D)``.
+    @property
+    def supports_lam(self) -> bool:
+        """True for routers that decide for any λ at request time (loss-curve)."""
+        return self.info.get("algorithm") == "losscurve"
 
-        The action indexes ``info["candidate_layers"]``; :meth:`predict_layers` maps it.
-        """
+    @property
+    def fallback_index(self) -> int:
+        """Action index of the guard's fallback layer (default: the lowest candidate)."""
+        k = self.info.get("fallback_layer")
+        layers = self.candidate_layers
+        return layers.index(int(k)) if _is_int(k) and k in layers else int(np.argmin(layers))
+
+    def _check(self, obs: np.ndarray) -> np.ndarray:
         x = np.asarray(obs, dtype=np.float32)
         if x.ndim == 1:
             x = x[None]
         if x.ndim != 2 or x.shape[1] != int(self.info["obs_dim"]):
             raise InputError(f"observations must have shape (B, {self.info['obs_dim']}), got {x.shape}")
-        actions, _ = self.policy.predict(x, deterministic=True)
+        return x
+
+    def fallback(self, obs: np.ndarray) -> np.ndarray:
+        """``(B,)`` bool: the guard trips (always False without a guard)."""
+        x = self._check(obs)
+        if self.guard is None:
+            return np.zeros(len(x), dtype=bool)
+        return self.guard.trips(x)
+
+    def predict_raw(self, obs: np.ndarray, lam: float | None = None) -> np.ndarray:
+        """The policy's own action indices ``(B,)`` (no guard); ``lam`` for loss-curve routers only."""
+        x = self._check(obs)
+        if self.supports_lam:
+            from deepinsert.policy.losscurve import LossCurveRouter
+
+            r = LossCurveRouter(self.policy, self.candidate_layers, int(self.info["num_layers"]), float(self.info["lam"]))
+            actions, _ = r.predict(x, lam=lam)
+        else:
+            if lam is not None and float(lam) != float(self.info["lam"]):
+                raise InputError(f"this {self.info['algorithm']} router was trained for λ={self.info['lam']} only")
+            actions, _ = self.policy.predict(x, deterministic=True)
         return np.asarray(actions, dtype=np.int64).reshape(-1)
 
-    def predict_layers(self, obs: np.ndarray) -> np.ndarray:
-        """Deterministic insertion layers k ``(B,)`` int64."""
-        return np.asarray(self.candidate_layers, dtype=np.int64)[self.predict(obs)]
+    def predict(self, obs: np.ndarray, lam: float | None = None) -> np.ndarray:
+        """The router's action indices ``(B,)`` int64 for observations ``(B, D)``: the policy's
+        deterministic action, replaced by the fallback layer's where the guard trips.
+
+        The action indexes ``info["candidate_layers"]``; :meth:`predict_layers` maps it.
+        ``lam`` (loss-curve routers only): decide at this λ instead of the run's.
+        """
+        a = self.predict_raw(obs, lam)
+        return np.where(self.fallback(obs), self.fallback_index, a)
+
+    def predict_layers(self, obs: np.ndarray, lam: float | None = None) -> np.ndarray:
+        """Deterministic insertion layers k ``(B,)`` int64 (guard included)."""
+        return np.asarray(self.candidate_layers, dtype=np.int64)[self.predict(obs, lam)]
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any] | None:
@@ -314,7 +364,20 @@ def load_run(run_dir: str | os.PathLike[str], *, device: str = "cpu", trust_pick
     info = read_run_info(run_dir)
     config = _read_config(run_dir)
     weights = run_dir / WEIGHTS_FILE
-    if weights.is_file():
+    if weights.is_file() and info["algorithm"] == "losscurve":
+        from deepinsert.policy.losscurve import LossCurveNet
+
+        try:
+            policy = LossCurveNet.from_architecture(info.get("architecture"))
+            from safetensors.torch import load_model
+
+            load_model(policy, str(weights), strict=True)
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            raise ModelLoadError(f"cannot load {weights}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        policy.eval()
+    elif weights.is_file():
         policy = build_policy(info, config)
         try:
             from safetensors.torch import load_model
@@ -333,7 +396,10 @@ def load_run(run_dir: str | os.PathLike[str], *, device: str = "cpu", trust_pick
         )
     else:
         raise ModelLoadError(f"{run_dir} is not a complete run folder: {WEIGHTS_FILE} is missing")
-    return TrainedRun(policy=policy, info=info, config=config, metrics=read_metrics(run_dir), run_dir=run_dir)
+    from deepinsert.policy.guard import ObsGuard
+
+    return TrainedRun(policy=policy, info=info, config=config, metrics=read_metrics(run_dir), run_dir=run_dir,
+                      guard=ObsGuard.load(run_dir))
 
 
 def _load_zip(path: Path, algorithm: str, **kwargs: Any) -> Any:

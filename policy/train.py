@@ -1,10 +1,13 @@
-"""Train one router at one λ with stable-baselines3 on the batched insertion-layer env."""
+"""Train one router: at one λ with stable-baselines3 on the batched insertion-layer env, or a
+loss-curve router (every λ) by regression on the cached loss table; both with the guard."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from deepinsert.env.vec_env import InsertionLayerVecEnv
 from deepinsert.errors import ConfigError
@@ -110,6 +113,9 @@ def train_router(
     """
     out = Path(out)
     check_output_dir(out, "--out")
+    if cfg.algorithm == "losscurve":
+        return train_losscurve_router(cfg, out, workspace=workspace, resume=resume, evaluate=evaluate,
+                                      progress=progress)
     if ((out / MODEL_FILE).exists() or (out / WEIGHTS_FILE).exists()) and not resume:
         raise ConfigError(f"{out} already holds a trained run; pass --resume to continue it or choose another --out")
     if resume and (out / CONFIG_FILE).is_file():
@@ -140,6 +146,7 @@ def train_router(
     remove_stale_temps(out, older_than_s=0)  # one writer per run folder: leftovers are a killed run's
     write_config(out, cfg)
     info = run_info(cfg, ws.candidate_layers, ws.num_layers, problem.obs_dim)
+    info.update(fit_run_guard(ws, cfg, out))  # depends on the observations only: before training
     tb_dir = out / "tb"
 
     algo = None
@@ -167,7 +174,11 @@ def train_router(
         if cfg.checkpoint_every > 0 and eval_key in ws.splits:
             from deepinsert.policy.eval_callback import HeldOutEvalCallback  # eval/* scalars at checkpoints
 
-            callbacks.append(HeldOutEvalCallback(ws, eval_key, cfg.lam, cfg.checkpoint_every, cfg.total_timesteps))
+            from deepinsert.policy.guard import ObsGuard
+
+            callbacks.append(HeldOutEvalCallback(ws, eval_key, cfg.lam, cfg.checkpoint_every, cfg.total_timesteps,
+                                                 guard=ObsGuard.load(out) if cfg.guard else None,
+                                                 fallback_index=ws.candidate_layers.index(info["fallback_layer"])))
         if progress:
             callbacks.append(TqdmCallback(cfg.total_timesteps, desc=f"train λ={cfg.lam:g}", initial=done))
         log_interval = {"ppo": 1, "a2c": 10, "dqn": 4096}[cfg.algorithm]
@@ -189,3 +200,100 @@ def _evaluate(out: Path, cfg: TrainConfig, ws: Workspace | None, progress: bool)
 
     metrics = evaluate_run_dir(out, workspace=ws, split_spec=cfg.data.eval, progress=progress)
     write_metrics(out, metrics)
+
+
+def validation_split(ws: Workspace, cfg: TrainConfig) -> Any:
+    """The config's validation split (``val`` next to ``data.eval``), loaded once into ``ws``; None if absent."""
+    from deepinsert.errors import DeepInsertError
+    from deepinsert.policy.evaluate import resolve_split_spec
+
+    if "val" in ws.splits:
+        return ws.splits["val"]
+    if ws.tokenizer is None or ws.embedding_weight is None:  # a stand-in workspace: observations come given
+        return None
+    try:
+        spec = resolve_split_spec(cfg, "val")
+        return ws.load_split("val", spec, cfg, None)
+    except DeepInsertError as e:
+        log.warning("no validation split (%s): the guard is calibrated on the training points", e)
+        return None
+
+
+def fit_run_guard(ws: Workspace, cfg: TrainConfig, out: Path) -> dict[str, Any]:
+    """Fit the out-of-distribution guard on the training observations, calibrate it on the
+    validation split, save it in ``out``; returns the run.json fields it adds."""
+    if not cfg.guard:
+        return {"guard": None}
+    from deepinsert.policy.features import obs_stats
+    from deepinsert.policy.guard import fit_guard
+
+    train = ws.splits["train"].observations
+    val = validation_split(ws, cfg)
+    mean, std = obs_stats(train)
+    std = np.maximum(std, max(float(std.max()) * 1e-3, 1e-6))
+    from deepinsert.env.observation import embedding_matrix
+
+    vocab = embedding_matrix(ws.embedding_weight) if ws.embedding_weight is not None else None
+    guard = fit_guard(train, None if val is None else val.observations, dim=cfg.guard_dim,
+                      quantile=cfg.guard_quantile, mean=mean, std=std, vocab=vocab)
+    guard.save(out)
+    return {"guard": guard.meta()}
+
+
+def train_losscurve_router(
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    workspace: Workspace | None = None,
+    resume: bool = False,
+    evaluate: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Fit the loss-curve router on the cached train loss table; write its run folder.
+
+    One run serves every λ (``cfg.lam`` is only the default of its decisions). ``resume``
+    keeps a finished run (regression has no partial state worth resuming).
+    """
+    from deepinsert.policy.losscurve import LossCurveRouter, budget_table, train_losscurve
+
+    if (out / WEIGHTS_FILE).exists() and not resume:
+        raise ConfigError(f"{out} already holds a trained run; pass --resume to continue it or choose another --out")
+    if resume and (out / CONFIG_FILE).is_file():
+        _check_resumable(out, cfg)
+    if cfg.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
+    ws = workspace or open_workspace(cfg, train=True, eval_spec=cfg.data.eval if evaluate else None)
+    train = ws.splits["train"]
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(out, cfg)
+    info = run_info(cfg, ws.candidate_layers, ws.num_layers, train.observations.shape[1])
+    if not (resume and (out / WEIGHTS_FILE).is_file() and (out / INFO_FILE).is_file()):
+        losses = ws.cache.table(train.samples, ws.candidate_layers, progress="loss table (train)" if progress else False)
+        net = train_losscurve(train.observations, losses, net_arch=cfg.net_arch, normalize_obs=cfg.normalize_obs,
+                              epochs=cfg.algo.epochs, learning_rate=cfg.algo.regression_lr,
+                              batch_size=cfg.algo.batch_size, seed=cfg.seed, weight_decay=cfg.algo.weight_decay)
+        router = LossCurveRouter(net, ws.candidate_layers, ws.num_layers, cfg.lam)
+        router.save(out / WEIGHTS_FILE)
+        info["architecture"] = net.architecture()
+        info["trained_timesteps"] = 0
+        info["trained_samples"] = len(train.samples)
+        info.update(fit_run_guard(ws, cfg, out))
+        # the budget -> λ calibration table, on the validation split (train if there is none)
+        cal = validation_split(ws, cfg) or train
+        from deepinsert.policy.guard import ObsGuard
+
+        guard = ObsGuard.load(out)
+        tokens = ws.cache.token_counts(cal.samples)
+        flops = np.array([[ws.provider.flops_fraction(k, int(t[0]), int(t[1])) for k in ws.candidate_layers]
+                          for t in tokens], dtype=np.float64)
+        fb = guard.trips(cal.observations) if guard is not None else None
+        fb_index = ws.candidate_layers.index(info["fallback_layer"])
+        info["budget_table"] = {**budget_table(router.predict_losses(cal.observations), flops, ws.candidate_layers,
+                                               ws.num_layers, fb, fb_index), "split": cal.name}
+        atomic_write_json(out / INFO_FILE, info)
+        ws.cache.save()
+    if evaluate:
+        _evaluate(out, cfg, ws, progress)
+    return out

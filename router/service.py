@@ -2,8 +2,11 @@
 
 Endpoints (all JSON):
 
-- ``POST /route`` with ``{"prompt": "..."}`` -> ``{"layer", "index", "probs", "num_tokens", "truncated"}``,
-  or with ``{"prompts": ["...", ...]}`` -> ``{"results": [...]}`` (at most ``max_batch`` prompts).
+- ``POST /route`` with ``{"prompt": "..."}`` -> ``{"layer", "index", "probs", "num_tokens", "truncated",
+  "fallback", "ood_score", "lam", "losses"}``, or with ``{"prompts": ["...", ...]}`` ->
+  ``{"results": [...]}`` (at most ``max_batch`` prompts). Optional ``"lam"`` or ``"budget"``
+  (target mean FLOPs fraction) for loss-curve bundles; a fixed-λ bundle answers 400.
+  ``fallback`` is true when the out-of-distribution guard replaced the router's layer.
 - ``GET /health`` -> ``{"status": "ok"}``.
 - ``GET /info`` -> the bundle metadata (``router.json``) and the service limits.
 
@@ -153,11 +156,14 @@ def _check_budget(req: Any, max_prompt_chars: int) -> None:
 
 
 class RouteRequest(pydantic.BaseModel):
-    """Exactly one of ``prompt`` (a string) or ``prompts`` (a non-empty list of strings)."""
+    """Exactly one of ``prompt`` (a string) or ``prompts`` (a non-empty list of strings), and at
+    most one of ``lam`` / ``budget`` (loss-curve bundles only)."""
 
     model_config = pydantic.ConfigDict(extra="forbid", strict=True)
     prompt: str | None = None
     prompts: list[str] | None = pydantic.Field(default=None, min_length=1)
+    lam: float | None = pydantic.Field(default=None, ge=0, le=1e6, allow_inf_nan=False)
+    budget: float | None = pydantic.Field(default=None, gt=0, le=1, allow_inf_nan=False)
 
     @pydantic.model_validator(mode="after")
     def _one_of(self) -> RouteRequest:
@@ -174,6 +180,10 @@ class Decision(pydantic.BaseModel):
     probs: list[float]
     num_tokens: int
     truncated: bool
+    fallback: bool
+    ood_score: float | None
+    lam: float | None
+    losses: list[float] | None
 
 
 class BatchDecision(pydantic.BaseModel):
@@ -245,13 +255,13 @@ def create_app(
     def route(req: RouteRequest) -> dict[str, Any]:
         _check_budget(req, max_prompt_chars)
         if req.prompt is not None:
-            return router.route(req.prompt).to_dict()
+            return router.route(req.prompt, lam=req.lam, budget=req.budget).to_dict()
         assert req.prompts is not None
         if len(req.prompts) > max_batch:
             raise StarletteHTTPException(
                 status_code=422, detail=f"too many prompts: {len(req.prompts)} > max_batch={max_batch}; split the request"
             )
-        return {"results": [d.to_dict() for d in router.route_batch(req.prompts)]}
+        return {"results": [d.to_dict() for d in router.route_batch(req.prompts, lam=req.lam, budget=req.budget)]}
 
     return app
 
