@@ -312,6 +312,18 @@ class FrozenVLM:
 
     # ------------------------------------------------------------------ public API
     @torch.inference_mode()
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head on hidden states ``(..., D)`` -> logits ``(..., V)`` (logit lens)."""
+        return self._logits(h)
+
+    @torch.inference_mode()
+    def layer0_input(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """What layer 0 of the stock model receives, ``(B, L, D)``: token embeddings with the
+        image rows holding the projected image features."""
+        return prepare(self._parts, input_ids, pixel_values, attention_mask, 0).embeds
+
+    @torch.inference_mode()
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected image features ``(I, n_img, D)`` for ``pixel_values`` ``(I, 3, H, W)``."""
         feats = self._parts.image_features(pixel_values.to(self.device, self.dtype))
