@@ -82,8 +82,8 @@ def collect(vlm: FrozenVLM, batch: Any, acc: RedundancyAccumulator, insert_layer
     """Run one prompt batch and add every layer's distances to ``acc``.
 
     At ``insert_layer = k > 0`` (late entry) layers ``< k`` run on the text layout and are
-    not counted (their image rows do not exist); layer k compares the image rows with their
-    layer-0 input, as that is what layer k receives.
+    not counted (their image rows do not exist); at layer k only the image rows are counted,
+    against their layer-0 input (what layer k receives).
     """
     ids, pv, am = batch.input_ids, batch.pixel_values, batch.attention_mask
     real = am.bool()
@@ -95,8 +95,10 @@ def collect(vlm: FrozenVLM, batch: Any, acc: RedundancyAccumulator, insert_layer
     def hook(rec: LayerRecord) -> None:
         if rec.layout != "full":
             return None
-        h_in = x0 if rec.layer == insert_layer else prev["h"]
-        acc.add(rec.layer, h_in, rec.hidden, rows)
+        if rec.layer == insert_layer and insert_layer > 0:  # text rows' input lived in the text layout
+            acc.add(rec.layer, x0, rec.hidden, {"image": is_img})
+        else:
+            acc.add(rec.layer, prev["h"], rec.hidden, rows)
         prev["h"] = rec.hidden
         return None
 
