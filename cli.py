@@ -651,6 +651,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- the table
 
+from deepinsert.analysis import cli as _analysis_cli  # noqa: E402  (torch-free at import)
+
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
 
 COMMANDS: dict[str, Command] = {
@@ -662,6 +664,7 @@ COMMANDS: dict[str, Command] = {
     "serve": (_args_serve, cmd_serve, "serve a router bundle over HTTP"),
     "demo": (_args_demo, cmd_demo, "build the demo VLM and its data, or its accuracy by layer"),
     "info": (_args_info, cmd_info, "describe a run folder, router bundle or sweep folder"),
+    "analyze": (_analysis_cli.add_arguments, _analysis_cli.run, "layer redundancy, attention, logit lens, masking vs skipping, injection, early exit"),
 }
 """subcommand -> (argument setup, handler, one-line help)."""
 

@@ -14,6 +14,15 @@ layer hook, masking mode and early exit) over a VQA data set and writes JSON + a
 
 from __future__ import annotations
 
-from deepinsert.analysis.redundancy import cosine_distance, heuristic_baseline, heuristic_layer, proximal_share
+from typing import Any
 
 __all__ = ["cosine_distance", "heuristic_baseline", "heuristic_layer", "proximal_share"]
+
+
+def __getattr__(name: str) -> Any:
+    """Lazy re-exports: importing the package (the CLI does) must not import torch."""
+    if name in __all__:
+        from deepinsert.analysis import redundancy
+
+        return getattr(redundancy, name)
+    raise AttributeError(f"module 'deepinsert.analysis' has no attribute {name!r}")

@@ -27,6 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "router": {"errors", "utils"},
     "generate": {"errors", "utils", "frozen_vlm", "router"},
     "demo": {"errors", "utils", "frozen_vlm", "env"},
+    "analysis": {"errors", "utils", "frozen_vlm", "env"},
 }
 # third-party packages a part must never import
 FORBIDDEN_THIRD_PARTY: dict[str, set[str]] = {
