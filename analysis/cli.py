@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (NAME.json and NAME.png go there)")
     parser.add_argument("--model", default="demo", help="'demo' or a LLaVA model folder")
     parser.add_argument("--split", default="demo:test", help="data: demo:<split> or a JSON/JSONL file")
-    parser.add_argument("--limit", type=int, default=256, help="use at most this many samples (0: all)")
+    parser.add_argument("--limit", type=int, default=192, help="use at most this many samples (0: all)")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per batch")
     parser.add_argument("--eps", default="0.01,0.05,0.1,0.2", help="redundancy: proximal thresholds")
     parser.add_argument("--k", type=int, default=0, help="redundancy/attention: measure under late entry at k")
