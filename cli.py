@@ -791,6 +791,8 @@ def cmd_tables(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- the table
 
+from deepinsert.analysis import cli as _analysis_cli  # noqa: E402  (torch-free at import)
+
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
 
 COMMANDS: dict[str, Command] = {
@@ -803,6 +805,7 @@ COMMANDS: dict[str, Command] = {
     "demo": (_args_demo, cmd_demo, "build the demo VLM and its data, or its accuracy by layer"),
     "info": (_args_info, cmd_info, "describe a run folder, router bundle or sweep folder"),
     "tables": (_args_tables, cmd_tables, "compute the loss table into the cache (one process or under torchrun)"),
+    "analyze": (_analysis_cli.add_arguments, _analysis_cli.run, "layer redundancy, attention, logit lens, masking vs skipping, injection, early exit"),
 }
 """subcommand -> (argument setup, handler, one-line help)."""
 

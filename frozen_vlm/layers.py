@@ -8,6 +8,8 @@ those of transformers 5.23 (docs/design.md §4): ``m.model.vision_tower``,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,10 +58,15 @@ class LlavaParts:
     ) -> Any:
         """The backend's attention mask for layer ``layer_idx`` from a 2D padding mask.
 
+        A 4D additive mask ``(B, 1, T, kv_len)`` (masking mode) is returned as is: every
+        backend adds it to the scores.
+
         ``mask2d`` is ``(B, kv_len)`` (1 = attend), where ``kv_len`` is that layer's cached
         length plus ``h.shape[1]``. Passing it (never ``None``) and ``layer_idx`` matters:
         see docs/design.md §4.
         """
+        if mask2d.ndim == 4:
+            return mask2d
         return create_causal_mask(
             config=self.text_config,
             inputs_embeds=h,
@@ -87,6 +94,34 @@ class LlavaParts:
             use_cache=cache is not None,
             position_embeddings=position_embeddings,
         )
+
+    @contextmanager
+    def attention_probs(self) -> Iterator[dict[int, torch.Tensor]]:
+        """Record every decoder layer's attention probabilities while the block runs.
+
+        Switches the language model to eager attention (``set_attn_implementation``, the
+        public transformers API; the only backend that materialises the probabilities),
+        registers a forward hook on each layer's ``self_attn`` (which returns
+        ``(output, weights)``) and yields a dict ``layer -> (B, H, T_q, T_kv)`` that fills
+        as layers run (a layer run twice keeps its latest call). The previous attention
+        implementation and the hooks are restored/removed on exit.
+        """
+        lm = self.llava.language_model
+        previous = lm.config._attn_implementation
+        store: dict[int, torch.Tensor] = {}
+        handles = []
+        lm.set_attn_implementation("eager")
+        try:
+            for i, layer in enumerate(self.layers):
+                def keep(_mod: nn.Module, _args: Any, out: Any, i: int = i) -> None:
+                    if isinstance(out, tuple) and len(out) > 1 and out[1] is not None:
+                        store[i] = out[1]
+                handles.append(layer.self_attn.register_forward_hook(keep))
+            yield store
+        finally:
+            for h in handles:
+                h.remove()
+            lm.set_attn_implementation(previous)
 
     def image_features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """Projected image features, one ``(n_img, D)`` tensor per image of ``(I, 3, H, W)``."""
