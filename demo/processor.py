@@ -1,7 +1,9 @@
 """The demo's tokenizer and processor, built locally (no hub).
 
-Word-level ``tokenizers`` model (lower-casing, split on whitespace and punctuation) wrapped
-as a transformers fast tokenizer with ``<image>`` as a special token, BOS added in front
+Sub-word ``tokenizers`` WordPiece model (accents stripped, lower case, split on whitespace and
+punctuation, ``##`` continuation pieces), trained on :func:`deepinsert.demo.corpus.tokenizer_corpus`
+with every lower-case letter, digit and ASCII punctuation mark in its alphabet (so plain
+English text never maps to ``<unk>``), wrapped as a transformers fast tokenizer with ``<image>`` as a special token, BOS added in front
 like LLaVA-1.5's Llama tokenizer, and a LLaVA-1.5 chat template. Image processor:
 ``CLIPImageProcessorPil`` built from parameters (32 px, no torchvision needed). Together a
 ``LlavaProcessor`` that expands ``<image>`` into 16 placeholder tokens.
@@ -9,6 +11,7 @@ like LLaVA-1.5's Llama tokenizer, and a LLaVA-1.5 chat template. Image processor
 
 from __future__ import annotations
 
+import string
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,21 +34,38 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(words: Sequence[str]) -> Any:
-    """A ``PreTrainedTokenizerFast`` over the special tokens followed by ``words`` (ids in that order)."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
+VOCAB_SIZE = 1000  # WordPiece vocabulary size (special tokens and alphabet included)
+ALPHABET: tuple[str, ...] = tuple(string.ascii_lowercase + string.digits + string.punctuation)
+
+
+def build_tokenizer(corpus: Sequence[str], vocab_size: int = VOCAB_SIZE) -> Any:
+    """A ``PreTrainedTokenizerFast``: WordPiece trained on ``corpus`` (words or texts); ids
+    0..4 are the special tokens. Deterministic for a given corpus and ``tokenizers`` version."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers.models import WordPiece
     from transformers import PreTrainedTokenizerFast
 
-    vocab: dict[str, int] = {}
-    for w in (*SPECIAL_TOKENS, *words):
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
-    tok.normalizer = normalizers.Lowercase()
-    # "What is 3 plus 4?" -> what / is / 3 / plus / 4 / ?   ("ASSISTANT:" -> assistant / :)
+    tok = Tokenizer(WordPiece(unk_token=UNK, max_input_chars_per_word=100))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKD(), normalizers.StripAccents(), normalizers.Lowercase()])
+    # "What colour is 3 + 4?" -> what / colour / is / 3 / + / 4 / ?   ("ASSISTANT:" -> assistant / :)
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.WordPiece()
+    continuing = [f"##{c}" for c in string.ascii_lowercase + string.digits]
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=list(ALPHABET),
+        limit_alphabet=len(ALPHABET),
+        show_progress=False,
+    )
+    # "xa xb ... x9": puts every letter and digit into the alphabet as a continuation piece too
+    tok.train_from_iterator([*corpus, " ".join(f"x{c}" for c in string.ascii_lowercase + string.digits)], trainer)
+    for piece in continuing:  # every letter/digit also exists as a continuation piece
+        if tok.token_to_id(piece) is None:
+            raise RuntimeError(f"tokenizer corpus too narrow: no {piece!r} piece")
+    bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
     )
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     return PreTrainedTokenizerFast(
@@ -74,13 +94,13 @@ def build_image_processor() -> Any:
     )
 
 
-def build_processor(words: Sequence[str]) -> Any:
+def build_processor(corpus: Sequence[str], vocab_size: int = VOCAB_SIZE) -> Any:
     """The demo's ``LlavaProcessor``: 16 image placeholder tokens per ``<image>``."""
     from transformers import LlavaProcessor
 
     return LlavaProcessor(
         image_processor=build_image_processor(),
-        tokenizer=build_tokenizer(words),
+        tokenizer=build_tokenizer(corpus, vocab_size),
         patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default",
         chat_template=CHAT_TEMPLATE,
@@ -89,4 +109,4 @@ def build_processor(words: Sequence[str]) -> Any:
     )
 
 
-__all__ = ["CHAT_TEMPLATE", "N_PATCHES", "SPECIAL_TOKENS", "build_image_processor", "build_processor", "build_tokenizer"]
+__all__ = ["ALPHABET", "CHAT_TEMPLATE", "VOCAB_SIZE", "N_PATCHES", "SPECIAL_TOKENS", "build_image_processor", "build_processor", "build_tokenizer"]
