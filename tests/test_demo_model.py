@@ -13,11 +13,11 @@ from deepinsert.demo.evaluate import (
     correct_answers,
     engine_answers,
     items_from_samples,
-    normalise_answer,
     stock_answers,
 )
-from deepinsert.demo.families import CHANCE, IMAGE_FAMILIES, TEXT_FAMILIES
+from deepinsert.demo.families import CHANCE, FAMILIES, IMAGE_FAMILIES, TEXT_FAMILIES
 from deepinsert.env.data import load_samples
+from deepinsert.env.losses import normalize_answer
 from deepinsert.frozen_vlm import FrozenVLM, load_vlm
 
 # Measured on the committed test split (800 samples, 100 per family) with the shipped model,
@@ -44,6 +44,12 @@ EXPECTED_EXACT_K0: dict[str, float] = {  # match="exact" at k = 0
     "weekday": 1.00,
     "repeat": 1.00,
 }
+
+
+@pytest.fixture(scope="module")
+def unseen_tables(vlm: FrozenVLM) -> dict[str, AccuracyTable]:
+    items = items_from_samples(load_samples(demo_data_path("test_unseen")))
+    return accuracy_tables(vlm, items, [0, 4, 8], batch_size=400)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +94,7 @@ def test_vocabulary_covers_committed_data(vlm: FrozenVLM, split: str) -> None:
         a = tok(s.answer, add_special_tokens=False)["input_ids"]
         assert tok.unk_token_id not in q + a, s
         assert 1 <= len(a) <= 2, s
-        assert normalise_answer(tok.decode(a)) == normalise_answer(s.answer)
+        assert normalize_answer(tok.decode(a)) == normalize_answer(s.answer)
 
 
 def test_k0_targets_and_measured_values(tables: dict[str, AccuracyTable]) -> None:
@@ -101,6 +107,22 @@ def test_k0_targets_and_measured_values(tables: dict[str, AccuracyTable]) -> Non
     for f, row in EXPECTED_ANSWER.items():
         for k, v in enumerate(row):
             assert abs(answer.accuracy[f][k] - v) <= MARGIN, (f, k, answer.accuracy[f][k], v)
+
+
+def test_held_out_phrasings_cost_at_most_3_points(
+    tables: dict[str, AccuracyTable], unseen_tables: dict[str, AccuracyTable]
+) -> None:
+    """test_unseen = test asked with phrasings (and words) training never used."""
+    for match in ("exact", "answer"):
+        seen, unseen = tables[match], unseen_tables[match]
+        assert unseen.mean(FAMILIES, 0) >= seen.mean(FAMILIES, 0) - 0.03, (match, unseen.mean(FAMILIES, 0))
+    for f, v in EXPECTED_UNSEEN_EXACT_K0.items():
+        assert abs(unseen_tables["exact"].accuracy[f][0] - v) <= MARGIN, (f, unseen_tables["exact"].accuracy[f][0], v)
+    # late insertion on reworded prompts: text families flat, image families lose their image
+    u = unseen_tables["answer"]
+    for f in TEXT_FAMILIES:
+        assert abs(u.accuracy[f][8] - u.accuracy[f][0]) <= 0.03, f
+    assert u.image_mean(8) < u.image_mean(0) - 0.3
 
 
 def test_late_insertion_shape(tables: dict[str, AccuracyTable]) -> None:
@@ -133,7 +155,20 @@ def test_model_card_records_the_measured_tables(tables: dict[str, AccuracyTable]
             for k in LAYERS:
                 assert recorded[f][str(k)] == pytest.approx(tables[match].accuracy[f][k], abs=1e-4), (key, f, k)
     card = (demo_model_path() / "README.md").read_text(encoding="utf-8")
+    assert "test_unseen" in card and info["tokenizer_vocab_size"] == 1000
     assert "| k=8 |" in card and f"{tables['answer'].image_mean(4):.3f}" in card
+
+
+def test_model_card_records_test_unseen(unseen_tables: dict[str, AccuracyTable]) -> None:
+    info = read_build_info(demo_model_path())
+    for key, match in (("test_unseen_accuracy_by_k", "exact"), ("test_unseen_accuracy_by_k_answer", "answer")):
+        for f in FAMILIES:
+            for k in (0, 4, 8):
+                got = info[key]["accuracy"][f][str(k)]
+                assert got == pytest.approx(unseen_tables[match].accuracy[f][k], abs=1e-4), (key, f, k)
+    k0 = info["test_unseen_accuracy_k0"]["accuracy"]  # stock forward while building == engine at k = 0
+    for f in FAMILIES:
+        assert k0[f]["0"] == pytest.approx(unseen_tables["exact"].accuracy[f][0], abs=1e-4), f
 
 
 def test_engine_k0_equals_stock_forward(vlm: FrozenVLM) -> None:
