@@ -17,7 +17,7 @@ from typing import Any
 from deepinsert.demo.architecture import DemoArchitecture, build_model
 from deepinsert.demo.batches import PromptEncoder
 from deepinsert.demo.evaluate import AccuracyTable, EvalItem, items_from_samples, stock_accuracy
-from deepinsert.demo.corpus import tokenizer_corpus
+from deepinsert.demo.corpus import committed_vocab
 from deepinsert.demo.model_card import render_model_card
 from deepinsert.demo.processor import build_processor
 from deepinsert.demo.splits import SPLIT_SPECS, SplitSpec, write_all_splits
@@ -95,7 +95,7 @@ def _build(model_dir: Path, data_dir: str | Path | None, cfg: DemoTrainConfig, a
     if data_path is not None:
         write_all_splits(data_path, QUICK_SPLITS if quick else SPLIT_SPECS)
 
-    processor = build_processor(tokenizer_corpus())
+    processor = build_processor(committed_vocab())
     model = build_model(arch, processor.tokenizer, cfg.seed)
     encoder = PromptEncoder(processor)
     vision_losses = pretrain_vision(model, encoder, cfg)

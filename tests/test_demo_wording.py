@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from deepinsert.demo import demo_data_path, demo_model_path
-from deepinsert.demo.corpus import filler_words, tokenizer_corpus
+from deepinsert.demo.corpus import committed_vocab, filler_words, tokenizer_corpus
+from deepinsert.demo.processor import SPECIAL_TOKENS, VOCAB_SIZE, check_vocab, train_vocab
 from deepinsert.demo.families import FAMILIES, make_sample
 from deepinsert.demo.phrasings import (
     TRAIN,
@@ -108,3 +109,14 @@ def test_unk_rate_on_committed_splits_is_zero(tokenizer) -> None:  # type: ignor
     for split in ("train", "test", "test_unseen"):
         for q in _questions(split):
             assert tokenizer.unk_token_id not in tokenizer(q, add_special_tokens=False)["input_ids"], (split, q)
+
+
+def test_vocabulary_is_trained_by_tokenizers_and_committed(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    committed = committed_vocab()
+    check_vocab(committed)
+    assert len(committed) == VOCAB_SIZE and tuple(committed[:5]) == SPECIAL_TOKENS
+    assert tokenizer.get_vocab() == {t: i for i, t in enumerate(committed)}  # the shipped model's ids
+    # retraining gives the same vocabulary up to the trainer's tie-breaks among rare pieces
+    trained = train_vocab(tokenizer_corpus())
+    check_vocab(trained)
+    assert len(trained) == VOCAB_SIZE and len(set(trained) & set(committed)) >= 0.95 * VOCAB_SIZE
