@@ -123,6 +123,11 @@ class LlavaParts:
                 h.remove()
             lm.set_attn_implementation(previous)
 
+    @property
+    def vision_tower(self) -> nn.Module:
+        """The vision encoder (a CLIP vision model): ``pixel_values (I, 3, H, W)`` -> hidden states."""
+        return self.llava.vision_tower
+
     def image_features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """Projected image features, one ``(n_img, D)`` tensor per image of ``(I, 3, H, W)``."""
         out = self.llava.get_image_features(pixel_values=pixel_values, return_dict=True)

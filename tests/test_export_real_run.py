@@ -51,10 +51,10 @@ def model_source(tmp_path_factory):
         return "demo"
     # demo model not built yet: the demo architecture with random weights, saved like a real model
     from deepinsert.demo.architecture import DemoArchitecture, build_model
-    from deepinsert.demo.families import vocabulary_words
+    from deepinsert.demo.corpus import committed_vocab
     from deepinsert.demo.processor import build_processor
 
-    proc = build_processor(vocabulary_words())
+    proc = build_processor(committed_vocab())
     folder = tmp_path_factory.mktemp("model") / "demo-random"
     build_model(DemoArchitecture(), proc.tokenizer, seed=0).save_pretrained(folder)
     proc.save_pretrained(folder)
