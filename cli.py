@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIG = "demo"
 """``--config`` default of ``train`` and ``sweep``: the shipped ``configs/demo.yaml``."""
 DEFAULT_LAMS = "0,0.05,0.1,0.2,0.5"
-ALGORITHMS = ("ppo", "a2c", "dqn")
+DEFAULT_SEEDS = 3
+DEFAULT_RL_SEEDS = 1
+ALGORITHMS = ("ppo", "a2c", "dqn", "losscurve")
 MIN_VALIDATION = 1000
 """A bundle is validated on at least this many prompts and random embeddings."""
 DEMO_BUILD_DIR = Path("demo-build")
@@ -70,6 +72,23 @@ def _resolve_config_path(path: str) -> str:
     return str(shipped) if shipped.is_file() else str(p)
 
 
+def _require_train_extra() -> None:
+    """``MissingExtraError`` naming the ``train`` extra before anything imports SB3 / gymnasium."""
+    from deepinsert.utils.extras import require
+
+    for module in ("gymnasium", "stable_baselines3"):
+        require(module, "train")
+
+
+def _check_prompt_text(prompts: Sequence[str], what: str) -> None:
+    """Prompts must be valid Unicode text (a non-UTF-8 byte in argv arrives as a lone surrogate)."""
+    for i, p in enumerate(prompts):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"{what} {i + 1} is not valid UTF-8 text") from None
+
+
 def _args_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=DEFAULT_CONFIG,
                    help=f"training config YAML, or a shipped config's name (default {DEFAULT_CONFIG}: configs/demo.yaml)")
@@ -99,7 +118,13 @@ def _load_config(args: argparse.Namespace, **extra: Any) -> Any:
         if v is not None:
             data[key] = v
     data.update({k: v for k, v in extra.items() if v is not None})
-    return from_dict(TrainConfig, data, where=str(args.config))
+    cfg = from_dict(TrainConfig, data, where=str(args.config))
+    from deepinsert.env.cache import default_cache_dir
+    from deepinsert.utils.atomic import check_output_dir
+
+    if cfg.persist_cache:  # a cache folder that cannot be written fails now, not after the loss table
+        check_output_dir(cfg.cache_dir or default_cache_dir(), "--cache-dir" if args.cache_dir else "cache_dir")
+    return cfg
 
 
 # ---------------------------------------------------------------------------- train / sweep / evaluate
@@ -111,20 +136,29 @@ def _args_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder to write (model.zip, config.yaml, run.json...)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation after training")
+    p.add_argument("--trust-run", action="store_true",
+                   help="with --resume: load checkpoints that fail the integrity check (they are unpickled: only for folders you trust)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one router at one λ and write its run folder."""
     _setup_logging()
+    _require_train_extra()
+    from deepinsert.utils.atomic import check_output_dir
+
+    check_output_dir(args.out, "--out")
     cfg = _load_config(args, lam=args.lam)
     from deepinsert.policy.evaluate import format_comparison
-    from deepinsert.policy.run import load_run
+    from deepinsert.policy.run import read_metrics
     from deepinsert.policy.train import train_router
 
-    out = train_router(cfg, args.out, resume=args.resume, evaluate=not args.no_eval, progress=not args.no_progress)
-    run_ = load_run(out)
-    if run_.metrics is not None:
-        print(format_comparison(run_.metrics))
+    out = train_router(cfg, args.out, resume=args.resume, evaluate=not args.no_eval, progress=not args.no_progress,
+                       trust_run=args.trust_run)
+    metrics = None if args.no_eval else read_metrics(Path(out))
+    if metrics is not None:
+        print(format_comparison(metrics))
+    elif args.no_eval:
+        print(f"not evaluated (--no-eval): run `deepinsert evaluate {out}` for its metrics")
     print(f"run written to {out}")
     return 0
 
@@ -134,21 +168,50 @@ def _args_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lams", default=DEFAULT_LAMS, help=f"comma-separated λ values (default {DEFAULT_LAMS})")
     p.add_argument("--out", default="runs/sweep", help="folder for the runs, sweep.json and pareto.png")
     p.add_argument("--force", action="store_true", help="retrain runs that already exist in --out")
+    p.add_argument("--trust-run", action="store_true",
+                   help="resume runs in --out whose checkpoints fail the integrity check (unpickled: trusted folders only)")
+    p.add_argument("--algorithms", default=None,
+                   help="comma-separated algorithms to compare at every λ (default: the config's algorithm and "
+                        "losscurve), e.g. ppo,a2c,dqn,losscurve")
+    p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
+                   help=f"seeds of the loss-curve router (config seed, seed+1, ...; default {DEFAULT_SEEDS}, seconds each): "
+                        "sweep.json reports mean ± spread")
+    p.add_argument("--rl-seeds", type=int, default=DEFAULT_RL_SEEDS,
+                   help=f"seeds of each RL algorithm (default {DEFAULT_RL_SEEDS}: one PPO run per λ keeps the main job "
+                        "within minutes; use 3 to measure their spread)")
+
+
+def _parse_algorithms(text: str | None, default: str) -> list[str]:
+    if text is None:
+        return list(dict.fromkeys([default, "losscurve"]))
+    algs = [a.strip().lower() for a in text.split(",") if a.strip()]
+    bad = [a for a in algs if a not in ALGORITHMS]
+    if not algs or bad:
+        raise InputError(f"--algorithms must list some of {', '.join(ALGORITHMS)}, got {text!r}")
+    return list(dict.fromkeys(algs))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """One router per λ, evaluated against every static layer and the oracle."""
     _setup_logging()
+    _require_train_extra()
     from deepinsert.env.problem import parse_lams
+    from deepinsert.utils.atomic import check_output_dir
 
     lams = parse_lams(args.lams)  # validated before any work
+    check_output_dir(args.out, "--out")
     cfg = _load_config(args)
+    algorithms = _parse_algorithms(args.algorithms, cfg.algorithm)
+    if args.seeds < 1 or args.rl_seeds < 1:
+        raise InputError(f"--seeds and --rl-seeds must be >= 1, got {args.seeds}, {args.rl_seeds}")
     from deepinsert.policy.sweep import format_sweep, run_sweep
 
-    result = run_sweep(cfg, lams, args.out, force=args.force, progress=not args.no_progress)
+    result = run_sweep(cfg, lams, args.out, algorithms=algorithms, seeds=args.seeds, rl_seeds=args.rl_seeds,
+                       force=args.force,
+                       progress=not args.no_progress, trust_run=args.trust_run)
     print()
     print(format_sweep(result))
-    print(f"\nwrote {args.out}/sweep.json, {args.out}/pareto.png and one run folder per λ")
+    print(f"\nwrote {args.out}/sweep.json, {args.out}/pareto.png and the run folders (lam<λ>/ for the config's algorithm and seed, <algorithm>/seed<s>/ for the others)")
     return 0
 
 
@@ -165,11 +228,26 @@ def _args_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (also transformers' weight loading)")
 
 
+def _check_output_file(path: str | None, what: str) -> None:
+    """An output file path whose folder can be created and which is not a folder itself."""
+    if path is None:
+        return
+    from deepinsert.utils.atomic import check_output_dir
+
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{what} {path!r} is a folder, not a file")
+    check_output_dir(p.parent, f"{what} {path!r}: its folder")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """The router vs every static layer and the per-prompt oracle."""
     _setup_logging()
     import dataclasses
 
+    _require_train_extra()
+    _check_output_file(args.json, "--json")
+    _check_output_file(args.plot, "--plot")
     from deepinsert.policy.evaluate import evaluate_run_dir, format_comparison, resolve_split_spec
     from deepinsert.policy.run import load_run, write_metrics
     from deepinsert.policy.workspace import open_workspace
@@ -177,6 +255,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.per_prompt and Path(args.per_prompt).is_dir():
         raise InputError(f"--per-prompt {args.per_prompt} is a folder; give a file name such as per_prompt.csv")
+    _check_output_file(args.per_prompt, "--per-prompt")
     run_ = load_run(args.run_dir)
     spec = resolve_split_spec(run_.config, args.split)
     overrides = {k: getattr(args, k) for k in ("device", "dtype") if getattr(args, k, None) is not None}
@@ -216,6 +295,9 @@ def _args_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-embeddings", type=int, default=MIN_VALIDATION,
                    help=f"validation random embeddings (default {MIN_VALIDATION})")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation inputs")
+    p.add_argument("--no-fold", action="store_true",
+                   help="keep the model's (V, D) embedding table in router.onnx instead of folding the policy's first "
+                        "layer and the guard into a (V, h + g) table (bigger; Router.observation() works)")
 
 
 def _read_prompts(path: Path | None) -> list[str]:
@@ -224,28 +306,61 @@ def _read_prompts(path: Path | None) -> list[str]:
         return []
     if not path.is_file():
         raise InputError(f"prompts file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"prompts file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise InputError(f"cannot read prompts file {path}: {e.strerror or e}") from None
     if path.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"prompts file {path}: invalid JSON: {e}") from None
+        except RecursionError:
+            raise InputError(f"prompts file {path}: JSON nested too deeply") from None
         if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
             raise InputError(f"{path} must hold a JSON list of strings")
-        return data
-    return [line for line in text.splitlines() if line.strip()]
+        prompts = data
+    else:
+        prompts = [line for line in text.splitlines() if line.strip()]
+    _check_prompt_text(prompts, f"{path}: prompt")
+    return prompts
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a validated ONNX router bundle from a run folder."""
     if args.n_prompts < MIN_VALIDATION or args.n_embeddings < MIN_VALIDATION:
         raise InputError(f"--n-prompts and --n-embeddings must be >= {MIN_VALIDATION}: a bundle is validated on at least that many")
+    from deepinsert.utils.atomic import check_output_dir
+    from deepinsert.utils.extras import require
+
+    if args.out.exists() and not args.overwrite:
+        raise InputError(f"--out {str(args.out)!r} already exists (pass --overwrite to replace it)")
+    check_output_dir(args.out, "--out")
+    prompts = _read_prompts(args.prompts)
+    _require_train_extra()
+    require("onnx", "export")
+    require("onnxruntime", "export")
     from deepinsert.export import export_run
 
-    result = export_run(args.run_dir, args.out, prompts=_read_prompts(args.prompts), n_prompts=args.n_prompts,
-                        n_embeddings=args.n_embeddings, seed=args.seed, overwrite=args.overwrite)
+    result = export_run(args.run_dir, args.out, prompts=prompts, n_prompts=args.n_prompts,
+                        n_embeddings=args.n_embeddings, seed=args.seed, overwrite=args.overwrite, fold=not args.no_fold)
     v, info = result.validation, result.info
-    print(f"wrote {result.bundle_dir}: {info.algorithm} router, lambda={info.lam}, layers {list(info.candidate_layers)}")
+    lam_note = "any lambda per request (default " + f"{info.lam:g})" if info.supports_lam else f"lambda={info.lam}"
+    print(f"wrote {result.bundle_dir}: {info.algorithm} router, {lam_note}, layers {list(info.candidate_layers)}")
+    g = info.guard
+    if g is not None:
+        print(f"guard: falls back to layer {g['fallback_layer']} above score {g['threshold']:.4g} "
+              f"(trips on {100 * (g.get('val_trip_rate') or 0):.1f}% of the validation split)")
+    sz = info.size
+    print(f"size: {sz['total_bytes'] / 1e6:.2f} MB ({'folded' if info.folded else 'unfolded'} table "
+          f"{sz['table_shape'][0]} x {sz['table_shape'][1]}; the model's embedding table alone is "
+          f"{sz['unfolded_table_bytes_fp32'] / 1e6:.2f} MB in float32)")
     print(
         f"validated on {v['n_prompts']} prompts ({v['n_truncated_prompts']} truncated) and {v['n_embeddings']} random "
-        f"embeddings: same action everywhere, max |dp| = {max(v['max_abs_prob_diff_prompts'], v['max_abs_prob_diff_embeddings']):.2e}"
+        f"embeddings against the unfolded torch router (lambda {', '.join(f'{x:g}' for x in v['lams_checked'])}): "
+        f"same action everywhere, max |d| = {max(v['max_abs_prob_diff_prompts'], v['max_abs_prob_diff_embeddings']):.2e}"
     )
     return 0
 
@@ -263,6 +378,8 @@ def parse_prompt_lines(text: str, where: str) -> list[str]:
                 obj = json.loads(s)
             except json.JSONDecodeError as e:
                 raise InputError(f"{where}, line {n}: invalid JSON ({e.msg}); give one prompt per line or JSONL") from e
+            except RecursionError:
+                raise InputError(f"{where}, line {n}: JSON nested too deeply") from None
             if isinstance(obj, dict):
                 obj = obj.get("prompt", obj.get("question"))
             if not isinstance(obj, str) or not obj.strip():
@@ -279,13 +396,21 @@ def _route_prompts(prompts: list[str], file: str | None) -> list[str]:
     if file is not None:
         if prompts:
             raise InputError("give prompts as arguments or with --file, not both")
-        if file == "-":
-            prompts = parse_prompt_lines(sys.stdin.read(), "stdin")
-        else:
-            path = Path(file)
-            if not path.is_file():
-                raise InputError(f"prompts file {file!r} does not exist")
-            prompts = parse_prompt_lines(path.read_text(encoding="utf-8"), file)
+        try:
+            if file == "-":
+                data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+                where = "stdin"
+            else:
+                path = Path(file)
+                if not path.is_file():
+                    raise InputError(f"prompts file {file!r} does not exist")
+                data, where = path.read_bytes(), file
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise InputError(f"cannot read prompts from {file}: {e.strerror or e}") from None
+        prompts = parse_prompt_lines(text, where)
     if not prompts:
         raise InputError("no prompts: give them as arguments, '-' for stdin, or --file FILE")
     return prompts
@@ -299,31 +424,72 @@ def _args_route(p: argparse.ArgumentParser) -> None:
                    help="read prompts from FILE ('-' for stdin): one per line, or JSONL "
                         '(a JSON string or {"prompt": ...} per line)')
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.add_argument("--lam", type=float, default=None,
+                   help="decide at this λ (loss-curve bundles only; default: the bundle's λ)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="target mean FLOPs fraction vs k = 0, in (0, 1]: the λ calibrated to reach it on the validation "
+                        "split (loss-curve bundles only)")
+    p.add_argument("--explain", action="store_true",
+                   help="also print, per candidate layer, the probability (PPO/A2C), score (DQN) or predicted loss "
+                        "(loss-curve)")
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    """Which insertion layer for each prompt."""
+    """Which insertion layer for each prompt (and whether the out-of-distribution guard fell back)."""
     from deepinsert.router import Router
 
     args.prompts = _route_prompts(args.prompts, args.file)
+    _check_prompt_text(args.prompts, "prompt")
     router = Router.load(args.bundle_dir)
-    decisions = router.route_batch(args.prompts)
+    decisions = router.route_batch(args.prompts, lam=args.lam, budget=args.budget)
+    if not args.json:
+        print("layer\tfallback\tp\tprompt")
     for prompt, d in zip(args.prompts, decisions, strict=True):
         if args.json:
             print(json.dumps({"prompt": prompt, **d.to_dict()}))
-        else:
-            note = f", truncated to {d.num_tokens} tokens" if d.truncated else ""
-            print(f"layer {d.layer}\t(p={d.probs[d.index]:.3f}{note})\t{prompt}")
+            continue
+        note = f", truncated to {d.num_tokens} tokens" if d.truncated else ""
+        fb = "yes" if d.fallback else "no"
+        print(f"{d.layer}\t{fb}\t{d.probs[d.index]:.3f}{note}\t{prompt}")
+        if args.explain:
+            if d.losses is not None:
+                cells = [f"k={k}: loss {l:.3f}" for k, l in zip(router.candidate_layers, d.losses)]
+                head = f"  λ={d.lam:g}, predicted loss per layer"
+            else:
+                cells = [f"k={k}: {p:.3f}" for k, p in zip(router.candidate_layers, d.probs)]
+                head = "  " + ("softmax(Q) per layer" if router.info.algorithm == "dqn" else "probability per layer")
+            guard = "" if d.ood_score is None else (f"; guard score {d.ood_score:.3g} (threshold "
+                                                     f"{router.info.guard['threshold']:.3g})")
+            print(f"{head}: " + ", ".join(cells) + guard)
     return 0
 
 
 def _args_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle_dir", type=Path, help="router bundle written by `deepinsert export`")
+    p.add_argument("--model", default=None,
+                   help="serve OpenAI-compatible chat with this VLM (hub id, folder or 'demo'); without it: the router only")
+    p.add_argument("--adapter", default=None, help="peft adapter folder merged into --model")
+    p.add_argument("--dtype", default="auto", help="--model weights dtype (auto, float32, bfloat16, float16)")
+    p.add_argument("--device", default="auto", help="--model device (auto, cpu, cuda, cuda:1...)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--max-batch", type=int, default=64, help="most prompts per request (default 64)")
-    p.add_argument("--max-body-bytes", type=int, default=256 * 1024, help="largest request body (default 256 KiB)")
+    p.add_argument("--max-batch", type=int, default=64, help="router: most prompts per /route request (default 64)")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body (default 256 KiB; 20 MiB with --model: images are base64)")
+    p.add_argument("--max-prompt-chars", type=int, default=4096,
+                   help="most prompt characters per request, all prompts together (default 4096); checked before tokenising")
+    p.add_argument("--request-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send a whole request (headers and body); slower clients are dropped (default 10)")
+    p.add_argument("--max-connections", type=int, default=128, help="connections served at once; 503 beyond (default 128)")
+    p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (off by default)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads per call (default 1)")
+    p.add_argument("--served-model-name", default=None, help="with --model: the model id clients name (default: --model's name)")
+    p.add_argument("--max-running", type=int, default=32, help="with --model: most sequences decoded together (default 32)")
+    p.add_argument("--kv-budget-mib", type=float, default=2048, help="with --model: KV-cache memory to fill (default 2048)")
+    p.add_argument("--max-queue", type=int, default=64, help="with --model: waiting requests before 429 (default 64)")
+    p.add_argument("--generation-timeout", type=float, default=600,
+                   help="with --model: seconds a chat request may run, queue included (default 600)")
+    p.add_argument("--allow-remote-images", action="store_true", help="with --model: fetch http(s) image URLs")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -338,21 +504,55 @@ def is_loopback(host: str) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve a router bundle over HTTP."""
+    """Serve a router bundle over HTTP; with ``--model``, OpenAI-compatible chat that generates too."""
     if not 0 < args.port < 65536:
         raise InputError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_body_bytes is None:
+        args.max_body_bytes = 256 * 1024 if args.model is None else 20 * 1024 * 1024
+    for flag, v in (("--max-batch", args.max_batch), ("--max-body-bytes", args.max_body_bytes),
+                    ("--max-prompt-chars", args.max_prompt_chars), ("--max-connections", args.max_connections),
+                    ("--threads", args.threads)):
+        if v < 1:
+            raise InputError(f"{flag} must be >= 1, got {v}")
+    if not 0 < args.request_timeout <= 3600:  # also rejects nan
+        raise InputError(f"--request-timeout must be in (0, 3600] seconds, got {args.request_timeout}")
     from deepinsert.utils.extras import require
 
-    uvicorn = require("uvicorn", "serve")
+    require("uvicorn", "serve")
     from deepinsert.router import Router
-    from deepinsert.router.service import create_app
+    from deepinsert.router.service import bind_socket, serve
 
     router = Router.load(args.bundle_dir, num_threads=args.threads)
-    app = create_app(router, max_batch=args.max_batch, max_body_bytes=args.max_body_bytes)
+    if args.model is None:
+        from deepinsert.router.service import create_app
+
+        app = create_app(router, max_batch=args.max_batch, max_body_bytes=args.max_body_bytes,
+                         max_prompt_chars=args.max_prompt_chars, docs=args.docs)
+        what = "POST /route, GET /health, GET /info"
+    else:
+        from deepinsert.frozen_vlm import load_vlm
+        from deepinsert.serving.app import ServerConfig, create_chat_app
+        from deepinsert.serving.scheduler import SchedulerConfig
+
+        vlm = load_vlm(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter)
+        name = args.served_model_name or Path(str(args.model).rstrip("/")).name
+        app = create_chat_app(
+            vlm, router,
+            config=ServerConfig(model_name=name, max_body_bytes=args.max_body_bytes,
+                                allow_remote_images=args.allow_remote_images),
+            scheduler_config=SchedulerConfig(max_batch=args.max_running, kv_budget_bytes=int(args.kv_budget_mib * 2**20),
+                                             max_queue=args.max_queue, request_timeout_s=args.generation_timeout),
+        )
+        what = f"model {name!r}: POST /v1/chat/completions, GET /v1/models, /route, /health, /info, /metrics"
+    sock = bind_socket(args.host, args.port)  # a busy port fails here, in one line
     if not is_loopback(args.host):
-        log.warning("binding %s: the router is reachable from other machines (no authentication)", args.host)
-    print(f"serving {router} on http://{args.host}:{args.port} (POST /route, GET /health, GET /info)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        log.warning("binding %s: the server is reachable from other machines (no authentication)", args.host)
+    print(f"serving {router} on http://{args.host}:{args.port} ({what})", flush=True)
+    try:
+        serve(app, sock, log_level=args.log_level, request_timeout_s=args.request_timeout,
+              max_connections=args.max_connections)
+    finally:
+        sock.close()
     return 0
 
 
@@ -409,7 +609,11 @@ def describe_path(path: Path) -> dict[str, Any]:
                 "candidate_layers": list(info.candidate_layers), "num_layers": info.num_layers,
                 "model": info.model_source, "metrics": _metrics_summary(info.metrics),
                 "validation": info.validation, "versions": info.versions, "files": _files(path),
-                "checksums_checked": sorted(info.checksums), "problems": problems}
+                "checksums_checked": sorted(info.checksums), "problems": problems,
+                "folded": info.folded, "size_mb": round(info.size.get("total_bytes", 0) / 1e6, 3),
+                "table_shape": info.size.get("table_shape"),
+                "guard": None if info.guard is None else {k: info.guard[k] for k in ("threshold", "fallback_layer")},
+                "request_lam": info.supports_lam}
     if (path / "run.json").is_file():
         import yaml
 
@@ -421,7 +625,8 @@ def describe_path(path: Path) -> dict[str, Any]:
             except yaml.YAMLError as e:
                 problems.append(f"config.yaml: unreadable YAML ({e})")
         metrics = _read_json(path / "metrics.json", problems) if (path / "metrics.json").is_file() else None
-        for name in ("model.zip", "config.yaml"):
+        model_name = "policy.safetensors" if run.get("algorithm") == "losscurve" else "model.zip"
+        for name in (model_name, "config.yaml"):
             if not (path / name).is_file():
                 problems.append(f"{name} is missing")
         zips = [path / "model.zip"] * (path / "model.zip").is_file() + sorted((path / "checkpoints").glob("*.zip"))
@@ -583,7 +788,50 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return int(args._demo_run(args))
 
 
+# ---------------------------------------------------------------------------- tables
+
+
+def _args_tables(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=DEFAULT_CONFIG,
+                   help=f"training config YAML, or a shipped config's name (default {DEFAULT_CONFIG})")
+    p.add_argument("--split", default="train", choices=("train", "eval", "all"),
+                   help="which data of the config: train (default), eval, or all")
+    p.add_argument("--subset", type=float, default=None,
+                   help="keep this fraction of the records, stratified by source dataset (overrides data.subset)")
+    p.add_argument("--seed", dest="subset_seed", type=int, default=None,
+                   help="seed of the --subset sampler (overrides data.subset_seed)")
+    p.add_argument("--cache-dir", default=None, help="loss-cache folder (default ~/.cache/deepinsert); shared by all nodes")
+    p.add_argument("--timeout-min", type=float, default=120.0, help="torch.distributed timeout in minutes (default 120)")
+    _args_device(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (also transformers' weight loading)")
+
+
+def cmd_tables(args: argparse.Namespace) -> int:
+    """The config's loss table (+ router observations) into the cache; one process or under torchrun."""
+    _setup_logging()
+    cfg = _load_config(args)
+    if args.subset is not None or args.subset_seed is not None:
+        import dataclasses
+
+        from deepinsert.policy.config import DataConfig
+
+        d = dataclasses.asdict(cfg.data)
+        d.update({k: v for k, v in (("subset", args.subset), ("subset_seed", args.subset_seed)) if v is not None})
+        cfg = dataclasses.replace(cfg, data=DataConfig(**d))
+        print("note: train/sweep reuse this table only with the same data.subset and data.subset_seed in their config",
+              file=sys.stderr)
+    from deepinsert.policy.tables import format_tables, run_tables
+
+    splits = ("train", "eval") if args.split == "all" else (args.split,)
+    result = run_tables(cfg, splits, progress=not args.no_progress, timeout_min=args.timeout_min)
+    if result.rank.rank == 0:
+        print(format_tables(result))
+    return 0
+
+
 # ---------------------------------------------------------------------------- the table
+
+from deepinsert.analysis import cli as _analysis_cli  # noqa: E402  (torch-free at import)
 
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
 
@@ -593,33 +841,48 @@ COMMANDS: dict[str, Command] = {
     "evaluate": (_args_evaluate, cmd_evaluate, "evaluate a run vs static layers and the oracle"),
     "export": (_args_export, cmd_export, "export a trained run as an ONNX router bundle"),
     "route": (_args_route, cmd_route, "ask a router bundle which layer for a prompt"),
-    "serve": (_args_serve, cmd_serve, "serve a router bundle over HTTP"),
+    "serve": (_args_serve, cmd_serve, "serve a router bundle over HTTP (with --model: OpenAI-compatible chat)"),
     "finetune": (_args_finetune, cmd_finetune, "train a LoRA adapter so late image insertion keeps its accuracy"),
     "demo": (_args_demo, cmd_demo, "build the demo VLM and its data, or its accuracy by layer"),
     "info": (_args_info, cmd_info, "describe a run folder, router bundle or sweep folder"),
+    "tables": (_args_tables, cmd_tables, "compute the loss table into the cache (one process or under torchrun)"),
+    "analyze": (_analysis_cli.add_arguments, _analysis_cli.run, "layer redundancy, attention, logit lens, masking vs skipping, injection, early exit"),
 }
 """subcommand -> (argument setup, handler, one-line help)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors in the CLI's one-line form ``deepinsert CMD: error: ...`` (exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (no heavy import: handlers import what they use)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="deepinsert",
         description="Late image insertion for frozen LLaVA models, and routers that pick the layer per prompt.",
     )
     parser.add_argument("--version", action="version", version=f"deepinsert {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subs: dict[str, argparse.ArgumentParser] = {}
     for name, (setup, handler, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         setup(p)
         p.set_defaults(_run=handler)
+        subs[name] = p
+    parser.subcommand_parsers = subs  # type: ignore[attr-defined]
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``deepinsert`` console script and ``python -m deepinsert``."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # report it as the subcommand's error, in the one-line form
+        sub = getattr(parser, "subcommand_parsers", {}).get(getattr(args, "command", None), parser)
+        sub.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0

@@ -7,9 +7,9 @@ questions, for:
 
 - ``pipeline``: question text -> decision. ONNX: ``Router.route`` (tokenizers + router.onnx).
   SB3: the env's observation (transformers tokenizer + numpy mean of embedding rows) +
-  ``algo.predict``.
+  the run's policy (``TrainedRun.predict_raw``, no guard).
 - ``policy``: observation vector -> decision. ONNX: ``Router.route_embedding`` (policy.onnx).
-  SB3: ``algo.predict`` on the same vector.
+  torch: ``TrainedRun.predict_raw`` on the same vector.
 
 each single (one prompt per call) and batched (``--batch`` prompts per call; latency per
 prompt = call time / batch), and as a fraction of one forward of the run's VLM (k = 0, one
@@ -58,6 +58,23 @@ def _questions(run: Any, n: int) -> list[str]:
     return [s.question for s in samples[:n]]
 
 
+def _bundle_size_and_rss(bundle: Path) -> tuple[float, float]:
+    """The bundle's size on disk (MB) and the resident memory (MB) of a fresh torch-free process
+    that imported the runtime, loaded the bundle and routed one prompt."""
+    import subprocess
+    import sys
+
+    size = sum(p.stat().st_size for p in bundle.iterdir() if p.is_file()) / 1e6
+    code = ("from deepinsert.router import Router; r = Router.load(%r); r.route('what colour is the square'); "
+            "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])" % str(bundle))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    try:
+        rss = int(res.stdout.strip().splitlines()[-1]) / 1024
+    except (ValueError, IndexError):
+        rss = float("nan")
+    return round(size, 3), round(rss, 1)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True, help="run folder (deepinsert train)")
@@ -86,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             bundle = Path(tmp) / "bundle"
             export_run(args.run, bundle, n_prompts=1000, n_embeddings=1000)
         router = Router.load(bundle, num_threads=1)
+        size_mb, rss_mb = _bundle_size_and_rss(Path(bundle))
 
     try:
         questions = _questions(run, args.n_prompts)
@@ -94,10 +112,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         questions = validation_prompts(tok, args.n_prompts, seed=0)
     obs_all = prompt_observations(tok, weight, questions)  # (P, D)
-    algo = run.algo
     # correctness first: both paths choose the same actions on these inputs
     onnx_idx = [d.index for d in router.route_batch(questions)]
-    sb3_idx = algo.predict(obs_all, deterministic=True)[0].tolist()
+    sb3_idx = run.predict_raw(obs_all).tolist()
     agree = float(np.mean(np.array(onnx_idx) == np.array(sb3_idx)))
 
     cyc = {"i": 0}
@@ -114,20 +131,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res: dict[str, Any] = {}
     res["pipeline_single"] = {
         "onnx": _stats_us(_timeit(lambda: router.route(questions[nxt()]), R)),
-        "sb3": _stats_us(_timeit(lambda: algo.predict(prompt_observation(tok, weight, questions[nxt()])[None], deterministic=True), R)),
+        "sb3": _stats_us(_timeit(lambda: run.predict_raw(prompt_observation(tok, weight, questions[nxt()])[None]), R)),
     }
     res["policy_single"] = {
         "onnx": _stats_us(_timeit(lambda: router.route_embedding(obs_all[nxt()]), R)),
-        "sb3": _stats_us(_timeit(lambda: algo.predict(obs_all[nxt()][None], deterministic=True), R)),
+        "sb3": _stats_us(_timeit(lambda: run.predict_raw(obs_all[nxt()][None]), R)),
     }
     rb = max(50, R // B)
     res["pipeline_batched"] = {
         "onnx": _stats_us(_timeit(lambda: router.route_batch(batches[nxt() % len(batches)]), rb), B),
-        "sb3": _stats_us(_timeit(lambda: algo.predict(prompt_observations(tok, weight, batches[nxt() % len(batches)]), deterministic=True), rb), B),
+        "sb3": _stats_us(_timeit(lambda: run.predict_raw(prompt_observations(tok, weight, batches[nxt() % len(batches)])), rb), B),
     }
     res["policy_batched"] = {
         "onnx": _stats_us(_timeit(lambda: router.route_embeddings(obs_batches[nxt() % len(obs_batches)]), rb), B),
-        "sb3": _stats_us(_timeit(lambda: algo.predict(obs_batches[nxt() % len(obs_batches)], deterministic=True), rb), B),
+        "sb3": _stats_us(_timeit(lambda: run.predict_raw(obs_batches[nxt() % len(obs_batches)]), rb), B),
     }
     for v in res.values():
         v["speedup_p50"] = v["sb3"]["p50_us"] / v["onnx"]["p50_us"]
@@ -148,6 +165,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batch": B,
         "repeats": R,
         "onnx_vs_sb3_action_agreement": agree,
+        "bundle_folded": router.info.folded,
+        "bundle_mb": size_mb,
+        "router_process_rss_mb_after_load": rss_mb,
         "vlm_forward_k0_p50_us": fwd_us,
         "vlm_prompt_tokens": int(batch.input_ids.shape[1]),
         "onnx_route_fraction_of_forward": res["pipeline_single"]["onnx"]["p50_us"] / fwd_us,
@@ -161,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{name:18s} onnx p50 {v['onnx']['p50_us']:8.1f} us  p99 {v['onnx']['p99_us']:8.1f} | "
               f"sb3 p50 {v['sb3']['p50_us']:8.1f} us  p99 {v['sb3']['p99_us']:8.1f} | x{v['speedup_p50']:.1f}")
     print(f"VLM forward (k=0, batch 1): {fwd_us / 1e3:.2f} ms; ONNX routing = {out['onnx_route_fraction_of_forward']:.4f} of it")
+    print(f"bundle {size_mb:.2f} MB ({'folded' if router.info.folded else 'unfolded'}); router process RSS after load {rss_mb:.0f} MB")
     print(f"action agreement ONNX vs SB3 on {len(questions)} questions: {agree:.3f}; wrote {args.out}")
     return out
 

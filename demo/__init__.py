@@ -3,7 +3,7 @@
 ``demo_model_path()`` is the folder of the small trained LLaVA that the README, the
 default configs and most tests use; ``demo_data_path(split)`` is the LLaVA-Instruct JSON
 file of one committed split (images in ``data/images/``). ``deepinsert demo build``
-(:mod:`deepinsert.demo.cli`) regenerates both deterministically.
+(``deepinsert demo build``) regenerates both deterministically.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from deepinsert.utils.sources import demo_data_dir, demo_model_dir, resolve_data_spec
 
-SPLITS: tuple[str, ...] = ("train", "val", "test")
+SPLITS: tuple[str, ...] = ("train", "val", "test", "test_unseen")
 
 
 def demo_model_path() -> Path:
@@ -26,7 +26,8 @@ def demo_data_root() -> Path:
 
 
 def demo_data_path(split: str) -> Path:
-    """LLaVA-Instruct JSON file of one committed split: ``"train"``, ``"val"`` or ``"test"``."""
+    """LLaVA-Instruct JSON file of one committed split: ``"train"``, ``"val"``, ``"test"`` or
+    ``"test_unseen"`` (test's images and answers, asked with phrasings training never used)."""
     return resolve_data_spec(f"demo:{split}")
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deepinsert.demo.scenes import IMAGE_SIZE, N_PATCHES, PATCH_SIZE
+from deepinsert.frozen_vlm.architectures import ModelConfig, TextArchitecture, VisionArchitecture
 
 
 @dataclass(frozen=True)
@@ -35,43 +36,55 @@ class DemoArchitecture:
             raise ValueError("hidden sizes must be divisible by the number of heads")
 
 
-def build_config(arch: DemoArchitecture, tokenizer: Any) -> Any:
-    """The ``LlavaConfig`` of the demo for ``tokenizer`` (vocab size and special ids)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    vision = CLIPVisionConfig(
+def model_config(arch: DemoArchitecture, tokenizer: Any) -> ModelConfig:
+    """The demo's shape as the project's :class:`~deepinsert.frozen_vlm.architectures.ModelConfig`
+    (vocab size, pad and ``<image>`` ids from ``tokenizer``)."""
+    text = TextArchitecture(
+        hidden_size=arch.text_hidden,
+        num_layers=arch.text_layers,
+        num_heads=arch.text_heads,
+        num_kv_heads=arch.text_heads,
+        intermediate_size=arch.text_mlp,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=arch.max_positions,
+        rms_norm_eps=1e-6,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = VisionArchitecture(
         hidden_size=arch.vision_hidden,
+        num_layers=arch.vision_layers,
+        num_heads=arch.vision_heads,
         intermediate_size=arch.vision_mlp,
-        num_hidden_layers=arch.vision_layers,
-        num_attention_heads=arch.vision_heads,
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
-        num_channels=3,
+        feature_layer=-1,
+        select_strategy="default",
         projection_dim=arch.vision_hidden,
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=arch.text_hidden,
-        intermediate_size=arch.text_mlp,
-        num_hidden_layers=arch.text_layers,
-        num_attention_heads=arch.text_heads,
-        num_key_value_heads=arch.text_heads,
-        max_position_embeddings=arch.max_positions,
-        initializer_range=arch.text_init_range,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    return LlavaConfig(
-        vision_config=vision,
-        text_config=text,
+    return ModelConfig(
+        source="deepinsert-demo",
+        text=text,
+        vision=vision,
+        dtype="float32",
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-        image_seq_length=N_PATCHES,
+        projector_act="gelu",
+        name="demo",
     )
+
+
+def build_config(arch: DemoArchitecture, tokenizer: Any) -> Any:
+    """The ``LlavaConfig`` of the demo for ``tokenizer``: :func:`model_config`'s
+    ``to_llava_config()`` plus what only training needs (init range, BOS/EOS ids, untied
+    embeddings)."""
+    config = model_config(arch, tokenizer).to_llava_config()
+    text = config.text_config
+    text.initializer_range = arch.text_init_range
+    text.bos_token_id = tokenizer.bos_token_id
+    text.eos_token_id = tokenizer.eos_token_id
+    text.tie_word_embeddings = False
+    if config.image_seq_length != N_PATCHES:
+        raise AssertionError(f"demo expects {N_PATCHES} image tokens, config says {config.image_seq_length}")
+    return config
 
 
 def build_model(arch: DemoArchitecture, tokenizer: Any, seed: int) -> Any:

@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 
 from deepinsert.demo.families import Sample
-
-PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"  # == deepinsert.frozen_vlm.PROMPT_TEMPLATE
+from deepinsert.frozen_vlm.batching import PROMPT_TEMPLATE
 
 
 @dataclass

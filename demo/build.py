@@ -17,24 +17,24 @@ from typing import Any
 from deepinsert.demo.architecture import DemoArchitecture, build_model
 from deepinsert.demo.batches import PromptEncoder
 from deepinsert.demo.evaluate import AccuracyTable, EvalItem, items_from_samples, stock_accuracy
-from deepinsert.demo.families import vocabulary_words
+from deepinsert.demo.corpus import committed_vocab
 from deepinsert.demo.model_card import render_model_card
 from deepinsert.demo.processor import build_processor
 from deepinsert.demo.splits import SPLIT_SPECS, SplitSpec, write_all_splits
-from deepinsert.demo.train import TrainConfig, pretrain_vision, train_lm
+from deepinsert.demo.train import DemoTrainConfig, pretrain_vision, train_lm
 from deepinsert.utils.atomic import atomic_dir, atomic_write_json, atomic_write_text
 
 QUICK_SPLITS: tuple[SplitSpec, ...] = tuple(dataclasses.replace(s, size=16) for s in SPLIT_SPECS)
 
 
-def default_train_config() -> TrainConfig:
+def default_train_config() -> DemoTrainConfig:
     """The recipe of the shipped demo model."""
-    return TrainConfig()
+    return DemoTrainConfig()
 
 
-def quick_train_config(seed: int = 0, threads: int = 1, progress: bool = False) -> TrainConfig:
+def quick_train_config(seed: int = 0, threads: int = 1, progress: bool = False) -> DemoTrainConfig:
     """A tiny recipe that exercises every stage in seconds (the model it makes is useless)."""
-    return TrainConfig(
+    return DemoTrainConfig(
         seed=seed, vision_steps=4, lm_steps=6, batch_size=16, warmup=2, threads=threads, progress=progress
     )
 
@@ -47,6 +47,7 @@ class BuildResult:
     data_dir: Path | None
     seconds: float
     test_table: AccuracyTable | None  # k = 0 accuracy on the test split (stock forward)
+    unseen_table: AccuracyTable | None = None  # the same on test_unseen (held-out phrasings)
 
 
 def _load_eval_items(data_dir: Path, split: str) -> list[EvalItem]:
@@ -59,7 +60,7 @@ def build_demo(
     model_dir: str | Path,
     data_dir: str | Path | None = None,
     *,
-    cfg: TrainConfig | None = None,
+    cfg: DemoTrainConfig | None = None,
     arch: DemoArchitecture | None = None,
     quick: bool = False,
 ) -> BuildResult:
@@ -74,7 +75,7 @@ def build_demo(
     """
     import torch
 
-    cfg = cfg or (quick_train_config() if quick else TrainConfig())
+    cfg = cfg or (quick_train_config() if quick else DemoTrainConfig())
     arch = arch or DemoArchitecture()
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(cfg.threads)
@@ -86,7 +87,7 @@ def build_demo(
         torch.use_deterministic_algorithms(deterministic)
 
 
-def _build(model_dir: Path, data_dir: str | Path | None, cfg: TrainConfig, arch: DemoArchitecture, quick: bool) -> BuildResult:
+def _build(model_dir: Path, data_dir: str | Path | None, cfg: DemoTrainConfig, arch: DemoArchitecture, quick: bool) -> BuildResult:
     import torch
 
     t0 = time.perf_counter()
@@ -94,16 +95,17 @@ def _build(model_dir: Path, data_dir: str | Path | None, cfg: TrainConfig, arch:
     if data_path is not None:
         write_all_splits(data_path, QUICK_SPLITS if quick else SPLIT_SPECS)
 
-    processor = build_processor(vocabulary_words())
+    processor = build_processor(committed_vocab())
     model = build_model(arch, processor.tokenizer, cfg.seed)
     encoder = PromptEncoder(processor)
     vision_losses = pretrain_vision(model, encoder, cfg)
     lm_losses = train_lm(model, encoder, cfg)
     train_seconds = time.perf_counter() - t0
 
-    table = None
+    table = unseen = None
     if data_path is not None:
         table = stock_accuracy(model, processor, _load_eval_items(data_path, "test"))
+        unseen = stock_accuracy(model, processor, _load_eval_items(data_path, "test_unseen"))
     info: dict[str, Any] = {
         "seed": cfg.seed,
         "quick": quick,
@@ -114,14 +116,16 @@ def _build(model_dir: Path, data_dir: str | Path | None, cfg: TrainConfig, arch:
         "torch_version": torch.__version__,
         "vision_loss_first_last": [round(vision_losses[0], 4), round(vision_losses[-1], 4)] if vision_losses else [],
         "lm_loss_first_last": [round(lm_losses[0], 4), round(sum(lm_losses[-20:]) / len(lm_losses[-20:]), 4)],
+        "tokenizer_vocab_size": len(processor.tokenizer),
         "test_accuracy_k0": table.to_dict() if table is not None else None,
+        "test_unseen_accuracy_k0": unseen.to_dict() if unseen is not None else None,
     }
     with atomic_dir(model_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         atomic_write_json(tmp / "build_info.json", info)
         atomic_write_text(tmp / "README.md", render_model_card(info, table))
-    return BuildResult(Path(model_dir), data_path, time.perf_counter() - t0, table)
+    return BuildResult(Path(model_dir), data_path, time.perf_counter() - t0, table, unseen)
 
 
 def read_build_info(model_dir: str | Path) -> dict[str, Any]:

@@ -26,7 +26,8 @@ def evaluate_and_update(
 
     With ``update_card``, the exact-match and answer-token tables are stored as
     ``test_accuracy_by_k`` / ``test_accuracy_by_k_answer`` in the model folder's
-    ``build_info.json`` and the ``README.md`` model card is re-rendered. ``progress``: a tqdm bar.
+    ``build_info.json`` (``test_unseen_accuracy_by_k`` / ``..._answer`` when ``data`` is a
+    ``test_unseen.json`` file) and the ``README.md`` model card is re-rendered. ``progress``: a tqdm bar.
     """
     from deepinsert.env.data import load_samples
     from deepinsert.frozen_vlm import load_vlm
@@ -39,8 +40,9 @@ def evaluate_and_update(
     if update_card and adapter is None:
         folder = Path(resolve_source(model))
         info = read_build_info(folder)
-        info["test_accuracy_by_k"] = table.to_dict()
-        info["test_accuracy_by_k_answer"] = tables["answer"].to_dict()
+        key = "test_unseen" if Path(data).stem == "test_unseen" else "test"
+        info[f"{key}_accuracy_by_k"] = table.to_dict()
+        info[f"{key}_accuracy_by_k_answer"] = tables["answer"].to_dict()
         k0 = info.get("test_accuracy_k0")
         atomic_write_json(folder / "build_info.json", info)
         atomic_write_text(folder / "README.md", render_model_card(info, table_from_dict(k0) if k0 else None))

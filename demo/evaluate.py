@@ -1,8 +1,8 @@
 """Exact-match accuracy of greedy answers, per question family and insertion layer.
 
 accuracy = share of samples whose greedy answer equals the reference after
-:func:`normalise_answer` (lower case, punctuation and whitespace removed), under one of
-two matching rules:
+the project's one answer normaliser, :func:`deepinsert.env.losses.normalize_answer` (lower
+case, punctuation dropped, whitespace collapsed), under one of two matching rules:
 
 * ``"exact"`` — the whole generation, up to the EOS (or ``max_new_tokens``), must match;
 * ``"answer"`` — only the first n generated tokens, n = the reference answer's token
@@ -20,24 +20,16 @@ is the same whatever order the items come in).
 
 from __future__ import annotations
 
-import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TYPE_CHECKING
 
 from deepinsert.demo.batches import PromptEncoder
 from deepinsert.demo.families import FAMILIES, IMAGE_FAMILIES, TEXT_FAMILIES
+from deepinsert.env.losses import normalize_answer
 
 if TYPE_CHECKING:
     from deepinsert.frozen_vlm import FrozenVLM
-
-_STRIP = str.maketrans("", "", string.punctuation + string.whitespace)
-
-
-def normalise_answer(text: str) -> str:
-    """Lower case, with punctuation and whitespace removed: ``" Red."`` -> ``"red"``."""
-    return text.lower().translate(_STRIP)
-
 
 @dataclass(frozen=True)
 class EvalItem:
@@ -112,7 +104,7 @@ def _is_correct(tokenizer: Any, generated: list[int], answer: str, match: str) -
     router's reward scores: the answer's own tokens, not the EOS after them)."""
     if match == "answer":
         generated = generated[: len(tokenizer(answer, add_special_tokens=False)["input_ids"])]
-    return normalise_answer(tokenizer.decode(generated, skip_special_tokens=True)) == normalise_answer(answer)
+    return normalize_answer(tokenizer.decode(generated, skip_special_tokens=True)) == normalize_answer(answer)
 
 
 def _score(

@@ -2,7 +2,11 @@
 
 Image families (the answer is in the picture): colour, count, exists, position, digit.
 Text-only families (the picture is an unrelated scene): arith, weekday, repeat.
-Every answer is one word of the demo vocabulary.
+Every answer is one word (or number). Each family is asked in many ways
+(:mod:`deepinsert.demo.phrasings`): ``wording="train"`` draws from the training phrasings,
+``wording="unseen"`` from the held-out ones (the ``test_unseen`` split only). The phrasing is
+drawn from its own generator (``phrase_rng``), so the same content seed gives the same
+images and answers under either wording.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from deepinsert.demo.phrasings import TRAIN, phrase, template_words
 from deepinsert.demo.scenes import COLOURS, SHAPES, Rendered, digit_pool, random_shapes, render_digit, render_scene
 
 IMAGE_FAMILIES: tuple[str, ...] = ("colour", "count", "exists", "position", "digit")
@@ -59,72 +64,75 @@ def _distractor(rng: np.random.Generator) -> Rendered:
     return render_scene(random_shapes(rng, int(rng.integers(1, 4))))
 
 
-def _colour(rng: np.random.Generator, pool: str, augment: bool) -> Sample:
+Ask = Callable[..., str]  # ask(variant, **slots) -> question text
+
+
+def _colour(rng: np.random.Generator, pool: str, augment: bool, ask: Ask) -> Sample:
     s = random_shapes(rng, 1)
-    return Sample("colour", f"What color is the {s[0].kind}?", s[0].colour, render_scene(s))
+    return Sample("colour", ask("colour", shape=s[0].kind), s[0].colour, render_scene(s))
 
 
-def _count(rng: np.random.Generator, pool: str, augment: bool) -> Sample:
+def _count(rng: np.random.Generator, pool: str, augment: bool, ask: Ask) -> Sample:
     n = int(rng.integers(1, 4))
-    return Sample("count", "How many shapes are there?", COUNT_WORDS[n - 1], render_scene(random_shapes(rng, n)))
+    return Sample("count", ask("count"), COUNT_WORDS[n - 1], render_scene(random_shapes(rng, n)))
 
 
-def _exists(rng: np.random.Generator, pool: str, augment: bool) -> Sample:
+def _exists(rng: np.random.Generator, pool: str, augment: bool, ask: Ask) -> Sample:
     shapes = random_shapes(rng, int(rng.integers(1, 4)))
     if rng.random() < 0.5:  # ask about a colour
         present = {s.colour for s in shapes}
         want_yes = rng.random() < 0.5
         choices = sorted(present) if want_yes else [c for c in COLOURS if c not in present]
         target = _pick(rng, choices)
-        return Sample("exists", f"Is there a {target} shape?", "yes" if target in present else "no", render_scene(shapes))
+        return Sample("exists", ask("exists", thing=f"{target} shape"), "yes" if target in present else "no", render_scene(shapes))
     present = {s.kind for s in shapes}
     want_yes = rng.random() < 0.5
     choices = sorted(present) if want_yes else [k for k in SHAPES if k not in present]
     if not choices:  # all three kinds present: the answer can only be yes
         choices = sorted(present)
     target = _pick(rng, choices)
-    return Sample("exists", f"Is there a {target}?", "yes" if target in present else "no", render_scene(shapes))
+    return Sample("exists", ask("exists", thing=target), "yes" if target in present else "no", render_scene(shapes))
 
 
-def _position(rng: np.random.Generator, pool: str, augment: bool) -> Sample:
+def _position(rng: np.random.Generator, pool: str, augment: bool, ask: Ask) -> Sample:
     side = "left" if rng.random() < 0.5 else "right"
     s = random_shapes(rng, 1, side=side)
-    return Sample("position", f"Is the {s[0].kind} on the left or the right?", side, render_scene(s))
+    return Sample("position", ask("position", shape=s[0].kind), side, render_scene(s))
 
 
-def _digit(rng: np.random.Generator, pool: str, augment: bool) -> Sample:
+def _digit(rng: np.random.Generator, pool: str, augment: bool, ask: Ask) -> Sample:
     indices = digit_pool(pool)
     idx = int(indices[int(rng.integers(len(indices)))])
     shift = (int(rng.integers(-2, 3)), int(rng.integers(-2, 3))) if augment else (0, 0)
     r = render_digit(idx, shift=shift)
-    return Sample("digit", "What digit is shown?", str(r.digit), r)
+    return Sample("digit", ask("digit"), str(r.digit), r)
 
 
-def _arith(rng: np.random.Generator, pool: str, augment: bool) -> Sample:
+def _arith(rng: np.random.Generator, pool: str, augment: bool, ask: Ask) -> Sample:
     a, b = int(rng.integers(0, 10)), int(rng.integers(0, 10))
     if rng.random() < 0.5:
-        q, ans = f"What is {a} plus {b}?", a + b
+        q, ans = ask("plus", a=str(a), b=str(b)), a + b
     else:
         a, b = max(a, b), min(a, b)
-        q, ans = f"What is {a} minus {b}?", a - b
+        q, ans = ask("minus", a=str(a), b=str(b)), a - b
     return Sample("arith", q, str(ans), _distractor(rng))
 
 
-def _weekday(rng: np.random.Generator, pool: str, augment: bool) -> Sample:
+def _weekday(rng: np.random.Generator, pool: str, augment: bool, ask: Ask) -> Sample:
     i = int(rng.integers(7))
     if rng.random() < 0.5:
-        q, ans = f"What day comes after {WEEKDAYS[i]}?", WEEKDAYS[(i + 1) % 7]
+        q, ans = ask("after", day=WEEKDAYS[i]), WEEKDAYS[(i + 1) % 7]
     else:
-        q, ans = f"What day comes before {WEEKDAYS[i]}?", WEEKDAYS[(i - 1) % 7]
+        q, ans = ask("before", day=WEEKDAYS[i]), WEEKDAYS[(i - 1) % 7]
     return Sample("weekday", q, ans, _distractor(rng))
 
 
-def _repeat(rng: np.random.Generator, pool: str, augment: bool) -> Sample:
+def _repeat(rng: np.random.Generator, pool: str, augment: bool, ask: Ask) -> Sample:
     w = _pick(rng, REPEAT_WORDS)
-    return Sample("repeat", f"Repeat the word {w}.", w, _distractor(rng))
+    return Sample("repeat", ask("repeat", word=w), w, _distractor(rng))
 
 
-_MAKERS: dict[str, Callable[[np.random.Generator, str, bool], Sample]] = {
+_MAKERS: dict[str, Callable[[np.random.Generator, str, bool, Ask], Sample]] = {
     "colour": _colour,
     "count": _count,
     "exists": _exists,
@@ -136,11 +144,28 @@ _MAKERS: dict[str, Callable[[np.random.Generator, str, bool], Sample]] = {
 }
 
 
-def make_sample(family: str, rng: np.random.Generator, *, digit_pool_name: str = "train", augment: bool = False) -> Sample:
-    """One sample of ``family``; digits come from ``digit_pool_name``; ``augment`` shifts digits."""
+def make_sample(
+    family: str,
+    rng: np.random.Generator,
+    *,
+    digit_pool_name: str = "train",
+    augment: bool = False,
+    wording: str = "train",
+    phrase_rng: np.random.Generator | None = None,
+) -> Sample:
+    """One sample of ``family``; digits come from ``digit_pool_name``; ``augment`` shifts digits.
+
+    The question is one of the family's ``wording`` phrasings, drawn with ``phrase_rng``
+    (default: ``rng`` itself); the image and answer depend on ``rng`` only.
+    """
     if family not in _MAKERS:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
-    return _MAKERS[family](rng, digit_pool_name, augment)
+    prng = rng if phrase_rng is None else phrase_rng
+
+    def ask(variant: str, **slots: str) -> str:
+        return phrase(variant, prng, wording, **slots)
+
+    return _MAKERS[family](rng, digit_pool_name, augment, ask)
 
 
 def balanced_families(n: int, rng: np.random.Generator) -> list[str]:
@@ -150,13 +175,10 @@ def balanced_families(n: int, rng: np.random.Generator) -> list[str]:
 
 
 def vocabulary_words() -> list[str]:
-    """Every word the demo's questions, answers and prompt template can contain (lower case)."""
-    words = {
-        "user", "assistant", ":", "?", ".",
-        "what", "color", "is", "the", "how", "many", "shapes", "are", "there", "a", "shape",
-        "on", "left", "or", "right", "digit", "shown", "plus", "minus", "day", "comes",
-        "after", "before", "repeat", "word", "yes", "no",
-    }  # fmt: skip
+    """Every word the prompt template, the training phrasings, their slots and the answers
+    contain (lower case; the held-out phrasings' new words are not among them)."""
+    words = {"user", "assistant", "shape", "yes", "no", "left", "right"}
+    words.update(template_words(TRAIN))
     words.update(COLOURS, SHAPES, WEEKDAYS, REPEAT_WORDS, COUNT_WORDS)
     words.update(str(i) for i in range(19))
     return sorted(words)

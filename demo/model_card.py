@@ -5,6 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from deepinsert.demo.evaluate import AccuracyTable
+from deepinsert.demo.families import FAMILIES, IMAGE_FAMILIES
+from deepinsert.demo.phrasings import family_phrasings, novel_words
+
+_ANSWERS: dict[str, str] = {
+    "colour": "5 colours", "count": "1, 2, 3", "exists": "yes, no", "position": "left, right",
+    "digit": "0-9", "arith": "0-18", "weekday": "7 days", "repeat": "16 words",
+}  # fmt: skip
+
+
+def _example(family: str, wording: str) -> str:
+    return family_phrasings(family, wording)[0].replace("|", "\\|")
 
 
 def table_from_dict(d: dict[str, Any]) -> AccuracyTable:
@@ -50,30 +61,34 @@ def render_model_card(info: dict[str, Any], k0: AccuracyTable | None = None) -> 
         f"- Language model: Llama, **{a['text_layers']} decoder layers** (insertion layers k = 0..{a['text_layers']}), "
         f"hidden {a['text_hidden']}, {a['text_heads']} heads, MLP {a['text_mlp']}, untied embeddings.",
         f"- {info['parameters']:,} parameters, float32.",
-        "- Tokenizer: word-level (`tokenizers` WordLevel, lower-cased, split on whitespace and",
-        "  punctuation) with `<image>`, `<s>`, `</s>`, `<pad>`, `<unk>` special tokens; BOS is",
-        "  prepended like LLaVA-1.5's tokenizer. Chat template: `USER: <image>\\n{question} ASSISTANT:`.",
+        f"- Tokenizer: sub-word (`tokenizers` WordPiece, {info.get('tokenizer_vocab_size', '?')} tokens, accents stripped,",
+        "  lower-cased, split on whitespace and punctuation, `##` continuation pieces), trained on a broad",
+        "  English word list (`deepinsert/demo/words.txt`, from the prose of CPython's standard library)",
+        "  plus the demo's own words; every letter, digit and ASCII punctuation mark is in its alphabet, so",
+        "  plain English text never becomes `<unk>`: an unknown word splits into known pieces.",
+        "  Special tokens `<image>`, `<s>`, `</s>`, `<pad>`, `<unk>`; BOS is prepended like LLaVA-1.5's",
+        "  tokenizer. Chat template: `USER: <image>\\n{question} ASSISTANT:`.",
         "- Image processor: `CLIPImageProcessor` (PIL backend) built from parameters, mean = std = 0.5.",
         "",
         "## Data",
         "Generated 32 px scenes of 1-3 coloured shapes (red, green, blue, yellow, purple;",
         "square, circle, triangle) on black, plus scikit-learn's handwritten digits upscaled x4.",
         "",
-        "| family | question | answers | needs the image |",
-        "|---|---|---|---|",
-        "| colour | What color is the {shape}? (one shape) | 5 colours | yes |",
-        "| count | How many shapes are there? | 1, 2, 3 | yes |",
-        "| exists | Is there a {colour} shape? / Is there a {shape}? | yes, no | yes |",
-        "| position | Is the {shape} on the left or the right? (one shape) | left, right | yes |",
-        "| digit | What digit is shown? (sklearn digits) | 0-9 | yes |",
-        "| arith | What is {a} plus/minus {b}? (0-9) | 0-18 | no (unrelated scene) |",
-        "| weekday | What day comes after/before {day}? | 7 days | no (unrelated scene) |",
-        "| repeat | Repeat the word {word}. | 16 words | no (unrelated scene) |",
+        "| family | e.g. (training phrasing) | e.g. (held-out phrasing) | phrasings train / held out | answers | needs the image |",
+        "|---|---|---|---|---|---|",
+        *[f"| {f} | {_example(f, 'train')} | {_example(f, 'unseen')} | {len(family_phrasings(f, 'train'))} / "
+          f"{len(family_phrasings(f, 'unseen'))} | {_ANSWERS[f]} | {'yes' if f in IMAGE_FAMILIES else 'no (unrelated scene)'} |"
+          for f in FAMILIES],
         "",
-        "The committed splits (`deepinsert/demo/data/{train,val,test}.json`, LLaVA-Instruct",
-        "format, balanced over the families) come from fixed seeds; the model never trained on",
-        "them: its training samples are generated on the fly from the build seed, and its",
-        "digits come from a pool of sklearn digits disjoint from the val/test digits.",
+        "Each family is asked in many ways (`deepinsert/demo/phrasings.py`: synonyms, word order,",
+        "\"color\"/\"colour\", punctuation, politeness, imperatives). The committed splits",
+        "(`deepinsert/demo/data/{train,val,test,test_unseen}.json`, LLaVA-Instruct format, balanced",
+        "over the families) come from fixed seeds; the model never trained on them: its training",
+        "samples are generated on the fly from the build seed, and its digits come from a pool of",
+        "sklearn digits disjoint from the val/test digits. `train`/`val`/`test` use the training",
+        "phrasings; **`test_unseen` is `test` (same images, same answers) asked only with the held-out",
+        "phrasings**, which training never used; some of them contain words that occur nowhere in the",
+        f"build (not in training, not in the tokenizer's corpus): {', '.join(sorted(novel_words()))}.",
         "",
         "## Recipe",
         f"- Seed {info['seed']}; torch CPU threads: {t['threads']}; deterministic algorithms.",
@@ -82,6 +97,8 @@ def render_model_card(info: dict[str, Any], k0: AccuracyTable | None = None) -> 
         f"- Stage 2, {t['lm_steps']} steps: the whole model, next-token loss on the answer tokens and the EOS,",
         "  prompt exactly `USER: <image>\\n{question} ASSISTANT:` (BOS first);",
         stage2_k,
+        f"- Wording noise: {t.get('filler_p', 0.0):.0%} of the stage-2 questions get one random English word "
+        "(not a demo word, not a held-out word) inserted, so the model learns to look past words it does not need.",
         f"- AdamW lr {t['lr']}, betas {tuple(t['betas'])}, weight decay {t['weight_decay']}, warmup {t['warmup']}, "
         f"cosine decay, batch {t['batch_size']}, grad-norm clip 1.0; Llama `initializer_range` {a['text_init_range']}.",
         f"- Build time: {info['build_seconds']:.0f} s.",
@@ -90,6 +107,10 @@ def render_model_card(info: dict[str, Any], k0: AccuracyTable | None = None) -> 
     ]
     if k0 is not None:
         lines += ["", "At k = 0 (stock forward, exact match):", "", k0.to_markdown()]
+    unseen_k0 = info.get("test_unseen_accuracy_k0")
+    if unseen_k0 is not None:
+        u = table_from_dict(unseen_k0)
+        lines += ["", "At k = 0 on **`test_unseen`** (the same questions, held-out phrasings):", "", u.to_markdown()]
     if by_k_answer is not None:
         lines += [
             "",
@@ -105,6 +126,14 @@ def render_model_card(info: dict[str, Any], k0: AccuracyTable | None = None) -> 
             "Same, judging the **whole generation** up to the end-of-sequence token (exact match):",
             "",
             table_from_dict(by_k).to_markdown(),
+        ]
+    unseen_by_k = info.get("test_unseen_accuracy_by_k_answer")
+    if unseen_by_k is not None:
+        lines += [
+            "",
+            "By insertion layer k on **`test_unseen`** (held-out phrasings), answer's tokens:",
+            "",
+            table_from_dict(unseen_by_k).to_markdown(),
         ]
     if late_text or late_image:
         lines += [
@@ -128,8 +157,8 @@ def render_model_card(info: dict[str, Any], k0: AccuracyTable | None = None) -> 
         ]
     lines += [
         "",
-        "Rebuild: `deepinsert demo build` (writes this folder and the data splits);",
-        "re-measure: `deepinsert demo evaluate`.",
+        "Rebuild: `deepinsert demo build --out DIR` (writes DIR/model and DIR/data; load with",
+        "`load_vlm('DIR/model')`); re-measure: `deepinsert demo evaluate [--split test_unseen]`.",
         "",
     ]
     return "\n".join(lines)

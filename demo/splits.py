@@ -2,6 +2,9 @@
 
 The demo model never trains on these records (it trains on samples generated on the fly
 from the build seed); val/test digits come from sklearn digits the model never saw.
+``train``/``val``/``test`` ask with the training phrasings; ``test_unseen`` is ``test``
+(same seed: same images and answers, and it points at test's image files) asked with the
+held-out phrasings only (:mod:`deepinsert.demo.phrasings`).
 """
 
 from __future__ import annotations
@@ -20,24 +23,35 @@ from deepinsert.utils.atomic import atomic_write_bytes, atomic_write_text
 
 @dataclass(frozen=True)
 class SplitSpec:
-    """One committed split: its size and generator seed (digits from the pool of the same name)."""
+    """One committed split: its size, generator seed and phrasings."""
 
     name: str
     size: int
-    seed: int
+    seed: int  # content seed (families, images, answers); phrasings use [seed, 1]
+    wording: str = "train"  # "train": training phrasings; "unseen": held-out phrasings
+    images_of: str = ""  # digits pool and image files of this split ("": the split's own)
+
+    @property
+    def image_split(self) -> str:
+        """The split whose digit pool and image files this split uses."""
+        return self.images_of or self.name
 
 
 SPLIT_SPECS: tuple[SplitSpec, ...] = (
     SplitSpec("train", 1200, 101),
     SplitSpec("val", 304, 102),
     SplitSpec("test", 800, 103),
+    SplitSpec("test_unseen", 800, 103, wording="unseen", images_of="test"),
 )
 
 
 def generate_split(spec: SplitSpec) -> list[Sample]:
     """The samples of ``spec``: families balanced, seeded order, no augmentation."""
-    rng = np.random.default_rng(spec.seed)
-    return [make_sample(f, rng, digit_pool_name=spec.name) for f in balanced_families(spec.size, rng)]
+    rng, phrase_rng = np.random.default_rng(spec.seed), np.random.default_rng([spec.seed, 1])
+    return [
+        make_sample(f, rng, digit_pool_name=spec.image_split, wording=spec.wording, phrase_rng=phrase_rng)
+        for f in balanced_families(spec.size, rng)
+    ]
 
 
 def llava_record(sample_id: str, image_name: str, s: Sample) -> dict[str, Any]:
@@ -68,12 +82,13 @@ def write_split(spec: SplitSpec, data_dir: Path) -> Path:
     """
     records = []
     for i, s in enumerate(generate_split(spec)):
-        sid = f"{spec.name}-{i:05d}"
-        atomic_write_bytes(data_dir / "images" / f"{sid}.png", _png(s.rendered.image))
-        records.append(llava_record(sid, f"images/{sid}.png", s))
+        sid, image = f"{spec.name}-{i:05d}", f"{spec.image_split}-{i:05d}"
+        if not spec.images_of:
+            atomic_write_bytes(data_dir / "images" / f"{image}.png", _png(s.rendered.image))
+        records.append(llava_record(sid, f"images/{image}.png", s))
     return atomic_write_text(data_dir / f"{spec.name}.json", json.dumps(records, indent=1) + "\n")
 
 
 def write_all_splits(data_dir: Path, specs: tuple[SplitSpec, ...] = SPLIT_SPECS) -> list[Path]:
-    """Write every split of ``specs`` into ``data_dir``."""
+    """Write every split of ``specs`` into ``data_dir`` (a split borrowing images after its owner)."""
     return [write_split(spec, data_dir) for spec in specs]

@@ -7,12 +7,16 @@ Stage 2: the whole LLaVA, next-token loss on the answer tokens + EOS. Most sampl
 their image at layer 0 (stock LLaVA training); a share (``late_text_p`` / ``late_image_p``,
 by default half of the text-only samples and none of the image ones) has it enter at a
 random later layer, through the engine's layer loop, so the model keeps stopping after its
-answer under late insertion, while late insertion stays training-free for image questions. Training data is generated on the fly from
-the build seed.
+answer under late insertion, while late insertion stays training-free for image questions.
+Training data is generated on the fly from the build seed, asked with the training
+phrasings; a share (``filler_p``) of the questions gets one random English word inserted
+(:func:`deepinsert.demo.corpus.filler_words`), so the model learns to look past words it
+does not need and every sub-word piece's embedding is trained.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from deepinsert.demo.batches import PromptEncoder, TrainBatch
+from deepinsert.demo.corpus import filler_words
 from deepinsert.demo.families import FAMILIES, Sample, make_sample
 from deepinsert.demo.scenes import COLOURS, SHAPES, random_shapes, render_scene
 
@@ -29,7 +34,7 @@ _STAGE_VISION, _STAGE_LM = 1, 2
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class DemoTrainConfig:
     """Recipe of the demo model (defaults = the shipped build)."""
 
     seed: int = 0  # drives the init and every generated training sample
@@ -43,6 +48,7 @@ class TrainConfig:
     digit_share: float = 0.3  # share of digit images in stage 1
     late_text_p: float = 0.5  # stage 2: chance a text-only sample has its image enter at k ~ U{1..N}
     late_image_p: float = 0.0  # stage 2: same for an image-family sample (0 and 0: plain LLaVA training)
+    filler_p: float = 0.3  # stage 2: chance a question gets one random filler word inserted
     threads: int = 1  # torch CPU threads (1: bit-reproducible, and fastest on a busy 2-core box)
     progress: bool = True  # tqdm bars
 
@@ -51,18 +57,35 @@ class TrainConfig:
             raise ValueError("vision_steps >= 0, lm_steps >= 1 and batch_size >= 1 are required")
         if not (0 < self.lr < 1) or self.warmup < 0 or self.threads < 1:
             raise ValueError("lr in (0, 1), warmup >= 0 and threads >= 1 are required")
-        if not (0 <= self.late_text_p <= 1 and 0 <= self.late_image_p <= 1):
-            raise ValueError("late_text_p and late_image_p must be probabilities")
+        if not (0 <= self.late_text_p <= 1 and 0 <= self.late_image_p <= 1 and 0 <= self.filler_p <= 1):
+            raise ValueError("late_text_p, late_image_p and filler_p must be probabilities")
 
 
 def _rng(seed: int, stage: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, stage, step])
 
 
-def lm_samples(seed: int, step: int, n: int) -> list[Sample]:
-    """The ``n`` training samples of stage-2 step ``step`` (uniform families, train digits, augmented)."""
+def with_filler(question: str, rng: np.random.Generator, *, at_start: bool = False) -> str:
+    """``question`` with one random filler word inserted between two of its words
+    (``at_start``: in front, for questions whose last word is the answer to copy)."""
+    fillers = filler_words()
+    words = question.split(" ")
+    pos = 0 if at_start else int(rng.integers(len(words) + 1))
+    words.insert(pos, fillers[int(rng.integers(len(fillers)))])
+    return " ".join(words)
+
+
+def lm_samples(seed: int, step: int, n: int, filler_p: float = 0.0) -> list[Sample]:
+    """The ``n`` training samples of stage-2 step ``step`` (uniform families, train digits,
+    augmented, training phrasings; a ``filler_p`` share with a filler word)."""
     rng = _rng(seed, _STAGE_LM, step)
-    return [make_sample(FAMILIES[int(rng.integers(len(FAMILIES)))], rng, augment=True) for _ in range(n)]
+    out = []
+    for _ in range(n):
+        s = make_sample(FAMILIES[int(rng.integers(len(FAMILIES)))], rng, augment=True)
+        if rng.random() < filler_p:
+            s = dataclasses.replace(s, question=with_filler(s.question, rng, at_start=s.family == "repeat"))
+        out.append(s)
+    return out
 
 
 def vision_samples(seed: int, step: int, n: int, digit_share: float) -> list[Sample]:
@@ -85,7 +108,7 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
-def _optimizer(params: list[Any], cfg: TrainConfig, total: int, warmup: int) -> tuple[Any, Any]:
+def _optimizer(params: list[Any], cfg: DemoTrainConfig, total: int, warmup: int) -> tuple[Any, Any]:
     import torch
 
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -105,14 +128,16 @@ def _optimizer_step(loss: Any, params: list[Any], opt: Any, sched: Any) -> float
     return float(loss.detach())
 
 
-def pretrain_vision(model: Any, encoder: PromptEncoder, cfg: TrainConfig) -> list[float]:
-    """Stage 1: train ``model.model.vision_tower`` on patch colour/shape + digit; returns losses."""
+def pretrain_vision(model: Any, encoder: PromptEncoder, cfg: DemoTrainConfig) -> list[float]:
+    """Stage 1: train the vision tower on patch colour/shape + digit; returns losses."""
     import torch
     from torch import nn
 
+    from deepinsert.frozen_vlm.layers import llava_parts
+
     if cfg.vision_steps == 0:
         return []
-    tower = model.model.vision_tower
+    tower = llava_parts(model).vision_tower
     hidden = tower.config.hidden_size
     torch.manual_seed(cfg.seed + 1)
     heads = nn.ModuleDict(
@@ -144,7 +169,7 @@ def pretrain_vision(model: Any, encoder: PromptEncoder, cfg: TrainConfig) -> lis
 def train_lm(
     model: Any,
     encoder: PromptEncoder,
-    cfg: TrainConfig,
+    cfg: DemoTrainConfig,
     *,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
@@ -159,7 +184,7 @@ def train_lm(
     losses: list[float] = []
     bar = tqdm(range(cfg.lm_steps), desc="training", disable=not cfg.progress)
     for step in bar:
-        samples = lm_samples(cfg.seed, step, cfg.batch_size)
+        samples = lm_samples(cfg.seed, step, cfg.batch_size, cfg.filler_p)
         if late_forward is not None:
             b = encoder.batch(samples, left_pad=True)
             k = _sample_layers(samples, cfg, model.config.text_config.num_hidden_layers, step)
@@ -177,7 +202,7 @@ def train_lm(
     return losses
 
 
-def _sample_layers(samples: list[Sample], cfg: TrainConfig, n_layers: int, step: int) -> Any:
+def _sample_layers(samples: list[Sample], cfg: DemoTrainConfig, n_layers: int, step: int) -> Any:
     """(B,) insertion layer per sample: 0, or with the family's probability k ~ U{1..N}."""
     import torch
 

@@ -19,6 +19,7 @@ import re
 import string
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TYPE_CHECKING
 
 import numpy as np
@@ -32,11 +33,40 @@ if TYPE_CHECKING:
 LOSS_DEFINITION = "answer-tokens-mean-ce/v1;answers=reference-length-prefix/v2"
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def image_digest(path: Any) -> str:
+    """SHA-256 of an image file's bytes (memoised per path, size and mtime).
+
+    A path that is not a readable file (the stand-in's placeholder names) hashes its name.
+    """
+    p = Path(path)
+    try:
+        st = p.stat()
+    except (OSError, ValueError):
+        return "name:" + p.name
+    if not p.is_file():
+        return "name:" + p.name
+    memo = (str(p), st.st_size, st.st_mtime_ns)
+    digest = _DIGESTS.get(memo)
+    if digest is None:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digest = _DIGESTS[memo] = h.hexdigest()
+    return digest
+
+
 def sample_key(sample: Any) -> str:
-    """Stable identity of a sample for caches: hash of id, question, answer and image name."""
+    """Stable identity of a sample for caches: hash of id, question, answer and the image's *content*.
+
+    Two datasets whose records share ids and image file names but not image bytes get
+    different keys, so a loss cache never hands one dataset's losses to the other.
+    """
     image = getattr(sample, "image_path", "")
-    name = getattr(image, "name", str(image))
-    raw = "\x00".join([str(sample.id), sample.question, sample.answer, name])
+    raw = "\x00".join([str(sample.id), sample.question, sample.answer, image_digest(image)])
     return hashlib.sha1(raw.encode("utf-8")).hexdigest()[:20]
 
 
@@ -208,7 +238,7 @@ class VLMLossProvider(LossProvider):
         if part is None:
             part = build_batch(
                 self.vlm.processor, [sample.load_image()], [sample.question],
-                [sample.answer] if with_answer else None,
+                [sample.answer] if with_answer else None, histories=[getattr(sample, "history", ())],
             )
             nbytes = 0 if part.pixel_values is None else part.pixel_values.numel() * part.pixel_values.element_size()
             if self._parts_bytes + nbytes <= self.max_memo_bytes:

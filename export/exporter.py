@@ -4,12 +4,15 @@
 trained for (``deepinsert.frozen_vlm.load_vlm``); :func:`export_bundle` does the work from
 in-memory objects. The bundle is assembled in a temporary sibling folder and moved into
 place only after ``onnx.checker`` and the onnxruntime-vs-torch validation passed
-(:mod:`deepinsert.export.validate`), so a bundle that fails validation is never written.
+(:mod:`deepinsert.export.validate`), so a bundle that fails validation is never written
+(``utils.atomic.atomic_dir``: a one-step exchange on ``--overwrite`` where the OS has one,
+stale temporary folders of killed exports removed, umask-respecting modes).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import platform
 from collections.abc import Sequence
@@ -87,6 +90,10 @@ def export_bundle(
     model_source: str,
     max_tokens: int,
     model_adapter: str | None = None,
+    guard: Any = None,
+    fallback_layer: int | None = None,
+    budget_table: dict[str, Any] | None = None,
+    fold: bool = True,
     metrics: dict[str, Any] | None = None,
     run_meta: dict[str, Any] | None = None,
     prompts: Sequence[str] = (),
@@ -95,77 +102,134 @@ def export_bundle(
     seed: int = 0,
     overwrite: bool = False,
 ) -> ExportResult:
-    """Export an SB3 ``policy`` with the model's embedding table and tokenizer as a bundle at ``out``.
+    """Export a router with the model's embedding table and tokenizer as a bundle at ``out``.
 
     Args:
-        policy: a stable-baselines3 ActorCriticPolicy (PPO/A2C) or DQNPolicy; not modified.
+        policy: a stable-baselines3 ActorCriticPolicy (PPO/A2C) or DQNPolicy, or a
+            :class:`~deepinsert.policy.losscurve.LossCurveNet`; not modified.
         embedding_weight: (V, D) the frozen model's input embedding matrix.
         tokenizer: the model's fast transformers tokenizer.
         model_adapter: identity of the peft adapter merged into the model (``vlm.adapter``);
             recorded so ``deepinsert.generate`` refuses the bundle on another model.
+        guard: the run's :class:`~deepinsert.policy.guard.ObsGuard` (None: no guard).
+        fallback_layer: where a tripped guard routes (default: the lowest candidate layer).
+        budget_table: loss-curve only: the λ -> mean FLOPs fraction calibration table.
+        fold: fold every linear map after the pooling into the gathered table (V x (h + g)
+            values instead of V x D); ``False`` keeps the model's table (and the observation output).
         prompts: extra validation prompts (tried first); random ones fill up to ``n_prompts``.
         n_prompts / n_embeddings: validation sizes (the issue asks for >= 1000 each).
-        overwrite: replace an existing ``out`` (otherwise BundleError).
+        overwrite: replace an existing ``out`` (otherwise BundleError); the old bundle stays
+            in place until the new one is complete (an atomic exchange where the OS has one).
     """
     import torch
 
     from deepinsert.env.observation import OBS_MAX_TOKENS
-    from deepinsert.export.modules import PROBS_DEFINITION, EmbeddingRouter, PolicyHead
-    from deepinsert.policy.sb3_access import cpu_copy, policy_kind
-    from deepinsert.export.onnx_io import check_onnx, export_policy_onnx, export_router_onnx
-    from deepinsert.router.runtime import Router
+    from deepinsert.export.modules import PROBS_DEFINITION, EmbeddingRouter, FoldedRouter, PolicyHead, router_kind
+    from deepinsert.export.onnx_io import check_onnx, export_policy_onnx, export_router_onnx, set_metadata
     from deepinsert.export.validate import validate_bundle, validation_prompts
+    from deepinsert.router.bundle import graph_metadata
+    from deepinsert.router.runtime import Router
 
     require("onnx", "export")
     require("onnxruntime", "export")
     out = Path(out)
     if out.exists() and not overwrite:
         raise BundleError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"{out} exists and is not a folder")
     if max_tokens != OBS_MAX_TOKENS:
         raise InputError(f"max_tokens={max_tokens} but deepinsert.env.observation truncates at {OBS_MAX_TOKENS}")
-    kind = policy_kind(policy)
-    policy = cpu_copy(policy)
-    n_actions = int(policy.action_space.n)
-    if len(candidate_layers) != n_actions:
-        raise InputError(f"the policy has {n_actions} actions but {len(candidate_layers)} candidate layers were given")
+    kind = router_kind(policy)
+    if kind == "losscurve":
+        import copy
+
+        policy = copy.deepcopy(policy).cpu().eval()
+        n_actions, obs_shape = int(policy.n_outputs), (int(policy.obs_dim),)
+        if algorithm != "losscurve":
+            raise InputError(f"a loss-curve network was given with algorithm={algorithm!r}")
+    else:
+        from deepinsert.policy.sb3_access import cpu_copy
+
+        policy = cpu_copy(policy)
+        n_actions, obs_shape = int(policy.action_space.n), tuple(policy.observation_space.shape or ())
+        if budget_table is not None:
+            raise InputError("budget_table needs a loss-curve router (a fixed-λ policy cannot take a budget)")
+    layers = [int(k) for k in candidate_layers]
+    if len(layers) != n_actions:
+        raise InputError(f"the policy has {n_actions} actions but {len(layers)} candidate layers were given")
     weight = embedding_weight.detach() if isinstance(embedding_weight, torch.Tensor) else torch.as_tensor(embedding_weight)
     V, D = int(weight.shape[0]), int(weight.shape[1])
-    obs_shape = tuple(policy.observation_space.shape or ())
     if obs_shape != (D,):
         raise InputError(f"the policy observes shape {obs_shape} but the embedding width is {D}")
+    if guard is not None and guard.mean.shape != (D,):
+        raise InputError(f"the guard observes width {guard.mean.shape} but the embedding width is {D}")
+    fb = None
+    if guard is not None:
+        fb = min(layers) if fallback_layer is None else int(fallback_layer)
+        if fb not in layers:
+            raise InputError(f"fallback_layer {fb} is not one of the candidate layers {layers}")
 
-    head = PolicyHead(policy).eval()
-    router_module = EmbeddingRouter(head, weight).eval()
+    head = PolicyHead(policy, guard, layers, int(num_layers)).eval()
+    graph = (FoldedRouter(head, weight) if fold else EmbeddingRouter(head, weight)).eval()
     val_prompts = validation_prompts(tokenizer, n_prompts, seed, extra=prompts)
+    width = int(graph.table.shape[1]) if fold else D
+    guard_block = None
+    if guard is not None:
+        guard_block = {**guard.meta(), "fallback_layer": fb}
     info = BundleInfo(
         algorithm=str(algorithm),
         lam=float(lam),
-        candidate_layers=tuple(int(k) for k in candidate_layers),
+        candidate_layers=tuple(layers),
         num_layers=int(num_layers),
         model_source=str(model_source),
         model_adapter=model_adapter,
         observation=ObservationSpec(kind=OBSERVATION_KIND, max_tokens=int(max_tokens), dim=D, vocab_size=V),
         probs_definition=PROBS_DEFINITION[kind],
+        guard=guard_block,
+        budget_table=budget_table,
+        folded=bool(fold),
         versions=library_versions(),
         metrics=metrics,
-        run={**(run_meta or {}), "embedding_stored_as": router_module.stored_dtype},
+        run={**(run_meta or {}), "table_stored_as": graph.stored_dtype, "policy_digest": _digest(head)},
     )
+    with_lam = kind == "losscurve"
     with atomic_dir(out, overwrite=overwrite) as tmp:
         log.info("exporting %s and %s", POLICY_ONNX, ROUTER_ONNX)
-        export_policy_onnx(head, D, tmp / POLICY_ONNX)
-        export_router_onnx(router_module, tmp / ROUTER_ONNX)
+        export_policy_onnx(head, D, tmp / POLICY_ONNX, with_lam=with_lam)
+        export_router_onnx(graph, tmp / ROUTER_ONNX, with_lam=with_lam, folded=fold)
         for name in (POLICY_ONNX, ROUTER_ONNX):
+            set_metadata(tmp / name, graph_metadata(info))
             check_onnx(tmp / name)
         _save_tokenizer(tokenizer, tmp)
-        checksums = {n: sha256_file(tmp / n) for n in (ROUTER_ONNX, POLICY_ONNX, TOKENIZER_JSON)}
-        info = dataclasses.replace(info, checksums=checksums)
-        atomic_write_json(tmp / ROUTER_JSON, info.to_dict())
+        files = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != ROUTER_JSON)
+        checksums = {n: sha256_file(tmp / n) for n in files}
+        sizes = {n: (tmp / n).stat().st_size for n in files}
+        size = {"files": sizes, "total_bytes": int(sum(sizes.values())), "table_shape": [V, width],
+                "table_width": width, "unfolded_table_bytes_fp32": int(V * D * 4)}
+        info = dataclasses.replace(info, checksums=checksums, size=size)
+        atomic_write_json(tmp / ROUTER_JSON, info.sealed())
         log.info("validating on %d prompts and %d random embeddings", len(val_prompts), n_embeddings)
         runtime = Router.load(tmp)
-        report = validate_bundle(runtime, policy, tokenizer, weight, val_prompts, n_embeddings, seed)
-        info = dataclasses.replace(info, validation=report)
+        report = validate_bundle(runtime, policy, tokenizer, weight, val_prompts, n_embeddings, seed, guard=guard)
+        size = {**size, "total_bytes": int(sum(sizes.values())) + len(json.dumps(info.sealed(), indent=2))}
+        info = dataclasses.replace(info, validation=report, size=size)
+        info = dataclasses.replace(info, info_sha256=info.sealed()["info_sha256"])
         atomic_write_json(tmp / ROUTER_JSON, info.to_dict())
     return ExportResult(bundle_dir=out, info=info)
+
+
+def _digest(module: Any) -> str:
+    """sha256 over a module's state (names, shapes, bytes): recorded in router.json and in both
+    graphs, so graphs of two different exports are never mixed silently."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        a = t.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(a.shape)).encode())
+        h.update(a.numpy().tobytes())
+    return h.hexdigest()[:32]
 
 
 def export_run(
@@ -177,6 +241,7 @@ def export_run(
     n_embeddings: int = 1000,
     seed: int = 0,
     overwrite: bool = False,
+    fold: bool = True,
 ) -> ExportResult:
     """Export the run folder ``run_dir`` (written by ``deepinsert train``) as a bundle at ``out``."""
     from deepinsert.frozen_vlm import load_vlm
@@ -186,6 +251,7 @@ def export_run(
         raise BundleError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
     run = load_run(run_dir)
     info = run.info
+    policy = run.algo.policy
     vlm = load_vlm(info["model_source"], device="cpu", dtype=_run_dtype(run), adapter=run.config.adapter)
     if int(vlm.num_layers) != int(info["num_layers"]):
         raise BundleError(
@@ -194,8 +260,12 @@ def export_run(
     obs = info.get("observation", {})
     return export_bundle(
         out,
-        policy=run.algo.policy,
+        policy=policy,
         algorithm=info["algorithm"],
+        guard=run.guard,
+        fallback_layer=info.get("fallback_layer"),
+        budget_table=info.get("budget_table"),
+        fold=fold,
         embedding_weight=vlm.embedding_weight,
         tokenizer=vlm.tokenizer,
         lam=info["lam"],

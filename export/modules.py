@@ -1,63 +1,217 @@
 """torch modules that become the two ONNX graphs of a router bundle.
 
-:class:`PolicyHead` wraps a stable-baselines3 policy as ``embedding (B, D) -> (action (B,),
-probs (B, A))``, generically over SB3's discrete-action policies (the SB3 internals it
-uses live in :mod:`deepinsert.policy.sb3_access`):
+Every router is split as ``scores(obs) = rest(first(features(obs)))`` (see
+:func:`router_parts`): ``features`` an elementwise affine map (observation normalisation,
+or the identity), ``first`` the first linear layer, ``rest`` everything after it. The
+scores are the actor's logits (PPO, A2C), the Q-values (DQN) or the predicted losses at
+every candidate layer (loss-curve).
 
-- ``ActorCriticPolicy`` (PPO, A2C): ``features = extract_features(obs, pi_features_extractor)``
-  (so a custom features extractor, e.g. observation normalisation with registered buffers,
-  is part of the graph), ``latent = mlp_extractor.forward_actor(features)``,
-  ``logits = action_net(latent)``, ``probs = softmax(logits)``, ``action = argmax(probs)``
-  (SB3's deterministic action).
-- DQN's ``DQNPolicy``: ``q = q_net(obs)`` (features extractor included), ``action = argmax(q)``,
-  and ``probs = softmax(q)``: a monotone score over the actions, *not* a calibrated
-  probability (DQN has no policy distribution).
+- :class:`PolicyHead`: ``embedding (B, D) [, lam (1,)] -> action (B,), probs (B, A),
+  ood_score (B,) [, losses (B, A)]`` — the unfolded policy plus the guard (``policy.onnx``).
+- :class:`FoldedRouter`: ``input_ids, attention_mask (B, T) [, lam] -> the same outputs``.
+  The mean of embedding rows commutes with every linear map after it, so the table it
+  gathers from is ``E · (W1 · diag(a))ᵀ`` (V x h) beside the guard's ``E · diag(1/σ) · G``
+  (V x g), not the model's (V x D) embedding table: ``mean_t P[id_t] + c = W1 (a ⊙ mean_t
+  E[id_t] + b) + b1``. Rows with no unmasked token give the bias alone (never sent).
+- :class:`EmbeddingRouter`: the unfolded variant (``fold=False``) that gathers the (V, D)
+  table and also outputs the observation.
 
-:class:`EmbeddingRouter` puts the embedding table in front: ``input_ids, attention_mask
-(B, T) -> observation (B, D) = masked mean of the table's rows -> PolicyHead``.
+Decisions: PPO/A2C ``probs = softmax(logits)``, DQN ``probs = softmax(Q)`` (a score), loss-curve
+``r = -losses + lam · k / N``, ``probs = softmax(r)`` (a score), ``action = argmax``. The guard's
+score is the distance to the nearest training point in its whitened projection; the runtime
+compares it with the threshold in ``router.json``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
-from torch import nn
-
 from deepinsert.errors import InputError
-from deepinsert.policy.sb3_access import policy_kind, policy_scores
+from torch import nn
 
 PROBS_DEFINITION = {
     "actor_critic": "softmax of the actor's logits (the policy's action distribution); action = argmax",
     "dqn": "softmax of the Q-values (a score, not a calibrated probability: DQN has no policy distribution); action = argmax",
+    "losscurve": "softmax of the decision scores -predicted_loss + lam * k / N (a score, not a probability); "
+                 "action = argmax; the predicted losses are the 'losses' output",
 }
 
 
-class PolicyHead(nn.Module):
-    """SB3 policy as a pure function ``embedding (B, D) float32 -> (action (B,) int64, probs (B, A))``."""
+def router_kind(policy: Any) -> str:
+    """``actor_critic``, ``dqn`` (SB3 policies) or ``losscurve`` (a LossCurveNet)."""
+    from deepinsert.policy.losscurve import LossCurveNet
 
-    def __init__(self, policy: Any) -> None:
+    if isinstance(policy, LossCurveNet):
+        return "losscurve"
+    from deepinsert.policy.sb3_access import policy_kind
+
+    return policy_kind(policy)
+
+
+def router_parts(policy: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Linear, Callable[[torch.Tensor], torch.Tensor]]:
+    """``(features, first, rest)`` with ``scores = rest(first(features(obs)))``."""
+    if router_kind(policy) == "losscurve":
+        mlp = policy.mlp
+        tail = nn.Sequential(*list(mlp)[1:])
+
+        def rest(h: torch.Tensor) -> torch.Tensor:
+            return tail(h) * policy.loss_std + policy.loss_mean
+
+        return policy.normalize, mlp[0], rest
+    from deepinsert.policy.sb3_access import policy_parts
+
+    return policy_parts(policy)
+
+
+def elementwise_affine(features: Callable[[torch.Tensor], torch.Tensor], dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, b)`` ``(D,)`` with ``features(x) == a * x + b``; InputError if ``features`` is not such a map."""
+    with torch.no_grad():
+        zero = torch.zeros(1, dim)
+        b = features(zero).reshape(-1).double()
+        a = features(torch.ones(1, dim)).reshape(-1).double() - b
+        if b.numel() != dim:
+            raise InputError(f"the features extractor maps ({dim},) to {b.numel()} values: cannot fold it")
+        x = torch.randn(8, dim, generator=torch.Generator().manual_seed(seed))
+        want = features(x).double()
+        got = x.double() * a + b
+        if not torch.allclose(want, got, rtol=1e-4, atol=1e-4 * float(want.abs().max().clamp_min(1.0))):
+            raise InputError("the features extractor is not an elementwise affine map (x * a + b) and cannot be "
+                             "folded into the embedding table; export with fold=False")
+    return a, b
+
+
+class GuardHead(nn.Module):
+    """``z (B, g) -> score (B,)``: distance to the nearest of the training points ``(M, g)``."""
+
+    def __init__(self, points: np.ndarray) -> None:
         super().__init__()
-        self.kind = policy_kind(policy)
+        p = torch.as_tensor(np.asarray(points, dtype=np.float32))
+        self.register_buffer("points_t", (-2.0 * p).T.contiguous())  # (g, M)
+        self.register_buffer("sq", (p.double() ** 2).sum(-1).float())  # (M,)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        # |z - p|^2 = |z|^2 - 2 z.p + |p|^2: one MatMul instead of a (B, M, g) tensor; clamped at 0
+        d2 = (z * z).sum(-1, keepdim=True) + z @ self.points_t + self.sq  # (B, M)
+        return torch.sqrt(torch.clamp(torch.min(d2, dim=1).values, min=0.0))
+
+
+class _Decision(nn.Module):
+    """scores (B, A) [+ lam] -> (action, probs, [losses])."""
+
+    def __init__(self, kind: str, candidate_layers: list[int], num_layers: int) -> None:
+        super().__init__()
+        self.kind = kind
+        self.register_buffer("kfrac", torch.tensor([k / num_layers for k in candidate_layers], dtype=torch.float32))
+
+    def forward(self, scores: torch.Tensor, lam: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        if self.kind == "losscurve":
+            assert lam is not None
+            losses = scores.float()
+            r = -losses + lam.reshape(1, 1) * self.kfrac  # (B, A)
+            probs = torch.softmax(r, dim=-1)
+            return torch.argmax(r, dim=-1), probs, losses
+        probs = torch.softmax(scores.float(), dim=-1)
+        return torch.argmax(probs, dim=-1), probs
+
+
+class PolicyHead(nn.Module):
+    """The unfolded router on an observation: ``embedding (B, D) [, lam (1,)]`` ->
+    ``action (B,), probs (B, A), ood_score (B,) [, losses (B, A)]`` (see the module doc)."""
+
+    def __init__(self, policy: Any, guard: Any, candidate_layers: list[int], num_layers: int) -> None:
+        super().__init__()
+        self.kind = router_kind(policy)
         self.policy = policy
+        features, first, rest = router_parts(policy)
+        self._features, self._first, self._rest = features, first, rest
+        self.decision = _Decision(self.kind, candidate_layers, num_layers)
+        self.has_guard = guard is not None
+        if guard is not None:
+            self.register_buffer("g_mean", torch.as_tensor(guard.mean))
+            self.register_buffer("g_std", torch.as_tensor(guard.std))
+            self.register_buffer("g_proj", torch.as_tensor(guard.proj))
+            self.guard = GuardHead(guard.points)
 
     def scores(self, obs: torch.Tensor) -> torch.Tensor:
-        """Actor logits (PPO/A2C) or Q-values (DQN), (B, A)."""
-        return policy_scores(self.policy, obs)
+        return self._rest(self._first(self._features(obs)))
 
-    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = torch.softmax(self.scores(obs).float(), dim=-1)  # (B, A)
-        action = torch.argmax(probs, dim=-1)  # (B,) int64
-        return action, probs
+    def ood(self, obs: torch.Tensor) -> torch.Tensor:
+        if not self.has_guard:
+            return torch.zeros(obs.shape[0], dtype=torch.float32)
+        return self.guard(((obs - self.g_mean) / self.g_std) @ self.g_proj)
+
+    def forward(self, obs: torch.Tensor, lam: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        out = self.decision(self.scores(obs), lam)
+        return (*out[:2], self.ood(obs), *out[2:])
+
+
+def _store(t: torch.Tensor) -> torch.Tensor:
+    """float16 when that is lossless (e.g. a half-precision checkpoint's table), else float32."""
+    half = t.half()
+    if bool(torch.isfinite(half).all()) and torch.equal(half.float(), t):
+        return half
+    return t.contiguous()
+
+
+class FoldedRouter(nn.Module):
+    """``input_ids, attention_mask (B, T) int64 [, lam (1,)]`` -> ``action, probs, ood_score[, losses]``.
+
+    Gathers from the folded table ``(V, h + g)``: the first layer's pre-activation (h) and
+    the guard's projection (g) of every vocabulary row (module doc).
+    """
+
+    def __init__(self, head: PolicyHead, embedding_weight: torch.Tensor) -> None:
+        super().__init__()
+        E = embedding_weight.detach().to("cpu", torch.float64)
+        if E.ndim != 2:
+            raise InputError(f"embedding weight must be (V, D), got shape {tuple(E.shape)}")
+        D = E.shape[1]
+        a, b = elementwise_affine(head._features, D)
+        W1 = head._first.weight.detach().double()  # (h, D)
+        b1 = head._first.bias.detach().double() if head._first.bias is not None else torch.zeros(W1.shape[0], dtype=torch.float64)
+        M = W1 * a[None, :]  # (h, D): first ∘ features
+        c1 = W1 @ b + b1  # (h,)
+        parts = [E @ M.T]
+        bias = [c1]
+        self.h = int(W1.shape[0])
+        self.g = 0
+        if head.has_guard:
+            G = head.g_proj.double() / head.g_std.double()[:, None]  # (D, g)
+            parts.append(E @ G)
+            bias.append(-(head.g_mean.double() / head.g_std.double()) @ head.g_proj.double())
+            self.g = int(G.shape[1])
+            self.guard = head.guard
+        self.register_buffer("table", _store(torch.cat(parts, dim=1).float()))  # (V, h + g)
+        self.register_buffer("bias", torch.cat(bias).float())  # (h + g,)
+        self.head = head  # registers the policy's modules that _rest uses (unused ones are not traced)
+        self._rest = head._rest
+        self.decision = head.decision
+        self.kind = head.kind
+        self.has_guard = head.has_guard
+
+    @property
+    def stored_dtype(self) -> str:
+        return "float16" if self.table.dtype == torch.float16 else "float32"
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lam: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        rows = nn.functional.embedding(input_ids, self.table).float()  # (B, T, h + g)
+        m = attention_mask.to(torch.float32).unsqueeze(-1)  # (B, T, 1)
+        pooled = (rows * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0) + self.bias  # (B, h + g)
+        out = self.decision(self._rest(pooled[:, : self.h]), lam)
+        if self.has_guard:
+            ood = self.guard(pooled[:, self.h:])
+        else:
+            ood = torch.zeros(input_ids.shape[0], dtype=torch.float32)
+        return (*out[:2], ood, *out[2:])
 
 
 class EmbeddingRouter(nn.Module):
-    """``input_ids, attention_mask (B, T) -> (action (B,), probs (B, A), observation (B, D))``.
+    """Unfolded: ``input_ids, attention_mask (B, T) [, lam]`` -> the head's outputs + ``observation (B, D)``.
 
-    The observation is the float32 mean of the embedding rows of the unmasked tokens
-    (``deepinsert.env.observation``); the table is stored in float16 when that is lossless
-    (e.g. a half-precision checkpoint), halving the bundle, and cast to float32 after the
-    gather. Rows with no unmasked token give a zero observation (the runtime never sends them).
+    Gathers the model's (V, D) table (float16 when lossless); ``fold=False`` exports only.
     """
 
     def __init__(self, head: PolicyHead, embedding_weight: torch.Tensor) -> None:
@@ -65,19 +219,15 @@ class EmbeddingRouter(nn.Module):
         w = embedding_weight.detach().to("cpu", torch.float32)
         if w.ndim != 2:
             raise InputError(f"embedding weight must be (V, D), got shape {tuple(w.shape)}")
-        half = w.half()
-        lossless = bool(torch.isfinite(half).all()) and torch.equal(half.float(), w)
-        self.register_buffer("weight", half if lossless else w.clone())  # (V, D)
+        self.register_buffer("weight", _store(w.clone()))  # (V, D)
         self.head = head
 
     @property
     def stored_dtype(self) -> str:
-        """``"float16"`` or ``"float32"``: how the table is stored in the graph."""
         return "float16" if self.weight.dtype == torch.float16 else "float32"
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lam: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         emb = nn.functional.embedding(input_ids, self.weight).float()  # (B, T, D)
         m = attention_mask.to(torch.float32).unsqueeze(-1)  # (B, T, 1)
         obs = (emb * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)  # (B, D)
-        action, probs = self.head(obs)
-        return action, probs, obs
+        return (*self.head(obs, lam), obs)

@@ -1,4 +1,16 @@
-"""Write the two ONNX graphs of a bundle and run ``onnx.checker`` on them (needs torch + onnx)."""
+"""Write the two ONNX graphs of a bundle and run ``onnx.checker`` on them (needs torch + onnx).
+
+Graph interface (names are part of the bundle format, :mod:`deepinsert.router.bundle`):
+
+- ``router.onnx``: ``input_ids, attention_mask (B, T) int64 [, lam (1,) float32]`` ->
+  ``action (B,) int64, probs (B, A), ood_score (B,) [, losses (B, A)] [, observation (B, D)]``
+- ``policy.onnx``: ``embedding (B, D) float32 [, lam (1,)]`` -> the same minus ``observation``.
+
+``lam`` and ``losses`` exist for loss-curve routers only; ``observation`` only in an
+unfolded (``fold=False``) bundle. The bundle's metadata (candidate layers, N, max tokens,
+algorithm) is also written into each graph's ``metadata_props`` so the runtime can check
+``router.json`` against the graphs.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +18,15 @@ import warnings
 from pathlib import Path
 
 import torch
-
 from deepinsert.errors import BundleError
-from deepinsert.router.bundle import POLICY_INPUTS, POLICY_OUTPUTS, ROUTER_INPUTS, ROUTER_OUTPUTS
-from deepinsert.export.modules import EmbeddingRouter, PolicyHead
+from deepinsert.router.bundle import graph_io
 from deepinsert.utils.extras import require
+from torch import nn
 
 OPSET = 17
 
 
-def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, inputs: tuple[str, ...],
+def _export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, inputs: tuple[str, ...],
             outputs: tuple[str, ...], dynamic_axes: dict[str, dict[int, str]]) -> None:
     module.eval()
     with warnings.catch_warnings(), torch.no_grad():
@@ -35,36 +46,51 @@ def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path,
         )
 
 
-def export_policy_onnx(head: PolicyHead, dim: int, path: Path) -> None:
-    """``policy.onnx``: embedding (B, D) float32 -> action (B,) int64, probs (B, A) float32."""
-    _export(
-        head,
-        (torch.zeros(2, dim, dtype=torch.float32),),
-        path,
-        POLICY_INPUTS,
-        POLICY_OUTPUTS,
-        {"embedding": {0: "batch"}, "action": {0: "batch"}, "probs": {0: "batch"}},
-    )
+def _axes(inputs: tuple[str, ...], outputs: tuple[str, ...]) -> dict[str, dict[int, str]]:
+    axes: dict[str, dict[int, str]] = {}
+    for n in inputs:
+        if n in ("input_ids", "attention_mask"):
+            axes[n] = {0: "batch", 1: "sequence"}
+        elif n == "embedding":
+            axes[n] = {0: "batch"}
+    for n in outputs:
+        axes[n] = {0: "batch"}
+    return axes
 
 
-def export_router_onnx(router: EmbeddingRouter, path: Path) -> None:
-    """``router.onnx``: input_ids, attention_mask (B, T) int64 -> action (B,), probs (B, A), observation (B, D)."""
-    ids = torch.zeros(2, 3, dtype=torch.int64)
-    mask = torch.ones(2, 3, dtype=torch.int64)
-    _export(
-        router,
-        (ids, mask),
-        path,
-        ROUTER_INPUTS,
-        ROUTER_OUTPUTS,
-        {
-            "input_ids": {0: "batch", 1: "sequence"},
-            "attention_mask": {0: "batch", 1: "sequence"},
-            "action": {0: "batch"},
-            "probs": {0: "batch"},
-            "observation": {0: "batch"},
-        },
-    )
+def export_policy_onnx(head: nn.Module, dim: int, path: Path, *, with_lam: bool) -> None:
+    """``policy.onnx``: embedding (B, D) float32 [, lam] -> action, probs, ood_score [, losses]."""
+    inputs, outputs = graph_io("policy", with_lam=with_lam, folded=True)
+    args: tuple[torch.Tensor, ...] = (torch.zeros(2, dim, dtype=torch.float32),)
+    if with_lam:
+        args = (*args, torch.full((1,), 0.1, dtype=torch.float32))
+    _export(head, args, path, inputs, outputs, _axes(inputs, outputs))
+
+
+def export_router_onnx(router: nn.Module, path: Path, *, with_lam: bool, folded: bool) -> None:
+    """``router.onnx``: input_ids, attention_mask (B, T) int64 [, lam] -> action, probs, ood_score [, losses] [, observation]."""
+    inputs, outputs = graph_io("router", with_lam=with_lam, folded=folded)
+    args: tuple[torch.Tensor, ...] = (torch.zeros(2, 3, dtype=torch.int64), torch.ones(2, 3, dtype=torch.int64))
+    if with_lam:
+        args = (*args, torch.full((1,), 0.1, dtype=torch.float32))
+    _export(router, args, path, inputs, outputs, _axes(inputs, outputs))
+
+
+def set_metadata(path: Path, meta: dict[str, str]) -> None:
+    """Write ``meta`` into the graph's ``metadata_props`` (rewrites the file)."""
+    onnx = require("onnx", "export")
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        model.metadata_props.add(key=str(k), value=str(v))
+    onnx.save(model, str(path))
+
+
+def initializer_shapes(path: Path) -> list[tuple[int, ...]]:
+    """Shapes of every initializer (stored weight) of the graph."""
+    onnx = require("onnx", "export")
+    model = onnx.load(str(path))
+    return [tuple(int(d) for d in t.dims) for t in model.graph.initializer]
 
 
 def check_onnx(path: Path) -> None:

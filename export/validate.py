@@ -1,8 +1,9 @@
-"""Export-time validation: the ONNX bundle must reproduce the torch policy exactly.
+"""Export-time validation: the ONNX bundle must reproduce the unfolded torch policy exactly.
 
 The reference is computed independently of the exported graphs: the environment's own
-observation (``deepinsert.env.observation``, the HF tokenizer + numpy) and
-stable-baselines3's own ``policy.predict`` / action distribution. The candidate is the
+observation (``deepinsert.env.observation``, the HF tokenizer + numpy), then the
+unfolded policy on it (stable-baselines3's own ``policy.predict`` / action distribution,
+or the loss-curve network) and the NumPy guard (:mod:`deepinsert.policy.guard`). The candidate is the
 torch-free :class:`~deepinsert.router.runtime.Router` loaded from the written files
 (``tokenizer.json`` + onnxruntime). Required: identical token ids, the same action for
 every prompt and every random embedding, probabilities within ``prob_atol``.
@@ -14,10 +15,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
-from deepinsert.env.observation import OBS_MAX_TOKENS, embedding_matrix, mean_embedding, question_token_ids
+from deepinsert.env.observation import (
+    OBS_MAX_TOKENS,
+    embedding_matrix,
+    mean_embedding,
+    question_token_ids,
+)
 from deepinsert.errors import BundleError, InputError
-from deepinsert.policy.sb3_access import reference_probs
 from deepinsert.router.runtime import Router
 
 FIXED_PROMPTS = (
@@ -74,8 +78,22 @@ def random_embeddings(weight: np.ndarray, n: int, seed: int) -> np.ndarray:
     return out
 
 
-def reference_policy(policy: Any, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """SB3's own deterministic actions ``predict(obs)`` (B,) and its probabilities (B, A)."""
+def reference_scores(policy: Any, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The unfolded torch reference ``(actions (B,), probs-or-losses (B, A))``.
+
+    SB3 policies: SB3's own deterministic ``predict(obs)`` and its probabilities. A
+    loss-curve network: its predicted losses (the actions then depend on λ).
+    """
+    from deepinsert.export.modules import router_kind
+
+    if router_kind(policy) == "losscurve":
+        import torch
+
+        with torch.no_grad():
+            losses = policy(torch.as_tensor(np.asarray(obs, dtype=np.float32))).numpy()
+        return np.zeros(len(obs), dtype=np.int64), losses
+    from deepinsert.policy.sb3_access import reference_probs
+
     actions, _ = policy.predict(obs, deterministic=True)
     probs = reference_probs(policy, obs)
     return np.asarray(actions, dtype=np.int64).reshape(-1), probs.cpu().numpy()
@@ -91,11 +109,23 @@ def validate_bundle(
     seed: int,
     prob_atol: float = 1e-5,
     obs_atol: float = 1e-5,
+    *,
+    guard: Any = None,
+    ood_rtol: float = 1e-4,
 ) -> dict[str, Any]:
-    """Compare the loaded bundle with the torch reference; BundleError on any mismatch.
+    """Compare the loaded bundle with the unfolded torch reference; BundleError on any mismatch.
 
-    Returns the numbers that go into ``router.json``'s ``validation`` block.
+    Checked on every prompt (through ``router.onnx``, folded or not) and every random
+    embedding (through ``policy.onnx``): the same action (loss-curve: at several λ, against
+    ``argmax -L̂ + λ k/N`` of the torch network's losses), probabilities / predicted losses
+    within ``prob_atol``, the guard's squared score within ``ood_rtol`` (relative to the squared
+    norm of the projection) of the NumPy guard's and the
+    same fallback decision, hence the same final layer. Returns the numbers that go into
+    ``router.json``'s ``validation`` block.
     """
+    from deepinsert.env.problem import reward
+
+    info = router.info
     weight = embedding_matrix(embedding_weight)  # (V, D) float32
     # 1. tokenisation: tokenizer.json must give the env's ids (after truncation)
     ref_ids = [question_token_ids(tokenizer, p) for p in prompts]
@@ -106,49 +136,89 @@ def validate_bundle(
                 f"tokenizer.json does not reproduce the model's tokenizer on {p[:80]!r}: {r[:12]} vs {g[:12]}"
             )
     n_truncated = sum(t for _, t in got)
-    # 2. prompts: observation, action and probabilities through router.onnx
     ref_obs = np.stack([mean_embedding(weight, ids) for ids in ref_ids])  # (B, D)
-    decisions, obs = router._route_ids(got)
-    obs_diff = float(np.abs(obs - ref_obs).max())
-    scale = float(np.abs(ref_obs).max()) or 1.0
-    if obs_diff > obs_atol * max(1.0, scale):
-        raise BundleError(f"router.onnx observations differ from the env's by {obs_diff:.3g} (> {obs_atol})")
-    ref_a, ref_p = reference_policy(policy, ref_obs)
-    got_a = np.array([d.index for d in decisions])
-    got_p = np.array([d.probs for d in decisions], dtype=np.float32)
-    report = _compare("prompts", ref_a, ref_p, got_a, got_p, prob_atol)
-    # 3. random embeddings through policy.onnx
     emb = random_embeddings(weight, n_embeddings, seed)
-    ref_a2, ref_p2 = reference_policy(policy, emb)
-    dec2 = router.route_embeddings(emb)
-    report2 = _compare(
-        "random embeddings", ref_a2, ref_p2, np.array([d.index for d in dec2]), np.array([d.probs for d in dec2]), prob_atol
-    )
+    ref_a, ref_s = reference_scores(policy, ref_obs)
+    ref_a2, ref_s2 = reference_scores(policy, emb)
+    lc = info.supports_lam
+    lams = sorted({0.0, float(info.lam), 0.05, 0.2, 1.0}) if lc else [float(info.lam)]
+    report: dict[str, Any] = {"max_abs_prob_diff_prompts": 0.0, "max_abs_prob_diff_embeddings": 0.0}
+    obs_diff = None
+    ks = np.asarray(info.candidate_layers)[None, :]
+    ood_ref = guard.score(ref_obs) if guard is not None else None
+    ood_ref2 = guard.score(emb) if guard is not None else None
+    # the graph computes |z - p|^2 as |z|^2 - 2 z.p + |p|^2: compare squared scores relative to |z|^2
+    zsq = {what: (guard.project(x).astype(np.float64) ** 2).sum(-1) for what, x in (("prompts", ref_obs), ("embeddings", emb))} \
+        if guard is not None else {}
+    for lam in lams:
+        # 2. prompts through router.onnx
+        decisions, obs = router._route_ids(got, lam)
+        if obs is not None:
+            obs_diff = float(np.abs(obs - ref_obs).max())
+            scale = float(np.abs(ref_obs).max()) or 1.0
+            if obs_diff > obs_atol * max(1.0, scale):
+                raise BundleError(f"router.onnx observations differ from the env's by {obs_diff:.3g} (> {obs_atol})")
+        # 3. random embeddings through policy.onnx
+        dec2 = router.route_embeddings(emb, lam=lam if lc else None)
+        for what, decs, ra, rs, ood in (("prompts", decisions, ref_a, ref_s, ood_ref),
+                                        ("embeddings", dec2, ref_a2, ref_s2, ood_ref2)):
+            if lc:
+                got_s = np.array([d.losses for d in decs], dtype=np.float32)
+                ra = np.argmax(reward(rs, ks, lam, info.num_layers), axis=1)
+                scale = max(1.0, float(np.abs(rs).max()))
+            else:
+                got_s = np.array([d.probs for d in decs], dtype=np.float32)
+                scale = 1.0
+            diff = _compare(f"{what} (λ={lam:g})", ra, rs, np.array([d.index for d in decs]), got_s, prob_atol * scale, lc)
+            key = f"max_abs_prob_diff_{what}"
+            report[key] = max(report[key], diff)
+            if ood is not None:
+                got_o = np.array([d.ood_score for d in decs], dtype=np.float64)
+                odiff = np.abs(got_o**2 - ood.astype(np.float64) ** 2) / np.maximum(1.0, np.maximum(zsq[what], ood**2))
+                if float(odiff.max()) > ood_rtol:
+                    i = int(np.argmax(odiff))
+                    raise BundleError(f"the ONNX guard score differs from the NumPy guard's on {what} #{i}: "
+                                      f"{got_o[i]:.6g} vs {ood[i]:.6g}")
+                thr = float(info.guard["threshold"])
+                clear = np.abs(ood - thr) > 1e-3 * max(1.0, thr)  # not within float noise of the threshold
+                want_fb = ood > thr
+                got_fb = np.array([d.fallback for d in decs])
+                bad = np.flatnonzero(clear & (want_fb != got_fb))
+                if bad.size:
+                    raise BundleError(f"the bundle's guard trips differently from the NumPy guard on {bad.size} {what}")
+                report[f"max_rel_ood_diff_{what}"] = max(report.get(f"max_rel_ood_diff_{what}", 0.0), float(odiff.max()))
+                report[f"fallback_rate_{what}"] = float(want_fb.mean())
     return {
         "onnx_checker": "passed",
-        "reference": "env observation (transformers tokenizer + numpy) -> stable-baselines3 predict",
+        "reference": ("env observation (transformers tokenizer + numpy) -> unfolded torch "
+                      + ("loss-curve network, decisions at every λ listed" if lc else "stable-baselines3 predict")
+                      + ("; guard: NumPy ObsGuard" if guard is not None else "")),
+        "folded": bool(info.folded),
         "n_prompts": len(prompts),
         "n_truncated_prompts": int(n_truncated),
         "n_embeddings": int(n_embeddings),
+        "lams_checked": lams,
         "token_ids_equal": True,
         "max_abs_observation_diff": obs_diff,
         "actions_equal": True,
-        "max_abs_prob_diff_prompts": report,
-        "max_abs_prob_diff_embeddings": report2,
+        **report,
         "prob_atol": prob_atol,
-        "action_histogram_prompts": np.bincount(ref_a, minlength=router.info.num_actions).tolist(),
+        "action_histogram_prompts": np.bincount(
+            np.array([d.index for d in router._route_ids(got, float(info.lam))[0]]), minlength=info.num_actions).tolist(),
     }
 
 
-def _compare(what: str, ref_a: np.ndarray, ref_p: np.ndarray, got_a: np.ndarray, got_p: np.ndarray, atol: float) -> float:
+def _compare(what: str, ref_a: np.ndarray, ref_p: np.ndarray, got_a: np.ndarray, got_p: np.ndarray, atol: float,
+             losses: bool = False) -> float:
+    noun = "predicted losses" if losses else "probabilities"
+    diff = float(np.abs(ref_p - got_p).max())
+    if diff > atol:
+        raise BundleError(f"ONNX and torch {noun} differ by {diff:.3g} on {what} (> {atol:.3g})")
     bad = np.flatnonzero(ref_a != got_a)
     if bad.size:
         i = int(bad[0])
         raise BundleError(
             f"ONNX and torch disagree on the action for {bad.size} {what} (first: #{i}, torch {int(ref_a[i])} "
-            f"p={ref_p[i].round(6).tolist()} vs onnx {int(got_a[i])} p={np.round(got_p[i], 6).tolist()})"
+            f"{noun}={np.round(ref_p[i], 6).tolist()} vs onnx {int(got_a[i])} {np.round(got_p[i], 6).tolist()})"
         )
-    diff = float(np.abs(ref_p - got_p).max())
-    if diff > atol:
-        raise BundleError(f"ONNX and torch probabilities differ by {diff:.3g} on {what} (> {atol})")
     return diff

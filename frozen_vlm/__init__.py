@@ -16,7 +16,7 @@ from deepinsert.frozen_vlm.batching import (
     pad_token_id,
 )
 from deepinsert.frozen_vlm.decoding import cut_at_eos, resolve_eos_ids
-from deepinsert.frozen_vlm.engine import FrozenVLM
+from deepinsert.frozen_vlm.engine import FrozenVLM, LayerRecord
 from deepinsert.frozen_vlm.flops import flops, flops_fraction  # binds the functions, not the module
 from deepinsert.frozen_vlm.loading import load_vlm
 
@@ -25,6 +25,7 @@ __all__ = [
     "PROMPT_TEMPLATE",
     "TEXT_PROMPT_TEMPLATE",
     "FrozenVLM",
+    "LayerRecord",
     "PromptBatch",
     "build_batch",
     "collate",

@@ -11,6 +11,15 @@ The processor expands ``<image>`` to the model's image tokens; a prompt without 
 answer tokens are known exactly. Labels cover the answer's own tokens only: the
 end-of-sequence token is *not* counted in the loss (under late insertion the EOS loss
 of text-only answers moves while the answer's does not; docs/design.md §6).
+
+Multi-turn samples (a question with earlier turns) keep the same template: the history goes
+into the ``{question}`` field in LLaVA-1.5's own (vicuna_v1) layout, turns separated by the
+tokenizer's end-of-sequence token, so the image stays in the first user turn::
+
+    USER: <image>\\n{q0} ASSISTANT: {a0}</s>USER: {q1} ASSISTANT:{answer tokens}
+
+(:func:`chat_question`). LLaVA-1.5 also prepends a system sentence; the single-turn prompt
+never had it, and multi-turn prompts follow the single-turn one.
 """
 
 from __future__ import annotations
@@ -71,6 +80,15 @@ def pad_token_id(tokenizer: Any) -> int:
     return int(pad)
 
 
+def chat_question(question: str, history: Sequence[tuple[str, str]] = (), sep: str = "</s>") -> str:
+    """The ``{question}`` text of a prompt with earlier turns: ``q0 ASSISTANT: a0{sep}USER: q1``.
+
+    With no history it is ``question`` unchanged (the single-turn prompt).
+    """
+    parts = [f"{q} ASSISTANT: {a}{sep}USER: " for q, a in history]
+    return "".join(parts) + question
+
+
 def build_batch(
     processor: Any,
     images: Sequence[Any] | None,
@@ -79,6 +97,7 @@ def build_batch(
     *,
     template: str = PROMPT_TEMPLATE,
     text_template: str = TEXT_PROMPT_TEMPLATE,
+    histories: Sequence[Sequence[tuple[str, str]]] | None = None,
 ) -> PromptBatch:
     """Format and tokenize a batch of single-image (or text-only) prompts and optional answers.
 
@@ -91,6 +110,8 @@ def build_batch(
             batch built *with* answers ends with the answer: do not pass it to ``generate``.
         template: prompt template with one ``<image>`` and a ``{question}`` field.
         text_template: prompt template of text-only prompts (a ``{question}`` field).
+        histories: ``B`` lists of earlier (question, answer) turns (:func:`chat_question`),
+            or ``None`` (single-turn prompts).
 
     Returns:
         A left-padded :class:`PromptBatch` (``labels`` set iff ``answers`` is given;
@@ -109,6 +130,8 @@ def build_batch(
         raise InputError(f"got {len(images)} images for {n} questions; one image per question (None: a text-only prompt)")
     if answers is not None and len(answers) != n:
         raise InputError(f"got {len(answers)} answers for {n} questions")
+    if histories is not None and len(histories) != n:
+        raise InputError(f"got {len(histories)} histories for {n} questions")
     image_token = str(getattr(processor, "image_token", None) or "<image>")
     for i, q in enumerate(questions):
         if not isinstance(q, str) or not q.strip():
@@ -121,7 +144,10 @@ def build_batch(
     tok = processor.tokenizer
     prompt_ids: list[list[int]] = []
     pixels: list[torch.Tensor | None] = []
-    for q, img in zip(questions, images):
+    sep = tok.eos_token or ""
+    for i, (q, img) in enumerate(zip(questions, images)):
+        if histories is not None and histories[i]:
+            q = chat_question(q, histories[i], sep)
         # one call per sample: prompts differ in length and we pad (left) ourselves
         if img is None:
             enc = processor(text=[text_template.format(question=q)], return_tensors="pt")

@@ -10,11 +10,28 @@ Batches may carry one k per sample: layers ``< min(k)`` run on a compacted text-
 batch; above that a sample's image columns are masked as padding until its own k, where
 its image rows are reset to their embeddings. Only the layers below ``min(k)`` save
 compute, so serving code should group requests by k (``deepinsert.generate`` does).
+
+Two further options (docs/analysis.md):
+
+* ``mode="mask"`` (masking, the DeepInsert poster's comparison): every layer runs on the
+  full sequence; in layers ``< k`` attention to and from the image tokens is blocked (an
+  image row attends to itself only) but their rows are still computed and are *not*
+  reset at k. Costs as much as the stock model. ``mode="skip"`` is DeepInsert.
+* ``exit_layer=m`` (early exit, Skip-It): image tokens leave after layer ``m - 1``;
+  layers ``m..N-1`` run on the text layout (text only, gapped positions), so their KV
+  cache holds no image rows (dropped). ``k <= m <= N``; ``m = N`` is late entry alone.
+
+One hook (:meth:`FrozenVLM.hooked`) sees every layer's output, and optionally its
+attention probabilities, for the analyses; when no hook is set the loop pays one
+``is None`` test per layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,8 +42,69 @@ from deepinsert.frozen_vlm.batching import IGNORE_INDEX
 from deepinsert.frozen_vlm.decoding import resolve_eos_ids
 from deepinsert.frozen_vlm.layers import LlavaParts, llava_parts
 from deepinsert.frozen_vlm.prepare import InsertLayer, Prepared, normalize_insert_layer, prepare
+from deepinsert.frozen_vlm.sampling import make_picker
 
 Refill = Callable[[int, torch.Tensor], torch.Tensor]
+MODES = ("skip", "mask")
+
+
+@dataclass
+class LayerRecord:
+    """What the analysis hook sees after one decoder layer ran.
+
+    Attributes:
+        layer: index of the layer that just ran.
+        hidden: ``(B, T, D)`` its output hidden states.
+        layout: ``"full"`` (rows as in ``input_ids``) or ``"text"`` (image rows removed).
+        attentions: ``(B, H, T, kv_len)`` its attention probabilities (eager attention),
+            or ``None`` unless the hook asked for them.
+    """
+
+    layer: int
+    hidden: torch.Tensor
+    layout: str
+    attentions: torch.Tensor | None = None
+
+
+LayerHook = Callable[[LayerRecord], "torch.Tensor | None"]
+
+
+def check_mode(mode: str) -> str:
+    """Validate an engine mode (``"skip"`` or ``"mask"``)."""
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def check_exit_layer(exit_layer: int | None, k: torch.Tensor, n_layers: int) -> int:
+    """``exit_layer`` -> m in ``[max(k), N]`` (``None`` -> N)."""
+    if exit_layer is None:
+        return n_layers
+    if isinstance(exit_layer, bool) or not isinstance(exit_layer, int):
+        raise InputError(f"exit_layer must be an int or None, got {exit_layer!r}")
+    kmax = int(k.max())
+    if not kmax <= exit_layer <= n_layers:
+        raise InputError(f"exit_layer must be in [max(insert_layer), N] = [{kmax}, {n_layers}], got {exit_layer}")
+    return exit_layer
+
+
+def isolating_mask(prep: Prepared, pending: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4D mask ``(B, 1, L, L)`` of masking mode for samples with ``pending`` ``(B,)``.
+
+    Causal and padding-aware; for pending samples a query attends to a key only if both
+    are text tokens, and every image row attends to itself.
+    """
+    L = prep.attention_mask.shape[1]
+    dev = prep.attention_mask.device
+    causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+    allowed = causal.unsqueeze(0) & prep.attention_mask.bool().unsqueeze(1)  # (B, L, L)
+    text = ~prep.is_image
+    keep = text.unsqueeze(1) & text.unsqueeze(2)
+    keep = keep | ~pending.view(-1, 1, 1)
+    allowed = (allowed & keep) | torch.eye(L, dtype=torch.bool, device=dev).unsqueeze(0)
+    minv = torch.finfo(dtype).min
+    zero = torch.zeros((), dtype=dtype, device=dev)
+    return torch.where(allowed, zero, torch.full((), minv, dtype=dtype, device=dev)).unsqueeze(1)
 
 
 class FrozenVLM:
@@ -45,6 +123,8 @@ class FrozenVLM:
         self._model = model
         self._processor = processor
         self._adapter = adapter
+        self._hook: LayerHook | None = None
+        self._attn_store: dict[int, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -102,6 +182,31 @@ class FrozenVLM:
         return (f"FrozenVLM(num_layers={self.num_layers}, hidden={self.embedding_weight.shape[1]}, "
                 f"device={self.device}, dtype={self.dtype}{adapter})")
 
+    # ------------------------------------------------------------------ analysis hook
+    @contextmanager
+    def hooked(self, hook: LayerHook, *, attentions: bool = False) -> Iterator[None]:
+        """Call ``hook(LayerRecord)`` after every decoder layer of the calls made in the block.
+
+        The hook sees the layer's output (and with ``attentions=True`` its attention
+        probabilities: the language model runs with eager attention for the block, see
+        :meth:`LlavaParts.attention_probs`). Returning a tensor of the same shape replaces
+        the layer's output (the injection analysis does); returning ``None`` leaves it.
+        One hook at a time; when none is set the layer loop does no extra work.
+        """
+        if self._hook is not None:
+            raise InputError("a hook is already set on this FrozenVLM")
+        self._hook = hook
+        try:
+            if attentions:
+                with self._parts.attention_probs() as store:
+                    self._attn_store = store
+                    yield
+            else:
+                yield
+        finally:
+            self._hook = None
+            self._attn_store = None
+
     # ------------------------------------------------------------------ layer loop
     def _layers(
         self,
@@ -112,6 +217,7 @@ class FrozenVLM:
         position_ids: torch.Tensor,
         cache: Any,
         refill: Refill | None = None,
+        layout: str = "full",
     ) -> torch.Tensor:
         """Run decoder layers ``start..stop-1`` on ``h`` ``(B, T, D)``.
 
@@ -127,22 +233,60 @@ class FrozenVLM:
             if id(m2) not in built:
                 built[id(m2)] = self._parts.causal_mask(h, m2, position_ids, cache, layer)
             h = self._parts.run_layer(layer, h, built[id(m2)], position_ids, pe, cache)
+            if self._hook is not None:
+                att = None if self._attn_store is None else self._attn_store.pop(layer, None)
+                out = self._hook(LayerRecord(layer, h, layout, att))
+                if out is not None:
+                    h = out
         return h
 
-    def _prefill(self, prep: Prepared, cache: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _prefill(
+        self, prep: Prepared, cache: Any, mode: str = "skip", exit_layer: int | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """All N layers over a prepared batch with per-sample k.
 
         Returns the last layer's hidden states in the full layout ``(B, L, D)`` (image rows of
-        samples with ``k = N`` are unspecified) and the 2D mask of every layer, which
-        ``generate`` extends while decoding.
+        samples with ``k = N``, or after an early exit, are unspecified) and the mask of every
+        layer (2D, or 4D in masking mode), which ``generate`` extends while decoding.
         """
+        N = self.num_layers
+        m = check_exit_layer(exit_layer, prep.k, N)
+        if check_mode(mode) == "mask":
+            h, masks = self._prefill_masked(prep, cache, m)
+        else:
+            h, masks = self._prefill_skip(prep, cache, m)
+        if m < N:  # early exit: the image rows leave, layers m..N-1 run on the text layout
+            masks = masks[:m] + [prep.text_mask] * (N - m)
+            h_text = self._layers(prep.to_text(h), m, N, masks, prep.text_pos, cache, layout="text")
+            h = prep.to_full(h_text)
+        return h, masks
+
+    def _prefill_masked(self, prep: Prepared, cache: Any, stop: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Masking mode: layers ``0..stop-1`` on the full layout, image rows isolated below k."""
+        k = prep.k
+        by_pending: dict[tuple[bool, ...], torch.Tensor] = {}
+        masks: list[torch.Tensor] = []
+        for layer in range(self.num_layers):
+            pending = k > layer
+            key = tuple(pending.tolist())
+            if key not in by_pending:
+                blocked = prep.is_image & pending.unsqueeze(1)
+                by_pending[key] = (isolating_mask(prep, pending, prep.embeds.dtype) if bool(blocked.any())
+                                   else prep.attention_mask)
+            masks.append(by_pending[key])
+        h = self._layers(prep.embeds, 0, stop, masks, prep.position_ids, cache)
+        return h, masks
+
+    def _prefill_skip(self, prep: Prepared, cache: Any, stop: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Late entry (DeepInsert): layers ``0..stop-1``; text layout below ``min(k)``."""
         N = self.num_layers
         k = prep.k
         kmin, kmax = int(k.min()), int(k.max())
         masks: list[torch.Tensor] = [prep.text_mask] * kmin
         h_text = None
         if kmin > 0:
-            h_text = self._layers(prep.to_text(prep.embeds), 0, kmin, masks, prep.text_pos, cache)
+            h_text = self._layers(prep.to_text(prep.embeds), 0, min(kmin, stop), masks, prep.text_pos, cache,
+                                  layout="text")
         h = prep.embeds if h_text is None else prep.to_full(h_text)
         if kmin == N:
             return h, masks
@@ -168,7 +312,7 @@ class FrozenVLM:
 
             refill = reset_image_rows
 
-        h = self._layers(h, kmin, N, masks, prep.position_ids, cache, refill)
+        h = self._layers(h, kmin, stop, masks, prep.position_ids, cache, refill)
         return h, masks
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -176,6 +320,18 @@ class FrozenVLM:
         return self._parts.lm_head(self._parts.norm(h))
 
     # ------------------------------------------------------------------ public API
+    @torch.inference_mode()
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head on hidden states ``(..., D)`` -> logits ``(..., V)`` (logit lens)."""
+        return self._logits(h)
+
+    @torch.inference_mode()
+    def layer0_input(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """What layer 0 of the stock model receives, ``(B, L, D)``: token embeddings with the
+        image rows holding the projected image features."""
+        return prepare(self._parts, input_ids, pixel_values, attention_mask, 0).embeds
+
     @torch.inference_mode()
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected image features ``(I, n_img, D)`` for ``pixel_values`` ``(I, 3, H, W)``."""
@@ -191,6 +347,8 @@ class FrozenVLM:
         insert_layer: InsertLayer = 0,
         *,
         image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        mode: str = "skip",
+        exit_layer: int | None = None,
     ) -> torch.Tensor:
         """Logits ``(B, L, V)`` with image tokens entering at ``insert_layer``.
 
@@ -201,11 +359,15 @@ class FrozenVLM:
             insert_layer: k in ``[0, N]``, or one k per sample (``(B,)``).
             image_features: ``(I, n_img, D)`` precomputed projector outputs instead of
                 ``pixel_values`` (benchmarks use it to time the language model alone).
+            mode: ``"skip"`` (late entry, DeepInsert) or ``"mask"`` (image tokens masked
+                below k, rows still computed; module docstring).
+            exit_layer: m with ``k <= m <= N``: the image tokens leave after layer m - 1
+                (early exit); ``None`` = N (they stay).
 
-        Rows at image positions are unspecified for samples with k > 0.
+        Rows at image positions are unspecified for samples with k > 0 (skip mode) or m < N.
         """
         return self.logits(input_ids, pixel_values, attention_mask, insert_layer,
-                           image_features=image_features)
+                           image_features=image_features, mode=mode, exit_layer=exit_layer)
 
     __call__ = forward
 
@@ -218,6 +380,8 @@ class FrozenVLM:
         *,
         positions: torch.Tensor | None = None,
         image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        mode: str = "skip",
+        exit_layer: int | None = None,
     ) -> torch.Tensor:
         """Logits ``(B, L, V)``, or ``(n, V)`` at the ``True`` entries of ``positions`` ``(B, L)``.
 
@@ -226,7 +390,7 @@ class FrozenVLM:
         insertion (the demo builder does, with sampled insertion layers).
         """
         prep = prepare(self._parts, input_ids, pixel_values, attention_mask, insert_layer, image_features)
-        h, _ = self._prefill(prep, cache=None)
+        h, _ = self._prefill(prep, None, mode, exit_layer)
         if positions is not None:
             if not isinstance(positions, torch.Tensor) or positions.shape != prep.attention_mask.shape:
                 raise InputError(f"positions must be a (B, L) bool mask like input_ids, got "
@@ -243,6 +407,8 @@ class FrozenVLM:
         *,
         labels: torch.Tensor,
         insert_layers: int | Sequence[int] = 0,
+        mode: str = "skip",
+        exit_layer: int | None = None,
     ) -> torch.Tensor:
         """Mean next-token cross-entropy of each sample's answer tokens, for each k.
 
@@ -254,6 +420,8 @@ class FrozenVLM:
             labels: ``(B, L)`` target ids at answer positions, ``-100`` elsewhere (HF
                 convention: the logits at ``t`` predict ``labels[t + 1]``).
             insert_layers: one k, or K ks each applied to every sample.
+            mode, exit_layer: as in :meth:`forward` (``exit_layer`` >= every k); with
+                either, each k runs its own full pass.
 
         Returns:
             ``(B, K)`` float32 losses, column j for ``insert_layers[j]``.
@@ -281,6 +449,21 @@ class FrozenVLM:
         tgt = target[b_idx, t_idx]
         B = input_ids.shape[0]
 
+        def score(h: torch.Tensor, j: int) -> None:
+            logits = self._logits(h[b_idx, t_idx]).float()  # (n_answer_tokens, V)
+            nll = F.cross_entropy(logits, tgt, reduction="none")
+            sums = torch.zeros(B, dtype=torch.float32, device=self.device).index_add_(0, b_idx, nll)
+            out[:, j] = sums / counts
+
+        out = torch.empty((B, len(ks)), dtype=torch.float32, device=self.device)
+        if check_mode(mode) == "mask" or exit_layer is not None:
+            check_exit_layer(exit_layer, torch.tensor(ks), N)
+            for j, k in enumerate(ks):
+                prep_k = dataclasses.replace(prep, k=torch.full_like(prep.k, k))
+                h, _ = self._prefill(prep_k, None, mode, exit_layer)
+                score(h, j)
+            return out
+
         # text-only pass once, snapshotting the layer-k input for every requested k > 0
         snaps: dict[int, torch.Tensor] = {}
         text_ks = sorted({k for k in ks if k > 0})
@@ -288,17 +471,13 @@ class FrozenVLM:
             masks = [prep.text_mask] * N
             h_text, done = prep.to_text(prep.embeds), 0
             for k in text_ks:
-                h_text = self._layers(h_text, done, k, masks, prep.text_pos, None)
+                h_text = self._layers(h_text, done, k, masks, prep.text_pos, None, layout="text")
                 snaps[k], done = h_text, k
         full_masks = [prep.attention_mask] * N
-        out = torch.empty((B, len(ks)), dtype=torch.float32, device=self.device)
         for j, k in enumerate(ks):
             h = prep.embeds if k == 0 else prep.to_full(snaps[k])
             h = self._layers(h, k, N, full_masks, prep.position_ids, None)
-            logits = self._logits(h[b_idx, t_idx]).float()  # (n_answer_tokens, V)
-            nll = F.cross_entropy(logits, tgt, reduction="none")
-            sums = torch.zeros(B, dtype=torch.float32, device=self.device).index_add_(0, b_idx, nll)
-            out[:, j] = sums / counts
+            score(h, j)
         return out
 
     @torch.inference_mode()
@@ -313,8 +492,13 @@ class FrozenVLM:
         pad_token_id: int | None = None,
         *,
         image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        mode: str = "skip",
+        exit_layer: int | None = None,
     ) -> torch.Tensor:
-        """Greedy decoding with a KV cache under late insertion.
+        """Greedy (default) or sampled decoding with a KV cache under late insertion.
 
         Layers ``< k`` cache the text tokens only, layers ``>= k`` the full sequence; new
         tokens take positions ``n_real + t``. Finished samples are padded with
@@ -329,6 +513,11 @@ class FrozenVLM:
             pad_token_id: filler after a sample finished.
             image_features: precomputed projector outputs instead of ``pixel_values``
                 (``max_new_tokens=1`` then times exactly one serving prefill).
+            temperature, top_p, seed: sampling (:mod:`~deepinsert.frozen_vlm.sampling`);
+                ``temperature=0`` (default) is exact greedy argmax.
+            mode, exit_layer: as in :meth:`forward`. Masking mode caches the full sequence
+                in every layer (new tokens do not see image keys below k); after an early
+                exit layers >= m cache the text only.
 
         Returns:
             ``(B, T_new)`` new token ids, ``T_new <= max_new_tokens`` (stops when all finished).
@@ -336,11 +525,12 @@ class FrozenVLM:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         eos = self.eos_token_ids(eos_token_id)
+        pick = make_picker(temperature, top_p, seed)
         prep = prepare(self._parts, input_ids, pixel_values, attention_mask, insert_layer, image_features)
         if bool((prep.attention_mask[:, -1] == 0).any()):
             raise InputError("generate needs left padding (every prompt's last position a real token); "
                              "tokenize with padding_side='left'")
-        last_is_image = prep.is_image[:, -1] & (prep.k > 0)
+        last_is_image = prep.is_image[:, -1] & ((prep.k > 0) | (exit_layer is not None))
         if bool(last_is_image.any()):
             raise InputError("a prompt ends with an image token; generation under late insertion "
                              "needs the prompt to end with text")
@@ -348,8 +538,15 @@ class FrozenVLM:
         eos_t = torch.tensor(eos, dtype=torch.long, device=self.device)
 
         cache = self._parts.new_cache()
-        h, masks = self._prefill(prep, cache)
-        nxt = self._logits(h[:, -1]).argmax(-1)  # (B,)
+        h, masks = self._prefill(prep, cache, mode, exit_layer)
+        if any(mm.ndim == 4 for mm in masks):  # masking mode: decoding text never sees pending images
+            flat: dict[int, torch.Tensor] = {}
+            for layer, mm in enumerate(masks):
+                if mm.ndim == 4 and id(mm) not in flat:
+                    pending = prep.k > layer
+                    flat[id(mm)] = prep.attention_mask * ~(prep.is_image & pending.unsqueeze(1))
+            masks = [flat.get(id(mm), mm) for mm in masks]
+        nxt = pick(self._logits(h[:, -1]))  # (B,)
         finished = torch.isin(nxt, eos_t)
         out = [nxt]
         pos = prep.attention_mask.sum(1, keepdim=True)  # (B, 1) position of the next token
@@ -364,7 +561,7 @@ class FrozenVLM:
             masks = [grown[id(m)] for m in masks]
             x = self._parts.embed_tokens(nxt.unsqueeze(1))  # (B, 1, D)
             h = self._layers(x, 0, self.num_layers, masks, pos, cache)
-            nxt = self._logits(h[:, -1]).argmax(-1)
+            nxt = pick(self._logits(h[:, -1]))
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
             finished |= torch.isin(nxt, eos_t)
             out.append(nxt)

@@ -11,7 +11,14 @@ only and layers k..N−1 the full sequence of ``n_text + n_image`` tokens:
 
     FLOPs(k) = N·F(n_text + n_image) − k·(F(n_text + n_image) − F(n_text))
 
-k = 0 is the stock model, k = N runs every layer on the text alone. Not counted: the
+k = 0 is the stock model, k = N runs every layer on the text alone. With an early exit of
+the image tokens after layer m − 1 (k ≤ m ≤ N, Skip-It) only the m − k layers k..m−1 see
+the full sequence:
+
+    FLOPs(k, m) = (m − k)·F(n_text + n_image) + (N − m + k)·F(n_text)
+
+(m = N gives the line above). Masking mode (``mode="mask"``) computes every row in every
+layer: ``N·F(n_text + n_image)`` whatever k. Not counted: the
 embedding lookup, the final norm and ``lm_head`` (the same for every k), the vision tower
 and projector (skipped entirely only at k = N), softmax/norm/activation element-wise work,
 and grouped-query attention (``8·L·d²`` assumes as many K/V heads as query heads, true
@@ -78,11 +85,16 @@ def layer_flops(n_tokens: int, hidden: int, mlp: int) -> float:
     return 8.0 * L * d * d + 4.0 * L * L * d + 6.0 * L * d * f
 
 
-def flops(config_or_vlm: Any, insert_layer: int, n_text: int, n_image: int) -> float:
+def flops(
+    config_or_vlm: Any, insert_layer: int, n_text: int, n_image: int,
+    *, exit_layer: int | None = None, mode: str = "skip",
+) -> float:
     """Forward FLOPs of the decoder stack with the image entering at layer ``insert_layer``.
 
-    ``N·F(n_text + n_image) − k·(F(n_text + n_image) − F(n_text))`` (module docstring).
-    ``InputError`` for k < 0, k > N, or negative / non-integer token counts.
+    ``(m − k)·F(n_text + n_image) + (N − m + k)·F(n_text)`` with m = ``exit_layer``
+    (default N); ``N·F(n_text + n_image)`` in masking mode (module docstring).
+    ``InputError`` for k < 0, k > N, m outside [k, N], an unknown mode, or negative /
+    non-integer token counts.
     """
     n_layers, d, f = lm_shape(config_or_vlm)
     k = _check_count("insert_layer", insert_layer)
@@ -90,12 +102,22 @@ def flops(config_or_vlm: Any, insert_layer: int, n_text: int, n_image: int) -> f
         raise InputError(f"insert_layer {k} out of range [0, {n_layers}] (N = {n_layers} layers)")
     n_text = _check_count("n_text", n_text)
     n_image = _check_count("n_image", n_image)
+    m = n_layers if exit_layer is None else _check_count("exit_layer", exit_layer)
+    if not k <= m <= n_layers:
+        raise InputError(f"exit_layer {m} out of range [insert_layer, N] = [{k}, {n_layers}]")
+    if mode not in ("skip", "mask"):
+        raise InputError(f"mode must be 'skip' or 'mask', got {mode!r}")
     full = layer_flops(n_text + n_image, d, f)
     text = layer_flops(n_text, d, f)
-    return n_layers * full - k * (full - text)
+    if mode == "mask":
+        return n_layers * full
+    return (m - k) * full + (n_layers - m + k) * text
 
 
-def flops_fraction(config_or_vlm: Any, insert_layer: int, n_text: int, n_image: int) -> float:
+def flops_fraction(
+    config_or_vlm: Any, insert_layer: int, n_text: int, n_image: int,
+    *, exit_layer: int | None = None, mode: str = "skip",
+) -> float:
     """``flops(k) / flops(0)``: 1.0 at k = 0, ``F(n_text) / F(n_text + n_image)`` at k = N.
 
     ``InputError`` when both token counts are zero (nothing to compute).
@@ -103,4 +125,4 @@ def flops_fraction(config_or_vlm: Any, insert_layer: int, n_text: int, n_image: 
     base = flops(config_or_vlm, 0, n_text, n_image)
     if base == 0.0:
         raise InputError("flops_fraction needs at least one token (n_text + n_image > 0)")
-    return flops(config_or_vlm, insert_layer, n_text, n_image) / base
+    return flops(config_or_vlm, insert_layer, n_text, n_image, exit_layer=exit_layer, mode=mode) / base

@@ -8,7 +8,8 @@ those of transformers 5.23 (docs/design.md §4): ``m.model.vision_tower``,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,10 +58,15 @@ class LlavaParts:
     ) -> Any:
         """The backend's attention mask for layer ``layer_idx`` from a 2D padding mask.
 
+        A 4D additive mask ``(B, 1, T, kv_len)`` (masking mode) is returned as is: every
+        backend adds it to the scores.
+
         ``mask2d`` is ``(B, kv_len)`` (1 = attend), where ``kv_len`` is that layer's cached
         length plus ``h.shape[1]``. Passing it (never ``None``) and ``layer_idx`` matters:
         see docs/design.md §4.
         """
+        if mask2d.ndim == 4:
+            return mask2d
         return create_causal_mask(
             config=self.text_config,
             inputs_embeds=h,
@@ -88,6 +94,39 @@ class LlavaParts:
             use_cache=cache is not None,
             position_embeddings=position_embeddings,
         )
+
+    @contextmanager
+    def attention_probs(self) -> Iterator[dict[int, torch.Tensor]]:
+        """Record every decoder layer's attention probabilities while the block runs.
+
+        Switches the language model to eager attention (``set_attn_implementation``, the
+        public transformers API; the only backend that materialises the probabilities),
+        registers a forward hook on each layer's ``self_attn`` (which returns
+        ``(output, weights)``) and yields a dict ``layer -> (B, H, T_q, T_kv)`` that fills
+        as layers run (a layer run twice keeps its latest call). The previous attention
+        implementation and the hooks are restored/removed on exit.
+        """
+        lm = self.llava.language_model
+        previous = lm.config._attn_implementation
+        store: dict[int, torch.Tensor] = {}
+        handles = []
+        lm.set_attn_implementation("eager")
+        try:
+            for i, layer in enumerate(self.layers):
+                def keep(_mod: nn.Module, _args: Any, out: Any, i: int = i) -> None:
+                    if isinstance(out, tuple) and len(out) > 1 and out[1] is not None:
+                        store[i] = out[1]
+                handles.append(layer.self_attn.register_forward_hook(keep))
+            yield store
+        finally:
+            for h in handles:
+                h.remove()
+            lm.set_attn_implementation(previous)
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        """The vision encoder (a CLIP vision model): ``pixel_values (I, 3, H, W)`` -> hidden states."""
+        return self.llava.vision_tower
 
     def image_features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """Projected image features, one ``(n_img, D)`` tensor per image of ``(I, 3, H, W)``."""
@@ -160,3 +199,143 @@ def image_tokens_per_image(config: Any) -> int:
     if getattr(config, "vision_feature_select_strategy", "default") == "full":
         n += 1
     return int(n)
+
+
+def cache_layer_kv(cache: DynamicCache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values ``(B, H_kv, S, Dh)`` a ``DynamicCache`` holds for one layer."""
+    layer = cache.layers[layer_idx]
+    return layer.keys, layer.values
+
+
+class SlotCache:
+    """A growable per-row KV cache for a running decode batch whose rows have their own lengths.
+
+    Row ``b`` of layer ``l`` holds ``lengths[b, l]`` cached positions, stored left-aligned
+    in a preallocated buffer ``(B_cap, H_kv, S_cap_l, Dh)``: layers below a row's insertion
+    layer hold its text only, layers at or above it text + image, and rows join and leave
+    between decode steps. A decode step writes each row's new key/value in place at its own
+    length (no per-step recopy of the cache; buffers double when full) and attends over
+    ``[:, :, :max_len + 1]`` under an additive mask that hides each row's unused slots.
+
+    The decoder's attention calls ``cache.update(key, value, layer_idx)`` and attends over
+    what it returns (transformers 5.23, ``LlamaAttention.forward``); that is the whole
+    interface used here, so this class stands in for a ``DynamicCache`` during decode steps.
+    """
+
+    def __init__(self, num_layers: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.num_layers = num_layers
+        self.device, self.dtype = device, dtype
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.lengths = torch.zeros((0, num_layers), dtype=torch.long, device=device)  # (B_cap, N)
+        self.size = 0  # B, rows in use (rows 0..B-1)
+        self._write: torch.Tensor | None = None  # (B,) write index of the current step, per layer
+        self._span: list[int] = [0] * num_layers
+
+    # ------------------------------------------------------------------ memory
+    def bytes_in_use(self) -> int:
+        """Bytes the rows really hold (sum of their lengths), keys and values."""
+        if self.size == 0 or self.keys[0] is None:
+            return 0
+        _, H, _, Dh = self.keys[0].shape
+        per = 2 * H * Dh * self.keys[0].element_size()
+        return int(self.lengths[: self.size].sum()) * per
+
+    def bytes_allocated(self) -> int:
+        """Bytes of the buffers (capacity, padding included)."""
+        return sum(2 * k.numel() * k.element_size() for k in self.keys if k is not None)
+
+    def _grow(self, layer: int, rows: int, slots: int, like: torch.Tensor) -> None:
+        """Make layer ``layer``'s buffers at least ``(rows, ., slots, .)`` (doubling, one copy)."""
+        k = self.keys[layer]
+        if k is not None and k.shape[0] >= rows and k.shape[2] >= slots:
+            return
+        H, Dh = like.shape[1], like.shape[3]
+        old_b, old_s = (0, 0) if k is None else (k.shape[0], k.shape[2])
+        nb = max(rows, 2 * old_b if rows > old_b else old_b, 4)
+        ns = max(slots, 2 * old_s if slots > old_s else old_s, 16)
+        for store in (self.keys, self.values):
+            new = torch.zeros((nb, H, ns, Dh), dtype=self.dtype, device=self.device)
+            if store[layer] is not None:
+                new[: self.size, :, :old_s] = store[layer][: self.size]
+            store[layer] = new
+        if self.lengths.shape[0] < nb:
+            grown = torch.zeros((nb, self.num_layers), dtype=torch.long, device=self.device)
+            grown[: self.lengths.shape[0]] = self.lengths
+            self.lengths = grown
+
+    # ------------------------------------------------------------------ rows
+    def add_rows(self, cache: DynamicCache, masks2d: list[torch.Tensor]) -> None:
+        """Append the rows of a prefilled ``DynamicCache`` (``g`` rows, left padded).
+
+        ``masks2d[l]`` ``(g, S_l)`` marks layer l's real cached positions (1) vs padding (0).
+        """
+        g = int(masks2d[0].shape[0])
+        start = self.size
+        for layer in range(self.num_layers):
+            k, v = cache_layer_kv(cache, layer)
+            keep = masks2d[layer].bool()
+            counts = keep.sum(1)
+            self._grow(layer, start + g, int(counts.max()), k)
+            for r in range(g):
+                n = int(counts[r])
+                self.keys[layer][start + r, :, :n] = k[r][:, keep[r]]
+                self.values[layer][start + r, :, :n] = v[r][:, keep[r]]
+            self.lengths[start : start + g, layer] = counts
+        self.size = start + g
+
+    def remove_row(self, row: int) -> None:
+        """Drop row ``row``: the last row moves into its place (one row copied per layer)."""
+        last = self.size - 1
+        if row != last:
+            for layer in range(self.num_layers):
+                n = int(self.lengths[last, layer])
+                self.keys[layer][row, :, :n] = self.keys[layer][last, :, :n]
+                self.values[layer][row, :, :n] = self.values[layer][last, :, :n]
+            self.lengths[row] = self.lengths[last]
+        self.lengths[last] = 0
+        self.size = last
+        if self.size == 0:  # idle: give the memory back
+            self.keys = [None] * self.num_layers
+            self.values = [None] * self.num_layers
+            self.lengths = torch.zeros((0, self.num_layers), dtype=torch.long, device=self.device)
+
+    # ------------------------------------------------------------------ one decode step
+    def begin_step(self, min_dtype_value: float) -> list[torch.Tensor]:
+        """Reserve one slot per row and layer; return each layer's additive mask ``(B, 1, 1, S_l)``."""
+        B = self.size
+        masks: list[torch.Tensor] = []
+        shared: dict[tuple[int, ...], torch.Tensor] = {}
+        for layer in range(self.num_layers):
+            lens = self.lengths[:B, layer]
+            span = int(lens.max()) + 1
+            k = self.keys[layer]
+            self._grow(layer, B, span, k)
+            self._span[layer] = span
+            key = (span, *lens.tolist()) if B <= 64 else None
+            if key is not None and key in shared:
+                masks.append(shared[key])
+                continue
+            valid = torch.arange(span, device=self.device).unsqueeze(0) <= lens.unsqueeze(1)  # (B, S)
+            m = torch.zeros((B, 1, 1, span), dtype=self.dtype, device=self.device)
+            m.masked_fill_(~valid[:, None, None, :], min_dtype_value)
+            if key is not None:
+                shared[key] = m
+            masks.append(m)
+        return masks
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``(B, H_kv, 1, Dh)`` at each row's length; return the ``(B, H_kv, S_l, Dh)`` views."""
+        B = self.size
+        rows = torch.arange(B, device=self.device)
+        at = self.lengths[:B, layer_idx]
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        k[rows, :, at] = key_states[:, :, 0]
+        v[rows, :, at] = value_states[:, :, 0]
+        span = self._span[layer_idx]
+        return k[:B, :, :span], v[:B, :, :span]
+
+    def end_step(self) -> None:
+        """Every row grew by one position in every layer."""
+        self.lengths[: self.size] += 1

@@ -1,7 +1,9 @@
-"""SB3 callbacks: the reward decomposition in TensorBoard, and a tqdm progress bar."""
+"""SB3 callbacks: the reward decomposition in TensorBoard, a tqdm progress bar, and atomic,
+signed checkpoints."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -97,3 +99,33 @@ class TqdmCallback(BaseCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class AtomicCheckpointCallback(BaseCallback):
+    """Every ``save_freq`` calls, save ``run_dir/checkpoints/model_<steps>_steps.zip`` atomically.
+
+    Unlike SB3's ``CheckpointCallback`` (which writes in place, so a kill leaves a truncated
+    zip), the zip is written to a temporary sibling, its HMAC recorded in the run folder's
+    ``integrity.json``, then renamed into place: a checkpoint file is complete and signed,
+    or absent.
+    """
+
+    def __init__(self, save_freq: int, run_dir: Path) -> None:
+        super().__init__()
+        self.save_freq = max(int(save_freq), 1)
+        self.run_dir = Path(run_dir)
+
+    def _on_training_start(self) -> None:
+        from deepinsert.policy.run import CHECKPOINT_DIR
+        from deepinsert.utils.atomic import remove_stale_temps
+
+        (self.run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.run_dir / CHECKPOINT_DIR, older_than_s=0)  # one writer per run folder
+
+    def _on_step(self) -> bool:
+        if self.n_calls % self.save_freq == 0:
+            from deepinsert.policy.run import CHECKPOINT_DIR, save_model_atomic
+
+            path = self.run_dir / CHECKPOINT_DIR / f"model_{self.num_timesteps}_steps.zip"
+            save_model_atomic(self.model, path, run_dir=self.run_dir)
+        return True

@@ -15,7 +15,8 @@ from typing import Any
 from deepinsert.env.problem import check_lam, check_layer_spec
 from deepinsert.errors import ConfigError
 
-ALGORITHMS: tuple[str, ...] = ("ppo", "a2c", "dqn")
+ALGORITHMS: tuple[str, ...] = ("ppo", "a2c", "dqn", "losscurve")
+RL_ALGORITHMS: tuple[str, ...] = ("ppo", "a2c", "dqn")
 
 
 def _positive_int(name: str, v: Any, *, allow_zero: bool = False) -> None:
@@ -48,6 +49,14 @@ class DataConfig:
     """Use only the first N evaluation samples (None: all)."""
     skip_bad: bool = False
     """Skip malformed records (reported) instead of failing."""
+    turns: str = "first"
+    """Multi-turn records: ``first`` (first gpt turn only) or ``all`` (every gpt turn, with its history)."""
+    text_only: str = "error"
+    """Records without an image: ``error`` or ``skip`` (LLaVA-Instruct's text-only conversations)."""
+    subset: float | None = None
+    """Keep this fraction of the records, stratified by source dataset (App. D: 0.1); None: all."""
+    subset_seed: int = 0
+    """Seed of the subset sampler."""
 
     def __post_init__(self) -> None:
         for name in ("train", "eval"):
@@ -58,6 +67,17 @@ class DataConfig:
             v = getattr(self, name)
             if v is not None:
                 _positive_int(f"data.{name}", v)
+        from deepinsert.env.data import TEXT_ONLY, TURNS
+
+        if self.turns not in TURNS:
+            raise ConfigError(f"data.turns must be one of {', '.join(TURNS)}, got {self.turns!r}")
+        if self.text_only not in TEXT_ONLY:
+            raise ConfigError(f"data.text_only must be one of {', '.join(TEXT_ONLY)}, got {self.text_only!r}")
+        if self.subset is not None:
+            _finite("data.subset", self.subset, hi=1.0)
+            if self.subset <= 0:
+                raise ConfigError(f"data.subset must be a fraction in (0, 1], got {self.subset}")
+        _positive_int("data.subset_seed", self.subset_seed, allow_zero=True)
 
 
 @dataclass
@@ -86,12 +106,22 @@ class AlgoConfig:
     """Final epsilon (dqn)."""
     target_update_interval: int = 500
     """Target network update period in steps (dqn)."""
+    epochs: int = 400
+    """Regression epochs over the training loss table (losscurve)."""
+    regression_lr: float = 1e-3
+    """Adam learning rate of the loss regression (losscurve; ``learning_rate`` is the RL one)."""
+    weight_decay: float = 1e-4
+    """Adam weight decay of the regression (losscurve)."""
 
     def __post_init__(self) -> None:
         _finite("algo.learning_rate", self.learning_rate, lo=0.0)
         if self.learning_rate <= 0:
             raise ConfigError(f"algo.learning_rate must be > 0, got {self.learning_rate}")
-        for name in ("n_steps", "batch_size", "n_epochs", "buffer_size", "target_update_interval"):
+        _finite("algo.weight_decay", self.weight_decay, lo=0.0)
+        _finite("algo.regression_lr", self.regression_lr, lo=0.0)
+        if self.regression_lr <= 0:
+            raise ConfigError(f"algo.regression_lr must be > 0, got {self.regression_lr}")
+        for name in ("n_steps", "batch_size", "n_epochs", "buffer_size", "target_update_interval", "epochs"):
             _positive_int(f"algo.{name}", getattr(self, name))
         _positive_int("algo.learning_starts", self.learning_starts, allow_zero=True)
         _finite("algo.ent_coef", self.ent_coef, lo=0.0)
@@ -119,7 +149,7 @@ class TrainConfig:
     lam: float = 0.1
     """λ ≥ 0: weight of the efficiency term λ·k/N in the reward."""
     algorithm: str = "ppo"
-    """``ppo``, ``a2c`` or ``dqn`` (stable-baselines3)."""
+    """``ppo``, ``a2c``, ``dqn`` (stable-baselines3, one λ) or ``losscurve`` (loss regression, every λ)."""
     total_timesteps: int = 20_000
     """Prompts the router sees in training (one step per episode)."""
     n_envs: int = 16
@@ -132,6 +162,14 @@ class TrainConfig:
     """Standardise observations inside the policy (buffers from training observations)."""
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     """Algorithm hyper-parameters."""
+    guard: bool = True
+    """Fit the out-of-distribution guard (distance to the training observations) with the router."""
+    guard_dim: int = 32
+    """Width g of the guard's whitened PCA projection (folded into the bundle's table)."""
+    guard_quantile: float = 0.97
+    """The guard trips above this quantile of the validation split's scores."""
+    fallback_layer: int | None = None
+    """Layer a tripped guard routes to (None: the lowest candidate layer, the stock model)."""
     checkpoint_every: int = 10_000
     """Save a checkpoint every this many timesteps (0: never)."""
     loss_batch_size: int = 64
@@ -171,6 +209,14 @@ class TrainConfig:
             _positive_int("net_arch entries", n)
         self.net_arch = [int(n) for n in self.net_arch]
         _positive_int("checkpoint_every", self.checkpoint_every, allow_zero=True)
+        if not isinstance(self.guard, bool):
+            raise ConfigError(f"guard must be true or false, got {self.guard!r}")
+        _positive_int("guard_dim", self.guard_dim)
+        _finite("guard_quantile", self.guard_quantile, lo=0.5)
+        if self.guard_quantile >= 1.0:
+            raise ConfigError(f"guard_quantile must be < 1, got {self.guard_quantile}")
+        if self.fallback_layer is not None:
+            _positive_int("fallback_layer", self.fallback_layer, allow_zero=True)
         _positive_int("loss_batch_size", self.loss_batch_size)
         _positive_int("max_new_tokens", self.max_new_tokens)
         if self.torch_threads is not None:

@@ -36,8 +36,10 @@ class HeldOutEvalCallback(BaseCallback):
     """
 
     def __init__(self, workspace: Any, split_key: str, lam: float, every: int, total_timesteps: int, *,
-                 accuracy: bool = True) -> None:
+                 accuracy: bool = True, guard: Any = None, fallback_index: int = 0) -> None:
         super().__init__()
+        self.guard = guard  # the run's out-of-distribution guard (fitted before training), or None
+        self.fallback_index = int(fallback_index)
         self.workspace = workspace
         self.split_key = split_key
         self.lam = float(lam)
@@ -67,8 +69,13 @@ class HeldOutEvalCallback(BaseCallback):
         split = self.workspace.splits[self.split_key]
         if self._tables is None:
             self._tables = build_tables(self.workspace, split, accuracy=self.accuracy, progress=False)
-        actions, _ = self.model.predict(np.asarray(split.observations, dtype=np.float32), deterministic=True)
-        m = compare(self._tables, self.lam, np.asarray(actions, dtype=np.int64).reshape(-1))
+        obs = np.asarray(split.observations, dtype=np.float32)
+        actions, _ = self.model.predict(obs, deterministic=True)
+        actions = np.asarray(actions, dtype=np.int64).reshape(-1)
+        fb = self.guard.trips(obs) if self.guard is not None else None
+        if fb is not None:
+            actions = np.where(fb, self.fallback_index, actions)
+        m = compare(self._tables, self.lam, actions, fb)
         r = m["router"]
         scalars = {
             "eval/mean_reward": r["mean_reward"],

@@ -147,13 +147,20 @@ def selection_metrics(t: EvalTables, lam: float, actions: np.ndarray) -> dict[st
     return m
 
 
-def compare(t: EvalTables, lam: float, router_actions: np.ndarray) -> dict[str, Any]:
-    """Router vs every static k vs the oracle at λ; includes the captured gain."""
+def compare(t: EvalTables, lam: float, router_actions: np.ndarray, fallback: np.ndarray | None = None) -> dict[str, Any]:
+    """Router vs every static k vs the oracle at λ; includes the captured gain.
+
+    ``fallback`` ``(S,)`` bool: where the router's guard tripped (``router_actions`` already
+    holds the fallback layer there); reported as ``router.fallback_rate``.
+    """
     n = len(t.losses)
     static = {str(int(k)): selection_metrics(t, lam, np.full(n, j)) for j, k in enumerate(t.ks)}
     best_k = max(static, key=lambda kk: static[kk]["mean_reward"])
     oracle = selection_metrics(t, lam, t.oracle_actions(lam))
     router = selection_metrics(t, lam, router_actions)
+    fb = np.zeros(n, dtype=bool) if fallback is None else np.asarray(fallback, dtype=bool).reshape(-1)
+    router["fallback_rate"] = float(fb.mean())
+    router["n_fallback"] = int(fb.sum())
     family_oracle = None
     if all(f is not None for f in t.families):
         family_oracle = selection_metrics(t, lam, t.family_oracle_actions(lam))
@@ -196,6 +203,42 @@ def resolve_split_spec(cfg: Any, split: str | None) -> str:
     return split
 
 
+def unseen_spec(eval_spec: str) -> str | None:
+    """The ``test_unseen`` split beside ``eval_spec`` (held-out phrasings), or None if there is none.
+
+    ``demo:test`` -> ``demo:test_unseen`` when the shipped demo has it; a file ``.../test.json``
+    -> ``.../test_unseen.json`` (or ``.jsonl``) when that file exists.
+    """
+    from deepinsert.utils.sources import demo_splits
+
+    if is_demo_data(eval_spec):
+        cand = f"{DEMO_DATA_PREFIX}test_unseen"
+        return cand if cand != eval_spec and "test_unseen" in demo_splits() else None
+    p = Path(eval_spec)
+    if p.stem.endswith("_unseen"):
+        return None
+    for ext in (".json", ".jsonl"):
+        c = p.with_name(p.stem + "_unseen" + ext)
+        if c.is_file():
+            return str(c)
+    return None
+
+
+def eval_split(ws: Workspace, cfg: Any, spec: str) -> Split:
+    """The split ``spec`` registered in ``ws`` (loaded once)."""
+    key = f"eval:{spec}"
+    if key not in ws.splits:
+        ws.splits[key] = ws.load_split("eval", spec, cfg, cfg.data.max_eval_samples)
+    return ws.splits[key]
+
+
+def run_metrics(run: Any, tables: EvalTables, observations: np.ndarray, lam: float | None = None) -> dict[str, Any]:
+    """:func:`compare` for a :class:`~deepinsert.policy.run.TrainedRun` (guard included) at ``lam``
+    (default: the run's λ; other λ only for loss-curve routers)."""
+    lam_ = float(run.info["lam"]) if lam is None else float(lam)
+    return compare(tables, lam_, run.predict(observations, None if lam is None else lam_), run.fallback(observations))
+
+
 def evaluate_run_dir(
     run_dir: str | Path,
     *,
@@ -203,23 +246,29 @@ def evaluate_run_dir(
     split_spec: str | None = None,
     accuracy: bool = True,
     progress: bool = True,
+    unseen: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate the router in ``run_dir`` on ``split_spec`` (default: its config's eval data)."""
+    """Evaluate the router in ``run_dir`` on ``split_spec`` (default: its config's eval data).
+
+    With ``unseen`` (and no explicit ``split_spec``), the ``test_unseen`` split beside the
+    config's eval data is evaluated too when it exists: ``metrics["unseen"]``.
+    """
     from deepinsert.policy.run import load_run
     from deepinsert.policy.workspace import open_workspace
 
     run = load_run(run_dir)
     spec = split_spec or run.config.data.eval
     ws = workspace or open_workspace(run.config, train=False)
-    key = f"eval:{spec}"
-    if key not in ws.splits:
-        split = ws.load_split("eval", spec, run.config, run.config.data.max_eval_samples)
-        ws.splits[key] = split
-    split = ws.splits[key]
+    split = eval_split(ws, run.config, spec)
     tables = build_tables(ws, split, accuracy=accuracy, progress=progress, candidate_layers=run.candidate_layers)
-    metrics = compare(tables, float(run.info["lam"]), run.predict(split.observations))
+    metrics = run_metrics(run, tables, split.observations)
     metrics["split"] = spec
     metrics["run_dir"] = str(run_dir)
+    u = unseen_spec(spec) if unseen and split_spec in (None, run.config.data.eval) else None
+    if u is not None:
+        us = eval_split(ws, run.config, u)
+        ut = build_tables(ws, us, accuracy=accuracy, progress=progress, candidate_layers=run.candidate_layers)
+        metrics["unseen"] = {**run_metrics(run, ut, us.observations), "split": u}
     return metrics
 
 
@@ -250,9 +299,18 @@ def format_comparison(m: dict[str, Any], ks: Sequence[int] | None = None) -> str
         lines.append(f"{name:<14}{v['mean_reward']:>+9.4f}{v['mean_loss']:>8.4f}{acc:>7}"
                      f"{v['mean_k']:>8.2f}{v['flops_fraction']:>7.3f}{mark}")
     cg = m["captured_gain"]
-    lines.append(f"(* best static layer)  captured gain = {'n/a' if cg is None else f'{cg:.1%}'}")
+    lines.append(f"(* best static layer)  captured gain = {'n/a' if cg is None else f'{cg:.1%}'}"
+                 f"  guard fallback rate = {m['router'].get('fallback_rate', 0.0):.1%}")
     r = m["router"]
     if r.get("mean_k_needs_image") is not None:
         lines.append(f"router mean k: image-needing prompts {r['mean_k_needs_image']:.2f}, "
                      f"text-only prompts {r['mean_k_text_only']:.2f}")
+    u = m.get("unseen")
+    if u:
+        ur = u["router"]
+        ucg = u["captured_gain"]
+        acc = "n/a" if ur["accuracy"] is None else f"{ur['accuracy']:.3f}"
+        lines.append(f"unseen phrasings ({u['split']}, n = {u['n_samples']}): captured gain "
+                     f"{'n/a' if ucg is None else f'{ucg:.1%}'}, accuracy {acc}, FLOPs {ur['flops_fraction']:.3f}, "
+                     f"fallback rate {ur['fallback_rate']:.1%}")
     return "\n".join(lines)

@@ -82,4 +82,4 @@ def per_prompt_for_run(run: Any, ws: Any, split_spec: str, *, accuracy: bool = T
     ks = sorted({0, *run.candidate_layers})
     tables = build_tables(ws, split, accuracy=accuracy, progress=False, candidate_layers=ks)
     layers = np.asarray(run.predict_layers(split.observations), dtype=np.int64)
-    return per_prompt_rows(tables, split.samples, layers.tolist())
+    return per_prompt_rows(tables, split.samples, layers.tolist(), fallback=run.fallback(split.observations))

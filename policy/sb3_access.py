@@ -72,3 +72,38 @@ def cpu_copy(policy: Any) -> Any:
     fresh = fresh.to("cpu")
     fresh.set_training_mode(False)
     return fresh
+
+
+def policy_parts(policy: Any) -> tuple[Any, torch.nn.Linear, Any]:
+    """Split an SB3 policy's score function at its first linear layer.
+
+    Returns ``(features, first, rest)`` with ``scores(obs) = rest(first(features(obs)))``:
+    ``features`` the features extractor (observation normalisation or flatten), ``first``
+    the first ``nn.Linear`` of the actor / Q network, ``rest`` the remaining layers (the
+    actor's ``action_net`` included). The export folds ``first ∘ features`` into the table.
+    """
+    from stable_baselines3.common.policies import BaseModel
+
+    if policy_kind(policy) == "dqn":
+        qn = policy.q_net
+        seq = qn.q_net
+        features = qn.features_extractor
+        tail = torch.nn.Sequential(*list(seq)[1:])
+
+        def rest(h: torch.Tensor) -> torch.Tensor:
+            return tail(h)
+    else:
+        seq = policy.mlp_extractor.policy_net
+        tail_net = torch.nn.Sequential(*list(seq)[1:]) if len(seq) else None
+        action_net = policy.action_net
+        extractor = policy.pi_features_extractor
+
+        def features(obs: torch.Tensor) -> torch.Tensor:
+            return BaseModel.extract_features(policy, obs, extractor)
+
+        def rest(h: torch.Tensor) -> torch.Tensor:
+            return action_net(tail_net(h) if tail_net is not None else h)
+    if not len(seq) or not isinstance(seq[0], torch.nn.Linear):
+        raise InputError("the policy network does not start with a linear layer (net_arch must be non-empty) "
+                         "and cannot be folded; export with fold=False")
+    return features, seq[0], rest

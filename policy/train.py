@@ -1,4 +1,5 @@
-"""Train one router at one λ with stable-baselines3 on the batched insertion-layer env."""
+"""Train one router: at one λ with stable-baselines3 on the batched insertion-layer env, or a
+loss-curve router (every λ) by regression on the cached loss table; both with the guard."""
 
 from __future__ import annotations
 
@@ -6,24 +7,30 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from deepinsert.env.vec_env import InsertionLayerVecEnv
 from deepinsert.errors import ConfigError
-from deepinsert.policy.callbacks import RewardDecompositionCallback, TqdmCallback
+from deepinsert.policy.callbacks import AtomicCheckpointCallback, RewardDecompositionCallback, TqdmCallback
 from deepinsert.policy.config import TrainConfig
 from deepinsert.policy.features import NormalizedObsExtractor, obs_stats, set_obs_stats
 from deepinsert.policy.run import (
     CONFIG_FILE,
     INFO_FILE,
+    METRICS_FILE,
     MODEL_FILE,
+    WEIGHTS_FILE,
     algorithm_class,
-    latest_checkpoint,
+    load_for_resume,
+    read_run_info,
     run_info,
     save_model_atomic,
+    save_policy_weights,
     write_config,
     write_metrics,
 )
 from deepinsert.policy.workspace import Workspace, open_workspace
-from deepinsert.utils.atomic import atomic_write_json
+from deepinsert.utils.atomic import atomic_write_json, check_output_dir, remove_stale_temps
 from deepinsert.utils.config_io import from_dict, load_yaml, to_dict
 
 log = logging.getLogger(__name__)
@@ -64,6 +71,15 @@ def build_algorithm(cfg: TrainConfig, venv: InsertionLayerVecEnv, tb_dir: Path |
     return algo
 
 
+def _completed_timesteps(out: Path) -> int | None:
+    """Timesteps of the saved, complete model in ``out`` (None if there is none)."""
+    if not ((out / WEIGHTS_FILE).is_file() and (out / INFO_FILE).is_file()):
+        return None
+    info = read_run_info(out)
+    steps = info.get("trained_timesteps")
+    return int(steps) if steps is not None else None
+
+
 def _check_resumable(out: Path, cfg: TrainConfig) -> None:
     """On --resume the saved config must match (total_timesteps may grow)."""
     saved = from_dict(TrainConfig, load_yaml(out / CONFIG_FILE), where=str(out / CONFIG_FILE))
@@ -85,13 +101,162 @@ def train_router(
     resume: bool = False,
     evaluate: bool = True,
     progress: bool = True,
+    trust_run: bool = False,
 ) -> Path:
     """Train (or resume) one router; write the run folder; evaluate it unless told not to.
 
     Returns the run folder. ``workspace`` lets a sweep share the model, data and loss cache.
+    ``resume`` continues from the newest valid, signed SB3 zip of ``out`` (``trust_run``:
+    also unsigned ones); a run that already has ``total_timesteps`` is not retrained (a
+    warning says so, and that a smaller ``total_timesteps`` does not shorten it). Training
+    more removes the old ``metrics.json``, which described the older model.
     """
     out = Path(out)
-    if (out / MODEL_FILE).exists() and not resume:
+    check_output_dir(out, "--out")
+    if cfg.algorithm == "losscurve":
+        return train_losscurve_router(cfg, out, workspace=workspace, resume=resume, evaluate=evaluate,
+                                      progress=progress)
+    if ((out / MODEL_FILE).exists() or (out / WEIGHTS_FILE).exists()) and not resume:
+        raise ConfigError(f"{out} already holds a trained run; pass --resume to continue it or choose another --out")
+    if resume and (out / CONFIG_FILE).is_file():
+        _check_resumable(out, cfg)
+    done = _completed_timesteps(out) if resume else None
+    if done is not None and done >= cfg.total_timesteps:
+        if done > cfg.total_timesteps:
+            log.warning("%s already has %d timesteps, more than total_timesteps=%d: nothing to train (a smaller "
+                        "--timesteps does not shorten a run; train into another --out, or sweep --force)",
+                        out, done, cfg.total_timesteps)
+        else:
+            log.warning("%s already has its %d timesteps: nothing left to train", out, done)
+        if evaluate:
+            _evaluate(out, cfg, workspace, progress)
+        return out
+    if cfg.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
+    ws = workspace or open_workspace(cfg, train=True, eval_spec=cfg.data.eval if evaluate else None)
+    train_split = ws.splits["train"]
+    if cfg.precompute_losses:
+        ws.cache.table(train_split.samples, ws.candidate_layers, progress="loss table (train)" if progress else False)
+    problem = ws.problem("train", cfg.lam)
+    venv = InsertionLayerVecEnv(problem, cfg.n_envs, seed=cfg.seed)
+
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out, older_than_s=0)  # one writer per run folder: leftovers are a killed run's
+    write_config(out, cfg)
+    info = run_info(cfg, ws.candidate_layers, ws.num_layers, problem.obs_dim)
+    info.update(fit_run_guard(ws, cfg, out))  # depends on the observations only: before training
+    tb_dir = out / "tb"
+
+    algo = None
+    if resume:
+        algo = load_for_resume(out, cfg.algorithm, trust=trust_run, env=venv, device=cfg.policy_device,
+                               tensorboard_log=str(tb_dir))
+        if algo is not None:
+            log.info("resuming %s at %d timesteps", out, algo.num_timesteps)
+    fresh = algo is None
+    if algo is None:
+        algo = build_algorithm(cfg, venv, tb_dir)
+    done = int(algo.num_timesteps)
+    remaining = max(0, cfg.total_timesteps - done)
+    if resume and not fresh and remaining == 0:
+        log.warning("%s already has %d timesteps: nothing left to train", out, done)
+
+    if remaining > 0:
+        from stable_baselines3.common.callbacks import CallbackList
+
+        (out / METRICS_FILE).unlink(missing_ok=True)  # it described the model we are about to replace
+        callbacks: list[Any] = [RewardDecompositionCallback(ws.candidate_layers, every=max(2048, cfg.n_envs))]
+        if cfg.checkpoint_every > 0:
+            callbacks.append(AtomicCheckpointCallback(max(cfg.checkpoint_every // cfg.n_envs, 1), out))
+        eval_key = f"eval:{cfg.data.eval}"  # held by the workspace unless --no-eval (a sweep's always)
+        if cfg.checkpoint_every > 0 and eval_key in ws.splits:
+            from deepinsert.policy.eval_callback import HeldOutEvalCallback  # eval/* scalars at checkpoints
+
+            from deepinsert.policy.guard import ObsGuard
+
+            callbacks.append(HeldOutEvalCallback(ws, eval_key, cfg.lam, cfg.checkpoint_every, cfg.total_timesteps,
+                                                 guard=ObsGuard.load(out) if cfg.guard else None,
+                                                 fallback_index=ws.candidate_layers.index(info["fallback_layer"])))
+        if progress:
+            callbacks.append(TqdmCallback(cfg.total_timesteps, desc=f"train λ={cfg.lam:g}", initial=done))
+        log_interval = {"ppo": 1, "a2c": 10, "dqn": 4096}[cfg.algorithm]
+        algo.learn(remaining, callback=CallbackList(callbacks), log_interval=log_interval,
+                   tb_log_name="run", reset_num_timesteps=fresh)
+    save_model_atomic(algo, out / MODEL_FILE, run_dir=out)
+    save_policy_weights(algo.policy, out / WEIGHTS_FILE)
+    info["trained_timesteps"] = int(algo.num_timesteps)
+    atomic_write_json(out / INFO_FILE, info)
+    ws.cache.save()
+
+    if evaluate:
+        _evaluate(out, cfg, ws, progress)
+    return out
+
+
+def _evaluate(out: Path, cfg: TrainConfig, ws: Workspace | None, progress: bool) -> None:
+    from deepinsert.policy.evaluate import evaluate_run_dir
+
+    metrics = evaluate_run_dir(out, workspace=ws, split_spec=cfg.data.eval, progress=progress)
+    write_metrics(out, metrics)
+
+
+def validation_split(ws: Workspace, cfg: TrainConfig) -> Any:
+    """The config's validation split (``val`` next to ``data.eval``), loaded once into ``ws``; None if absent."""
+    from deepinsert.errors import DeepInsertError
+    from deepinsert.policy.evaluate import resolve_split_spec
+
+    if "val" in ws.splits:
+        return ws.splits["val"]
+    if ws.tokenizer is None or ws.embedding_weight is None:  # a stand-in workspace: observations come given
+        return None
+    try:
+        spec = resolve_split_spec(cfg, "val")
+        return ws.load_split("val", spec, cfg, None)
+    except DeepInsertError as e:
+        log.warning("no validation split (%s): the guard is calibrated on the training points", e)
+        return None
+
+
+def fit_run_guard(ws: Workspace, cfg: TrainConfig, out: Path) -> dict[str, Any]:
+    """Fit the out-of-distribution guard on the training observations, calibrate it on the
+    validation split, save it in ``out``; returns the run.json fields it adds."""
+    if not cfg.guard:
+        return {"guard": None}
+    from deepinsert.policy.features import obs_stats
+    from deepinsert.policy.guard import fit_guard
+
+    train = ws.splits["train"].observations
+    val = validation_split(ws, cfg)
+    mean, std = obs_stats(train)
+    std = np.maximum(std, max(float(std.max()) * 1e-3, 1e-6))
+    from deepinsert.env.observation import embedding_matrix
+
+    vocab = embedding_matrix(ws.embedding_weight) if ws.embedding_weight is not None else None
+    guard = fit_guard(train, None if val is None else val.observations, dim=cfg.guard_dim,
+                      quantile=cfg.guard_quantile, mean=mean, std=std, vocab=vocab)
+    guard.save(out)
+    return {"guard": guard.meta()}
+
+
+def train_losscurve_router(
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    workspace: Workspace | None = None,
+    resume: bool = False,
+    evaluate: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Fit the loss-curve router on the cached train loss table; write its run folder.
+
+    One run serves every λ (``cfg.lam`` is only the default of its decisions). ``resume``
+    keeps a finished run (regression has no partial state worth resuming).
+    """
+    from deepinsert.policy.losscurve import LossCurveRouter, budget_table, train_losscurve
+
+    if (out / WEIGHTS_FILE).exists() and not resume:
         raise ConfigError(f"{out} already holds a trained run; pass --resume to continue it or choose another --out")
     if resume and (out / CONFIG_FILE).is_file():
         _check_resumable(out, cfg)
@@ -100,58 +265,35 @@ def train_router(
 
         torch.set_num_threads(cfg.torch_threads)
     ws = workspace or open_workspace(cfg, train=True, eval_spec=cfg.data.eval if evaluate else None)
-    train_split = ws.splits["train"]
-    if cfg.precompute_losses:
-        ws.cache.table(train_split.samples, ws.candidate_layers, progress="loss table (train)")
-    problem = ws.problem("train", cfg.lam)
-    venv = InsertionLayerVecEnv(problem, cfg.n_envs, seed=cfg.seed)
-
+    train = ws.splits["train"]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "checkpoints").mkdir(exist_ok=True)
     write_config(out, cfg)
-    info = run_info(cfg, ws.candidate_layers, ws.num_layers, problem.obs_dim)
-    tb_dir = out / "tb"
+    info = run_info(cfg, ws.candidate_layers, ws.num_layers, train.observations.shape[1])
+    if not (resume and (out / WEIGHTS_FILE).is_file() and (out / INFO_FILE).is_file()):
+        losses = ws.cache.table(train.samples, ws.candidate_layers, progress="loss table (train)" if progress else False)
+        net = train_losscurve(train.observations, losses, net_arch=cfg.net_arch, normalize_obs=cfg.normalize_obs,
+                              epochs=cfg.algo.epochs, learning_rate=cfg.algo.regression_lr,
+                              batch_size=cfg.algo.batch_size, seed=cfg.seed, weight_decay=cfg.algo.weight_decay)
+        router = LossCurveRouter(net, ws.candidate_layers, ws.num_layers, cfg.lam)
+        router.save(out / WEIGHTS_FILE)
+        info["architecture"] = net.architecture()
+        info["trained_timesteps"] = 0
+        info["trained_samples"] = len(train.samples)
+        info.update(fit_run_guard(ws, cfg, out))
+        # the budget -> λ calibration table, on the validation split (train if there is none)
+        cal = validation_split(ws, cfg) or train
+        from deepinsert.policy.guard import ObsGuard
 
-    cls = algorithm_class(cfg.algorithm)
-    ckpt = latest_checkpoint(out) if resume else None
-    start = None
-    if resume and (out / MODEL_FILE).is_file():
-        start = out / MODEL_FILE
-    elif ckpt is not None:
-        start = ckpt[0]
-    if start is not None:
-        algo = cls.load(str(start), env=venv, device=cfg.policy_device, tensorboard_log=str(tb_dir))
-        log.info("resuming %s from %s at %d timesteps", out, start, algo.num_timesteps)
-    else:
-        algo = build_algorithm(cfg, venv, tb_dir)
-    done = int(algo.num_timesteps)
-    remaining = max(0, cfg.total_timesteps - done)
-
-    if remaining > 0:
-        from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback
-
-        callbacks: list[Any] = [RewardDecompositionCallback(ws.candidate_layers, every=max(2048, cfg.n_envs))]
-        if cfg.checkpoint_every > 0:
-            callbacks.append(CheckpointCallback(save_freq=max(cfg.checkpoint_every // cfg.n_envs, 1),
-                                                save_path=str(out / "checkpoints"), name_prefix="model"))
-        eval_key = f"eval:{cfg.data.eval}"  # held by the workspace unless --no-eval (a sweep's always)
-        if cfg.checkpoint_every > 0 and eval_key in ws.splits:
-            from deepinsert.policy.eval_callback import HeldOutEvalCallback  # eval/* scalars at checkpoints
-
-            callbacks.append(HeldOutEvalCallback(ws, eval_key, cfg.lam, cfg.checkpoint_every, cfg.total_timesteps))
-        if progress:
-            callbacks.append(TqdmCallback(cfg.total_timesteps, desc=f"train λ={cfg.lam:g}", initial=done))
-        log_interval = {"ppo": 1, "a2c": 10, "dqn": 4096}[cfg.algorithm]
-        algo.learn(remaining, callback=CallbackList(callbacks), log_interval=log_interval,
-                   tb_log_name="run", reset_num_timesteps=start is None)
-    save_model_atomic(algo, out / MODEL_FILE)
-    info["trained_timesteps"] = int(algo.num_timesteps)
-    atomic_write_json(out / INFO_FILE, info)
-    ws.cache.save()
-
+        guard = ObsGuard.load(out)
+        tokens = ws.cache.token_counts(cal.samples)
+        flops = np.array([[ws.provider.flops_fraction(k, int(t[0]), int(t[1])) for k in ws.candidate_layers]
+                          for t in tokens], dtype=np.float64)
+        fb = guard.trips(cal.observations) if guard is not None else None
+        fb_index = ws.candidate_layers.index(info["fallback_layer"])
+        info["budget_table"] = {**budget_table(router.predict_losses(cal.observations), flops, ws.candidate_layers,
+                                               ws.num_layers, fb, fb_index), "split": cal.name}
+        atomic_write_json(out / INFO_FILE, info)
+        ws.cache.save()
     if evaluate:
-        from deepinsert.policy.evaluate import evaluate_run_dir
-
-        metrics = evaluate_run_dir(out, workspace=ws, split_spec=cfg.data.eval, progress=progress)
-        write_metrics(out, metrics)
+        _evaluate(out, cfg, ws, progress)
     return out

@@ -85,7 +85,9 @@ class Workspace:
         path = resolve_data_path(spec)
         if not path.is_file():
             raise DataError(f"data.{name}: file not found: {path}")
-        result = load_samples(path, cfg.data.image_folder, skip_bad=cfg.data.skip_bad)
+        d = cfg.data
+        result = load_samples(path, d.image_folder, skip_bad=d.skip_bad, turns=d.turns, text_only=d.text_only,
+                              subset=d.subset, seed=d.subset_seed)
         samples = list(result)
         if limit is not None:
             samples = samples[:limit]

@@ -3,12 +3,23 @@
 A bundle is a folder::
 
     BUNDLE_DIR/
-      router.onnx      input_ids (B, T) int64 + attention_mask (B, T) int64
-                       -> observation (B, D) float32, probs (B, A) float32, action (B,) int64
-      policy.onnx      embedding (B, D) float32 -> probs (B, A) float32, action (B,) int64
+      router.onnx      input_ids, attention_mask (B, T) int64 [, lam (1,) float32]
+                       -> action (B,) int64, probs (B, A), ood_score (B,) [, losses (B, A)]
+                       [, observation (B, D): unfolded bundles only]
+      policy.onnx      embedding (B, D) float32 [, lam] -> action, probs, ood_score [, losses]
       router.json      this module's :class:`BundleInfo`
       tokenizer.json   the model's fast tokenizer (``tokenizers`` format), plus the
                        transformers tokenizer files written beside it
+
+``lam`` / ``losses``: loss-curve routers (any λ at request time); ``ood_score``: the
+out-of-distribution guard's score (the runtime falls back to ``guard.fallback_layer``
+above ``guard.threshold``). A folded bundle's ``router.onnx`` gathers from a (V, h + g)
+table (the policy's first layer and the guard's projection folded into the embedding
+table) instead of the model's (V, D) one.
+
+Integrity: ``checksums`` holds the sha256 of every other file of the bundle, and
+``info_sha256`` the sha256 of ``router.json``'s own canonical content (sorted keys,
+without ``info_sha256``), so an edited ``router.json`` is refused like a replaced graph.
 
 This module is pure Python (no numpy, torch, onnx): the runtime, the CLI and the HTTP
 service all read ``router.json`` through it.
@@ -25,7 +36,7 @@ from typing import Any
 from deepinsert.errors import BundleError
 
 BUNDLE_FORMAT = "deepinsert-router"
-BUNDLE_FORMAT_VERSION = 1
+BUNDLE_FORMAT_VERSION = 2
 
 ROUTER_ONNX = "router.onnx"
 POLICY_ONNX = "policy.onnx"
@@ -35,11 +46,59 @@ TOKENIZER_JSON = "tokenizer.json"
 # Graph interface (names are part of the bundle format).
 ROUTER_INPUTS = ("input_ids", "attention_mask")
 POLICY_INPUTS = ("embedding",)
-ROUTER_OUTPUTS = ("action", "probs", "observation")
-POLICY_OUTPUTS = ("action", "probs")
+ROUTER_OUTPUTS = ("action", "probs", "ood_score")
+POLICY_OUTPUTS = ("action", "probs", "ood_score")
 
 OBSERVATION_KIND = "mean_input_embedding"
+MAX_TOKENS_LIMIT = 8192
+"""Largest ``observation.max_tokens`` a bundle may declare (training truncates at 256)."""
+LAM_MAX = 1e6
+"""Largest request-time λ (the training side's bound, deepinsert.env.problem.LAM_MAX)."""
 
+
+def graph_io(graph: str, *, with_lam: bool, folded: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Input and output names of ``router`` / ``policy`` graphs (loss-curve: ``with_lam``)."""
+    if graph == "router":
+        inputs, outputs = ROUTER_INPUTS, ROUTER_OUTPUTS
+    else:
+        inputs, outputs = POLICY_INPUTS, POLICY_OUTPUTS
+    if with_lam:
+        inputs, outputs = (*inputs, "lam"), (*outputs, "losses")
+    if graph == "router" and not folded:
+        outputs = (*outputs, "observation")
+    return tuple(inputs), tuple(outputs)
+
+
+def graph_metadata(info: BundleInfo) -> dict[str, str]:
+    """What each graph's ``metadata_props`` records (checked against ``router.json`` at load)."""
+    return {
+        "deepinsert.algorithm": info.algorithm,
+        "deepinsert.candidate_layers": ",".join(str(k) for k in info.candidate_layers),
+        "deepinsert.num_layers": str(info.num_layers),
+        "deepinsert.max_tokens": str(info.observation.max_tokens),
+        "deepinsert.vocab_size": str(info.observation.vocab_size),
+        "deepinsert.folded": str(bool(info.folded)).lower(),
+        "deepinsert.policy_digest": str(info.run.get("policy_digest", "")),
+    }
+
+
+def lam_for_budget(table: dict[str, Any], budget: float) -> float:
+    """The smallest λ whose calibrated mean FLOPs fraction is <= ``budget`` (linear interpolation
+    between grid points); the table's largest λ when no λ reaches it, λ = 0 when every λ does.
+
+    ``table`` = ``{"lam": [...increasing], "flops_fraction": [...non-increasing]}``.
+    """
+    lams = [float(v) for v in table["lam"]]
+    fr = [float(v) for v in table["flops_fraction"]]
+    if budget >= fr[0]:
+        return lams[0]
+    for j in range(1, len(fr)):
+        if fr[j] <= budget:
+            f0, f1, l0, l1 = fr[j - 1], fr[j], lams[j - 1], lams[j]
+            if f0 == f1:
+                return l1
+            return l0 + (f0 - budget) / (f0 - f1) * (l1 - l0)
+    return lams[-1]
 
 @dataclass(frozen=True)
 class ObservationSpec:
@@ -76,14 +135,28 @@ class BundleInfo:
     model_source: str  # the model the router was trained for (hub id or folder)
     observation: ObservationSpec
     probs_definition: str  # what the "probs" output means for this algorithm
+    guard: dict[str, Any] | None = None  # {"threshold", "fallback_layer", "dim", "n_points", ...} or None
+    budget_table: dict[str, Any] | None = None  # loss-curve only: {"lam": [...], "flops_fraction": [...], "split"}
+    folded: bool = True  # router.onnx gathers from the folded (V, h + g) table
+    size: dict[str, Any] = field(default_factory=dict)  # bytes per file, total, table shape
     versions: dict[str, str] = field(default_factory=dict)  # library versions at export
     metrics: dict[str, Any] | None = None  # the run's evaluation metrics (metrics.json)
     validation: dict[str, Any] = field(default_factory=dict)  # export-time checks and their numbers
     checksums: dict[str, str] = field(default_factory=dict)  # file name -> sha256 hex
     run: dict[str, Any] = field(default_factory=dict)  # seed, run folder, deepinsert version
     model_adapter: str | None = None  # identity ("sha256:...") of the peft adapter merged into that model; None: base
+    info_sha256: str | None = None  # sha256 of this file's canonical content without this key
     format: str = BUNDLE_FORMAT
     format_version: int = BUNDLE_FORMAT_VERSION
+
+    @property
+    def supports_lam(self) -> bool:
+        """True when requests may choose λ / a budget (loss-curve bundles)."""
+        return self.algorithm == "losscurve"
+
+    @property
+    def fallback_layer(self) -> int | None:
+        return None if self.guard is None else int(self.guard["fallback_layer"])
 
     def __post_init__(self) -> None:
         if self.format != BUNDLE_FORMAT:
@@ -95,10 +168,36 @@ class BundleInfo:
             )
         if not self.candidate_layers:
             raise BundleError("router.json: candidate_layers is empty")
-        if any(not isinstance(k, int) or k < 0 or k > self.num_layers for k in self.candidate_layers):
+        if not isinstance(self.num_layers, int) or isinstance(self.num_layers, bool) or self.num_layers < 1:
+            raise BundleError(f"router.json: num_layers must be a positive int, got {self.num_layers!r}")
+        if any(not isinstance(k, int) or isinstance(k, bool) or k < 0 or k > self.num_layers for k in self.candidate_layers):
             raise BundleError(
                 f"router.json: candidate_layers {list(self.candidate_layers)} must be ints in 0..num_layers={self.num_layers}"
             )
+        if any(b <= a for a, b in zip(self.candidate_layers, self.candidate_layers[1:])):
+            raise BundleError(f"router.json: candidate_layers {list(self.candidate_layers)} must be strictly increasing")
+        if self.observation.max_tokens > MAX_TOKENS_LIMIT:
+            raise BundleError(f"router.json: observation.max_tokens {self.observation.max_tokens} exceeds {MAX_TOKENS_LIMIT}")
+        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not 0 <= self.lam <= LAM_MAX:
+            raise BundleError(f"router.json: lam must be a number in [0, {LAM_MAX:g}], got {self.lam!r}")
+        if self.guard is not None:
+            g = self.guard
+            if not isinstance(g, dict) or not isinstance(g.get("threshold"), (int, float)) or isinstance(g.get("threshold"), bool):
+                raise BundleError("router.json: guard must be an object with a numeric threshold")
+            if not (g["threshold"] >= 0) or g.get("fallback_layer") not in self.candidate_layers:
+                raise BundleError(f"router.json: guard threshold must be >= 0 and fallback_layer one of {list(self.candidate_layers)}")
+        if self.budget_table is not None:
+            t = self.budget_table
+            try:
+                lams = [float(v) for v in t["lam"]]
+                fr = [float(v) for v in t["flops_fraction"]]
+            except (KeyError, TypeError, ValueError) as e:
+                raise BundleError(f"router.json: budget_table needs numeric 'lam' and 'flops_fraction' lists: {e}") from e
+            if (len(lams) != len(fr) or len(lams) < 2 or any(b <= a for a, b in zip(lams, lams[1:]))
+                    or any(b > a for a, b in zip(fr, fr[1:]))):
+                raise BundleError("router.json: budget_table must map increasing λ to non-increasing FLOPs fractions")
+        if self.checksums is not None and not isinstance(self.checksums, dict):
+            raise BundleError("router.json: checksums must be an object {file: sha256}")
 
     @property
     def num_actions(self) -> int:
@@ -110,6 +209,12 @@ class BundleInfo:
         d = asdict(self)
         d["candidate_layers"] = list(self.candidate_layers)
         return {"format": d.pop("format"), "format_version": d.pop("format_version"), **d}
+
+    def sealed(self) -> dict[str, Any]:
+        """:meth:`to_dict` with ``info_sha256`` set over the rest of the content."""
+        d = self.to_dict()
+        d["info_sha256"] = info_digest(d)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BundleInfo:
@@ -129,16 +234,25 @@ class BundleInfo:
             raise BundleError("router.json: observation must be an object")
         try:
             spec = ObservationSpec(**obs)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise BundleError(f"router.json: bad observation block: {e}") from e
+        if not isinstance(d["candidate_layers"], list):
+            raise BundleError("router.json: candidate_layers must be a list of ints")
         try:
             return cls(**{**d, "observation": spec, "candidate_layers": tuple(d["candidate_layers"])})
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise BundleError(f"router.json: {e}") from e
 
 
-def read_bundle_info(bundle_dir: str | Path) -> BundleInfo:
-    """Read and validate ``BUNDLE_DIR/router.json`` (BundleError if missing or malformed)."""
+def info_digest(d: dict[str, Any]) -> str:
+    """sha256 of a router.json dict's canonical JSON (sorted keys, without ``info_sha256``)."""
+    body = {k: v for k, v in d.items() if k != "info_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=True, allow_nan=False).encode()).hexdigest()
+
+
+def read_bundle_info(bundle_dir: str | Path, *, verify: bool = True) -> BundleInfo:
+    """Read and validate ``BUNDLE_DIR/router.json`` (BundleError if missing, malformed or, with
+    ``verify``, edited since the export)."""
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
         raise BundleError(f"router bundle folder {str(bundle_dir)!r} does not exist (make one with `deepinsert export`)")
@@ -147,9 +261,20 @@ def read_bundle_info(bundle_dir: str | Path) -> BundleInfo:
         raise BundleError(f"{str(bundle_dir)!r} is not a router bundle: {ROUTER_JSON} is missing")
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise BundleError(f"{path} is not valid JSON: {e}") from e
-    return BundleInfo.from_dict(d)
+    info = BundleInfo.from_dict(d)
+    if verify:
+        want = d.get("info_sha256")
+        try:
+            got = info_digest(d)
+        except ValueError:  # NaN / inf in the file
+            got = None
+        if not isinstance(want, str) or got != want:
+            raise BundleError(
+                f"{path} does not match its integrity digest (info_sha256): it was edited or is corrupt; re-export the run"
+            )
+    return info
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -162,14 +287,19 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def verify_checksums(bundle_dir: str | Path, info: BundleInfo) -> None:
-    """Check every file listed in ``info.checksums`` exists and matches (BundleError if not)."""
+    """Check every file listed in ``info.checksums`` (and the three required ones) exists and
+    matches (BundleError if not)."""
     bundle_dir = Path(bundle_dir)
     for name in (ROUTER_ONNX, POLICY_ONNX, TOKENIZER_JSON):
+        if name not in info.checksums:
+            raise BundleError(f"router.json lists no checksum for {name}; re-export the run")
+    for name, want in info.checksums.items():
+        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
+            raise BundleError(f"router.json: bad file name {name!r} in checksums")
         path = bundle_dir / name
         if not path.is_file():
             raise BundleError(f"router bundle {str(bundle_dir)!r} is incomplete: {name} is missing")
-        want = info.checksums.get(name)
-        if want is not None and sha256_file(path) != want:
+        if not isinstance(want, str) or sha256_file(path) != want:
             raise BundleError(
                 f"{path} does not match the checksum in router.json: the file is corrupt or was "
                 "replaced; re-export the run"

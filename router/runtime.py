@@ -3,7 +3,8 @@
     >>> from deepinsert.export import Router          # doctest: +SKIP
     >>> router = Router.load("bundles/lam0.1")         # doctest: +SKIP
     >>> router.route("What colour is the square?")     # doctest: +SKIP
-    RouteDecision(layer=2, index=2, probs=(0.01, 0.03, 0.91, ...), num_tokens=6, truncated=False)
+    RouteDecision(layer=2, index=2, probs=(0.01, 0.03, 0.91, ...), num_tokens=6, truncated=False, fallback=False, ...)
+    >>> router.route("What colour is the square?", budget=0.7)   # loss-curve bundles only  # doctest: +SKIP
 
 Importing this module and routing never imports torch or transformers (a test checks
 ``sys.modules`` in a fresh interpreter), so it fits in a light serving container.
@@ -11,6 +12,13 @@ Importing this module and routing never imports torch or transformers (a test ch
 Truncation: a prompt with more than ``info.observation.max_tokens`` tokens (256 by
 default) is routed on its first ``max_tokens`` tokens, exactly like the training
 environment; the decision then has ``truncated=True``.
+
+Guard: a prompt whose ``ood_score`` exceeds ``info.guard["threshold"]`` (it looks like no
+training prompt) goes to ``info.guard["fallback_layer"]`` with ``fallback=True``.
+
+λ and budget: a loss-curve bundle decides for any ``lam`` given per request, or for a
+``budget`` (target mean FLOPs fraction vs k = 0), turned into λ through the monotone
+calibration table in ``router.json``. Other bundles were trained for one λ and refuse both.
 """
 
 from __future__ import annotations
@@ -21,17 +29,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from deepinsert.errors import BundleError, InputError
 from deepinsert.router.bundle import (
-    POLICY_INPUTS,
+    LAM_MAX,
     POLICY_ONNX,
-    POLICY_OUTPUTS,
-    ROUTER_INPUTS,
     ROUTER_ONNX,
-    ROUTER_OUTPUTS,
     TOKENIZER_JSON,
     BundleInfo,
+    graph_io,
+    graph_metadata,
+    lam_for_budget,
     read_bundle_info,
     verify_checksums,
 )
@@ -40,8 +47,7 @@ from deepinsert.utils.extras import require
 # Upper bound on the (B, T, D) float32 gather one onnxruntime call materialises; larger
 # batches are split into chunks (a 7B model has D = 4096: 64 MiB ~ 16 prompts x 256 tokens).
 _GATHER_BUDGET_BYTES = 64 * 1024 * 1024
-_ROUTER_OUT = list(ROUTER_OUTPUTS)
-_POLICY_OUT = list(POLICY_OUTPUTS)
+_GUARD_BUDGET_BYTES = 64 * 1024 * 1024  # (B, M, g) float32 of the guard's nearest-point search
 
 
 @dataclass(frozen=True)
@@ -51,10 +57,16 @@ class RouteDecision:
     layer: the insertion layer k to run the VLM at (``candidate_layers[index]``).
     index: the action index, 0 <= index < A.
     probs: (A,) the policy's action probabilities (PPO/A2C: softmax of the actor's logits;
-        DQN: softmax of the Q-values, a score not a calibrated probability).
+        DQN: softmax of the Q-values; loss-curve: softmax of -L̂ + λ·k/N; the last two are
+        scores, not calibrated probabilities). The policy's own choice: with ``fallback``
+        the layer is the guard's instead.
     num_tokens: question tokens the observation was computed on (after truncation);
         None for :meth:`Router.route_embedding`.
     truncated: True if the prompt had more than ``max_tokens`` tokens and was cut.
+    fallback: True if the out-of-distribution guard tripped and ``layer`` is its fallback layer.
+    ood_score: the guard's score (distance to the nearest training prompt; None without a guard).
+    lam: the λ the decision was taken at.
+    losses: (A,) predicted answer loss per candidate layer (loss-curve bundles), else None.
     """
 
     layer: int
@@ -62,6 +74,10 @@ class RouteDecision:
     probs: tuple[float, ...]
     num_tokens: int | None = None
     truncated: bool = False
+    fallback: bool = False
+    ood_score: float | None = None
+    lam: float | None = None
+    losses: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -71,6 +87,10 @@ class RouteDecision:
             "probs": list(self.probs),
             "num_tokens": self.num_tokens,
             "truncated": self.truncated,
+            "fallback": self.fallback,
+            "ood_score": self.ood_score,
+            "lam": self.lam,
+            "losses": None if self.losses is None else list(self.losses),
         }
 
 
@@ -79,6 +99,10 @@ def _check_prompt(prompt: object, where: str = "prompt") -> str:
         raise InputError(f"{where} must be a str, got {type(prompt).__name__}")
     if not prompt.strip():
         raise InputError(f"{where} is empty; the router needs the question text")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{where} is not valid Unicode text (a lone surrogate at position {e.start})") from None
     return prompt
 
 
@@ -92,21 +116,28 @@ class Router:
         self._policy = policy_session
         self._tokenizer = tokenizer
         self._layers = np.asarray(info.candidate_layers, dtype=np.int64)
+        self._router_in, self._router_out = graph_io("router", with_lam=info.supports_lam, folded=info.folded)
+        self._policy_in, self._policy_out = graph_io("policy", with_lam=info.supports_lam, folded=info.folded)
+        g = info.guard
+        self._threshold = None if g is None else float(g["threshold"])
+        self._fallback_index = None if g is None else info.candidate_layers.index(int(g["fallback_layer"]))
+        self._guard_points = int(g.get("n_points", 1)) * int(g.get("dim", 1)) if g is not None else 0
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, bundle_dir: str | Path, *, num_threads: int = 1, verify: bool = True) -> Router:
         """Load ``BUNDLE_DIR`` (written by ``deepinsert export``) and check it is consistent.
 
-        Raises :class:`BundleError` if the folder or a file is missing or corrupt, or if
-        ``router.json`` does not match the ONNX graphs (input/output names, action count,
-        embedding width, vocabulary size). ``num_threads`` is onnxruntime's intra-op
-        thread count (1 gives the lowest latency for single prompts).
+        Raises :class:`BundleError` if the folder or a file is missing, corrupt or edited
+        (checksums, ``router.json``'s own digest), or if ``router.json`` does not match the
+        ONNX graphs (input/output names, the metadata each graph records: candidate layers,
+        N, max tokens, vocabulary size). ``num_threads`` is onnxruntime's intra-op thread
+        count (1 gives the lowest latency for single prompts).
         """
         ort = require("onnxruntime", "export")
         tokenizers = require("tokenizers", "export")
         bundle_dir = Path(bundle_dir)
-        info = read_bundle_info(bundle_dir)
+        info = read_bundle_info(bundle_dir, verify=verify)
         if verify:
             verify_checksums(bundle_dir, info)
         opts = ort.SessionOptions()
@@ -139,18 +170,19 @@ class Router:
         return router
 
     def _check_graphs(self) -> None:
-        """Compare router.json with the graphs' signatures, then probe both graphs once."""
+        """Compare router.json with the graphs' signatures and metadata, then probe both graphs once."""
         info, A, D, V = self.info, self.info.num_actions, self.info.observation.dim, self.info.observation.vocab_size
+        want_meta = graph_metadata(info)
         for name, sess, want_in, want_out in (
-            (ROUTER_ONNX, self._router, ROUTER_INPUTS, ROUTER_OUTPUTS),
-            (POLICY_ONNX, self._policy, POLICY_INPUTS, POLICY_OUTPUTS),
+            (ROUTER_ONNX, self._router, self._router_in, self._router_out),
+            (POLICY_ONNX, self._policy, self._policy_in, self._policy_out),
         ):
             got_in = tuple(i.name for i in sess.get_inputs())
             got_out = {o.name: o for o in sess.get_outputs()}
             if got_in != want_in or set(got_out) != set(want_out):
                 raise BundleError(
                     f"{name} has inputs {list(got_in)} / outputs {sorted(got_out)}, expected "
-                    f"{list(want_in)} / {sorted(want_out)}: not a deepinsert router graph"
+                    f"{list(want_in)} / {sorted(want_out)}: not a deepinsert router graph for this router.json"
                 )
             probs_dim = got_out["probs"].shape[-1]
             if isinstance(probs_dim, int) and probs_dim != A:
@@ -158,24 +190,25 @@ class Router:
                     f"{name} outputs {probs_dim} action probabilities but router.json lists "
                     f"{A} candidate layers {list(info.candidate_layers)}"
                 )
+            meta = dict(sess.get_modelmeta().custom_metadata_map)
+            for key, want in want_meta.items():
+                if meta.get(key) != want:
+                    raise BundleError(
+                        f"router.json does not match {name}: {key.split('.', 1)[1]} is {want!r} in router.json "
+                        f"but {meta.get(key)!r} in the graph; re-export the run"
+                    )
         emb_dim = self._policy.get_inputs()[0].shape[-1]
         if isinstance(emb_dim, int) and emb_dim != D:
             raise BundleError(f"{POLICY_ONNX} takes embeddings of size {emb_dim} but router.json says dim={D}")
         n_tok = self._tokenizer.get_vocab_size(with_added_tokens=True)
         if n_tok > V:
             raise BundleError(f"{TOKENIZER_JSON} has {n_tok} tokens but the embedding table in router.json has only {V} rows")
-        # Probe: the last embedding row must exist and both graphs must agree on it.
         try:
-            action, probs, obs = self._run_router(np.array([[V - 1]], dtype=np.int64), np.ones((1, 1), dtype=np.int64))
+            out = self._run_router(np.array([[V - 1]], dtype=np.int64), np.ones((1, 1), dtype=np.int64), self.info.lam)
         except Exception as e:
             raise BundleError(f"{ROUTER_ONNX} failed on token id {V - 1} (vocab_size={V} in router.json): {e}") from e
-        if obs.shape != (1, D) or probs.shape != (1, A):
-            raise BundleError(
-                f"{ROUTER_ONNX} returned observation {obs.shape} / probs {probs.shape}, router.json implies (1, {D}) / (1, {A})"
-            )
-        p_action, p_probs = self._run_policy(obs)
-        if not np.allclose(p_probs, probs, atol=1e-5) or int(p_action[0]) != int(action[0]):
-            raise BundleError(f"{ROUTER_ONNX} and {POLICY_ONNX} disagree on the same observation: mixed bundles?")
+        if out["probs"].shape != (1, A):
+            raise BundleError(f"{ROUTER_ONNX} returned probs {out['probs'].shape}, router.json implies (1, {A})")
 
     # ------------------------------------------------------------------ properties
     @property
@@ -185,7 +218,7 @@ class Router:
 
     @property
     def lam(self) -> float:
-        """The lambda the policy was trained at."""
+        """The λ the policy was trained at (loss-curve: the default λ of a request)."""
         return self.info.lam
 
     @property
@@ -193,16 +226,67 @@ class Router:
         """Prompts are truncated to this many tokens before routing."""
         return self.info.observation.max_tokens
 
-    # ------------------------------------------------------------------ raw graph calls
-    def _run_router(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """ids, mask (B, T) int64 -> action (B,), probs (B, A), observation (B, D)."""
-        action, probs, obs = self._router.run(_ROUTER_OUT, {"input_ids": ids, "attention_mask": mask})
-        return action, probs, obs
+    @property
+    def supports_lam(self) -> bool:
+        """True when requests may choose ``lam`` / ``budget`` (loss-curve bundles)."""
+        return self.info.supports_lam
 
-    def _run_policy(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """emb (B, D) float32 -> action (B,), probs (B, A)."""
-        action, probs = self._policy.run(_POLICY_OUT, {"embedding": emb})
-        return action, probs
+    def lam_for(self, lam: float | None = None, budget: float | None = None) -> float:
+        """The λ a request decides at: ``lam``, the calibrated λ of ``budget``, or the bundle's λ.
+
+        InputError for a fixed-λ bundle given either, for both at once, or out-of-range values.
+        """
+        if lam is None and budget is None:
+            return float(self.info.lam)
+        if not self.supports_lam:
+            raise InputError(
+                f"this {self.info.algorithm} bundle was trained for one λ ({self.info.lam:g}) and cannot take "
+                "lam/budget per request; export a loss-curve router (algorithm: losscurve) for that"
+            )
+        if lam is not None and budget is not None:
+            raise InputError("give lam or budget, not both")
+        if lam is not None:
+            if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not np.isfinite(lam) or not 0 <= lam <= LAM_MAX:
+                raise InputError(f"lam must be a finite number in [0, {LAM_MAX:g}], got {lam!r}")
+            return float(lam)
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not np.isfinite(budget) or not 0 < budget <= 1:
+            raise InputError(f"budget (target mean FLOPs fraction vs k = 0) must be in (0, 1], got {budget!r}")
+        table = self.info.budget_table
+        if table is None:
+            raise InputError("this bundle has no budget calibration table; pass lam instead")
+        return float(lam_for_budget(table, float(budget)))
+
+    # ------------------------------------------------------------------ raw graph calls
+    def _run_router(self, ids: np.ndarray, mask: np.ndarray, lam: float) -> dict[str, np.ndarray]:
+        """ids, mask (B, T) int64 -> {action (B,), probs (B, A), ood_score (B,) [, losses] [, observation]}."""
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if self.supports_lam:
+            feed["lam"] = np.array([lam], dtype=np.float32)
+        return dict(zip(self._router_out, self._router.run(list(self._router_out), feed)))
+
+    def _run_policy(self, emb: np.ndarray, lam: float) -> dict[str, np.ndarray]:
+        """emb (B, D) float32 -> {action (B,), probs (B, A), ood_score (B,) [, losses]}."""
+        feed = {"embedding": emb}
+        if self.supports_lam:
+            feed["lam"] = np.array([lam], dtype=np.float32)
+        return dict(zip(self._policy_out, self._policy.run(list(self._policy_out), feed)))
+
+    def _decisions(self, out: dict[str, np.ndarray], lam: float, toks: Sequence[tuple[list[int], bool]] | None) -> list[RouteDecision]:
+        acts = out["action"].tolist()
+        probs = out["probs"].tolist()
+        ood = out["ood_score"].tolist()
+        losses = out["losses"].tolist() if "losses" in out else None
+        res = []
+        for r, a in enumerate(acts):
+            fb = self._threshold is not None and not (ood[r] <= self._threshold)  # NaN trips too
+            k = int(self._layers[self._fallback_index if fb else a])
+            res.append(RouteDecision(
+                k, int(a), tuple(probs[r]),
+                None if toks is None else len(toks[r][0]), False if toks is None else toks[r][1],
+                bool(fb), None if self._threshold is None else float(ood[r]), float(lam),
+                None if losses is None else tuple(losses[r]),
+            ))
+        return res
 
     # ------------------------------------------------------------------ tokenising
     def token_ids(self, prompt: str) -> tuple[list[int], bool]:
@@ -230,18 +314,19 @@ class Router:
         return out
 
     # ------------------------------------------------------------------ routing
-    def _route_ids(self, toks: list[tuple[list[int], bool]]) -> tuple[list[RouteDecision], np.ndarray]:
-        """Route pre-tokenised prompts in memory-bounded chunks; returns decisions and observations (B, D)."""
-        D = self.info.observation.dim
-        decisions: list[RouteDecision] = []
-        observations: list[np.ndarray] = []
+    def _route_ids(self, toks: list[tuple[list[int], bool]], lam: float) -> tuple[list[RouteDecision], np.ndarray | None]:
+        """Route pre-tokenised prompts in memory-bounded chunks; returns decisions and, for an
+        unfolded bundle, the observations (B, D)."""
+        width = self.info.size.get("table_width") or self.info.observation.dim
+        budget_rows = max(1, _GUARD_BUDGET_BYTES // max(1, 4 * self._guard_points))
         order = sorted(range(len(toks)), key=lambda i: len(toks[i][0]))  # similar lengths share a chunk
-        by_index: dict[int, tuple[RouteDecision, np.ndarray]] = {}
+        by_index: dict[int, tuple[RouteDecision, np.ndarray | None]] = {}
         start = 0
         while start < len(order):
             # grow the chunk while its padded gather stays under budget (lengths ascend)
             stop = start + 1
-            while stop < len(order) and (stop + 1 - start) * len(toks[order[stop]][0]) * D * 4 <= _GATHER_BUDGET_BYTES:
+            while (stop < len(order) and stop + 1 - start <= budget_rows
+                   and (stop + 1 - start) * len(toks[order[stop]][0]) * width * 4 <= _GATHER_BUDGET_BYTES):
                 stop += 1
             chunk = order[start:stop]
             T = max(len(toks[i][0]) for i in chunk)
@@ -251,64 +336,82 @@ class Router:
                 n = len(toks[i][0])
                 ids[r, :n] = toks[i][0]
                 mask[r, :n] = 1
-            action, probs, obs = self._run_router(ids, mask)
-            layers, acts, plist = self._layers[action].tolist(), action.tolist(), probs.tolist()
+            out = self._run_router(ids, mask, lam)
+            decs = self._decisions(out, lam, [toks[i] for i in chunk])
+            obs = out.get("observation")
             for r, i in enumerate(chunk):
-                by_index[i] = (RouteDecision(layers[r], acts[r], tuple(plist[r]), len(toks[i][0]), toks[i][1]), obs[r])
+                by_index[i] = (decs[r], None if obs is None else obs[r])
             start = stop
-        for i in range(len(toks)):
-            decisions.append(by_index[i][0])
-            observations.append(by_index[i][1])
-        return decisions, np.stack(observations)
+        decisions = [by_index[i][0] for i in range(len(toks))]
+        if self.info.folded:
+            return decisions, None
+        return decisions, np.stack([by_index[i][1] for i in range(len(toks))])
 
-    def route(self, prompt: str) -> RouteDecision:
-        """The insertion layer for one question (the user's text, without the chat template)."""
-        ((ids, truncated),) = self._token_ids_batch([prompt])  # the one tokenise/truncate path
-        arr = np.array([ids], dtype=np.int64)  # (1, T)
-        action, probs, _ = self._run_router(arr, np.ones_like(arr))
-        a = int(action[0])
-        return RouteDecision(int(self._layers[a]), a, tuple(probs[0].tolist()), len(ids), truncated)
+    def route(self, prompt: str, *, lam: float | None = None, budget: float | None = None) -> RouteDecision:
+        """The insertion layer for one question (the user's text, without the chat template).
 
-    def route_batch(self, prompts: Sequence[str]) -> list[RouteDecision]:
+        ``lam`` / ``budget`` (loss-curve bundles): decide at this λ, or at the λ calibrated to
+        reach this mean FLOPs fraction (vs k = 0) on the validation split.
+        """
+        lam_ = self.lam_for(lam, budget)
+        toks = self._token_ids_batch([prompt])  # the one tokenise/truncate path
+        arr = np.array([toks[0][0]], dtype=np.int64)  # (1, T)
+        return self._decisions(self._run_router(arr, np.ones_like(arr), lam_), lam_, toks)[0]
+
+    def route_batch(self, prompts: Sequence[str], *, lam: float | None = None, budget: float | None = None) -> list[RouteDecision]:
         """:meth:`route` for many prompts at once (one graph call per memory-bounded chunk)."""
-        return self._route_ids(self._token_ids_batch(prompts))[0]
+        lam_ = self.lam_for(lam, budget)
+        return self._route_ids(self._token_ids_batch(prompts), lam_)[0]
 
     def observation(self, prompts: str | Sequence[str]) -> np.ndarray:
-        """The policy's observation (the mean input embedding), (D,) for a str or (B, D) for a list."""
+        """The policy's observation (the mean input embedding), (D,) for a str or (B, D) for a list.
+
+        Needs an unfolded bundle (``deepinsert export --no-fold``): a folded bundle stores no
+        (V, D) embedding table (compute the observation from the model with
+        ``deepinsert.env.observation.prompt_observation``).
+        """
+        if self.info.folded:
+            raise BundleError(
+                "this bundle is folded (it stores the policy's first layer folded into a (V, h) table, not the "
+                "model's (V, D) embeddings) and cannot compute the mean input embedding; export with --no-fold, "
+                "or use deepinsert.env.observation.prompt_observation with the model"
+            )
         single = isinstance(prompts, str)
-        obs = self._route_ids(self._token_ids_batch([prompts] if single else prompts))[1]
+        obs = self._route_ids(self._token_ids_batch([prompts] if single else prompts), self.info.lam)[1]
+        assert obs is not None
         return obs[0] if single else obs
 
-    def route_embedding(self, vec: np.ndarray | Sequence[float]) -> RouteDecision:
-        """Route from a ready observation vector (D,) (e.g. your own mean input embedding)."""
+    def _embeddings(self, mat: Any, single: bool) -> np.ndarray:
         D = self.info.observation.dim
         try:
-            arr = np.asarray(vec, dtype=np.float32)
+            raw = np.asarray(mat)
         except (TypeError, ValueError) as e:
             raise InputError(f"embedding must be a real vector of size {D}: {e}") from e
-        if arr.shape != (D,):
+        if np.iscomplexobj(raw) or not (np.issubdtype(raw.dtype, np.number) or raw.dtype == np.bool_ or raw.dtype == object):
+            raise InputError(f"embedding must be a real vector of size {D} (real numbers), got dtype {raw.dtype}")
+        try:
+            arr = raw.astype(np.float32)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"embedding must be a real vector of size {D}: {e}") from e
+        if single and arr.shape != (D,):
             extra = "; use route_embeddings for (B, D)" if arr.ndim == 2 else ""
             raise InputError(f"route_embedding takes one vector of shape ({D},), got {arr.shape}{extra}")
-        if not np.isfinite(arr.sum()):  # one cheap pass; an overflowing sum is rejected too
-            raise InputError("embedding contains NaN or inf")
-        action, probs = self._policy.run(_POLICY_OUT, {"embedding": arr[None]})
-        a = int(action[0])
-        return RouteDecision(int(self._layers[a]), a, tuple(probs[0].tolist()))
-
-    def route_embeddings(self, mat: np.ndarray) -> list[RouteDecision]:
-        """Route a batch of observation vectors (B, D)."""
-        D = self.info.observation.dim
-        arr = np.asarray(mat)
-        if arr.ndim != 2 or arr.shape[1] != D or arr.shape[0] == 0:
+        if not single and (arr.ndim != 2 or arr.shape[1] != D or arr.shape[0] == 0):
             raise InputError(f"embeddings must have shape (B, {D}) with B >= 1, got {arr.shape}")
-        if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
-            raise InputError(f"embeddings must be real numbers, got dtype {arr.dtype}")
-        arr = arr.astype(np.float32, copy=False)
         if not np.isfinite(arr).all():
-            raise InputError("embeddings contain NaN or inf")
-        action, probs = self._run_policy(np.ascontiguousarray(arr))
-        layers = self._layers[action].tolist()
-        return [RouteDecision(k, a, tuple(p)) for k, a, p in zip(layers, action.tolist(), probs.tolist())]
+            raise InputError("embedding contains NaN or inf")
+        return np.ascontiguousarray(arr[None] if single else arr)
+
+    def route_embedding(self, vec: np.ndarray | Sequence[float], *, lam: float | None = None,
+                        budget: float | None = None) -> RouteDecision:
+        """Route from a ready observation vector (D,) (e.g. your own mean input embedding)."""
+        lam_ = self.lam_for(lam, budget)
+        return self._decisions(self._run_policy(self._embeddings(vec, True), lam_), lam_, None)[0]
+
+    def route_embeddings(self, mat: np.ndarray, *, lam: float | None = None, budget: float | None = None) -> list[RouteDecision]:
+        """Route a batch of observation vectors (B, D)."""
+        lam_ = self.lam_for(lam, budget)
+        return self._decisions(self._run_policy(self._embeddings(mat, False), lam_), lam_, None)
 
     def __repr__(self) -> str:
         return (

@@ -13,10 +13,10 @@ from deepinsert.frozen_vlm import PROMPT_TEMPLATE, build_batch
 
 @pytest.fixture(scope="module")
 def processor():
-    from deepinsert.demo.families import vocabulary_words
+    from deepinsert.demo.corpus import committed_vocab
     from deepinsert.demo.processor import build_processor
 
-    return build_processor(vocabulary_words())
+    return build_processor(committed_vocab())
 
 
 def image(seed: int) -> Image.Image:

@@ -166,7 +166,7 @@ def test_load_image_reports_a_file_broken_after_loading(tmp_path: Path) -> None:
 def test_committed_demo_splits_load_and_are_balanced(split: str) -> None:
     samples = load_samples(demo_data_path(split), check_images=False)
     assert samples.report.n_skipped == 0
-    expected = {"train": 1200, "val": 304, "test": 800}[split]
+    expected = {"train": 1200, "val": 304, "test": 800, "test_unseen": 800}[split]
     assert len(samples) == expected
     counts: dict[str, int] = {}
     for s in samples:

@@ -14,12 +14,11 @@ from deepinsert.demo import build as build_mod
 from deepinsert.demo.build import build_demo, read_build_info
 from deepinsert.demo.scenes import DIGIT_POOL_SIZES, digit_pool
 from deepinsert.demo.splits import SPLIT_SPECS, generate_split, llava_record
-from deepinsert.demo.train import TrainConfig
+from deepinsert.demo.train import DemoTrainConfig
 from deepinsert.frozen_vlm import PROMPT_TEMPLATE, load_vlm
-from deepinsert.demo.batches import PROMPT_TEMPLATE as DEMO_TEMPLATE
 
 # late_*_p > 0 also exercises the late-insertion training path
-TINY = TrainConfig(vision_steps=2, lm_steps=2, batch_size=4, warmup=1, progress=False, late_text_p=0.5, late_image_p=0.5)
+TINY = DemoTrainConfig(vision_steps=2, lm_steps=2, batch_size=4, warmup=1, progress=False, late_text_p=0.5, late_image_p=0.5)
 
 
 def test_quick_build_cli_end_to_end(tmp_path: Path) -> None:
@@ -29,7 +28,9 @@ def test_quick_build_cli_end_to_end(tmp_path: Path) -> None:
     for name in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "README.md"):
         assert (model_dir / name).is_file(), name
     assert sorted(p.name for p in out.iterdir()) == ["data", "model"]  # no temporary leftovers
-    assert sorted(p.name for p in (out / "data").iterdir()) == ["images", "test.json", "train.json", "val.json"]
+    assert sorted(p.name for p in (out / "data").iterdir()) == [
+        "images", "test.json", "test_unseen.json", "train.json", "val.json",
+    ]  # fmt: skip
     info = read_build_info(model_dir)
     assert info["quick"] is True and info["test_accuracy_k0"]["counts"]["digit"] == 2
 
@@ -76,7 +77,7 @@ def test_build_is_deterministic_and_atomic(tmp_path: Path, monkeypatch: pytest.M
 
     monkeypatch.setattr(build_mod, "train_lm", boom)
     with pytest.raises(RuntimeError, match="interrupted"):
-        build_demo(a, cfg=TrainConfig(seed=1, vision_steps=1, lm_steps=1, batch_size=2, progress=False))
+        build_demo(a, cfg=DemoTrainConfig(seed=1, vision_steps=1, lm_steps=1, batch_size=2, progress=False))
     assert (a / "model.safetensors").read_bytes() == before  # the old model is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
 
@@ -104,8 +105,19 @@ def test_digit_pools_are_disjoint() -> None:
     assert set().union(*pools.values()) == set(range(1797))
 
 
-def test_prompt_template_matches_engine() -> None:
-    assert DEMO_TEMPLATE == PROMPT_TEMPLATE
+def test_training_prompts_are_the_engines_prompts() -> None:
+    from transformers import AutoProcessor
+
+    from deepinsert.demo import demo_model_path
+    from deepinsert.demo.batches import PromptEncoder
+    from deepinsert.frozen_vlm import build_batch
+
+    processor = AutoProcessor.from_pretrained(str(demo_model_path()))
+    questions = ["What shade is the circle?", "Repeat the word apple.", "What is 3 + 4?"]
+    batch = build_batch(processor, [_blank()] * len(questions), questions)
+    enc = PromptEncoder(processor)
+    for i, q in enumerate(questions):
+        assert batch.input_ids[i][batch.attention_mask[i].bool()].tolist() == enc.prompt_ids(q, _blank()), q
 
 
 def _blank():  # type: ignore[no-untyped-def]
@@ -141,7 +153,7 @@ def test_late_training_loss_at_k0_equals_the_stock_loss() -> None:
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
     assert float(at_n) > float(ref) + 0.1  # without the image the answers get harder
     assert model.training and all(p.requires_grad for p in model.parameters())
-    cfg = TrainConfig(late_text_p=1.0, late_image_p=0.0)
+    cfg = DemoTrainConfig(late_text_p=1.0, late_image_p=0.0)
     ks = _sample_layers(samples, cfg, 8, 0)
     assert all((int(k) > 0) == (not s.needs_image) for k, s in zip(ks, samples))
     assert torch.equal(ks, _sample_layers(samples, cfg, 8, 0))

@@ -13,11 +13,11 @@ from deepinsert.demo.evaluate import (
     correct_answers,
     engine_answers,
     items_from_samples,
-    normalise_answer,
     stock_answers,
 )
-from deepinsert.demo.families import CHANCE, IMAGE_FAMILIES, TEXT_FAMILIES
+from deepinsert.demo.families import CHANCE, FAMILIES, IMAGE_FAMILIES, TEXT_FAMILIES
 from deepinsert.env.data import load_samples
+from deepinsert.env.losses import normalize_answer
 from deepinsert.frozen_vlm import FrozenVLM, load_vlm
 
 # Measured on the committed test split (800 samples, 100 per family) with the shipped model,
@@ -25,25 +25,41 @@ from deepinsert.frozen_vlm import FrozenVLM, load_vlm
 LAYERS = list(range(9))
 MARGIN = 0.02
 EXPECTED_ANSWER: dict[str, list[float]] = {  # match="answer": per family, k = 0..8
-    "colour": [1.00, 1.00, 1.00, 0.91, 0.55, 0.53, 0.29, 0.29, 0.29],
-    "count": [0.94, 0.93, 0.90, 0.88, 0.34, 0.33, 0.31, 0.29, 0.29],
-    "exists": [0.76, 0.73, 0.69, 0.51, 0.52, 0.50, 0.50, 0.50, 0.50],
-    "position": [1.00, 1.00, 0.99, 0.99, 0.96, 0.96, 0.82, 0.77, 0.52],
-    "digit": [0.98, 0.96, 0.78, 0.59, 0.41, 0.45, 0.46, 0.19, 0.07],
-    "arith": [0.99, 0.99, 0.99, 0.99, 0.98, 0.99, 0.99, 0.99, 0.99],
-    "weekday": [1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00],
+    "colour": [1.00, 1.00, 1.00, 1.00, 0.83, 0.70, 0.35, 0.18, 0.16],
+    "count": [0.91, 0.73, 0.74, 0.63, 0.58, 0.43, 0.41, 0.41, 0.41],
+    "exists": [0.75, 0.72, 0.65, 0.64, 0.60, 0.62, 0.56, 0.55, 0.49],
+    "position": [0.89, 0.83, 0.75, 0.71, 0.52, 0.52, 0.52, 0.52, 0.52],
+    "digit": [0.78, 0.78, 0.61, 0.41, 0.38, 0.20, 0.18, 0.10, 0.10],
+    "arith": [0.95, 0.95, 0.95, 0.96, 0.96, 0.95, 0.96, 0.96, 0.96],
+    "weekday": [0.99, 0.98, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00],
     "repeat": [1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00],
 }
 EXPECTED_EXACT_K0: dict[str, float] = {  # match="exact" at k = 0
     "colour": 1.00,
-    "count": 0.94,
-    "exists": 0.76,
-    "position": 1.00,
-    "digit": 0.98,
-    "arith": 0.99,
-    "weekday": 1.00,
+    "count": 0.91,
+    "exists": 0.75,
+    "position": 0.89,
+    "digit": 0.78,
+    "arith": 0.95,
+    "weekday": 0.99,
     "repeat": 1.00,
 }
+EXPECTED_UNSEEN_EXACT_K0: dict[str, float] = {  # test_unseen, match="exact" at k = 0
+    "colour": 0.77,
+    "count": 0.90,
+    "exists": 0.76,
+    "position": 0.81,
+    "digit": 0.76,
+    "arith": 0.91,
+    "weekday": 1.00,
+    "repeat": 0.98,
+}
+
+
+@pytest.fixture(scope="module")
+def unseen_tables(vlm: FrozenVLM) -> dict[str, AccuracyTable]:
+    items = items_from_samples(load_samples(demo_data_path("test_unseen")))
+    return accuracy_tables(vlm, items, [0, 4, 8], batch_size=400)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +104,7 @@ def test_vocabulary_covers_committed_data(vlm: FrozenVLM, split: str) -> None:
         a = tok(s.answer, add_special_tokens=False)["input_ids"]
         assert tok.unk_token_id not in q + a, s
         assert 1 <= len(a) <= 2, s
-        assert normalise_answer(tok.decode(a)) == normalise_answer(s.answer)
+        assert normalize_answer(tok.decode(a)) == normalize_answer(s.answer)
 
 
 def test_k0_targets_and_measured_values(tables: dict[str, AccuracyTable]) -> None:
@@ -103,6 +119,28 @@ def test_k0_targets_and_measured_values(tables: dict[str, AccuracyTable]) -> Non
             assert abs(answer.accuracy[f][k] - v) <= MARGIN, (f, k, answer.accuracy[f][k], v)
 
 
+def test_held_out_phrasings_cost_at_most_3_points(
+    tables: dict[str, AccuracyTable], unseen_tables: dict[str, AccuracyTable]
+) -> None:
+    """test_unseen = test asked with phrasings (and words) training never used: the measured values."""
+    for f, v in EXPECTED_UNSEEN_EXACT_K0.items():
+        assert abs(unseen_tables["exact"].accuracy[f][0] - v) <= MARGIN, (f, unseen_tables["exact"].accuracy[f][0], v)
+    # late insertion on reworded prompts: text families flat, image families lose their image
+    u = unseen_tables["answer"]
+    for f in TEXT_FAMILIES:
+        assert abs(u.accuracy[f][8] - u.accuracy[f][0]) <= 0.03, f
+    assert u.image_mean(8) < u.image_mean(0) - 0.3
+
+
+@pytest.mark.xfail(strict=True, reason="issue 11 target not met yet: test_unseen is 4.8 points below test at k = 0")
+def test_held_out_phrasings_within_3_points_of_test(
+    tables: dict[str, AccuracyTable], unseen_tables: dict[str, AccuracyTable]
+) -> None:
+    for match in ("exact", "answer"):
+        seen, unseen = tables[match], unseen_tables[match]
+        assert unseen.mean(FAMILIES, 0) >= seen.mean(FAMILIES, 0) - 0.03, (match, unseen.mean(FAMILIES, 0))
+
+
 def test_late_insertion_shape(tables: dict[str, AccuracyTable]) -> None:
     t = tables["answer"]
     n = 8
@@ -110,8 +148,8 @@ def test_late_insertion_shape(tables: dict[str, AccuracyTable]) -> None:
         for f in TEXT_FAMILIES:
             for k in LAYERS:
                 assert abs(table.accuracy[f][k] - table.accuracy[f][0]) <= 0.03, (table.match, f, k)
-    # image families: close to k = 0 for small k ...
-    assert t.image_mean(1) >= t.image_mean(0) - 0.05
+    # image families: close to k = 0 for small k (count loses most at k = 1) ...
+    assert t.image_mean(1) >= t.image_mean(0) - 0.06
     # ... then falling toward chance; at k = N the image is never seen
     chance = sum(CHANCE[f] for f in IMAGE_FAMILIES) / len(IMAGE_FAMILIES)
     assert t.image_mean(n) <= chance + 0.1, (t.image_mean(n), chance)
@@ -133,7 +171,20 @@ def test_model_card_records_the_measured_tables(tables: dict[str, AccuracyTable]
             for k in LAYERS:
                 assert recorded[f][str(k)] == pytest.approx(tables[match].accuracy[f][k], abs=1e-4), (key, f, k)
     card = (demo_model_path() / "README.md").read_text(encoding="utf-8")
+    assert "test_unseen" in card and info["tokenizer_vocab_size"] == 1000
     assert "| k=8 |" in card and f"{tables['answer'].image_mean(4):.3f}" in card
+
+
+def test_model_card_records_test_unseen(unseen_tables: dict[str, AccuracyTable]) -> None:
+    info = read_build_info(demo_model_path())
+    for key, match in (("test_unseen_accuracy_by_k", "exact"), ("test_unseen_accuracy_by_k_answer", "answer")):
+        for f in FAMILIES:
+            for k in (0, 4, 8):
+                got = info[key]["accuracy"][f][str(k)]
+                assert got == pytest.approx(unseen_tables[match].accuracy[f][k], abs=1e-4), (key, f, k)
+    k0 = info["test_unseen_accuracy_k0"]["accuracy"]  # stock forward while building == engine at k = 0
+    for f in FAMILIES:
+        assert k0[f]["0"] == pytest.approx(unseen_tables["exact"].accuracy[f][0], abs=1e-4), f
 
 
 def test_engine_k0_equals_stock_forward(vlm: FrozenVLM) -> None:

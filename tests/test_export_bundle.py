@@ -64,7 +64,7 @@ def test_export_matches_sb3_on_1000_prompts(tmp_path, tok, weight, algorithm):
 
 def test_bundle_files_and_metadata(tmp_path, tok, weight):
     model = train_tiny_policy("ppo", dim=16, n_actions=len(LAYERS), steps=64)
-    res = _export(tmp_path / "b", model, "ppo", tok, weight)
+    res = _export(tmp_path / "b", model, "ppo", tok, weight, fold=False)
     files = {p.name for p in (tmp_path / "b").iterdir()}
     assert {ROUTER_ONNX, POLICY_ONNX, ROUTER_JSON, TOKENIZER_JSON} <= files
     meta = json.loads((tmp_path / "b" / ROUTER_JSON).read_text())
@@ -75,14 +75,14 @@ def test_bundle_files_and_metadata(tmp_path, tok, weight):
     }
     for lib in ("torch", "stable-baselines3", "onnx", "onnxruntime", "tokenizers", "transformers"):
         assert meta["versions"][lib] not in ("", "not installed")
-    assert meta["run"]["seed"] == 3 and meta["run"]["embedding_stored_as"] == "float32"
+    assert meta["run"]["seed"] == 3 and meta["run"]["table_stored_as"] == "float32"
     assert read_bundle_info(tmp_path / "b") == res.info
     # dynamic batch and sequence axes, the interface names of the bundle format
     g = onnx.load(str(tmp_path / "b" / ROUTER_ONNX)).graph
     ins = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in g.input}
     outs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in g.output}
     assert ins == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}
-    assert outs == {"action": ["batch"], "probs": ["batch", len(LAYERS)], "observation": ["batch", 16]}
+    assert outs == {"action": ["batch"], "probs": ["batch", len(LAYERS)], "ood_score": ["batch"], "observation": ["batch", 16]}
     # the embedding table is inside the graph, bit for bit
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializer}
     tables = [a for a in inits.values() if a.shape == tuple(weight.shape)]
@@ -92,8 +92,8 @@ def test_bundle_files_and_metadata(tmp_path, tok, weight):
 def test_half_precision_table_is_stored_lossless_in_fp16(tmp_path, tok):
     w16 = torch.from_numpy(tiny_embedding(len(tok), dim=16, seed=5)).half()
     model = train_tiny_policy("dqn", dim=16, n_actions=len(LAYERS), steps=64)
-    res = _export(tmp_path / "b", model, "dqn", tok, w16)
-    assert res.info.run["embedding_stored_as"] == "float16"
+    res = _export(tmp_path / "b", model, "dqn", tok, w16, fold=False)
+    assert res.info.run["table_stored_as"] == "float16"
     router = Router.load(tmp_path / "b")
     p = "which digit shown in this picture"
     np.testing.assert_array_equal(router.observation(p), prompt_observations(tok, w16, [p])[0])
@@ -119,6 +119,9 @@ def test_validation_failure_writes_nothing(tmp_path, tok, weight):
     with torch.no_grad():  # make the two branches give clearly different actions
         bad.policy.action_net.weight.mul_(200.0)
     with pytest.raises(BundleError, match="disagree|differ"):
+        _export(tmp_path / "b", bad, "ppo", tok, weight, fold=False)
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(InputError, match="not an elementwise affine map"):  # the fold needs x * a + b
         _export(tmp_path / "b", bad, "ppo", tok, weight)
     assert not (tmp_path / "b").exists()
     assert not [p for p in tmp_path.iterdir()]  # no temporary folder left behind

@@ -32,7 +32,8 @@ def test_route_cli(bundle, capsys):
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert lines == [{"prompt": p, **router.route(p).to_dict()} for p in prompts]
     assert cli_main(["route", str(bundle), prompts[0]]) == 0
-    assert capsys.readouterr().out.startswith(f"layer {router.route(prompts[0]).layer}\t")
+    d = router.route(prompts[0])
+    assert capsys.readouterr().out.splitlines()[1].startswith(f"{d.layer}\t{'yes' if d.fallback else 'no'}\t")
     assert cli_main(["route", str(bundle), "   "]) == 2
     assert "empty" in capsys.readouterr().err
 

@@ -35,10 +35,10 @@ def vlm():
     if (demo_model_path() / "config.json").is_file():
         return load_vlm("demo", device="cpu", dtype="float32")
     from deepinsert.demo.architecture import DemoArchitecture, build_model
-    from deepinsert.demo.families import vocabulary_words
+    from deepinsert.demo.corpus import committed_vocab
     from deepinsert.demo.processor import build_processor
 
-    proc = build_processor(vocabulary_words())
+    proc = build_processor(committed_vocab())
     return FrozenVLM(build_model(DemoArchitecture(), proc.tokenizer, seed=0).eval(), proc)
 
 

@@ -17,6 +17,7 @@ from deepinsert.env import LossCache
 from deepinsert.env.data import VQASample
 from deepinsert.env.losses import TableLossProvider
 from deepinsert.env.observation import prompt_observations
+from deepinsert.errors import BundleError
 from deepinsert.router.runtime import Router
 from deepinsert.frozen_vlm import load_vlm
 from deepinsert.policy import TrainConfig, load_run, train_router
@@ -50,10 +51,10 @@ def model_source(tmp_path_factory):
         return "demo"
     # demo model not built yet: the demo architecture with random weights, saved like a real model
     from deepinsert.demo.architecture import DemoArchitecture, build_model
-    from deepinsert.demo.families import vocabulary_words
+    from deepinsert.demo.corpus import committed_vocab
     from deepinsert.demo.processor import build_processor
 
-    proc = build_processor(vocabulary_words())
+    proc = build_processor(committed_vocab())
     folder = tmp_path_factory.mktemp("model") / "demo-random"
     build_model(DemoArchitecture(), proc.tokenizer, seed=0).save_pretrained(folder)
     proc.save_pretrained(folder)
@@ -99,8 +100,9 @@ def test_cli_export_then_route_equals_trained_policy(trained_run, tmp_path, caps
     router = Router.load(bundle)
     qs, fams = _questions(60, seed=1)  # unseen questions
     obs = prompt_observations(vlm.tokenizer, vlm.embedding_weight, qs)
-    np.testing.assert_allclose(router.observation(qs), obs, atol=1e-6)
-    want = run.predict_layers(obs)
+    with pytest.raises(BundleError, match="folded"):  # a folded bundle stores no (V, D) table
+        router.observation(qs)
+    want = run.predict_layers(obs)  # the guard included: same layers, fallbacks and all
     got = [d.layer for d in router.route_batch(qs)]
     assert got == want.tolist()
     # the policy learned something: each family mostly gets its own best layer

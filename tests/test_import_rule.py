@@ -26,8 +26,10 @@ ALLOWED: dict[str, set[str]] = {
     "export": {"errors", "utils", "frozen_vlm", "env", "policy", "router"},
     "router": {"errors", "utils"},
     "generate": {"errors", "utils", "frozen_vlm", "router"},
+    "serving": {"errors", "utils", "frozen_vlm", "router", "generate"},
     "demo": {"errors", "utils", "frozen_vlm", "env"},
     "finetune": {"errors", "utils", "frozen_vlm", "env"},
+    "analysis": {"errors", "utils", "frozen_vlm", "env"},
 }
 # third-party packages a part must never import
 FORBIDDEN_THIRD_PARTY: dict[str, set[str]] = {

@@ -24,7 +24,7 @@ LAYERS = [0, 3, 5, 8]
 
 @pytest.fixture(scope="module")
 def setup(make_tiny_bundle):
-    return make_tiny_bundle(algorithm="ppo", dim=12, layers=LAYERS, lam=0.1, seed=1, emb_seed=2, steps=128)
+    return make_tiny_bundle(algorithm="ppo", dim=12, layers=LAYERS, lam=0.1, seed=1, emb_seed=2, steps=128, fold=False)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,10 @@ def test_missing_and_corrupt_bundles(setup, tmp_path):
         Router.load(b)
 
 
-def _edit_json(b, **changes):
+def _edit_json(b, reseal=True, **changes):
+    """Edit router.json; ``reseal`` recomputes its integrity digest (to reach the graph checks)."""
+    from deepinsert.router.bundle import info_digest
+
     meta = json.loads((b / ROUTER_JSON).read_text())
     for k, v in changes.items():
         if k == "observation":
@@ -125,16 +128,22 @@ def _edit_json(b, **changes):
             meta.pop(k)
         else:
             meta[k] = v
+    if reseal:
+        meta["info_sha256"] = info_digest(meta)
     (b / ROUTER_JSON).write_text(json.dumps(meta))
 
 
 @pytest.mark.parametrize(
     "changes, msg",
     [
-        ({"candidate_layers": [0, 4, 8]}, "3 candidate layers"),
+        ({"candidate_layers": [0, 4, 8]}, "lists 3 candidate layers"),
+        ({"candidate_layers": [8, 5, 3, 0]}, "strictly increasing"),
+        ({"observation": {"max_tokens": 10**9}}, "max_tokens 1000000000 exceeds"),
+        ({"observation": {"max_tokens": 300}}, "max_tokens is '300' in router.json"),
+        ({"checksums": "abc"}, "checksums must be an object"),
         ({"candidate_layers": [0, 3, 5, 9]}, "0..num_layers=8"),
         ({"observation": {"dim": 16}}, "embeddings of size 12"),
-        ({"observation": {"vocab_size": 200}}, "token id 199"),
+        ({"observation": {"vocab_size": 200}}, "vocab_size is '200' in router.json"),
         ({"observation": {"kind": "cls_token"}}, "unknown observation kind"),
         ({"lam": None}, r"missing keys \['lam'\]"),
         ({"format_version": 99}, "format_version 99"),
@@ -156,7 +165,7 @@ def test_mixed_bundle_detected(setup, tmp_path):
                   candidate_layers=LAYERS, num_layers=8, model_source="tiny", max_tokens=256, n_prompts=20, n_embeddings=20)
     b = _copy(setup, tmp_path)
     shutil.copy(tmp_path / "o" / POLICY_ONNX, b / POLICY_ONNX)
-    with pytest.raises(BundleError, match="disagree"):
+    with pytest.raises(BundleError, match="router.json does not match policy.onnx"):
         Router.load(b, verify=False)
 
 

@@ -34,7 +34,7 @@ def test_health_and_info(client, router):
     assert client.get("/health").json() == {"status": "ok"}
     info = client.get("/info").json()
     assert info["candidate_layers"] == LAYERS and info["lam"] == 0.5 and info["metrics"] == {"accuracy": 0.9}
-    assert info["limits"] == {"max_batch": 4, "max_body_bytes": 4096}
+    assert info["limits"] == {"max_batch": 4, "max_body_bytes": 4096, "max_prompt_chars": 4096}
     assert info["observation"]["max_tokens"] == router.max_tokens
 
 

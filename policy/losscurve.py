@@ -1,0 +1,203 @@
+"""The loss-curve router: an MLP that predicts the answer loss at every candidate layer.
+
+A full-information learner: every training prompt's loss at every candidate layer is in the
+cached loss table anyway, so the network is fitted by regression on it (mean squared error
+of standardised losses). Its decision for any λ is the reward-maximising layer under the
+predicted losses::
+
+    action(x, λ) = argmax_k  -L̂(x)[k] + λ · k / N      (deepinsert.env.problem.reward)
+
+so one trained router serves every λ, and a request can pick λ (or a compute budget,
+through a calibration table) at routing time. Observation normalisation lives inside the
+network (buffers), like the RL policies'. Saved without pickle: ``policy.safetensors``
+(state dict) + the architecture in ``run.json`` (``architecture``), rebuilt in code by
+``deepinsert.policy.run.load_run``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from deepinsert.env.problem import reward
+from deepinsert.errors import ModelLoadError
+from torch import nn
+
+ARCH_KIND = "losscurve_mlp"
+
+
+class LossCurveNet(nn.Module):
+    """``obs (B, D) -> predicted losses (B, K)``.
+
+    ``mlp((obs - obs_mean) / obs_std) * loss_std + loss_mean`` with ReLU hidden layers; the
+    four statistics are buffers (saved with the weights, folded by the export).
+    """
+
+    def __init__(self, obs_dim: int, n_outputs: int, net_arch: Sequence[int]) -> None:
+        super().__init__()
+        self.obs_dim, self.n_outputs, self.net_arch = int(obs_dim), int(n_outputs), [int(h) for h in net_arch]
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))
+        self.register_buffer("obs_std", torch.ones(obs_dim))
+        self.register_buffer("loss_mean", torch.zeros(n_outputs))
+        self.register_buffer("loss_std", torch.ones(n_outputs))
+        layers: list[nn.Module] = []
+        width = obs_dim
+        for h in self.net_arch:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, n_outputs))
+        self.mlp = nn.Sequential(*layers)
+
+    def architecture(self) -> dict[str, Any]:
+        """What ``run.json`` stores to rebuild the network without pickle."""
+        return {"kind": ARCH_KIND, "obs_dim": self.obs_dim, "n_outputs": self.n_outputs,
+                "net_arch": list(self.net_arch), "activation": "relu"}
+
+    @classmethod
+    def from_architecture(cls, arch: dict[str, Any]) -> LossCurveNet:
+        if not isinstance(arch, dict) or arch.get("kind") != ARCH_KIND:
+            raise ModelLoadError(f"run.json: architecture must be a {ARCH_KIND!r} block, got {arch!r}")
+        try:
+            return cls(int(arch["obs_dim"]), int(arch["n_outputs"]), [int(h) for h in arch["net_arch"]])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelLoadError(f"run.json: bad loss-curve architecture {arch!r}: {e}") from e
+
+    def normalize(self, obs: torch.Tensor) -> torch.Tensor:
+        return (obs - self.obs_mean) / self.obs_std
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.normalize(obs)) * self.loss_std + self.loss_mean
+
+
+def decide(pred_losses: np.ndarray, candidate_layers: Sequence[int], lam: float, num_layers: int) -> np.ndarray:
+    """``argmax_k -L̂[k] + λ·k/N`` per row ``(B, K) -> (B,)`` int64 (first index on ties)."""
+    r = reward(pred_losses, np.asarray(candidate_layers)[None, :], lam, num_layers)
+    return np.argmax(r, axis=1).astype(np.int64)
+
+
+class LossCurveRouter:
+    """A trained loss-curve router: the network plus what a decision needs (layers, N, λ).
+
+    Quacks like the SB3 algorithm a :class:`~deepinsert.policy.run.TrainedRun` holds
+    (``policy``, ``predict(obs, deterministic=True)``).
+    """
+
+    def __init__(self, net: LossCurveNet, candidate_layers: Sequence[int], num_layers: int, lam: float) -> None:
+        self.net = net.eval()
+        self.candidate_layers = [int(k) for k in candidate_layers]
+        self.num_layers = int(num_layers)
+        self.lam = float(lam)
+
+    @property
+    def policy(self) -> LossCurveNet:
+        return self.net
+
+    def predict_losses(self, obs: np.ndarray) -> np.ndarray:
+        """Predicted losses ``(B, K)`` float32 for observations ``(B, D)``."""
+        with torch.no_grad():
+            return self.net(torch.as_tensor(np.asarray(obs, dtype=np.float32))).numpy()
+
+    def predict(self, obs: np.ndarray, deterministic: bool = True, lam: float | None = None) -> tuple[np.ndarray, None]:
+        """Actions ``(B,)`` at ``lam`` (default: the run's λ)."""
+        lam = self.lam if lam is None else lam
+        return decide(self.predict_losses(obs), self.candidate_layers, lam, self.num_layers), None
+
+    def save(self, path: Path) -> None:
+        """The state dict (weights and normalisation buffers) as safetensors, atomically."""
+        from deepinsert.utils.atomic import atomic_write_bytes
+        from safetensors.torch import save
+
+        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        atomic_write_bytes(path, save(state))
+
+
+def load_losscurve(path: Path, arch: dict[str, Any], candidate_layers: Sequence[int], num_layers: int,
+                   lam: float) -> LossCurveRouter:
+    """Rebuild the network from ``arch`` and load ``model.safetensors`` (no pickle)."""
+    from safetensors.torch import load
+
+    net = LossCurveNet.from_architecture(arch)
+    try:
+        state = load(Path(path).read_bytes())
+        net.load_state_dict(state)
+    except Exception as e:  # safetensors / shape mismatches: one clear line
+        raise ModelLoadError(f"cannot load {path}: {type(e).__name__}: {e}") from e
+    return LossCurveRouter(net, candidate_layers, num_layers, lam)
+
+
+def train_losscurve(
+    obs: np.ndarray,
+    losses: np.ndarray,
+    *,
+    net_arch: Sequence[int],
+    normalize_obs: bool,
+    epochs: int,
+    learning_rate: float,
+    batch_size: int,
+    seed: int,
+    weight_decay: float = 1e-4,
+) -> LossCurveNet:
+    """Fit a :class:`LossCurveNet` to ``losses (S, K)`` from ``obs (S, D)`` (MSE on standardised losses)."""
+    g = torch.Generator().manual_seed(int(seed))
+    torch.manual_seed(int(seed))
+    x = torch.as_tensor(np.asarray(obs, dtype=np.float32))
+    y = torch.as_tensor(np.asarray(losses, dtype=np.float32))
+    net = LossCurveNet(x.shape[1], y.shape[1], net_arch)
+    with torch.no_grad():
+        if normalize_obs:
+            sd = x.double().std(0, unbiased=False).float()
+            net.obs_mean.copy_(x.double().mean(0).float())
+            net.obs_std.copy_(torch.clamp(sd, min=max(float(sd.max()) * 1e-3, 1e-6)))
+        ls = y.double().std(0, unbiased=False).float()
+        net.loss_mean.copy_(y.double().mean(0).float())
+        net.loss_std.copy_(torch.clamp(ls, min=1e-3))
+    target = (y - net.loss_mean) / net.loss_std
+    opt = torch.optim.Adam(net.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    n = len(x)
+    bs = min(int(batch_size), n)
+    net.train()
+    for _ in range(int(epochs)):
+        perm = torch.randperm(n, generator=g)
+        for s in range(0, n, bs):
+            idx = perm[s:s + bs]
+            pred = net.mlp(net.normalize(x[idx]))
+            loss = torch.mean((pred - target[idx]) ** 2)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net.eval()
+
+
+def budget_table(pred_losses: np.ndarray, flops: np.ndarray, candidate_layers: Sequence[int], num_layers: int,
+                 fallback: np.ndarray | None = None, fallback_index: int = 0,
+                 lams: Sequence[float] | None = None) -> dict[str, list[float]]:
+    """The monotone λ -> mean FLOPs fraction table of a calibration split.
+
+    ``pred_losses`` ``(S, K)`` predicted losses, ``flops`` ``(S, K)`` each prompt's FLOPs
+    fraction per candidate layer, ``fallback`` ``(S,)`` the guard's trips (those prompts
+    stay at the fallback layer whatever λ). The FLOPs column is made non-increasing in λ
+    (a running minimum), so a budget maps to one λ.
+    """
+    grid = np.asarray(lams if lams is not None else default_lam_grid(), dtype=np.float64)
+    rows = np.arange(len(pred_losses))
+    fr = []
+    for lam in grid:
+        a = decide(pred_losses, candidate_layers, float(lam), num_layers)
+        if fallback is not None:
+            a = np.where(fallback, fallback_index, a)
+        fr.append(float(flops[rows, a].mean()))
+    mono = np.minimum.accumulate(np.asarray(fr))
+    return {"lam": [float(v) for v in grid], "flops_fraction": [float(v) for v in mono]}
+
+
+def default_lam_grid() -> np.ndarray:
+    """λ values of the calibration table: -1e2 .. -1e-3, 0, 1e-3 .. 1e2 (log-spaced, 181 points).
+
+    Negative λ price *late* insertion: a budget above the FLOPs the router spends at λ = 0
+    (it already skips layers whose predicted loss is no worse) is reached by a negative λ.
+    """
+    pos = np.logspace(-3, 2, 120)
+    return np.concatenate([-np.logspace(2, -3, 60), [0.0], pos])

@@ -1,0 +1,380 @@
+"""The out-of-distribution guard, the loss-curve router, request-time λ / budget and folded bundles.
+
+References are independent of the code under test: NumPy brute force (argmax over the
+predicted losses, nearest-neighbour distances), the stand-in's known best layers, the
+unfolded torch policy (SB3's own predict / probabilities), onnx's own initializer list.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from deepinsert.env.observation import prompt_observations
+from deepinsert.env.problem import reward
+from deepinsert.errors import BundleError, InputError
+from deepinsert.export.exporter import export_bundle
+from deepinsert.policy.guard import fit_guard
+from deepinsert.policy.losscurve import (
+    LossCurveNet,
+    budget_table,
+    decide,
+    train_losscurve,
+)
+from deepinsert.router.bundle import ROUTER_JSON, ROUTER_ONNX, lam_for_budget
+from deepinsert.router.runtime import Router
+from helpers.export import WORDS, tiny_embedding, tiny_tokenizer, train_tiny_policy
+
+LAYERS = [0, 2, 4, 6, 8]
+KNOWN = WORDS[:20]  # the "training" vocabulary
+UNSEEN = WORDS[-12:]  # words no training prompt uses
+
+
+def _prompts(words, n, seed):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(words, size=int(rng.integers(3, 9)))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def weight(tok):
+    return torch.from_numpy(tiny_embedding(len(tok), dim=64, seed=4))
+
+
+@pytest.fixture(scope="module")
+def obs(tok, weight):
+    train = prompt_observations(tok, weight, _prompts(KNOWN, 400, 0))
+    val = prompt_observations(tok, weight, _prompts(KNOWN, 200, 1))
+    return train, val
+
+
+@pytest.fixture(scope="module")
+def guard(obs, weight):
+    return fit_guard(obs[0], obs[1], dim=16, quantile=0.97, vocab=weight.numpy())
+
+
+def _lc_net(train_obs, normalize=True, seed=0):
+    """A loss-curve net fitted to a synthetic loss table: image-like prompts break early."""
+    x = np.asarray(train_obs)
+    brk = np.where(x[:, 0] > np.median(x[:, 0]), 2, 8)  # breaking layer per prompt
+    ks = np.asarray(LAYERS)[None, :]
+    losses = 0.2 + np.where(ks > brk[:, None], 1.5 + 0.1 * (ks - brk[:, None]), 0.0)
+    return train_losscurve(x, losses, net_arch=[32, 32], normalize_obs=normalize, epochs=60, learning_rate=3e-3,
+                           batch_size=64, seed=seed)
+
+
+def _export(out, policy, algorithm, tok, weight, **kw):
+    args = dict(policy=policy, algorithm=algorithm, embedding_weight=weight, tokenizer=tok, lam=0.1,
+                candidate_layers=LAYERS, num_layers=8, model_source="tiny", max_tokens=256, n_prompts=1000,
+                n_embeddings=300)
+    args.update(kw)
+    return export_bundle(out, **args)
+
+
+# ---------------------------------------------------------------------------- guard
+
+
+def test_guard_is_nearest_training_point_and_calibrated(obs, guard):
+    train, val = obs
+    # brute-force reference: distances in the guard's own projection, no chunking
+    z = ((val - guard.mean) / guard.std) @ guard.proj
+    pts = np.unique(((train - guard.mean) / guard.std).astype(np.float32), axis=0) @ guard.proj
+    ref = np.sqrt(((z[:, None, :] - pts[None]) ** 2).sum(-1).min(1))
+    np.testing.assert_allclose(guard.score(val), ref, rtol=1e-4, atol=1e-5)
+    assert (guard.score(val) > guard.threshold).mean() <= 0.05  # <= 5% of in-distribution prompts trip
+    fresh = prompt_observations(tiny_tokenizer(), torch.from_numpy(tiny_embedding(len(tiny_tokenizer()), 64, 4)),
+                                _prompts(KNOWN, 300, 7))
+    assert guard.trips(fresh).mean() <= 0.05
+
+
+def test_guard_trips_on_unseen_words(tok, weight, guard):
+    unseen = prompt_observations(tok, weight, _prompts(UNSEEN, 100, 3))
+    assert guard.trips(unseen).mean() >= 0.9
+
+
+def test_guard_save_load_roundtrip(tmp_path, guard, obs):
+    guard.save(tmp_path)
+    from deepinsert.policy.guard import ObsGuard
+
+    back = ObsGuard.load(tmp_path)
+    np.testing.assert_array_equal(back.score(obs[1]), guard.score(obs[1]))
+    assert back.threshold == guard.threshold
+    assert b"pickle" not in (tmp_path / "guard.safetensors").read_bytes()[:200]
+
+
+# ---------------------------------------------------------------------------- loss-curve router
+
+
+def test_losscurve_argmax_equals_brute_force(obs):
+    net = _lc_net(obs[0])
+    with torch.no_grad():
+        L = net(torch.from_numpy(obs[1])).numpy()
+    for lam in (0.0, 0.03, 0.1, 0.5, 3.0):
+        got = decide(L, LAYERS, lam, 8)
+        brute = np.array([max(range(len(LAYERS)), key=lambda j: (-row[j] + lam * LAYERS[j] / 8, -j)) for row in L])
+        np.testing.assert_array_equal(got, brute)
+
+
+def test_losscurve_recovers_standin_best_layers_at_several_lams():
+    from helpers.standin import clustered_standin
+
+    st = clustered_standin(n_samples=300, breaking_layers=(1, 3, 8), seed=0)
+    ks = list(range(9))
+    losses = np.array([[st.provider.loss_fn(s, k) for k in ks] for s in st.samples])
+    net = train_losscurve(st.observations, losses, net_arch=[64, 64], normalize_obs=True, epochs=200,
+                          learning_rate=1e-3, batch_size=64, seed=0)
+    with torch.no_grad():
+        pred = net(torch.from_numpy(st.observations)).numpy()
+    for lam in (0.4, 1.0, 2.0):  # one training, every λ
+        layers = np.asarray(ks)[decide(pred, ks, lam, 8)]
+        assert (layers == st.best_k(lam)).mean() >= 0.97, lam
+
+
+def test_budget_table_is_monotone_and_inverted(obs):
+    net = _lc_net(obs[0])
+    with torch.no_grad():
+        L = net(torch.from_numpy(obs[1])).numpy()
+    flops = np.tile(1.0 - 0.6 * np.asarray(LAYERS) / 8, (len(L), 1))
+    table = budget_table(L, flops, LAYERS, 8)
+    fr = np.asarray(table["flops_fraction"])
+    assert np.all(np.diff(fr) <= 0) and np.all(np.diff(table["lam"]) > 0)
+    budgets = np.linspace(fr[-1] + 1e-3, fr[0] - 1e-3, 25)
+    lams = [lam_for_budget(table, b) for b in budgets]
+    assert np.all(np.diff(lams) <= 1e-12)  # more budget -> smaller λ
+    for b, lam in zip(budgets, lams):  # the chosen λ's calibrated FLOPs are within the budget
+        a = decide(L, LAYERS, lam + 1e-9, 8)
+        assert flops[np.arange(len(L)), a].mean() <= b + 0.05
+
+
+def test_losscurve_run_saves_without_pickle(tmp_path, obs):
+    from deepinsert.policy.losscurve import LossCurveRouter, load_losscurve
+
+    net = _lc_net(obs[0])
+    r = LossCurveRouter(net, LAYERS, 8, 0.1)
+    r.save(tmp_path / "model.safetensors")
+    back = load_losscurve(tmp_path / "model.safetensors", net.architecture(), LAYERS, 8, 0.1)
+    np.testing.assert_array_equal(back.predict_losses(obs[1]), r.predict_losses(obs[1]))
+    with open(tmp_path / "model.safetensors", "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        json.loads(f.read(n))  # safetensors: a JSON header and raw tensors, nothing to unpickle
+
+
+# ---------------------------------------------------------------------------- bundles
+
+
+@pytest.fixture(scope="module")
+def lc_bundle(tmp_path_factory, tok, weight, obs, guard):
+    net = _lc_net(obs[0])
+    with torch.no_grad():
+        L = net(torch.from_numpy(obs[1])).numpy()
+    flops = np.tile(1.0 - 0.6 * np.asarray(LAYERS) / 8, (len(L), 1))
+    table = budget_table(L, flops, LAYERS, 8, guard.trips(obs[1]), 0)
+    out = tmp_path_factory.mktemp("lc") / "b"
+    _export(out, net, "losscurve", tok, weight, guard=guard, budget_table=table)
+    return out, net, table
+
+
+@pytest.fixture(scope="module")
+def ppo_bundle(tmp_path_factory, tok, weight, guard):
+    model = train_tiny_policy("ppo", dim=64, n_actions=len(LAYERS), steps=128, seed=2)
+    out = tmp_path_factory.mktemp("ppo") / "b"
+    _export(out, model.policy, "ppo", tok, weight, guard=guard, fallback_layer=2)
+    return out, model
+
+
+def test_onnx_guard_equals_numpy_guard_on_1000_prompts(lc_bundle, tok, weight, guard):
+    router = Router.load(lc_bundle[0])
+    prompts = _prompts(KNOWN, 500, 11) + _prompts(UNSEEN + KNOWN[:3], 500, 12)
+    ref = guard.score(prompt_observations(tok, weight, prompts))
+    got = np.array([d.ood_score for d in router.route_batch(prompts)])
+    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-2)  # the graph expands |z - p|^2: float32 noise near 0
+    clear = np.abs(ref - guard.threshold) > 1e-3
+    np.testing.assert_array_equal((got > guard.threshold)[clear], (ref > guard.threshold)[clear])
+    v = json.loads((lc_bundle[0] / ROUTER_JSON).read_text())["validation"]
+    assert v["n_prompts"] >= 1000 and v["folded"] is True
+
+
+def test_guard_falls_back_in_router_and_http(ppo_bundle, tok, weight, guard):
+    router = Router.load(ppo_bundle[0])
+    unseen = _prompts(UNSEEN, 20, 5)
+    decs = router.route_batch(unseen)
+    assert all(d.fallback and d.layer == 2 for d in decs)  # the configured fallback layer
+    known = router.route_batch(_prompts(KNOWN, 200, 6))
+    assert np.mean([d.fallback for d in known]) <= 0.05
+    # the policy's own choice is still reported (index / probs), the layer is the fallback's
+    model = ppo_bundle[1]
+    want, _ = model.predict(prompt_observations(tok, weight, unseen), deterministic=True)
+    assert [d.index for d in decs] == [int(a) for a in want]
+    from deepinsert.router.service import create_app
+    from fastapi.testclient import TestClient
+
+    client = TestClient(create_app(router))
+    r = client.post("/route", json={"prompt": unseen[0]})
+    assert r.status_code == 200 and r.json()["fallback"] is True and r.json()["layer"] == 2
+    r = client.post("/route", json={"prompt": unseen[0], "budget": 0.5})
+    assert r.status_code == 400 and "trained for one λ" in r.json()["error"]
+    r = client.post("/route", content=b'{"prompt": "a \\ud800"}', headers={"content-type": "application/json"})
+    assert r.status_code in (400, 422) and "error" in r.json()
+
+
+def test_losscurve_bundle_equals_torch_at_several_lams(lc_bundle, tok, weight):
+    out, net, _ = lc_bundle
+    router = Router.load(out)
+    prompts = _prompts(KNOWN, 300, 21)
+    x = prompt_observations(tok, weight, prompts)
+    with torch.no_grad():
+        L = net(torch.from_numpy(x)).numpy()
+    for lam in (0.0, 0.1, 0.4, 2.0):
+        decs = router.route_batch(prompts, lam=lam)
+        np.testing.assert_allclose(np.array([d.losses for d in decs]), L, atol=1e-5)
+        want = np.argmax(reward(L, np.asarray(LAYERS)[None], lam, 8), axis=1)
+        assert [d.index for d in decs] == want.tolist()
+        assert all(d.lam == lam for d in decs)
+    v = json.loads((out / ROUTER_JSON).read_text())["validation"]
+    assert len(v["lams_checked"]) >= 3
+
+
+def test_budget_request_uses_the_calibration_table(lc_bundle):
+    out, _, table = lc_bundle
+    router = Router.load(out)
+    p = "what colour is the square"
+    for b in (0.5, 0.7, 0.9):
+        lam = lam_for_budget(table, b)
+        assert router.lam_for(budget=b) == pytest.approx(lam)
+        d = router.route(p, budget=b)  # the table's λ may be negative (a budget above the λ = 0 spend)
+        assert d.lam == pytest.approx(lam)
+        assert d.index == int(np.argmax(reward(np.array(d.losses), np.asarray(LAYERS), lam, 8)))
+        if lam >= 0:
+            assert d == router.route(p, lam=lam)
+    assert router.lam_for(budget=0.5) >= router.lam_for(budget=0.9)
+    for bad in ({"budget": 0.0}, {"budget": 1.5}, {"lam": -1.0}, {"lam": float("nan")}, {"lam": 0.1, "budget": 0.5}):
+        with pytest.raises(InputError):
+            router.route(p, **bad)
+
+
+def test_fixed_lambda_bundle_rejects_lam_and_budget(ppo_bundle, capsys):
+    from deepinsert.cli import main
+
+    router = Router.load(ppo_bundle[0])
+    for kw in ({"budget": 0.7}, {"lam": 0.3}):
+        with pytest.raises(InputError, match="trained for one λ"):
+            router.route("what colour is the square", **kw)
+    assert main(["route", str(ppo_bundle[0]), "what colour", "--budget", "0.7"]) == 2
+    assert "trained for one λ" in capsys.readouterr().err
+
+
+def test_route_cli_explain_and_budget(lc_bundle, capsys):
+    from deepinsert.cli import main
+
+    router = Router.load(lc_bundle[0])
+    assert main(["route", str(lc_bundle[0]), "what colour is the square", "--budget", "0.7", "--explain"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    d = router.route("what colour is the square", budget=0.7)
+    assert out[0].split("\t")[:2] == ["layer", "fallback"] and out[1].startswith(f"{d.layer}\t")
+    assert "predicted loss per layer" in out[2] and f"k=8: loss {d.losses[-1]:.3f}" in out[2]
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "a2c", "dqn", "losscurve"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_folded_equals_unfolded(tmp_path, tok, weight, obs, guard, algorithm, normalize):
+    if algorithm == "losscurve":
+        policy = _lc_net(obs[0], normalize=normalize, seed=1)
+    else:
+        policy = train_tiny_policy(algorithm, dim=64, n_actions=len(LAYERS), steps=96, seed=3, normalize=normalize).policy
+    _export(tmp_path / "f", policy, algorithm, tok, weight, guard=guard)
+    _export(tmp_path / "u", policy, algorithm, tok, weight, guard=guard, fold=False)
+    f, u = Router.load(tmp_path / "f"), Router.load(tmp_path / "u")
+    prompts = _prompts(KNOWN, 700, 31) + _prompts(WORDS, 300, 32)
+    for lam in ((0.0, 0.3) if algorithm == "losscurve" else (None,)):
+        df, du = f.route_batch(prompts, lam=lam), u.route_batch(prompts, lam=lam)
+        assert [d.layer for d in df] == [d.layer for d in du] and [d.fallback for d in df] == [d.fallback for d in du]
+        np.testing.assert_allclose([d.probs for d in df], [d.probs for d in du], atol=1e-5)
+        np.testing.assert_allclose([d.ood_score for d in df], [d.ood_score for d in du], rtol=1e-3, atol=1e-2)
+    V, D = weight.shape
+    shapes = [tuple(int(x) for x in t.dims) for t in onnx.load(str(tmp_path / "f" / ROUTER_ONNX)).graph.initializer]
+    assert (V, D) not in shapes and (V, 32 + guard.dim) in shapes  # h = 32 (first hidden width) + g
+
+
+def test_7b_shaped_bundle_is_small(tmp_path):
+    """A (32064, 4096) random table with a 64-wide first layer and a 32-wide guard: <= 16 MB."""
+    V, D = 32064, 4096
+    rng = np.random.default_rng(0)
+    E = torch.from_numpy((0.02 * rng.standard_normal((V, D))).astype(np.float32))
+    tok = tiny_tokenizer()
+    train = (0.02 * rng.standard_normal((300, D))).astype(np.float32)
+    g = fit_guard(train, (0.02 * rng.standard_normal((100, D))).astype(np.float32), dim=32)
+    net = LossCurveNet(D, len(LAYERS), [64, 64])
+    with torch.no_grad():
+        net.obs_mean.copy_(torch.from_numpy(train.mean(0)))
+        net.obs_std.copy_(torch.from_numpy(train.std(0)))
+    res = export_bundle(tmp_path / "b", policy=net, algorithm="losscurve", embedding_weight=E, tokenizer=tok, lam=0.1,
+                        candidate_layers=LAYERS, num_layers=32, model_source="7b-shaped", max_tokens=256, guard=g,
+                        n_prompts=1000, n_embeddings=200)
+    total = sum(p.stat().st_size for p in (tmp_path / "b").iterdir())
+    assert total <= 16 * 1024 * 1024, total
+    assert res.info.size["table_shape"] == [V, 64 + 32]
+    assert res.info.size["unfolded_table_bytes_fp32"] == V * D * 4  # 525 MB before folding
+    shapes = [tuple(int(x) for x in t.dims) for t in onnx.load(str(tmp_path / "b" / ROUTER_ONNX)).graph.initializer]
+    assert (V, D) not in shapes
+
+
+# ---------------------------------------------------------------------------- hardening
+
+
+def test_router_json_edit_is_refused_and_inputs_checked(ppo_bundle, tmp_path):
+    import shutil
+
+    b = tmp_path / "c"
+    shutil.copytree(ppo_bundle[0], b)
+    meta = json.loads((b / ROUTER_JSON).read_text())
+    meta["candidate_layers"] = list(reversed(meta["candidate_layers"]))
+    (b / ROUTER_JSON).write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="integrity digest|strictly increasing"):
+        Router.load(b)
+    router = Router.load(ppo_bundle[0])
+    for bad in ("a \ud800", ["ok", "\udfff b"]):
+        with pytest.raises(InputError, match="surrogate"):
+            router.route_batch(bad if isinstance(bad, list) else [bad])
+    with pytest.raises(InputError, match="real"):
+        router.route_embedding(np.ones(64) * (1 + 1j))
+
+
+def test_overwrite_export_keeps_a_bundle_in_place_and_modes_are_shareable(tmp_path, tok, weight, obs, guard):
+    from deepinsert.utils import atomic as publish
+
+    net = _lc_net(obs[0])
+    out = tmp_path / "b"
+    _export(out, net, "losscurve", tok, weight, guard=guard, n_prompts=50, n_embeddings=50)
+    # a killed export's leftovers: a temporary sibling whose process is gone
+    stale = tmp_path / ".b.abcdefgh.tmp"
+    stale.mkdir()
+    os.utime(stale, (1e9, 1e9))  # untouched for years
+    seen = []
+    real = publish._exchange
+
+    def spy(a, b):  # at the moment of the swap, the old bundle is still complete at the path
+        seen.append(Router.load(b).info.info_sha256)
+        return real(a, b)
+
+    publish._exchange = spy
+    try:
+        res = _export(out, net, "losscurve", tok, weight, guard=guard, n_prompts=60, n_embeddings=50, overwrite=True)
+    finally:
+        publish._exchange = real
+    assert seen and Router.load(out).info.info_sha256 == res.info.info_sha256
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    for p in out.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask, p
