@@ -245,7 +245,10 @@ def finetune(cfg: FinetuneConfig, out: str | Path, *, resume: bool = False, prog
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg.steps, cfg.warmup))
     start, seconds, history = 0, 0.0, []
     if resume:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        try:  # tensors, numbers, strings and containers only: nothing is unpickled
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise InputError(f"--resume: {ckpt_path} is not a readable fine-tuning checkpoint ({e})") from e
         _check_resume(state["config"], cfg)
         with torch.no_grad():
             for n, p in params.items():

@@ -225,6 +225,34 @@ def test_demo_run_folder_and_resume(demo_runs) -> None:
         finetune(cfg, whole.out, progress=False)
 
 
+class _Payload:
+    """Unpickling it would call ``_ran.append`` (what a crafted checkpoint could do)."""
+
+    def __reduce__(self):
+        return (_ran.append, ("unpickled",))
+
+
+_ran: list[str] = []
+
+
+def test_resume_unpickles_nothing(demo_runs, tmp_path) -> None:
+    import shutil
+
+    import torch
+
+    from deepinsert.finetune.train import finetune
+
+    cfg, whole, _ = demo_runs
+    out = tmp_path / "crafted"
+    shutil.copytree(whole.out, out)
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
+    state["history"].append(_Payload())
+    torch.save(state, out / "checkpoint" / "state.pt")
+    with pytest.raises(InputError, match="not a readable fine-tuning checkpoint"):
+        finetune(cfg, out, progress=False, resume=True, evaluate=False)
+    assert _ran == []
+
+
 def test_cli_finetune_and_its_errors(tmp_path, capsys) -> None:
     import yaml
 
