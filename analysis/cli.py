@@ -127,4 +127,18 @@ def run(args: argparse.Namespace) -> int:
     stem = name.replace("-", "_")
     json_path, png_path = write_result(Path(args.out), stem, result, lambda fig: draw(fig, result))
     print(f"wrote {json_path} and {png_path}")
+    if name == "masking":
+        from deepinsert.analysis.masking import poster_table, table
+
+        print(table(result))
+        print(poster_table(result, N))
+    elif name == "early-exit":
+        from deepinsert.analysis.early_exit import grid_table, verdict
+
+        print("accuracy / FLOPs fraction:")
+        print(grid_table(result, N))
+        print(verdict(result, N))
+    elif name == "redundancy":
+        print(f"heuristic insertion layer (image proximal redundancy at eps 0.05 >= {args.threshold}): "
+              f"k = {result['heuristic_layer']}")
     return 0
