@@ -1,6 +1,6 @@
 """Cost of the analysis hook when it is off: today's layer loop vs the loop before the hook.
 
-    python benchmarks/hook_cost.py [--model demo] [--repeats 40] [--threads 1]
+    python benchmarks/hook_cost.py [--model demo] [--repeats 100] [--threads 1]
 
 The engine's layer loop (``FrozenVLM._layers``) tests ``self._hook is not None`` once per
 layer. This measures what that costs on the shipped demo model — 8 tiny layers (hidden 128),
@@ -48,7 +48,7 @@ def _quartiles(xs: list[float]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="demo")
-    ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS)
