@@ -61,8 +61,8 @@ def masking_vs_skipping(vlm: FrozenVLM, data: Batches, ks: Sequence[int], bar: A
 
 def table(result: dict[str, Any]) -> str:
     """Markdown table of a :func:`masking_vs_skipping` result (accuracy ± binomial SE)."""
-    lines = ["| k (image absent from layers 0..k-1) | masking acc | skipping acc | skip − mask (paired, ± SE) "
-             "| masking loss | skipping loss |",
+    lines = [("| k (image absent from layers 0..k-1) | masking acc | skipping acc | skip − mask (paired, ± SE) "
+              "| masking loss | skipping loss |"),
              "|---:|---:|---:|---:|---:|---:|"]
     for i, k in enumerate(result["k"]):
         m, s = result["mask"], result["skip"]
@@ -79,8 +79,8 @@ def poster_table(result: dict[str, Any], num_layers: int) -> str:
     The poster's k = 4, 8, 12, 16 of LLaVA-1.5's 32 layers are k/N = 1/8, 1/4, 3/8, 1/2;
     a row is written when ``result`` has the demo's k at that fraction.
     """
-    lines = ["| k/N | demo k | demo masking | demo skipping | 7B k | 7B masking | 7B skipping "
-             "| 13B masking | 13B skipping |",
+    lines = [("| k/N | demo k | demo masking | demo skipping | 7B k | 7B masking | 7B skipping "
+              "| 13B masking | 13B skipping |"),
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     p7, p13 = POSTER["llava-1.5-7b"], POSTER["llava-1.5-13b"]
     for j, pk in enumerate(p7["layers"]):

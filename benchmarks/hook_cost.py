@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import platform
 import shlex
 import statistics
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from deepinsert.frozen_vlm import build_batch, load_vlm
     from deepinsert.utils.atomic import atomic_write_json
     from deepinsert.utils.sources import resolve_data_spec
-    from helpers.prehook import prehook_engine  # noqa: E402  (tests/ on sys.path)
+    from helpers.prehook import prehook_engine  # tests/ is on sys.path
 
     torch.set_num_threads(args.threads)
     vlm = load_vlm(args.model)

@@ -56,8 +56,12 @@ def _reference_layer(threshold: float, eps: float = 0.05) -> tuple[int, list[flo
     count = 0
     for s in samples:
         b = build_batch(processor, [s.load_image()], [s.question])
-        last = {}
-        h = layers[-1].register_forward_hook(lambda m, a, o: last.setdefault("h", o[0] if isinstance(o, tuple) else o))
+        last: dict[str, torch.Tensor] = {}
+
+        def grab(m, a, o, last=last):
+            last["h"] = o[0] if isinstance(o, tuple) else o
+
+        h = layers[-1].register_forward_hook(grab)
         with torch.no_grad():
             hs = model(input_ids=b.input_ids, pixel_values=b.pixel_values, output_hidden_states=True).hidden_states
         h.remove()
