@@ -318,18 +318,29 @@ class QwenVLParts(LlavaParts):
         return pos
 
 
-_FAMILIES: dict[str, type[LlavaParts]] = {
-    "llava": LlavaParts,
-    "llava_next": LlavaNextParts,
-    "qwen2_5_vl": QwenVLParts,
+_FAMILIES: dict[str, tuple[type[LlavaParts], str]] = {
+    "llava": (LlavaParts, "LlavaForConditionalGeneration"),
+    "llava_next": (LlavaNextParts, "LlavaNextForConditionalGeneration"),
+    "qwen2_5_vl": (QwenVLParts, "Qwen2_5_VLForConditionalGeneration"),
 }
+
+
+def model_class(model_type: str | None, source: str = "the model") -> type[nn.Module]:
+    """The transformers class that loads a checkpoint of ``config.model_type``; ``ModelLoadError``
+    naming the supported architectures for any other type."""
+    if model_type not in _FAMILIES:
+        raise ModelLoadError(f"{source} is a {model_type!r} model, not a LLaVA-family VLM deepinsert supports; "
+                             f"supported: {SUPPORTED}")
+    import transformers
+
+    return getattr(transformers, _FAMILIES[model_type][1])
 
 
 def vlm_parts(model: nn.Module) -> LlavaParts:
     """The parts of ``model`` for its family; ``ModelLoadError`` naming the supported ones otherwise."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    cls = _FAMILIES.get(model_type)  # type: ignore[arg-type]
+    cls = _FAMILIES[model_type][0] if model_type in _FAMILIES else None
     if cls is None:
         raise ModelLoadError(
             f"expected a LLaVA-family VLM, got {type(model).__name__} with model_type={model_type!r}, "

@@ -362,3 +362,16 @@ def test_unsupported_architecture_names_the_supported_ones() -> None:
                                          num_hidden_layers=1, num_attention_heads=2))
     with pytest.raises(ModelLoadError, match="LlavaNextForConditionalGeneration.*Qwen2_5_VLForConditionalGeneration"):
         FrozenVLM(llama)
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)
+def test_load_vlm_loads_a_saved_checkpoint_of_the_family(fam, tmp_path) -> None:
+    from deepinsert.frozen_vlm import load_vlm
+
+    model = fam.build()
+    model.save_pretrained(tmp_path)
+    vlm = load_vlm(tmp_path, dtype="float32", device="cpu")
+    assert type(vlm.model) is type(model)
+    ids, mask, pv, extras, _ = batch(fam, model, SPECS)
+    assert_close(vlm.forward(ids, pv, mask, insert_layer=2, **extras),
+                 FrozenVLM(model).forward(ids, pv, mask, insert_layer=2, **extras), rtol=0, atol=0)
