@@ -177,6 +177,11 @@ class LlavaParts:
                              f"{tuple(getattr(pixel_values, 'shape', ()))}")
         return [image_tokens_per_image(self.config)] * int(pixel_values.shape[0])
 
+    def image_token_count(self, height: int, width: int) -> tuple[int, dict[str, torch.Tensor]]:
+        """Image tokens of one ``height × width`` image as the processor prepares it, and the
+        extra inputs describing it (LLaVA-1.5: the image is resized to one tile)."""
+        return image_tokens_per_image(self.config), {}
+
     def position_ids(self, input_ids: torch.Tensor, mask: torch.Tensor, extras: dict[str, Any]) -> torch.Tensor:
         """Rotary position ids ``(B, L)`` of the full sequence: ``cumsum(mask) - 1``, 0 on pads."""
         return (mask.cumsum(1) - 1).clamp(min=0)
@@ -229,6 +234,20 @@ class LlavaNextParts(LlavaParts):
         out = self.llava.get_image_features(pixel_values=pixel_values, image_sizes=extras["image_sizes"],
                                             return_dict=True)
         return list(out.pooler_output)
+
+    def image_token_count(self, height: int, width: int) -> tuple[int, dict[str, torch.Tensor]]:
+        """Tokens of a ``height × width`` image: the model's own packer run on blank tiles
+        (one vision-tower call on the image's tiles)."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        tile = int(self.config.vision_config.image_size)
+        n_tiles = image_size_to_num_patches((height, width), self.config.image_grid_pinpoints, tile)
+        w = self.embed_tokens.weight
+        pv = torch.zeros((1, n_tiles, 3, tile, tile), dtype=w.dtype, device=w.device)
+        sizes = torch.tensor([[height, width]], device=w.device)
+        with torch.inference_mode():
+            n = int(self.image_features(pv, image_sizes=sizes)[0].shape[0])
+        return n, {"image_sizes": sizes}
 
     def position_ids(self, input_ids: torch.Tensor, mask: torch.Tensor, extras: dict[str, Any]) -> torch.Tensor:
         """As LLaVA-1.5; ``InputError`` when a prompt is longer than the sliding window."""
@@ -297,6 +316,16 @@ class QwenVLParts(LlavaParts):
         out = self.llava.get_image_features(pixel_values=pixel_values, image_grid_thw=extras["image_grid_thw"],
                                             return_dict=True)
         return list(out.pooler_output)
+
+    def image_token_count(self, height: int, width: int) -> tuple[int, dict[str, torch.Tensor]]:
+        """Tokens of a ``height × width`` image (sides multiples of patch × merge, as the
+        processor resizes them): ``(h/p)(w/p) / merge²``, with its ``image_grid_thw``."""
+        vc = self.config.vision_config
+        unit = int(vc.patch_size) * int(vc.spatial_merge_size)
+        if height % unit or width % unit:
+            raise InputError(f"Qwen2.5-VL image sides must be multiples of {unit} px, got {height}x{width}")
+        grid = torch.tensor([[1, height // vc.patch_size, width // vc.patch_size]])
+        return int(grid.prod()) // int(vc.spatial_merge_size) ** 2, {"image_grid_thw": grid}
 
     def position_ids(self, input_ids: torch.Tensor, mask: torch.Tensor, extras: dict[str, Any]) -> torch.Tensor:
         """``(3, B, L)`` from the model's ``get_rope_index`` (0 on pads); 1-D ids broadcast when
