@@ -410,8 +410,13 @@ def image_tokens_per_image(config: Any) -> int:
     """Number of ``<image>`` placeholders one image expands to, from a LlavaConfig.
 
     ``(image_size // patch_size) ** 2`` patches, plus the CLS token when the feature select
-    strategy is ``"full"`` (``"default"`` drops it).
+    strategy is ``"full"`` (``"default"`` drops it). ``InputError`` for the other families,
+    whose count varies per image (count the image tokens of each prompt instead).
     """
+    model_type = getattr(config, "model_type", "llava")
+    if model_type != "llava":
+        raise InputError(f"a {model_type!r} model has no fixed image-token count per image "
+                         "(it depends on the image's size); count each prompt's image tokens")
     vc = config.vision_config
     n = (vc.image_size // vc.patch_size) ** 2
     if getattr(config, "vision_feature_select_strategy", "default") == "full":

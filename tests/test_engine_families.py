@@ -121,6 +121,7 @@ class QwenFamily:
 
 
 FAMILIES = [NextFamily, QwenFamily]
+NEXT_PINPOINTS = [[16, 32], [32, 16], [32, 32]]  # tiny_llava_next's canvases
 
 
 def never_emit_placeholders(model):
@@ -375,3 +376,49 @@ def test_load_vlm_loads_a_saved_checkpoint_of_the_family(fam, tmp_path) -> None:
     ids, mask, pv, extras, _ = batch(fam, model, SPECS)
     assert_close(vlm.forward(ids, pv, mask, insert_layer=2, **extras),
                  FrozenVLM(model).forward(ids, pv, mask, insert_layer=2, **extras), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)
+def test_collated_batch_of_different_image_sizes_equals_per_sample_losses(fam) -> None:
+    """Processor-like single-sample parts (NeXT: different tile counts) collate into one batch
+    whose ``image_inputs`` the engine takes as they are."""
+    from deepinsert.frozen_vlm import PromptBatch, collate
+
+    model = fam.build(seed=4)
+    vlm = FrozenVLM(model)
+    parts = []
+    for i, spec in enumerate(SPECS):
+        ids, mask, pv, extras, _ = batch(fam, model, [spec], seed=10 + i)
+        if fam is NextFamily:  # tiles as the processor gives them: their count differs per image
+            from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+            pv = pv[:, : image_size_to_num_patches(extras["image_sizes"][0].tolist(), NEXT_PINPOINTS, 16)]
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels[:, -2:] = ids[:, -2:]
+        parts.append(PromptBatch(ids, mask, pv, labels, extras))
+    b = collate(parts, pad_id=0)
+    if fam is NextFamily:
+        assert b.pixel_values.shape[:2] == (3, 5) and len({p.pixel_values.shape[1] for p in parts}) > 1
+    got = vlm.answer_loss(b.input_ids, b.pixel_values, b.attention_mask, labels=b.labels, insert_layers=[0, 2],
+                          **b.image_inputs)
+    for i, p in enumerate(parts):
+        alone = vlm.answer_loss(p.input_ids, p.pixel_values, p.attention_mask, labels=p.labels, insert_layers=[0, 2],
+                                **p.image_inputs)
+        assert_close(got[i], alone[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)
+def test_running_batch_decodes_like_generate(fam) -> None:
+    from deepinsert.frozen_vlm.running import RunningBatch
+
+    model = fam.build(seed=2)
+    vlm = FrozenVLM(model)
+    ids, mask, pv, extras, _ = batch(fam, model, SPECS, seed=5)
+    want = vlm.generate(ids, pv, mask, insert_layer=2, max_new_tokens=4, eos_token_id=[], **extras)
+    rb = RunningBatch(vlm)
+    nxt = rb.prefill(["a", "b", "c"], ids, mask, pv, 2, **extras).argmax(-1)
+    got = [nxt]
+    for _ in range(3):
+        nxt = rb.step(dict(zip(rb.ids, nxt.tolist()))).argmax(-1)
+        got.append(nxt)
+    assert torch.equal(torch.stack(got, 1), want)
