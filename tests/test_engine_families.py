@@ -422,3 +422,20 @@ def test_running_batch_decodes_like_generate(fam) -> None:
         nxt = rb.step(dict(zip(rb.ids, nxt.tolist()))).argmax(-1)
         got.append(nxt)
     assert torch.equal(torch.stack(got, 1), want)
+
+
+def test_llava_next_with_a_sliding_window_decoder() -> None:
+    """A Mistral window longer than the prompts: the stock model's sliding mask, same logits;
+    prompts longer than the window are refused."""
+    model = never_emit_placeholders(tiny_llava_next(sliding_window=128))
+    ids, mask, pv, extras, _ = batch(NextFamily, model, SPECS)
+    vlm = FrozenVLM(model)
+    real = mask.bool()
+    stock = NextFamily.stock(model, ids, mask, pv, extras)
+    assert_close(vlm.forward(ids, pv, mask, **extras)[real], stock[real], rtol=1e-5, atol=1e-5)
+    text = (ids != model.config.image_token_id) & real
+    ref = reference(NextFamily, model, ids, mask, pv, extras, 2)
+    assert_close(vlm.forward(ids, pv, mask, insert_layer=2, **extras)[text], ref[text], rtol=1e-4, atol=1e-4)
+    short = FrozenVLM(tiny_llava_next(sliding_window=32))
+    with pytest.raises(InputError, match="sliding window"):
+        short.forward(ids, pv, mask, insert_layer=2, **extras)
