@@ -224,8 +224,35 @@ def _args_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-prompt", default=None, metavar="FILE.csv",
                    help="also write one CSV row per prompt: id, prompt, family, layer, fallback, loss, "
                         "loss_k0, correct, flops_fraction")
+    p.add_argument("--heuristic", action="store_true",
+                   help="add the training-free heuristic router's row: the insertion layer predicted by the image "
+                        "tokens' layer redundancy on the train split (measured once, cached in RUN_DIR/heuristic.json)")
+    p.add_argument("--heuristic-threshold", type=float, default=0.5,
+                   help="heuristic: a layer is skippable when >= this share of image tokens moves by cosine "
+                        "distance < 0.05 (default 0.5)")
+    p.add_argument("--heuristic-samples", type=int, default=256,
+                   help="heuristic: train samples the redundancy profile is measured on (0: all; default 256)")
     _args_device(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (also transformers' weight loading)")
+
+
+def _evaluate_heuristic(args: argparse.Namespace, run_: Any, ws: Any) -> dict[str, Any] | None:
+    """The heuristic router (deepinsert.analysis.redundancy) for ``evaluate --heuristic``, or None."""
+    if not args.heuristic:
+        return None
+    if ws.vlm is None:
+        raise InputError("--heuristic measures the VLM's hidden states: this workspace has no VLM")
+    from deepinsert.analysis.redundancy import cached_heuristic
+    from deepinsert.env.data import load_samples
+    from deepinsert.policy.workspace import resolve_data_path
+
+    spec = run_.config.data.train
+    d = run_.config.data
+    samples = list(load_samples(resolve_data_path(spec), d.image_folder, skip_bad=d.skip_bad, turns=d.turns,
+                                text_only=d.text_only, subset=d.subset, seed=d.subset_seed))
+    key = {"model": str(ws.model_source), "train": str(spec)}
+    return cached_heuristic(args.run_dir, ws.vlm, samples, key, threshold=args.heuristic_threshold,
+                            limit=args.heuristic_samples or None)
 
 
 def _check_output_file(path: str | None, what: str) -> None:
@@ -256,12 +283,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.per_prompt and Path(args.per_prompt).is_dir():
         raise InputError(f"--per-prompt {args.per_prompt} is a folder; give a file name such as per_prompt.csv")
     _check_output_file(args.per_prompt, "--per-prompt")
+    if args.heuristic and (not 0.0 <= args.heuristic_threshold <= 1.0 or args.heuristic_samples < 0):
+        raise InputError("--heuristic-threshold must be in [0, 1] and --heuristic-samples >= 0")
     run_ = load_run(args.run_dir)
     spec = resolve_split_spec(run_.config, args.split)
     overrides = {k: getattr(args, k) for k in ("device", "dtype") if getattr(args, k, None) is not None}
     ws = open_workspace(dataclasses.replace(run_.config, **overrides), train=False)
+    heuristic = _evaluate_heuristic(args, run_, ws)
     metrics = evaluate_run_dir(args.run_dir, workspace=ws, split_spec=spec, accuracy=not args.no_accuracy,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, heuristic=heuristic)
     print(format_comparison(metrics))
     if args.per_prompt:
         from deepinsert.policy.per_prompt import per_prompt_for_run, write_per_prompt_csv

@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (NAME.json and NAME.png go there)")
     parser.add_argument("--model", default="demo", help="'demo' or a LLaVA model folder")
     parser.add_argument("--split", default="demo:test", help="data: demo:<split> or a JSON/JSONL file")
-    parser.add_argument("--limit", type=int, default=192, help="use at most this many samples (0: all)")
+    parser.add_argument("--limit", type=int, default=800,
+                        help="use at most this many samples (0: all; default 800 = the demo's test split)")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per batch")
     parser.add_argument("--eps", default="0.01,0.05,0.1,0.2", help="redundancy: proximal thresholds")
     parser.add_argument("--k", type=int, default=0, help="redundancy/attention: measure under late entry at k")
@@ -86,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
             result = redundancy_profile(vlm, data.prompts, eps, args.k, bar)
         result["heuristic_layer"] = heuristic_layer(result["image"]["proximal"]["0.05"], args.threshold)
         result["threshold"] = args.threshold
+        result["insert_layer"] = args.k
         draw = plots.redundancy
     elif name == "attention":
         from deepinsert.analysis.attention import visual_attention_ratio
@@ -127,4 +129,18 @@ def run(args: argparse.Namespace) -> int:
     stem = name.replace("-", "_")
     json_path, png_path = write_result(Path(args.out), stem, result, lambda fig: draw(fig, result))
     print(f"wrote {json_path} and {png_path}")
+    if name == "masking":
+        from deepinsert.analysis.masking import poster_table, table
+
+        print(table(result))
+        print(poster_table(result, N))
+    elif name == "early-exit":
+        from deepinsert.analysis.early_exit import grid_table, verdict
+
+        print("accuracy / FLOPs fraction:")
+        print(grid_table(result, N))
+        print(verdict(result, N))
+    elif name == "redundancy":
+        print(f"heuristic insertion layer (image proximal redundancy at eps 0.05 >= {args.threshold}): "
+              f"k = {result['heuristic_layer']}")
     return 0

@@ -11,6 +11,7 @@ lists the points on the accuracy/FLOPs Pareto front and whether any of them uses
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,6 +73,7 @@ def early_exit_grid(vlm: FrozenVLM, data: Batches, ks: Sequence[int], ms: Sequen
                 continue
             acc = accuracy(vlm, data, insert_layer=k, exit_layer=m)
             points.append({"k": k, "m": m, "accuracy": acc,
+                           "accuracy_se": math.sqrt(acc * (1 - acc) / data.n_samples),
                            "flops": flops_fraction(vlm, k, n_text, n_img, exit_layer=m)})
             if bar is not None:
                 bar.update(1)
@@ -85,3 +87,40 @@ def grid_size(ks: Sequence[int], ms: Sequence[int] | None, n_layers: int) -> int
     """Number of (k, m) points :func:`early_exit_grid` evaluates."""
     ms = sorted(set(ms if ms is not None else list(ks) + [n_layers]))
     return sum(1 for k in ks for m in ms if m >= k)
+
+
+def grid_table(result: dict[str, Any], num_layers: int) -> str:
+    """Markdown grid: one row per k, one column per m, cells ``accuracy / FLOPs``."""
+    ks = sorted({p["k"] for p in result["points"]})
+    ms = sorted({p["m"] for p in result["points"]})
+    at = {(p["k"], p["m"]): p for p in result["points"]}
+    head = "| k \\ m | " + " | ".join(f"m={m}" + (" (no exit)" if m == num_layers else "") for m in ms) + " |"
+    lines = [head, "|---|" + "---:|" * len(ms)]
+    for k in ks:
+        cells = [f"{at[k, m]['accuracy']:.3f} / {at[k, m]['flops']:.2f}" if (k, m) in at else "" for m in ms]
+        lines.append(f"| k={k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict(result: dict[str, Any], num_layers: int) -> str:
+    """One line per FLOPs level: the best late-entry-alone point vs the best early-exit point.
+
+    FLOPs depend on the number of layers the image rows run, m − k, so points of equal
+    m − k cost the same: at each cost the comparison is at equal FLOPs.
+    """
+    by_cost: dict[float, dict[str, dict[str, Any]]] = {}
+    for p in result["points"]:
+        kind = "late" if p["m"] == num_layers else "exit"
+        slot = by_cost.setdefault(round(p["flops"], 6), {})
+        if kind not in slot or p["accuracy"] > slot[kind]["accuracy"]:
+            slot[kind] = p
+    lines = []
+    for cost in sorted(by_cost):
+        slot = by_cost[cost]
+        if "late" in slot and "exit" in slot and slot["exit"]["m"] > slot["exit"]["k"]:
+            late, ex = slot["late"], slot["exit"]
+            se = math.sqrt(late.get("accuracy_se", 0.0) ** 2 + ex.get("accuracy_se", 0.0) ** 2)
+            lines.append(f"FLOPs {cost:.2f}: late entry alone k={late['k']} acc {late['accuracy']:.3f}; "
+                         f"best early exit (k={ex['k']}, m={ex['m']}) acc {ex['accuracy']:.3f} "
+                         f"({ex['accuracy'] - late['accuracy']:+.3f} ± {se:.3f})")
+    return "\n".join(lines)

@@ -13,7 +13,9 @@ training: the largest k such that every layer ℓ < k has image-token proximal r
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,7 @@ import torch
 
 from deepinsert.errors import InputError
 from deepinsert.frozen_vlm import FrozenVLM, LayerRecord
+from deepinsert.utils.atomic import atomic_write_json
 
 DEFAULT_EPS = (0.01, 0.05, 0.1, 0.2)
 TYPES = ("image", "text")
@@ -150,3 +153,36 @@ def heuristic_baseline(vlm: FrozenVLM, samples: Sequence[Any], *, eps: float = 0
     data = make_batches(vlm, list(samples)[:limit] if limit else list(samples), batch_size)
     prof = redundancy_profile(vlm, data.prompts, [eps])
     return heuristic_layer(prof["image"]["proximal"][str(float(eps))], threshold)
+
+
+HEURISTIC_FILE = "heuristic.json"
+
+
+def cached_heuristic(run_dir: str | Path, vlm: FrozenVLM, samples: Sequence[Any], key: dict[str, Any], *,
+                     eps: float = 0.05, threshold: float = 0.5, batch_size: int = 32,
+                     limit: int | None = 256) -> dict[str, Any]:
+    """The heuristic router of a run, measured once and cached in ``RUN_DIR/heuristic.json``.
+
+    ``key`` names what the profile was measured on (model, split); the cache is reused only
+    when ``key``, ``eps``, ``threshold`` and ``limit`` all match. Returns
+    ``{"layer", "threshold", "eps", "limit", "samples", "image_proximal": [N], "key"}``.
+    """
+    from deepinsert.analysis.common import make_batches
+
+    want = {"key": key, "eps": float(eps), "threshold": float(threshold), "limit": limit}
+    path = Path(run_dir) / HEURISTIC_FILE
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = None
+        if isinstance(old, dict) and all(old.get(k) == v for k, v in want.items()):
+            return old
+    if not 0.0 <= threshold <= 1.0:
+        raise InputError(f"threshold must be in [0, 1], got {threshold}")
+    part = list(samples)[:limit] if limit else list(samples)
+    data = make_batches(vlm, part, batch_size)
+    prox = redundancy_profile(vlm, data.prompts, [eps])["image"]["proximal"][str(float(eps))]
+    out = {**want, "layer": heuristic_layer(prox, threshold), "samples": data.n_samples, "image_proximal": prox}
+    atomic_write_json(path, out)
+    return out

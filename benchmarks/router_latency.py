@@ -104,6 +104,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             export_run(args.run, bundle, n_prompts=1000, n_embeddings=1000)
         router = Router.load(bundle, num_threads=1)
         size_mb, rss_mb = _bundle_size_and_rss(Path(bundle))
+        unfolded = None
+        if router.info.folded:  # the same run exported without folding, timed side by side below
+            export_run(args.run, Path(tmp) / "unfolded", n_prompts=1000, n_embeddings=1000, fold=False)
+            unfolded = Router.load(Path(tmp) / "unfolded", num_threads=1)
+            size_unfolded_mb, rss_unfolded_mb = _bundle_size_and_rss(Path(tmp) / "unfolded")
 
     try:
         questions = _questions(run, args.n_prompts)
@@ -148,6 +153,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     for v in res.values():
         v["speedup_p50"] = v["sb3"]["p50_us"] / v["onnx"]["p50_us"]
+    fold_cmp: dict[str, Any] | None = None
+    if unfolded is not None:
+        # interleaved rounds so that machine noise hits both bundles alike
+        f_t, u_t = [], []
+        for _ in range(5):
+            f_t.append(_timeit(lambda: router.route(questions[nxt()]), R // 5))
+            u_t.append(_timeit(lambda: unfolded.route(questions[nxt()]), R // 5))
+        same = [d.index for d in unfolded.route_batch(questions)] == onnx_idx
+        fold_cmp = {
+            "folded": _stats_us(np.concatenate(f_t)), "unfolded": _stats_us(np.concatenate(u_t)),
+            "round_ratio_p50": [float(np.median(f) / np.median(u)) for f, u in zip(f_t, u_t)],
+            "same_decisions": bool(same),
+            "bundle_mb": {"folded": size_mb, "unfolded": size_unfolded_mb},
+            "router_process_rss_mb": {"folded": rss_mb, "unfolded": rss_unfolded_mb},
+        }
 
     # one forward of the VLM at k = 0 (batch 1), for scale
     from PIL import Image
@@ -173,6 +193,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "onnx_route_fraction_of_forward": res["pipeline_single"]["onnx"]["p50_us"] / fwd_us,
         "sb3_route_fraction_of_forward": res["pipeline_single"]["sb3"]["p50_us"] / fwd_us,
         "results": res,
+        "folded_vs_unfolded": fold_cmp,
         "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine(), "threads": 1},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +203,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"sb3 p50 {v['sb3']['p50_us']:8.1f} us  p99 {v['sb3']['p99_us']:8.1f} | x{v['speedup_p50']:.1f}")
     print(f"VLM forward (k=0, batch 1): {fwd_us / 1e3:.2f} ms; ONNX routing = {out['onnx_route_fraction_of_forward']:.4f} of it")
     print(f"bundle {size_mb:.2f} MB ({'folded' if router.info.folded else 'unfolded'}); router process RSS after load {rss_mb:.0f} MB")
+    if fold_cmp is not None:
+        r = fold_cmp["round_ratio_p50"]
+        print(f"folded vs unfolded bundle, text -> decision p50: {fold_cmp['folded']['p50_us']:.1f} vs "
+              f"{fold_cmp['unfolded']['p50_us']:.1f} us (ratio per round {min(r):.2f}-{max(r):.2f}); "
+              f"{fold_cmp['bundle_mb']['unfolded']:.2f} -> {fold_cmp['bundle_mb']['folded']:.2f} MB; "
+              f"same decisions: {fold_cmp['same_decisions']}")
     print(f"action agreement ONNX vs SB3 on {len(questions)} questions: {agree:.3f}; wrote {args.out}")
     return out
 

@@ -182,6 +182,27 @@ def compare(t: EvalTables, lam: float, router_actions: np.ndarray, fallback: np.
     }
 
 
+def snap_layer(layer: int, candidate_layers: Sequence[int]) -> int:
+    """Index of the deepest candidate layer ``<= layer`` (the shallowest candidate if none is)."""
+    ks = [int(k) for k in candidate_layers]
+    below = [j for j, k in enumerate(ks) if k <= layer]
+    return max(below, key=lambda j: ks[j]) if below else min(range(len(ks)), key=lambda j: ks[j])
+
+
+def heuristic_metrics(t: EvalTables, lam: float, heuristic: dict[str, Any]) -> dict[str, Any]:
+    """The training-free heuristic router's row: one static layer for every prompt.
+
+    ``heuristic["layer"]`` is the layer it predicts (docs/analysis.md); when it is not a
+    candidate layer the deepest candidate below it is used (``"layer"`` in the row; the
+    prediction stays in ``"predicted_layer"``).
+    """
+    j = snap_layer(int(heuristic["layer"]), t.ks)
+    row = selection_metrics(t, lam, np.full(len(t.losses), j))
+    row.update(layer=int(t.ks[j]), predicted_layer=int(heuristic["layer"]),
+               **{k: heuristic[k] for k in ("threshold", "eps") if k in heuristic})
+    return row
+
+
 def resolve_split_spec(cfg: Any, split: str | None) -> str:
     """``--split`` value -> data spec: train/val/test map onto the config's data files."""
     if split is None:
@@ -232,11 +253,16 @@ def eval_split(ws: Workspace, cfg: Any, spec: str) -> Split:
     return ws.splits[key]
 
 
-def run_metrics(run: Any, tables: EvalTables, observations: np.ndarray, lam: float | None = None) -> dict[str, Any]:
+def run_metrics(run: Any, tables: EvalTables, observations: np.ndarray, lam: float | None = None,
+                heuristic: dict[str, Any] | None = None) -> dict[str, Any]:
     """:func:`compare` for a :class:`~deepinsert.policy.run.TrainedRun` (guard included) at ``lam``
-    (default: the run's λ; other λ only for loss-curve routers)."""
+    (default: the run's λ; other λ only for loss-curve routers); with ``heuristic`` (see
+    :func:`heuristic_metrics`) also the ``"heuristic"`` row."""
     lam_ = float(run.info["lam"]) if lam is None else float(lam)
-    return compare(tables, lam_, run.predict(observations, None if lam is None else lam_), run.fallback(observations))
+    m = compare(tables, lam_, run.predict(observations, None if lam is None else lam_), run.fallback(observations))
+    if heuristic is not None:
+        m["heuristic"] = heuristic_metrics(tables, lam_, heuristic)
+    return m
 
 
 def evaluate_run_dir(
@@ -247,11 +273,14 @@ def evaluate_run_dir(
     accuracy: bool = True,
     progress: bool = True,
     unseen: bool = True,
+    heuristic: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate the router in ``run_dir`` on ``split_spec`` (default: its config's eval data).
 
     With ``unseen`` (and no explicit ``split_spec``), the ``test_unseen`` split beside the
-    config's eval data is evaluated too when it exists: ``metrics["unseen"]``.
+    config's eval data is evaluated too when it exists: ``metrics["unseen"]``. With
+    ``heuristic`` (``{"layer": k, ...}``, the training-free router of docs/analysis.md) the
+    metrics gain a ``"heuristic"`` row.
     """
     from deepinsert.policy.run import load_run
     from deepinsert.policy.workspace import open_workspace
@@ -261,14 +290,14 @@ def evaluate_run_dir(
     ws = workspace or open_workspace(run.config, train=False)
     split = eval_split(ws, run.config, spec)
     tables = build_tables(ws, split, accuracy=accuracy, progress=progress, candidate_layers=run.candidate_layers)
-    metrics = run_metrics(run, tables, split.observations)
+    metrics = run_metrics(run, tables, split.observations, heuristic=heuristic)
     metrics["split"] = spec
     metrics["run_dir"] = str(run_dir)
     u = unseen_spec(spec) if unseen and split_spec in (None, run.config.data.eval) else None
     if u is not None:
         us = eval_split(ws, run.config, u)
         ut = build_tables(ws, us, accuracy=accuracy, progress=progress, candidate_layers=run.candidate_layers)
-        metrics["unseen"] = {**run_metrics(run, ut, us.observations), "split": u}
+        metrics["unseen"] = {**run_metrics(run, ut, us.observations, heuristic=heuristic), "split": u}
     return metrics
 
 
@@ -290,6 +319,8 @@ def format_comparison(m: dict[str, Any], ks: Sequence[int] | None = None) -> str
     rows = [("router", m["router"]), ("oracle", m["oracle"])]
     if m.get("family_oracle"):
         rows.append(("family oracle", m["family_oracle"]))
+    if m.get("heuristic"):
+        rows.append((f"heuristic k={m['heuristic']['layer']}", m["heuristic"]))
     rows += [(f"static k={k}", v) for k, v in m["static"].items() if ks is None or int(k) in ks]
     head = f"{'policy':<14}{'reward':>9}{'loss':>8}{'acc':>7}{'mean k':>8}{'FLOPs':>7}"
     lines = [f"λ = {m['lam']:g}  split = {m['split']}  n = {m['n_samples']}", head, "-" * len(head)]

@@ -108,7 +108,8 @@ def run_sweep(
     ws.cache.table(ws.splits["train"].samples, ws.candidate_layers, progress="loss table (train)" if progress else False)
     splits = {"test": ws.splits["eval"]}
     u = unseen_spec(cfg.data.eval)
-    if u is not None:
+    # a caller's workspace without a tokenizer (a stand-in) cannot read prompt files
+    if u is not None and (ws.tokenizer is not None or f"eval:{u}" in ws.splits):
         splits["test_unseen"] = eval_split(ws, cfg, u)
     tables = {name: build_tables(ws, sp, progress=progress) for name, sp in splits.items()}
     t_tables = time.perf_counter() - t0 - t_load

@@ -7,6 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from deepinsert.frozen_vlm import FrozenVLM
+from helpers.masked_ref import masked_reference
 from helpers.tiny import tiny_llava
 
 N_LAYERS = 4
@@ -30,36 +31,8 @@ def make_inputs(model, before: int = 3, after: int = 7, batch: int = 2, seed: in
 
 
 def masking_reference(model, ids: torch.Tensor, pv: torch.Tensor, k: int) -> torch.Tensor:
-    """Independent reference: full sequence; below layer k a 4D additive mask blocks attention
-    to and from image tokens (an image row sees only itself); at layer k the image rows are
-    reset to their layer-0 embeddings. Built from stock modules only, no deepinsert code."""
-    llava = model.model
-    lm = llava.language_model
-    with torch.no_grad():
-        emb = lm.embed_tokens(ids)
-        feats = torch.cat(llava.get_image_features(pixel_values=pv, return_dict=True).pooler_output)
-        is_img = ids == model.config.image_token_id
-        emb = emb.masked_scatter(is_img.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
-        B, L, _ = emb.shape
-        pos = torch.arange(L).unsqueeze(0).expand(B, -1)
-        causal = torch.ones(L, L, dtype=torch.bool).tril()
-        allowed_late = causal.expand(B, L, L)
-        text = ~is_img
-        allowed_early = allowed_late & text.unsqueeze(1) & text.unsqueeze(2)
-        allowed_early = allowed_early | torch.eye(L, dtype=torch.bool).expand(B, L, L)
-        minv = torch.finfo(emb.dtype).min
-
-        def additive(allowed: torch.Tensor) -> torch.Tensor:
-            return torch.where(allowed, 0.0, minv).unsqueeze(1).to(emb.dtype)  # (B, 1, L, L)
-
-        pe = lm.rotary_emb(emb, pos)
-        h = emb
-        for i, layer in enumerate(lm.layers):
-            if i == k:
-                h = torch.where(is_img.unsqueeze(-1), emb, h)
-            mask = additive(allowed_early if i < k else allowed_late)
-            h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
-        return model.lm_head(lm.norm(h))
+    """Late entry at k by the independent masked reference (stock modules only)."""
+    return masked_reference(model, ids, pv, k)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
