@@ -354,14 +354,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def format_table(result: dict[str, Any]) -> str:
     """The per-k table as Markdown."""
+    size = result.get("image_size")
+    image = f" ({size[0]}x{size[1]} image)" if size else ""
     lines = [
-        f"{result['source']} shape, {result['layers_built']}/{result['layers_full']} layers, "
-        f"{result['dtype']} on {result['device']} ({result['device_name']}), "
-        f"{result['n_text']} text + {result['n_image']} image tokens"
-        + (f" ({result['image_size'][0]}x{result['image_size'][1]} image), " if result.get("image_size") else ", ")
-        + 
-        f"{result['clock']} time, median of {result['repeats']}"
-        + (f", {result['torch_threads']} thread(s)" if result["torch_threads"] else ""),
+        (
+            f"{result['source']} shape, {result['layers_built']}/{result['layers_full']} layers, "
+            f"{result['dtype']} on {result['device']} ({result['device_name']}), "
+            f"{result['n_text']} text + {result['n_image']} image tokens{image}, "
+            f"{result['clock']} time, median of {result['repeats']}"
+            + (f", {result['torch_threads']} thread(s)" if result["torch_threads"] else "")
+        ),
         "",
         "| k (built) | k (full-model equiv.) | median ms | t_k/t_0 | Eq. 5 ratio "
         "| captured saving | captured, decoder only |",

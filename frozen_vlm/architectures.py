@@ -344,7 +344,7 @@ class ModelConfig:
         t, v = self.text, self.vision
         full = [i for i in (v.fullatt_block_indexes or []) if i < n_vis] or [n_vis - 1]
         return Qwen2_5_VLConfig(
-            text_config=dict(
+            text_config=dict(  # noqa: C408 (keyword form of the config's fields)
                 vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
                 num_hidden_layers=n_text, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
                 hidden_act=t.hidden_act, max_position_embeddings=t.max_position_embeddings,
@@ -352,7 +352,7 @@ class ModelConfig:
                 rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta,
                                  "mrope_section": list(t.mrope_section or ())},
             ),
-            vision_config=dict(
+            vision_config=dict(  # noqa: C408
                 depth=n_vis, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
                 num_heads=v.num_heads, hidden_act=v.hidden_act, patch_size=v.patch_size,
                 spatial_merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,

@@ -326,7 +326,7 @@ def test_qwen_mm_token_type_ids_default_and_explicit_agree() -> None:
     b = vlm.forward(ids, pv, mask, insert_layer=2, mm_token_type_ids=types, **extras)
     assert_close(a, b, rtol=0, atol=0)
     # the 3-D positions matter: the reference with 1-D positions gives other text logits
-    emb, pos, is_img = fam.layer0(model, ids, mask, pv, extras)
+    _, pos, is_img = fam.layer0(model, ids, mask, pv, extras)
     assert (pos[1] != pos[2]).any()  # height and width ids differ inside an image
     one_d = reference(fam, model, ids, mask, pv, extras, 2, positions=(mask.cumsum(1) - 1).clamp(min=0))
     text = (~is_img) & mask.bool()
@@ -335,7 +335,7 @@ def test_qwen_mm_token_type_ids_default_and_explicit_agree() -> None:
 
 def test_family_input_errors() -> None:
     nxt = FrozenVLM(tiny_llava_next())
-    ids, mask, pv, extras, _ = batch(NextFamily, nxt.model, SPECS[:1])
+    ids, _, pv, extras, _ = batch(NextFamily, nxt.model, SPECS[:1])
     with pytest.raises(InputError, match="image_sizes"):
         nxt.forward(ids, pv, insert_layer=1)
     with pytest.raises(InputError, match=r"\(I, P, 3, H, W\)"):
@@ -346,7 +346,7 @@ def test_family_input_errors() -> None:
     with pytest.raises(InputError, match="do not match"):
         nxt.forward(short, pv, insert_layer=1, **extras)
     qwen = FrozenVLM(tiny_qwen2_5_vl())
-    ids, mask, pv, extras, _ = batch(QwenFamily, qwen.model, SPECS[:1])
+    ids, _, pv, extras, _ = batch(QwenFamily, qwen.model, SPECS[:1])
     with pytest.raises(InputError, match="image_grid_thw"):
         qwen.forward(ids, pv, insert_layer=1)
     with pytest.raises(InputError, match="patches"):

@@ -137,13 +137,13 @@ def tiny_qwen2_5_vl_config(
     from transformers import Qwen2_5_VLConfig
 
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(
+        text_config=dict(  # noqa: C408 (keyword form of the config's fields)
             vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=num_layers,
             num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
             pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.1,
         ),
-        vision_config=dict(
+        vision_config=dict(  # noqa: C408
             depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
             temporal_patch_size=2, window_size=8, out_hidden_size=hidden, fullatt_block_indexes=[0],
         ),
