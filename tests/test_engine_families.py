@@ -156,10 +156,11 @@ def batch(fam, model, specs, seed: int = 0):
     return ids, mask, pv, extras, counts
 
 
-def reference(fam, model, ids, mask, pv, extras, k: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+def reference(fam, model, ids, mask, pv, extras, k: int, positions: torch.Tensor | None = None,
+              *, reset: bool = True) -> torch.Tensor:
     """Independent late-insertion reference: the full sequence through the stock decoder
-    layers; below k a 4D mask isolates the image rows, at k they are reset to layer-0 input.
-    ``positions`` overrides the model's own position ids."""
+    layers; below k a 4D mask isolates the image rows, at k they are reset to layer-0 input
+    (``reset=False``: masking mode). ``positions`` overrides the model's own position ids."""
     emb, pos, is_img = fam.layer0(model, ids, mask, pv, extras)
     pos = pos if positions is None else positions
     lm = model.model.language_model
@@ -174,7 +175,7 @@ def reference(fam, model, ids, mask, pv, extras, k: int, positions: torch.Tensor
         pe = lm.rotary_emb(emb, pos)
         h = emb
         for i, layer in enumerate(lm.layers):
-            if i == k:
+            if i == k and reset:
                 h = torch.where(is_img.unsqueeze(-1), emb, h)
             allowed = together if i >= k else isolated
             m4 = torch.where(allowed, 0.0, minv).unsqueeze(1).to(emb.dtype)
@@ -216,6 +217,16 @@ def test_late_insertion_matches_masked_reference(fam, attn: str, k: int) -> None
     assert_close(out[text], ref[text], rtol=1e-4, atol=1e-4)
     stock = fam.stock(model, ids, mask, pv, extras)  # and it is not the stock model: the test can fail
     assert (out[text] - stock[text]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)
+def test_masking_mode_matches_the_reference_without_reset(fam) -> None:
+    model = fam.build()
+    ids, mask, pv, extras, _ = batch(fam, model, SPECS)
+    text = (ids != model.config.image_token_id) & mask.bool()
+    out = FrozenVLM(model).forward(ids, pv, mask, insert_layer=2, mode="mask", **extras)
+    ref = reference(fam, model, ids, mask, pv, extras, 2, reset=False)
+    assert_close(out[text], ref[text], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)
