@@ -450,3 +450,50 @@ def test_llava_next_with_a_sliding_window_decoder() -> None:
     short = FrozenVLM(tiny_llava_next(sliding_window=32))
     with pytest.raises(InputError, match="sliding window"):
         short.forward(ids, pv, mask, insert_layer=2, **extras)
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)
+def test_image_processor_output_is_taken_as_it_is(fam) -> None:
+    """Two images of different sizes through the family's own image processor (padded tiles,
+    patch grids); its outputs go to the engine unchanged, in a left-padded batch."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((20, 40), (30, 30))]
+    model = fam.build()
+    if fam is NextFamily:
+        from transformers import LlavaNextImageProcessor
+
+        proc = LlavaNextImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                                       image_grid_pinpoints=NEXT_PINPOINTS)
+        enc = proc(images, return_tensors="pt")
+        extras = {"image_sizes": enc["image_sizes"]}
+        with torch.no_grad():
+            feats = model.model.get_image_features(pixel_values=enc["pixel_values"], return_dict=True,
+                                                   **extras).pooler_output
+        counts = [int(f.shape[0]) for f in feats]
+    else:
+        from transformers import Qwen2VLImageProcessor
+
+        proc = Qwen2VLImageProcessor(patch_size=2, merge_size=2, temporal_patch_size=2, min_pixels=16,
+                                     max_pixels=64 * 64)
+        enc = proc(images, return_tensors="pt")
+        extras = {"image_grid_thw": enc["image_grid_thw"]}
+        counts = (enc["image_grid_thw"].prod(-1) // 4).tolist()
+    pv = enc["pixel_values"]
+    assert len(set(counts)) == 2
+    tails = ([7, 8, 9, 10], [7, 8])  # different text lengths too
+    rows = [torch.tensor([1, 5, 6, *fam.wrap(model, n), *tail]) for n, tail in zip(counts, tails)]
+    L = max(len(r) for r in rows)
+    ids = torch.zeros(2, L, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):], mask[i, L - len(r):] = r, 1
+    vlm = FrozenVLM(model)
+    real = mask.bool()
+    assert_close(vlm.forward(ids, pv, mask, **extras)[real], fam.stock(model, ids, mask, pv, extras)[real],
+                 rtol=1e-5, atol=1e-5)
+    text = (ids != model.config.image_token_id) & real
+    ref = reference(fam, model, ids, mask, pv, extras, 3)
+    assert_close(vlm.forward(ids, pv, mask, insert_layer=3, **extras)[text], ref[text], rtol=1e-4, atol=1e-4)
