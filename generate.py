@@ -186,6 +186,7 @@ def generate(
                 insert_layer=k,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=eos or None,
+                **batch.image_inputs,
             )  # (b, T_new)
             for i, ids in zip(chunk, cut_at_eos(new, eos), strict=True):
                 token_ids[i] = ids

@@ -1,9 +1,12 @@
 """Prefill speed of DeepInsert vs the insertion layer k, beside Eq. 5's FLOPs ratio.
 
-Builds the LLaVA-1.5 language model of the real shape (``--config``, default
-``llava-1.5-7b``) with random weights — no download; a random model times exactly like
-the trained one — and prefills one prompt of ``n_text`` text + 576 image tokens through
-the engine's own code path. ``--mode prefill`` (default) times what serving runs, the KV-cache
+Builds the language model of the real shape (``--config``, default ``llava-1.5-7b``;
+also ``llava-v1.6-mistral-7b`` and ``qwen2.5-vl-7b``) with random weights — no download; a
+random model times exactly like the trained one — and prefills one prompt of ``n_text``
+text tokens + one image's tokens through the engine's own code path. The image-token
+count is the family's real one for an ``--image HxW`` image (LLaVA-1.5: 576 whatever the
+size; LLaVA-NeXT: counted by the model's own tile packer, 2928 at 672x672; Qwen2.5-VL:
+``(h/14)(w/14)/4``, 1728 at 1344x1008). ``--mode prefill`` (default) times what serving runs, the KV-cache
 prefill and the first token's logits::
 
     FrozenVLM(model).generate(input_ids, image_features=feats, insert_layer=k, max_new_tokens=1)
@@ -66,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (each visits every k once)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--n-text", type=int, default=60, help="text tokens in the prompt")
+    p.add_argument("--image", default="672x672", help="image size HxW in pixels (sets the image-token count)")
     p.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)),
                    help="insertion layers of the FULL model, comma-separated; scaled to --layers")
     p.add_argument("--threads", type=int, default=None,
@@ -96,16 +100,16 @@ def scaled_ks(ks_full: list[int], n_full: int, n_built: int) -> list[int]:
 
 
 def build_model(cfg: Any, n_layers: int, dtype: torch.dtype, device: torch.device, attn: str) -> Any:
-    """Random-weight ``LlavaForConditionalGeneration``: real widths, ``n_layers`` decoder
-    layers, a 1-layer vision tower (never run here)."""
-    from transformers import LlavaForConditionalGeneration
+    """Random-weight model of the config's family (``LlavaForConditionalGeneration``, …): real
+    widths, ``n_layers`` decoder layers, a 1-layer vision tower (run once to count tokens)."""
+    from deepinsert.frozen_vlm.layers import model_class
 
-    lc = cfg.to_llava_config(num_layers=n_layers, vision_layers=1)
+    lc = cfg.to_hf_config(num_layers=n_layers, vision_layers=1)
     lc._attn_implementation = attn
     lc.text_config._attn_implementation = attn
     lc.vision_config._attn_implementation = attn
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(lc, dtype=dtype)
+        model = model_class(lc.model_type)._from_config(lc, dtype=dtype)
     return model.eval().requires_grad_(False)
 
 
@@ -121,7 +125,8 @@ def make_inputs(
     before = min(5, n_text)
     image_id = cfg.image_token_id
     ids = torch.randint(3, cfg.text.vocab_size, (n_text,), generator=gen)
-    ids[ids == image_id] = 3
+    for special in (image_id, getattr(cfg, "video_token_id", None)):
+        ids[ids == special] = 3
     ids[0] = 1  # BOS
     input_ids = torch.cat(
         [ids[:before], torch.full((n_image,), image_id, dtype=torch.long), ids[before:]]
@@ -165,7 +170,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     clock = args.clock if args.clock != "auto" else ("wall" if device.type == "cuda" else "cpu")
     if clock == "cpu" and device.type == "cuda":
         raise SystemExit("--clock cpu measures host CPU time; use --clock wall on a GPU")
-    n_image = cfg.num_image_tokens
+    try:
+        height, width = (int(x) for x in args.image.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--image must be HxW, got {args.image!r}") from None
 
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
@@ -173,6 +181,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(cfg, n_built, dtype, device, args.attn)
     build_s = time.perf_counter() - t_build
     vlm = FrozenVLM(model)
+    n_image, extras = vlm._parts.image_token_count(height, width)
+    extras = {name: v.to(device) for name, v in extras.items()}
     input_ids, mask, feats = make_inputs(
         cfg, args.n_text, n_image, cfg.text.hidden_size, dtype, device, gen
     )
@@ -185,7 +195,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # What serving runs: KV-cache prefill + the first token's logits (last row only).
         def engine(k: int) -> None:
             vlm.generate(input_ids, attention_mask=mask, image_features=feats, insert_layer=k,
-                         max_new_tokens=1, eos_token_id=[])
+                         max_new_tokens=1, eos_token_id=[], **extras)
 
         def stock() -> None:
             model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
@@ -194,7 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         def engine(k: int) -> None:
             vlm.forward(input_ids, pixel_values=None, attention_mask=mask,
-                        image_features=feats, insert_layer=k)
+                        image_features=feats, insert_layer=k, **extras)
 
         def stock() -> None:
             model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
@@ -305,6 +315,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ),
         "clock": clock,
         "n_text": args.n_text,
+        "family": cfg.family,
+        "image_size": [height, width],
         "n_image": n_image,
         "seq_len": int(input_ids.shape[1]),
         "warmup": args.warmup,
@@ -342,12 +354,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def format_table(result: dict[str, Any]) -> str:
     """The per-k table as Markdown."""
+    size = result.get("image_size")
+    image = f" ({size[0]}x{size[1]} image)" if size else ""
     lines = [
-        f"{result['source']} shape, {result['layers_built']}/{result['layers_full']} layers, "
-        f"{result['dtype']} on {result['device']} ({result['device_name']}), "
-        f"{result['n_text']} text + {result['n_image']} image tokens, "
-        f"{result['clock']} time, median of {result['repeats']}"
-        + (f", {result['torch_threads']} thread(s)" if result["torch_threads"] else ""),
+        (
+            f"{result['source']} shape, {result['layers_built']}/{result['layers_full']} layers, "
+            f"{result['dtype']} on {result['device']} ({result['device_name']}), "
+            f"{result['n_text']} text + {result['n_image']} image tokens{image}, "
+            f"{result['clock']} time, median of {result['repeats']}"
+            + (f", {result['torch_threads']} thread(s)" if result["torch_threads"] else "")
+        ),
         "",
         "| k (built) | k (full-model equiv.) | median ms | t_k/t_0 | Eq. 5 ratio "
         "| captured saving | captured, decoder only |",

@@ -133,11 +133,11 @@ def pretrain_vision(model: Any, encoder: PromptEncoder, cfg: DemoTrainConfig) ->
     import torch
     from torch import nn
 
-    from deepinsert.frozen_vlm.layers import llava_parts
+    from deepinsert.frozen_vlm.layers import vlm_parts
 
     if cfg.vision_steps == 0:
         return []
-    tower = llava_parts(model).vision_tower
+    tower = vlm_parts(model).vision_tower
     hidden = tower.config.hidden_size
     torch.manual_seed(cfg.seed + 1)
     heads = nn.ModuleDict(

@@ -271,7 +271,8 @@ class VLMLossProvider(LossProvider):
                 b = self._batch(samples[sl], with_answers=True)
                 self.calls += 1
                 loss = self.vlm.answer_loss(
-                    b.input_ids, b.pixel_values, b.attention_mask, labels=b.labels, insert_layers=ks
+                    b.input_ids, b.pixel_values, b.attention_mask, labels=b.labels, insert_layers=ks,
+                    **b.image_inputs,
                 )  # (b, K)
                 out[sl] = loss.float().cpu().numpy().reshape(-1, len(ks))
         return out
@@ -322,6 +323,7 @@ class VLMLossProvider(LossProvider):
                     insert_layer=k,
                     max_new_tokens=max(1, min(self.max_new_tokens, max(n_ref))),
                     eos_token_id=self.vlm.eos_token_ids(),
+                    **b.image_inputs,
                 ).cpu()  # (b, T_new)
                 texts.extend(
                     tok.decode(new[i, :n].tolist(), skip_special_tokens=True) for i, n in enumerate(n_ref)

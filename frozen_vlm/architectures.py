@@ -1,8 +1,9 @@
-"""Model configs: hub id, dtype and the exact LLaVA architecture.
+"""Model configs: hub id, dtype and the exact architecture of a supported VLM.
 
-A YAML file in ``configs/`` (package ``deepinsert.configs``) describes one LLaVA-1.5
-checkpoint completely enough to build a random-weight model of the real shape without any
-download (``ModelConfig.to_llava_config()``), which times exactly like the real model::
+A YAML file in ``configs/`` (package ``deepinsert.configs``) describes one checkpoint
+(LLaVA-1.5, LLaVA-NeXT or Qwen2.5-VL: ``family``) completely enough to build a random-weight
+model of the real shape without any download (``ModelConfig.to_hf_config()``), which times
+exactly like the real model::
 
     source: llava-hf/llava-1.5-7b-hf
     dtype: bfloat16
@@ -32,6 +33,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _DTYPES = ("float32", "float16", "bfloat16", "auto")
 _SELECT_STRATEGIES = ("default", "full")
+FAMILIES = ("llava", "llava_next", "qwen2_5_vl")
+"""``config.model_type`` of the supported architectures (docs/architectures.md)."""
+_TEXT_TYPES = ("llama", "mistral")
 
 
 def _positive_ints(obj: Any, names: tuple[str, ...]) -> None:
@@ -66,8 +70,18 @@ class TextArchitecture:
     rope_theta: float = 10000.0
     hidden_act: str = "silu"
     pad_token_id: int | None = None
+    model_type: str = "llama"  # decoder of LLaVA / LLaVA-NeXT: "llama" or "mistral" (Qwen2.5-VL: its own)
+    mrope_section: list[int] | None = None  # Qwen2.5-VL: rotary dims per (t, h, w) axis, summing to head_dim/2
 
     def __post_init__(self) -> None:
+        if self.model_type not in _TEXT_TYPES:
+            raise ConfigError(f"text.model_type must be one of {_TEXT_TYPES}, got {self.model_type!r}")
+        if self.mrope_section is not None and (
+            len(self.mrope_section) != 3
+            or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in self.mrope_section)
+            or sum(self.mrope_section) * 2 * self.num_heads != self.hidden_size
+        ):
+            raise ConfigError(f"mrope_section must be 3 positive ints summing to head_dim / 2, got {self.mrope_section!r}")
         _positive_ints(
             self,
             (
@@ -103,7 +117,12 @@ class TextArchitecture:
 
 @dataclass
 class VisionArchitecture:
-    """The CLIP vision tower; ``feature_layer`` indexes its hidden states (−2 = penultimate)."""
+    """The vision tower; ``feature_layer`` indexes its hidden states (−2 = penultimate).
+
+    LLaVA / LLaVA-NeXT: a CLIP tower, ``image_size`` its tile side. Qwen2.5-VL: its own
+    vision transformer (the ``spatial_merge_size`` … ``fullatt_block_indexes`` fields);
+    ``image_size`` is then a nominal square image side for ``num_image_tokens``.
+    """
 
     hidden_size: int
     num_layers: int
@@ -116,6 +135,10 @@ class VisionArchitecture:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     projection_dim: int = 768
+    spatial_merge_size: int = 2  # Qwen2.5-VL: patches merged per side into one token
+    temporal_patch_size: int = 2  # Qwen2.5-VL: frames per patch
+    window_size: int = 112  # Qwen2.5-VL: window-attention side in pixels
+    fullatt_block_indexes: list[int] | None = None  # Qwen2.5-VL: blocks with full attention
 
     def __post_init__(self) -> None:
         _positive_ints(
@@ -128,6 +151,9 @@ class VisionArchitecture:
                 "image_size",
                 "patch_size",
                 "projection_dim",
+                "spatial_merge_size",
+                "temporal_patch_size",
+                "window_size",
             ),
         )
         _positive_floats(self, ("layer_norm_eps",))
@@ -166,7 +192,7 @@ class VisionArchitecture:
 
 @dataclass
 class ModelConfig:
-    """One LLaVA-1.5 checkpoint: where to load it, and its exact shape.
+    """One checkpoint: where to load it, its family, and its exact shape.
 
     Candidate insertion layers belong to the training config (``deepinsert.env.problem``),
     not to the model.
@@ -181,8 +207,21 @@ class ModelConfig:
     projector_bias: bool = True
     name: str | None = None
     notes: str | None = None
+    family: str = "llava"  # config.model_type: "llava", "llava_next" or "qwen2_5_vl"
+    image_grid_pinpoints: list[list[int]] | None = None  # LLaVA-NeXT: the any-resolution canvases (h, w)
+    video_token_id: int | None = None  # Qwen2.5-VL special ids
+    vision_start_token_id: int | None = None
+    vision_end_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if (self.family == "llava_next") != (self.image_grid_pinpoints is not None):
+            raise ConfigError("image_grid_pinpoints is required for family llava_next and only for it")
+        if self.family == "qwen2_5_vl" and (self.text.mrope_section is None or None in (
+                self.video_token_id, self.vision_start_token_id, self.vision_end_token_id)):
+            raise ConfigError("family qwen2_5_vl needs text.mrope_section and video_token_id, "
+                              "vision_start_token_id, vision_end_token_id")
         if not isinstance(self.source, str) or not self.source.strip():
             raise ConfigError(f"source must be a hub id or a folder path, got {self.source!r}")
         if not isinstance(self.text, TextArchitecture):
@@ -212,20 +251,29 @@ class ModelConfig:
 
     @property
     def num_image_tokens(self) -> int:
-        """Image tokens per image in the LM sequence (576 for CLIP ViT-L/14 at 336 px)."""
+        """Image tokens per image (576 for CLIP ViT-L/14 at 336 px). LLaVA-NeXT: per tile
+        (an image is several tiles); Qwen2.5-VL: of a nominal ``image_size`` square image."""
+        if self.family == "qwen2_5_vl":
+            return self.vision.num_patches // self.vision.spatial_merge_size**2
         return self.vision.num_image_tokens
+
+    def to_hf_config(self, *, num_layers: int | None = None, vision_layers: int | None = None) -> Any:
+        """The transformers config of this architecture and family (``LlavaConfig``,
+        ``LlavaNextConfig`` or ``Qwen2_5_VLConfig``); overrides as in :meth:`to_llava_config`."""
+        return self.to_llava_config(num_layers=num_layers, vision_layers=vision_layers)
 
     def to_llava_config(
         self, *, num_layers: int | None = None, vision_layers: int | None = None
     ) -> LlavaConfig:
-        """The ``transformers.LlavaConfig`` of this architecture (random-weight builds).
+        """The ``transformers.LlavaConfig`` of this architecture (random-weight builds); for the
+        other families their own config (:meth:`to_hf_config`).
 
         ``num_layers`` / ``vision_layers`` override the decoder / CLIP depth (e.g. a
         4-layer LM of the 7B width for a CPU speed run, a 1-layer tower that is not timed);
         every other size is the real one. With a shallower tower the feature layer is
         clamped into range.
         """
-        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig, MistralConfig
 
         n_text = self.text.num_layers if num_layers is None else num_layers
         n_vis = self.vision.num_layers if vision_layers is None else vision_layers
@@ -236,7 +284,12 @@ class ModelConfig:
         if n_vis != self.vision.num_layers:
             feature_layer = max(-(n_vis + 1), min(feature_layer, n_vis))
         t = self.text
-        text_config = LlamaConfig(
+        if self.family == "qwen2_5_vl":
+            return self._qwen_config(n_text, n_vis)
+        text_cls = MistralConfig if t.model_type == "mistral" else LlamaConfig
+        extra = {"sliding_window": None} if t.model_type == "mistral" else {}
+        text_config = text_cls(
+            **extra,
             vocab_size=t.vocab_size,
             hidden_size=t.hidden_size,
             intermediate_size=t.intermediate_size,
@@ -261,6 +314,18 @@ class ModelConfig:
             layer_norm_eps=v.layer_norm_eps,
             projection_dim=v.projection_dim,
         )
+        if self.family == "llava_next":
+            return LlavaNextConfig(
+                text_config=text_config,
+                vision_config=vision_config,
+                image_token_id=self.image_token_id,
+                image_seq_length=self.num_image_tokens,
+                projector_hidden_act=self.projector_act,
+                multimodal_projector_bias=self.projector_bias,
+                vision_feature_layer=feature_layer,
+                vision_feature_select_strategy=v.select_strategy,
+                image_grid_pinpoints=[list(p) for p in self.image_grid_pinpoints or ()],
+            )
         return LlavaConfig(
             text_config=text_config,
             vision_config=vision_config,
@@ -270,6 +335,32 @@ class ModelConfig:
             multimodal_projector_bias=self.projector_bias,
             vision_feature_layer=feature_layer,
             vision_feature_select_strategy=v.select_strategy,
+        )
+
+
+    def _qwen_config(self, n_text: int, n_vis: int) -> Any:
+        from transformers import Qwen2_5_VLConfig
+
+        t, v = self.text, self.vision
+        full = [i for i in (v.fullatt_block_indexes or []) if i < n_vis] or [n_vis - 1]
+        return Qwen2_5_VLConfig(
+            text_config=dict(  # noqa: C408 (keyword form of the config's fields)
+                vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                num_hidden_layers=n_text, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
+                hidden_act=t.hidden_act, max_position_embeddings=t.max_position_embeddings,
+                rms_norm_eps=t.rms_norm_eps, pad_token_id=t.pad_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta,
+                                 "mrope_section": list(t.mrope_section or ())},
+            ),
+            vision_config=dict(  # noqa: C408
+                depth=n_vis, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                num_heads=v.num_heads, hidden_act=v.hidden_act, patch_size=v.patch_size,
+                spatial_merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
+                window_size=v.window_size, fullatt_block_indexes=full, out_hidden_size=t.hidden_size,
+            ),
+            image_token_id=self.image_token_id, video_token_id=self.video_token_id,
+            vision_start_token_id=self.vision_start_token_id, vision_end_token_id=self.vision_end_token_id,
+            tie_word_embeddings=False,
         )
 
 

@@ -25,7 +25,7 @@ never had it, and multi-turn prompts follow the single-turn one.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,6 +36,8 @@ PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 TEXT_PROMPT_TEMPLATE = "USER: {question} ASSISTANT:"
 """The prompt of a request without an image (LLaVA-1.5's text-only turns)."""
 IGNORE_INDEX = -100
+IMAGE_INPUTS = ("image_sizes", "image_grid_thw")
+"""Per-image processor outputs kept beside ``pixel_values`` (LLaVA-NeXT; Qwen2.5-VL), one row per image."""
 
 
 @dataclass
@@ -45,14 +47,19 @@ class PromptBatch:
     Attributes:
         input_ids: ``(B, L)`` token ids, left padded.
         attention_mask: ``(B, L)`` 1 for real tokens, 0 for padding.
-        pixel_values: ``(I, 3, H, W)`` one image per sample that has one (in order), or ``None``.
+        pixel_values: ``(I, 3, H, W)`` one image per sample that has one (in order), or ``None``
+            (LLaVA-NeXT: ``(I, P, 3, H, W)`` tiles; Qwen2.5-VL: ``(n_patches, C·T·P·P)``).
         labels: ``(B, L)`` answer token ids at answer positions, ``-100`` elsewhere, or ``None``.
+        image_inputs: the processor's per-image outputs (:data:`IMAGE_INPUTS`), one row per
+            image, under their transformers names; pass them on as ``**batch.image_inputs``.
+            (Qwen2.5-VL's ``mm_token_type_ids`` is not kept: the engine derives it from the ids.)
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     pixel_values: torch.Tensor | None
     labels: torch.Tensor | None = None
+    image_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PromptBatch:
         """Move to ``device``; ``dtype`` applies to ``pixel_values`` only."""
@@ -64,6 +71,7 @@ class PromptBatch:
             attention_mask=self.attention_mask.to(device),
             pixel_values=pv,
             labels=None if self.labels is None else self.labels.to(device),
+            image_inputs={name: v.to(device) for name, v in self.image_inputs.items()},
         )
 
     def __len__(self) -> int:
@@ -144,6 +152,7 @@ def build_batch(
     tok = processor.tokenizer
     prompt_ids: list[list[int]] = []
     pixels: list[torch.Tensor | None] = []
+    per_image: list[dict[str, torch.Tensor]] = []
     sep = tok.eos_token or ""
     for i, (q, img) in enumerate(zip(questions, images)):
         if histories is not None and histories[i]:
@@ -155,6 +164,7 @@ def build_batch(
             enc = processor(text=[template.format(question=q)], images=[img], return_tensors="pt")
         prompt_ids.append([int(t) for t in enc["input_ids"][0]])
         pixels.append(None if img is None else enc["pixel_values"])
+        per_image.append({} if img is None else {n: enc[n] for n in IMAGE_INPUTS if enc.get(n) is not None})
     answer_ids: list[list[int]] = []
     if answers is not None:
         for i, a in enumerate(answers):
@@ -171,7 +181,7 @@ def build_batch(
         if answers is not None:
             labels = torch.full_like(ids, IGNORE_INDEX)
             labels[0, len(p):] = ids[0, len(p):]
-        parts.append(PromptBatch(ids, torch.ones_like(ids), pixels[i], labels))
+        parts.append(PromptBatch(ids, torch.ones_like(ids), pixels[i], labels, per_image[i]))
     return collate(parts, pad_token_id(tok))
 
 
@@ -180,7 +190,10 @@ def collate(parts: Sequence[PromptBatch], pad_id: int) -> PromptBatch:
 
     Padding already in ``parts`` is dropped first, so re-collating is stable. ``labels`` are
     kept only when every part has them; ``pixel_values`` are the parts' images in order
-    (parts without an image, text-only prompts, contribute none), ``None`` when no part has one.
+    (parts without an image, text-only prompts, contribute none), ``None`` when no part has one;
+    image tensors of different sizes past the first axis (LLaVA-NeXT's tile counts) are
+    zero-padded to the largest, as the processor pads them. ``image_inputs`` are concatenated
+    in the same order.
     """
     if not parts:
         raise InputError("nothing to collate: empty list of batches")
@@ -201,5 +214,20 @@ def collate(parts: Sequence[PromptBatch], pad_id: int) -> PromptBatch:
     pixel_values = None
     images = [p.pixel_values for p in parts if p.pixel_values is not None]
     if images:
+        shape = [max(x.shape[d] for x in images) for d in range(1, images[0].ndim)]
+        if any(list(x.shape[1:]) != shape for x in images):
+            images = [_pad_to(x, shape) for x in images]
         pixel_values = torch.cat(images, dim=0)  # (I, 3, H, W): one per block of image tokens, in order
-    return PromptBatch(input_ids, attention_mask, pixel_values, labels)
+    image_inputs: dict[str, torch.Tensor] = {}
+    for name in IMAGE_INPUTS:
+        rows_n = [p.image_inputs[name] for p in parts if name in p.image_inputs]
+        if rows_n:
+            image_inputs[name] = torch.cat(rows_n, dim=0)
+    return PromptBatch(input_ids, attention_mask, pixel_values, labels, image_inputs)
+
+
+def _pad_to(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Zero-pad ``x`` at the end of every axis past the first to ``shape``."""
+    out = x.new_zeros((x.shape[0], *shape))
+    out[tuple(slice(0, n) for n in x.shape)] = x
+    return out

@@ -1,4 +1,8 @@
-"""FrozenVLM: a frozen LLaVA whose image tokens enter at decoder layer k (DeepInsert).
+"""FrozenVLM: a frozen LLaVA-family VLM whose image tokens enter at decoder layer k (DeepInsert).
+
+Supported: LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL (docs/architectures.md); every method
+takes the processor's extra outputs under their transformers names (``image_sizes``;
+``image_grid_thw``, ``mm_token_type_ids``), and image-token counts may differ per sample.
 
 Semantics (docs/design.md §3): layers ``0..k-1`` run on the text tokens only, causal among
 themselves, with the position ids they have in the full sequence; at layer ``k`` the
@@ -40,7 +44,7 @@ import torch.nn.functional as F
 from deepinsert.errors import InputError
 from deepinsert.frozen_vlm.batching import IGNORE_INDEX
 from deepinsert.frozen_vlm.decoding import resolve_eos_ids
-from deepinsert.frozen_vlm.layers import LlavaParts, llava_parts
+from deepinsert.frozen_vlm.layers import LlavaParts, vlm_parts
 from deepinsert.frozen_vlm.prepare import InsertLayer, Prepared, normalize_insert_layer, prepare
 from deepinsert.frozen_vlm.sampling import make_picker
 
@@ -117,7 +121,7 @@ class FrozenVLM:
     """
 
     def __init__(self, model: torch.nn.Module, processor: Any = None, *, adapter: str | None = None) -> None:
-        self._parts: LlavaParts = llava_parts(model)
+        self._parts: LlavaParts = vlm_parts(model)
         model.eval()
         model.requires_grad_(False)
         self._model = model
@@ -327,16 +331,19 @@ class FrozenVLM:
 
     @torch.inference_mode()
     def layer0_input(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                     attention_mask: torch.Tensor | None = None, **extras: Any) -> torch.Tensor:
         """What layer 0 of the stock model receives, ``(B, L, D)``: token embeddings with the
-        image rows holding the projected image features."""
-        return prepare(self._parts, input_ids, pixel_values, attention_mask, 0).embeds
+        image rows holding the projected image features (``extras``: as in :meth:`forward`)."""
+        return prepare(self._parts, input_ids, pixel_values, attention_mask, 0, extras=extras).embeds
 
     @torch.inference_mode()
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected image features ``(I, n_img, D)`` for ``pixel_values`` ``(I, 3, H, W)``."""
-        feats = self._parts.image_features(pixel_values.to(self.device, self.dtype))
-        return torch.stack(feats)
+    def image_features(self, pixel_values: torch.Tensor, **extras: Any) -> torch.Tensor | list[torch.Tensor]:
+        """Projected image features: ``(I, n_img, D)`` when every image has ``n_img`` tokens
+        (LLaVA-1.5), else a list of ``(n_i, D)`` (``extras``: ``image_sizes`` / ``image_grid_thw``)."""
+        extras = self._parts.check_extras(extras)
+        self._parts.check_images(pixel_values, extras)
+        feats = self._parts.image_features(pixel_values.to(self.device, self.dtype), **extras)
+        return torch.stack(feats) if len({f.shape for f in feats}) == 1 else feats
 
     @torch.inference_mode()
     def forward(
@@ -349,25 +356,35 @@ class FrozenVLM:
         image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
         mode: str = "skip",
         exit_layer: int | None = None,
+        image_sizes: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``(B, L, V)`` with image tokens entering at ``insert_layer``.
 
         Args:
             input_ids: ``(B, L)`` ids with the image placeholders expanded, left padded.
-            pixel_values: ``(I, 3, H, W)``, one image per block of image tokens, in order.
+            pixel_values: ``(I, 3, H, W)``, one image per block of image tokens, in order
+                (LLaVA-NeXT: ``(I, P, 3, H, W)`` tiles; Qwen2.5-VL: ``(n_patches, C·T·P·P)``).
             attention_mask: ``(B, L)``; ``None`` means no padding.
             insert_layer: k in ``[0, N]``, or one k per sample (``(B,)``).
-            image_features: ``(I, n_img, D)`` precomputed projector outputs instead of
-                ``pixel_values`` (benchmarks use it to time the language model alone).
+            image_features: ``(I, n_img, D)`` (or a list of ``(n_i, D)``) precomputed projector
+                outputs instead of ``pixel_values`` (benchmarks use it to time the language model alone).
             mode: ``"skip"`` (late entry, DeepInsert) or ``"mask"`` (image tokens masked
                 below k, rows still computed; module docstring).
             exit_layer: m with ``k <= m <= N``: the image tokens leave after layer m - 1
                 (early exit); ``None`` = N (they stay).
+            image_sizes: LLaVA-NeXT's ``(I, 2)`` original image sizes (the processor's output).
+            image_grid_thw, mm_token_type_ids: Qwen2.5-VL's ``(I, 3)`` patch grids and
+                ``(B, L)`` token types (default: 1 at image tokens); the 3-D rotary position
+                ids are computed from them by the model's own ``get_rope_index``.
 
         Rows at image positions are unspecified for samples with k > 0 (skip mode) or m < N.
         """
         return self.logits(input_ids, pixel_values, attention_mask, insert_layer,
-                           image_features=image_features, mode=mode, exit_layer=exit_layer)
+                           image_features=image_features, mode=mode, exit_layer=exit_layer,
+                           image_sizes=image_sizes, image_grid_thw=image_grid_thw,
+                           mm_token_type_ids=mm_token_type_ids)
 
     __call__ = forward
 
@@ -382,6 +399,9 @@ class FrozenVLM:
         image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
         mode: str = "skip",
         exit_layer: int | None = None,
+        image_sizes: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``(B, L, V)``, or ``(n, V)`` at the ``True`` entries of ``positions`` ``(B, L)``.
 
@@ -389,7 +409,8 @@ class FrozenVLM:
         autograd off: a caller that turns gradients back on can train *through* late
         insertion (the demo builder does, with sampled insertion layers).
         """
-        prep = prepare(self._parts, input_ids, pixel_values, attention_mask, insert_layer, image_features)
+        extras = {"image_sizes": image_sizes, "image_grid_thw": image_grid_thw, "mm_token_type_ids": mm_token_type_ids}
+        prep = prepare(self._parts, input_ids, pixel_values, attention_mask, insert_layer, image_features, extras)
         h, _ = self._prefill(prep, None, mode, exit_layer)
         if positions is not None:
             if not isinstance(positions, torch.Tensor) or positions.shape != prep.attention_mask.shape:
@@ -409,6 +430,9 @@ class FrozenVLM:
         insert_layers: int | Sequence[int] = 0,
         mode: str = "skip",
         exit_layer: int | None = None,
+        image_sizes: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean next-token cross-entropy of each sample's answer tokens, for each k.
 
@@ -422,6 +446,7 @@ class FrozenVLM:
             insert_layers: one k, or K ks each applied to every sample.
             mode, exit_layer: as in :meth:`forward` (``exit_layer`` >= every k); with
                 either, each k runs its own full pass.
+            image_sizes, image_grid_thw, mm_token_type_ids: as in :meth:`forward`.
 
         Returns:
             ``(B, K)`` float32 losses, column j for ``insert_layers[j]``.
@@ -434,7 +459,8 @@ class FrozenVLM:
         if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
             raise InputError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(getattr(labels, 'shape', ()))}")
-        prep = prepare(self._parts, input_ids, pixel_values, attention_mask, min(ks))
+        extras = {"image_sizes": image_sizes, "image_grid_thw": image_grid_thw, "mm_token_type_ids": mm_token_type_ids}
+        prep = prepare(self._parts, input_ids, pixel_values, attention_mask, min(ks), extras=extras)
         labels = labels.to(self.device, torch.long)
         target = labels[:, 1:]  # (B, L-1)
         sel = target != IGNORE_INDEX
@@ -497,11 +523,15 @@ class FrozenVLM:
         seed: int | None = None,
         mode: str = "skip",
         exit_layer: int | None = None,
+        image_sizes: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Greedy (default) or sampled decoding with a KV cache under late insertion.
 
         Layers ``< k`` cache the text tokens only, layers ``>= k`` the full sequence; new
-        tokens take positions ``n_real + t``. Finished samples are padded with
+        tokens take positions ``n_real + t`` (one past the prompt's largest position id:
+        for Qwen2.5-VL the 3-D ids of text continue from there, as in the stock model). Finished samples are padded with
         ``pad_token_id`` (default: the eos id). Decoding continues after the last token of
         ``input_ids``: give generation prompts (``build_batch`` *without* answers); a loss
         batch already ends with its answer and typically decodes to an immediate EOS.
@@ -515,6 +545,7 @@ class FrozenVLM:
                 (``max_new_tokens=1`` then times exactly one serving prefill).
             temperature, top_p, seed: sampling (:mod:`~deepinsert.frozen_vlm.sampling`);
                 ``temperature=0`` (default) is exact greedy argmax.
+            image_sizes, image_grid_thw, mm_token_type_ids: as in :meth:`forward`.
             mode, exit_layer: as in :meth:`forward`. Masking mode caches the full sequence
                 in every layer (new tokens do not see image keys below k); after an early
                 exit layers >= m cache the text only.
@@ -526,7 +557,8 @@ class FrozenVLM:
             raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         eos = self.eos_token_ids(eos_token_id)
         pick = make_picker(temperature, top_p, seed)
-        prep = prepare(self._parts, input_ids, pixel_values, attention_mask, insert_layer, image_features)
+        extras = {"image_sizes": image_sizes, "image_grid_thw": image_grid_thw, "mm_token_type_ids": mm_token_type_ids}
+        prep = prepare(self._parts, input_ids, pixel_values, attention_mask, insert_layer, image_features, extras)
         if bool((prep.attention_mask[:, -1] == 0).any()):
             raise InputError("generate needs left padding (every prompt's last position a real token); "
                              "tokenize with padding_side='left'")
@@ -549,7 +581,7 @@ class FrozenVLM:
         nxt = pick(self._logits(h[:, -1]))  # (B,)
         finished = torch.isin(nxt, eos_t)
         out = [nxt]
-        pos = prep.attention_mask.sum(1, keepdim=True)  # (B, 1) position of the next token
+        pos = prep.next_position()  # (B, 1) position of the next token
         ones = torch.ones_like(pos)
         for _ in range(1, max_new_tokens):
             if bool(finished.all()):

@@ -1,9 +1,23 @@
-"""The ONE place that knows where transformers keeps a LLaVA's pieces.
+"""The ONE place that knows where transformers keeps a VLM's pieces.
 
-If a transformers release moves a module, only :func:`llava_parts` changes. Paths are
-those of transformers 5.23 (docs/design.md §4): ``m.model.vision_tower``,
-``m.model.multi_modal_projector``, ``m.model.get_image_features``,
-``m.model.language_model`` (a LlamaModel-like decoder) and ``m.lm_head``.
+If a transformers release moves a module, only this file changes. Paths are those of
+transformers 5.23 (docs/design.md §4): ``m.model.vision_tower`` (``m.model.visual`` for
+Qwen2.5-VL), ``m.model.get_image_features``, ``m.model.language_model`` (a LlamaModel-like
+decoder) and ``m.lm_head``.
+
+One parts class per supported family, returned by :func:`vlm_parts` (docs/architectures.md):
+
+* :class:`LlavaParts` -- ``LlavaForConditionalGeneration`` (LLaVA-1.5: a fixed number of
+  image tokens per image, 1-D positions);
+* :class:`LlavaNextParts` -- ``LlavaNextForConditionalGeneration`` (any-resolution tiles:
+  each image's token count follows from its ``image_sizes`` row);
+* :class:`QwenVLParts` -- ``Qwen2_5_VLForConditionalGeneration`` (variable counts from
+  ``image_grid_thw``; 3-D multimodal rotary position ids from the model's own
+  ``get_rope_index``).
+
+The engine only sees the common interface: the layer loop pieces, ``check_images`` /
+``image_features`` for the vision side and ``position_ids`` for the rotary positions
+(``(B, L)``, or ``(3, B, L)`` for Qwen2.5-VL; the sequence is always the last axis).
 """
 
 from __future__ import annotations
@@ -11,19 +25,31 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from transformers import DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from deepinsert.errors import ModelLoadError
+from deepinsert.errors import InputError, ModelLoadError
+
+SUPPORTED = ("LlavaForConditionalGeneration (model_type 'llava'), "
+             "LlavaNextForConditionalGeneration ('llava_next'), "
+             "Qwen2_5_VLForConditionalGeneration ('qwen2_5_vl')")
+"""The architectures :func:`vlm_parts` accepts, for error messages."""
 
 
 @dataclass(frozen=True)
 class LlavaParts:
-    """Handles on the modules of a LLaVA that the layer loop drives directly."""
+    """Handles on the modules of a LLaVA that the layer loop drives directly.
+
+    The base class is LLaVA-1.5; the other families override the vision side
+    (``extra_inputs``, ``check_images``, ``image_features``) and ``position_ids``.
+    """
+
+    family: ClassVar[str] = "LLaVA (LlavaForConditionalGeneration)"
+    extra_inputs: ClassVar[tuple[str, ...]] = ()  # processor outputs besides pixel_values
 
     model: nn.Module  # the LlavaForConditionalGeneration
     llava: nn.Module  # model.model (LlavaModel)
@@ -128,25 +154,231 @@ class LlavaParts:
         """The vision encoder (a CLIP vision model): ``pixel_values (I, 3, H, W)`` -> hidden states."""
         return self.llava.vision_tower
 
-    def image_features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    def image_features(self, pixel_values: torch.Tensor, **extras: Any) -> list[torch.Tensor]:
         """Projected image features, one ``(n_img, D)`` tensor per image of ``(I, 3, H, W)``."""
         out = self.llava.get_image_features(pixel_values=pixel_values, return_dict=True)
         return list(out.pooler_output)
 
+    # ------------------------------------------------------------------ family-specific inputs
+    def check_extras(self, extras: dict[str, Any]) -> dict[str, Any]:
+        """Drop ``None`` entries; ``InputError`` for a processor output this family does not take."""
+        given = {n: v for n, v in extras.items() if v is not None}
+        wrong = sorted(set(given) - set(self.extra_inputs))
+        if wrong:
+            takes = ", ".join(self.extra_inputs) or "none"
+            raise InputError(f"{', '.join(wrong)} is not an input of {self.family} (its extra inputs: {takes})")
+        return given
 
-def llava_parts(model: nn.Module) -> LlavaParts:
-    """Return the :class:`LlavaParts` of ``model``; ``ModelLoadError`` if it is not a LLaVA."""
+    def check_images(self, pixel_values: torch.Tensor, extras: dict[str, Any]) -> list[int] | None:
+        """Validate ``pixel_values``; image tokens each image expands to, ``None`` if unknown
+        before the vision tower runs."""
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
+            raise InputError(f"pixel_values must be an (I, 3, H, W) tensor, got "
+                             f"{tuple(getattr(pixel_values, 'shape', ()))}")
+        return [image_tokens_per_image(self.config)] * int(pixel_values.shape[0])
+
+    def image_token_count(self, height: int, width: int) -> tuple[int, dict[str, torch.Tensor]]:
+        """Image tokens of one ``height × width`` image as the processor prepares it, and the
+        extra inputs describing it (LLaVA-1.5: the image is resized to one tile)."""
+        return image_tokens_per_image(self.config), {}
+
+    def position_ids(self, input_ids: torch.Tensor, mask: torch.Tensor, extras: dict[str, Any]) -> torch.Tensor:
+        """Rotary position ids ``(B, L)`` of the full sequence: ``cumsum(mask) - 1``, 0 on pads."""
+        return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+class LlavaNextParts(LlavaParts):
+    """LLaVA-NeXT: any-resolution tiles, ``pixel_values (I, P, 3, H, W)`` + ``image_sizes (I, 2)``.
+
+    An image's token count depends on its original size (base tile + unpadded grid +
+    one ``image_newline`` per row), so it is known only after the vision tower ran; the
+    engine checks it against the ``<image>`` runs then. A Mistral decoder with a sliding
+    window gets the sliding-window mask, as in the stock model; prompts longer than the
+    window are refused (the window would count text slots only below k).
+    """
+
+    family: ClassVar[str] = "LLaVA-NeXT (LlavaNextForConditionalGeneration)"
+    extra_inputs: ClassVar[tuple[str, ...]] = ("image_sizes",)
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The decoder's sliding window (Mistral), or ``None``."""
+        if getattr(self.text_config, "model_type", None) != "mistral":
+            return None
+        return getattr(self.text_config, "sliding_window", None)
+
+    def causal_mask(self, h: torch.Tensor, mask2d: torch.Tensor, position_ids: torch.Tensor,
+                    cache: DynamicCache | None, layer_idx: int) -> Any:
+        """As :meth:`LlavaParts.causal_mask`; the sliding-window variant when the decoder has one."""
+        if mask2d.ndim == 4 or self.sliding_window is None:
+            return super().causal_mask(h, mask2d, position_ids, cache, layer_idx)
+        return create_sliding_window_causal_mask(
+            config=self.text_config, inputs_embeds=h, attention_mask=mask2d, past_key_values=cache,
+            position_ids=position_ids, layer_idx=layer_idx,
+        )
+
+    def check_images(self, pixel_values: torch.Tensor, extras: dict[str, Any]) -> list[int] | None:
+        """``pixel_values (I, P, 3, H, W)`` (the processor's padded tiles) with ``image_sizes (I, 2)``."""
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 5:
+            raise InputError(f"LLaVA-NeXT pixel_values must be an (I, P, 3, H, W) tensor (the processor's "
+                             f"output), got {tuple(getattr(pixel_values, 'shape', ()))}")
+        sizes = extras.get("image_sizes")
+        n = int(pixel_values.shape[0])
+        if not isinstance(sizes, torch.Tensor) or tuple(sizes.shape) != (n, 2):
+            raise InputError(f"LLaVA-NeXT needs image_sizes, an ({n}, 2) tensor of each image's (height, width), "
+                             f"got {tuple(getattr(sizes, 'shape', ())) if sizes is not None else None}")
+        return None
+
+    def image_features(self, pixel_values: torch.Tensor, **extras: Any) -> list[torch.Tensor]:
+        """Packed features per image (base tile, unpadded grid, newlines): ``(n_i, D)`` each."""
+        out = self.llava.get_image_features(pixel_values=pixel_values, image_sizes=extras["image_sizes"],
+                                            return_dict=True)
+        return list(out.pooler_output)
+
+    def image_token_count(self, height: int, width: int) -> tuple[int, dict[str, torch.Tensor]]:
+        """Tokens of a ``height × width`` image: the model's own packer run on blank tiles
+        (one vision-tower call on the image's tiles)."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        tile = int(self.config.vision_config.image_size)
+        n_tiles = image_size_to_num_patches((height, width), self.config.image_grid_pinpoints, tile)
+        w = self.embed_tokens.weight
+        pv = torch.zeros((1, n_tiles, 3, tile, tile), dtype=w.dtype, device=w.device)
+        sizes = torch.tensor([[height, width]], device=w.device)
+        with torch.inference_mode():
+            n = int(self.image_features(pv, image_sizes=sizes)[0].shape[0])
+        return n, {"image_sizes": sizes}
+
+    def position_ids(self, input_ids: torch.Tensor, mask: torch.Tensor, extras: dict[str, Any]) -> torch.Tensor:
+        """As LLaVA-1.5; ``InputError`` when a prompt is longer than the sliding window."""
+        window = self.sliding_window
+        if window is not None and int(mask.sum(1).max()) > window:
+            raise InputError(f"a prompt of {int(mask.sum(1).max())} tokens is longer than the decoder's "
+                             f"sliding window ({window}); late insertion supports prompts within the window")
+        return super().position_ids(input_ids, mask, extras)
+
+
+class QwenVLParts(LlavaParts):
+    """Qwen2.5-VL: ``pixel_values (n_patches, C·T·P·P)`` + ``image_grid_thw (I, 3)``.
+
+    Position ids are the model's 3-D multimodal rotary ids ``(3, B, L)`` from its own
+    ``get_rope_index`` over the full sequence (text tokens after an image continue from
+    the image grid's largest id). Like the stock text model, the layers and the mask see
+    no ``position_ids`` (only the rotary embedding does). Images only (no video inputs).
+    """
+
+    family: ClassVar[str] = "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)"
+    extra_inputs: ClassVar[tuple[str, ...]] = ("image_grid_thw", "mm_token_type_ids")
+
+    def causal_mask(self, h: torch.Tensor, mask2d: torch.Tensor, position_ids: torch.Tensor,
+                    cache: DynamicCache | None, layer_idx: int) -> Any:
+        """As :meth:`LlavaParts.causal_mask`, without position ids (the stock text model passes none)."""
+        if mask2d.ndim == 4:
+            return mask2d
+        return create_causal_mask(config=self.text_config, inputs_embeds=h, attention_mask=mask2d,
+                                  past_key_values=cache, position_ids=None, layer_idx=layer_idx)
+
+    def run_layer(self, layer_idx: int, h: torch.Tensor, mask: Any, position_ids: torch.Tensor,
+                  position_embeddings: tuple[torch.Tensor, torch.Tensor], cache: DynamicCache | None) -> torch.Tensor:
+        """One decoder layer; the positions enter through ``position_embeddings`` only."""
+        return self.layers[layer_idx](
+            h, attention_mask=mask, position_ids=None, past_key_values=cache,
+            use_cache=cache is not None, position_embeddings=position_embeddings,
+        )
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        """The Qwen2.5-VL vision transformer (``model.model.visual``)."""
+        return self.llava.visual
+
+    def _grid(self, extras: dict[str, Any], n: int | None = None) -> torch.Tensor:
+        grid = extras.get("image_grid_thw")
+        if not isinstance(grid, torch.Tensor) or grid.ndim != 2 or grid.shape[1] != 3 or (
+                n is not None and grid.shape[0] != n):
+            raise InputError("Qwen2.5-VL needs image_grid_thw, an (I, 3) tensor of each image's "
+                             f"(t, h, w) patch grid, got {tuple(getattr(grid, 'shape', ())) if grid is not None else None}")
+        return grid
+
+    def check_images(self, pixel_values: torch.Tensor, extras: dict[str, Any]) -> list[int] | None:
+        """``pixel_values (n_patches, C·T·P·P)``; each image gives ``t·h·w / merge²`` tokens."""
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 2:
+            raise InputError(f"Qwen2.5-VL pixel_values must be an (n_patches, C*T*P*P) tensor (the processor's "
+                             f"output), got {tuple(getattr(pixel_values, 'shape', ()))}")
+        grid = self._grid(extras)
+        if int(grid.prod(-1).sum()) != pixel_values.shape[0]:
+            raise InputError(f"image_grid_thw describes {int(grid.prod(-1).sum())} patches, "
+                             f"pixel_values holds {pixel_values.shape[0]}")
+        merge = int(self.config.vision_config.spatial_merge_size)
+        return (grid.prod(-1) // merge**2).tolist()
+
+    def image_features(self, pixel_values: torch.Tensor, **extras: Any) -> list[torch.Tensor]:
+        """Merged patch features per image, ``(t·h·w / merge², D)`` each."""
+        out = self.llava.get_image_features(pixel_values=pixel_values, image_grid_thw=extras["image_grid_thw"],
+                                            return_dict=True)
+        return list(out.pooler_output)
+
+    def image_token_count(self, height: int, width: int) -> tuple[int, dict[str, torch.Tensor]]:
+        """Tokens of a ``height × width`` image (sides multiples of patch × merge, as the
+        processor resizes them): ``(h/p)(w/p) / merge²``, with its ``image_grid_thw``."""
+        vc = self.config.vision_config
+        unit = int(vc.patch_size) * int(vc.spatial_merge_size)
+        if height % unit or width % unit:
+            raise InputError(f"Qwen2.5-VL image sides must be multiples of {unit} px, got {height}x{width}")
+        grid = torch.tensor([[1, height // vc.patch_size, width // vc.patch_size]])
+        return int(grid.prod()) // int(vc.spatial_merge_size) ** 2, {"image_grid_thw": grid}
+
+    def position_ids(self, input_ids: torch.Tensor, mask: torch.Tensor, extras: dict[str, Any]) -> torch.Tensor:
+        """``(3, B, L)`` from the model's ``get_rope_index`` (0 on pads); 1-D ids broadcast when
+        the batch has no image token. ``mm_token_type_ids`` defaults to 1 at image tokens."""
+        is_image = input_ids == int(self.config.image_token_id)
+        if int(self.config.video_token_id) in input_ids:
+            raise InputError("video inputs are not supported (images only)")
+        if not bool(is_image.any()):
+            return super().position_ids(input_ids, mask, extras).unsqueeze(0).expand(3, -1, -1)
+        types = extras.get("mm_token_type_ids")
+        if types is None:
+            types = is_image.to(torch.int)
+        elif not isinstance(types, torch.Tensor) or types.shape != input_ids.shape:
+            raise InputError(f"mm_token_type_ids must have the shape of input_ids {tuple(input_ids.shape)}")
+        n_runs = int((is_image[:, 1:] & ~is_image[:, :-1]).sum() + is_image[:, 0].sum())
+        grid = self._grid(extras, n_runs)
+        pos, _ = self.llava.get_rope_index(input_ids, mm_token_type_ids=types.to(input_ids.device),
+                                           image_grid_thw=grid.to(input_ids.device), attention_mask=mask)
+        return pos
+
+
+_FAMILIES: dict[str, tuple[type[LlavaParts], str]] = {
+    "llava": (LlavaParts, "LlavaForConditionalGeneration"),
+    "llava_next": (LlavaNextParts, "LlavaNextForConditionalGeneration"),
+    "qwen2_5_vl": (QwenVLParts, "Qwen2_5_VLForConditionalGeneration"),
+}
+
+
+def model_class(model_type: str | None, source: str = "the model") -> type[nn.Module]:
+    """The transformers class that loads a checkpoint of ``config.model_type``; ``ModelLoadError``
+    naming the supported architectures for any other type."""
+    if model_type not in _FAMILIES:
+        raise ModelLoadError(f"{source} is a {model_type!r} model, not a LLaVA-family VLM deepinsert supports; "
+                             f"supported: {SUPPORTED}")
+    import transformers
+
+    return getattr(transformers, _FAMILIES[model_type][1])
+
+
+def vlm_parts(model: nn.Module) -> LlavaParts:
+    """The parts of ``model`` for its family; ``ModelLoadError`` naming the supported ones otherwise."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type != "llava":
+    cls = _FAMILIES[model_type][0] if model_type in _FAMILIES else None
+    if cls is None:
         raise ModelLoadError(
-            f"expected a LLaVA model (LlavaForConditionalGeneration, config.model_type='llava'), "
-            f"got {type(model).__name__} with model_type={model_type!r}"
+            f"expected a LLaVA-family VLM, got {type(model).__name__} with model_type={model_type!r}, "
+            f"which is not supported; supported: {SUPPORTED}"
         )
     try:
         llava = model.model
         lm = llava.language_model
-        parts = LlavaParts(
+        parts = cls(
             model=model,
             llava=llava,
             embed_tokens=lm.embed_tokens,
@@ -161,11 +393,17 @@ def llava_parts(model: nn.Module) -> LlavaParts:
         raise ModelLoadError(
             f"{type(model).__name__} does not have the module layout of transformers 5.23 "
             f"(model.model.language_model.layers, model.lm_head): {e}. "
-            "deepinsert supports LlavaForConditionalGeneration from transformers>=5.23,<5.24."
+            f"deepinsert supports {SUPPORTED} from transformers>=5.23,<5.24."
         ) from e
     if not hasattr(llava, "get_image_features"):
         raise ModelLoadError(f"{type(llava).__name__} has no get_image_features()")
+    if "sliding_attention" in (getattr(parts.text_config, "layer_types", None) or ()):
+        raise ModelLoadError(f"{type(model).__name__}: decoders with sliding-window layers are not supported")
     return parts
+
+
+llava_parts = vlm_parts
+"""Former name of :func:`vlm_parts` (LLaVA-1.5 only then)."""
 
 
 def adaptable_linears(model: nn.Module, names: Sequence[str], *, projector: bool = False) -> list[str]:
@@ -175,7 +413,7 @@ def adaptable_linears(model: nn.Module, names: Sequence[str], *, projector: bool
     ``gate_proj``...); the vision tower's layers of the same name are excluded. With
     ``projector``, the multimodal projector's linear layers are added. Sorted.
     """
-    parts = llava_parts(model)
+    parts = vlm_parts(model)
     in_layers = {id(m) for m in parts.layers.modules()}
     in_projector = {id(m) for m in parts.llava.multi_modal_projector.modules()} if projector else set()
     wanted = set(names)
@@ -192,8 +430,13 @@ def image_tokens_per_image(config: Any) -> int:
     """Number of ``<image>`` placeholders one image expands to, from a LlavaConfig.
 
     ``(image_size // patch_size) ** 2`` patches, plus the CLS token when the feature select
-    strategy is ``"full"`` (``"default"`` drops it).
+    strategy is ``"full"`` (``"default"`` drops it). ``InputError`` for the other families,
+    whose count varies per image (count the image tokens of each prompt instead).
     """
+    model_type = getattr(config, "model_type", "llava")
+    if model_type != "llava":
+        raise InputError(f"a {model_type!r} model has no fixed image-token count per image "
+                         "(it depends on the image's size); count each prompt's image tokens")
     vc = config.vision_config
     n = (vc.image_size // vc.patch_size) ** 2
     if getattr(config, "vision_feature_select_strategy", "default") == "full":

@@ -53,7 +53,9 @@ def load_vlm(
     adapter: str | os.PathLike[str] | None = None,
     attn_implementation: str | None = None,
 ) -> FrozenVLM:
-    """Load a LLaVA-1.5 (``LlavaForConditionalGeneration``) and its processor, frozen.
+    """Load a supported VLM and its processor, frozen: LLaVA-1.5 (``LlavaForConditionalGeneration``),
+    LLaVA-NeXT (``LlavaNextForConditionalGeneration``) or Qwen2.5-VL
+    (``Qwen2_5_VLForConditionalGeneration``); the class follows ``config.model_type``.
 
     Args:
         source: hub id (``"llava-hf/llava-1.5-7b-hf"``), a folder saved with
@@ -68,7 +70,9 @@ def load_vlm(
     dev = get_device(device)
     dt = get_dtype(dtype, dev)
     src = resolve_source(source)
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoProcessor
+
+    from deepinsert.frozen_vlm.layers import model_class
 
     try:
         config = AutoConfig.from_pretrained(src)
@@ -77,18 +81,14 @@ def load_vlm(
             f"could not read a model config from {source!r}: neither a local save_pretrained folder "
             f"nor a reachable hub id ({type(e).__name__}: {str(e).splitlines()[0]})"
         ) from e
-    if getattr(config, "model_type", None) != "llava":
-        raise ModelLoadError(
-            f"{source!r} is a {getattr(config, 'model_type', '?')!r} model, not a LLaVA "
-            "(LlavaForConditionalGeneration); deepinsert needs a LLaVA-1.5-style checkpoint"
-        )
+    cls = model_class(getattr(config, "model_type", None), repr(source))
     kwargs: dict[str, Any] = {"dtype": dt}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(src, **kwargs)
+        model = cls.from_pretrained(src, **kwargs)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not load the LLaVA weights from {source!r}: {e}") from e
+        raise ModelLoadError(f"could not load the {cls.__name__} weights from {source!r}: {e}") from e
     identity = None
     if adapter is not None:
         model = _merge_adapter(model, adapter)

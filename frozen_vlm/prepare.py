@@ -6,17 +6,22 @@ projected image features — what layer 0 of the stock model sees.
 on the left, ``T = max_b (L - n_img_b)``. Every token keeps the position id it has in the
 full sequence (gapped ids), so layers ``< k`` run on text only yet RoPE sees the true
 distances (docs/design.md §3).
+
+Family differences (image inputs, token counts per image, 1-D or 3-D rotary positions)
+come from the parts object (:mod:`deepinsert.frozen_vlm.layers`); position ids keep the
+sequence on their last axis, ``(B, L)`` or ``(3, B, L)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from deepinsert.errors import InputError
-from deepinsert.frozen_vlm.layers import LlavaParts, image_tokens_per_image
+from deepinsert.frozen_vlm.layers import LlavaParts
 
 InsertLayer = int | Sequence[int] | torch.Tensor
 
@@ -29,13 +34,15 @@ class Prepared:
         embeds: ``(B, L, D)`` layer-0 input of the full layout (image rows = image features
             when they were computed, else the ``<image>`` token embedding).
         attention_mask: ``(B, L)`` long, 1 = real token.
-        position_ids: ``(B, L)`` padding-aware positions ``cumsum(mask) - 1`` (0 on pads).
+        position_ids: ``(B, L)`` padding-aware positions ``cumsum(mask) - 1`` (0 on pads), or
+            the family's own ``(3, B, L)`` multimodal rotary ids (Qwen2.5-VL).
         is_image: ``(B, L)`` bool, image-token positions.
         k: ``(B,)`` long, insertion layer of each sample.
         text_index: ``(B, T)`` long, full-layout index of each text slot (0 on extra pads).
         text_valid: ``(B, T)`` bool, slot holds a token of the full layout (pads included).
         text_mask: ``(B, T)`` long, attention mask of the text layout.
-        text_pos: ``(B, T)`` long, position ids of the text layout (gapped).
+        text_pos: ``(B, T)`` (or ``(3, B, T)``) long, position ids of the text layout (gapped).
+        image_counts: ``(B,)`` long, image tokens of each sample.
     """
 
     embeds: torch.Tensor
@@ -47,6 +54,14 @@ class Prepared:
     text_valid: torch.Tensor
     text_mask: torch.Tensor
     text_pos: torch.Tensor
+    image_counts: torch.Tensor
+
+    def next_position(self) -> torch.Tensor:
+        """``(B, 1)`` position id of each sample's first new token (one past its largest)."""
+        pos = self.position_ids
+        while pos.ndim > 2:
+            pos = pos.amax(0)
+        return pos.amax(1, keepdim=True) + 1
 
     def to_text(self, h: torch.Tensor) -> torch.Tensor:
         """Gather full-layout rows ``(B, L, D)`` into the text layout ``(B, T, D)``."""
@@ -118,8 +133,14 @@ def prepare(
     attention_mask: torch.Tensor | None,
     insert_layer: InsertLayer,
     image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    extras: Mapping[str, Any] | None = None,
 ) -> Prepared:
-    """Validate one call's inputs and build both layouts (runs the vision tower if needed)."""
+    """Validate one call's inputs and build both layouts (runs the vision tower if needed).
+
+    ``extras``: the processor's family-specific outputs under their transformers names
+    (``image_sizes``; ``image_grid_thw``, ``mm_token_type_ids``), ``None`` values ignored.
+    """
+    extras = parts.check_extras(dict(extras or {}))
     device = parts.embed_tokens.weight.device
     dtype = parts.embed_tokens.weight.dtype
     mask = check_ids(input_ids, attention_mask).to(device)
@@ -133,16 +154,14 @@ def prepare(
 
     image_token_id = int(parts.config.image_token_id)
     is_image = (input_ids == image_token_id) & mask.bool()
-    per_image = image_tokens_per_image(parts.config)
     n_tokens = int(is_image.sum())
     if pixel_values is not None and image_features is not None:
         raise InputError("give pixel_values or image_features, not both")
+    sizes: list[int] | None = None  # image tokens of each image, in order
     n_images: int | None = None
     if pixel_values is not None:
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
-            raise InputError(f"pixel_values must be an (I, 3, H, W) tensor, got "
-                             f"{tuple(getattr(pixel_values, 'shape', ()))}")
-        n_images = int(pixel_values.shape[0])
+        sizes = parts.check_images(pixel_values, extras)
+        n_images = int(pixel_values.shape[0]) if sizes is None else len(sizes)
         if n_tokens == 0:
             raise InputError(
                 f"pixel_values given for {n_images} image(s) but input_ids contain no image token "
@@ -150,18 +169,10 @@ def prepare(
             )
     elif image_features is not None:
         feats = list(image_features)
-        n_images = len(feats)
-        per_image = int(feats[0].shape[0]) if feats else per_image
-    if n_images is not None and n_tokens != n_images * per_image:
-        raise InputError(
-            f"image tokens and image features do not match: input_ids hold {n_tokens} image tokens, "
-            f"but {n_images} image(s) give {n_images * per_image} features ({per_image} per image)"
-        )
+        sizes = [int(f.shape[0]) for f in feats]
     counts = is_image.sum(1)
-    if n_tokens and ((counts % per_image) != 0).any():
-        raise InputError(
-            f"each sample's image-token count must be a multiple of {per_image}, got {counts.tolist()}"
-        )
+    if sizes is not None:
+        check_image_counts(sizes, counts)
     needs_images = bool(((counts > 0) & (k < N)).any())
     if needs_images and pixel_values is None and image_features is None:
         raise InputError(
@@ -172,13 +183,14 @@ def prepare(
     embeds = parts.embed_tokens(input_ids)  # (B, L, D)
     if needs_images:
         if pixel_values is not None:
-            feats = parts.image_features(pixel_values.to(device=device, dtype=dtype))
+            feats = parts.image_features(pixel_values.to(device=device, dtype=dtype), **extras)
+            check_image_counts([int(f.shape[0]) for f in feats], counts)
         flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], dim=0).to(device, embeds.dtype)
         if flat.shape[-1] != embeds.shape[-1]:
             raise InputError(f"image features have width {flat.shape[-1]}, the language model {embeds.shape[-1]}")
         embeds = embeds.masked_scatter(is_image.unsqueeze(-1), flat)
 
-    position_ids = (mask.cumsum(1) - 1).clamp(min=0)  # (B, L)
+    position_ids = parts.position_ids(input_ids, mask, extras)  # (B, L) or (3, B, L)
 
     # text layout: drop image tokens, re-pad on the left
     keep = ~is_image
@@ -190,5 +202,26 @@ def prepare(
         text_index[b, T - idx.numel():] = idx
         text_valid[b, T - idx.numel():] = True
     text_mask = mask.gather(1, text_index) * text_valid
-    text_pos = position_ids.gather(1, text_index) * text_valid
-    return Prepared(embeds, mask, position_ids, is_image, k, text_index, text_valid, text_mask, text_pos)
+    index = text_index.expand(*position_ids.shape[:-2], -1, -1)
+    text_pos = position_ids.gather(-1, index) * text_valid
+    return Prepared(embeds, mask, position_ids, is_image, k, text_index, text_valid, text_mask, text_pos, counts)
+
+
+def check_image_counts(sizes: Sequence[int], counts: torch.Tensor) -> None:
+    """``InputError`` unless the images' token counts ``sizes`` fill the samples' image tokens
+    ``counts`` ``(B,)`` exactly, each sample holding whole images, in order."""
+    n_tokens = int(counts.sum())
+    if sum(sizes) != n_tokens:
+        per = f" ({sizes[0]} per image)" if sizes and len(set(sizes)) == 1 else f" (per image: {list(sizes)})"
+        raise InputError(
+            f"image tokens and image features do not match: input_ids hold {n_tokens} image tokens, "
+            f"but {len(sizes)} image(s) give {sum(sizes)} features{per}"
+        )
+    bounds, acc = {0}, 0
+    for n in sizes:
+        acc += n
+        bounds.add(acc)
+    ends = counts.cumsum(0).tolist()
+    if any(e not in bounds for e in ends):
+        raise InputError(f"each sample must hold whole images: image tokens per sample {counts.tolist()}, "
+                         f"tokens per image {list(sizes)}")

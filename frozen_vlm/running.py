@@ -58,6 +58,7 @@ class RunningBatch:
         insert_layer: int | Sequence[int],
         *,
         image_features: torch.Tensor | None = None,
+        **image_inputs: Any,
     ) -> torch.Tensor:
         """Prefill ``g`` left-padded prompts and add them as rows ``ids``.
 
@@ -68,13 +69,16 @@ class RunningBatch:
             insert_layer: the group's k, or one k per prompt. Only the layers below the
                 smallest k run on the short text-only batch, so a scheduler groups by k when
                 the compute matters more than one more call.
+            image_inputs: the processor's extra outputs (``image_sizes``; ``image_grid_thw``,
+                ``mm_token_type_ids``), as in :meth:`FrozenVLM.forward`.
 
         Returns:
             ``(g, V)`` logits of each prompt's last position (they pick the first new token).
         """
         if len(set(ids)) != len(ids) or set(ids) & set(self.ids):
             raise InputError("request ids must be new and distinct")
-        prep = prepare(self._parts, input_ids, pixel_values, attention_mask, insert_layer, image_features)
+        prep = prepare(self._parts, input_ids, pixel_values, attention_mask, insert_layer, image_features,
+                       image_inputs)
         if len(ids) != prep.attention_mask.shape[0]:
             raise InputError(f"{len(ids)} ids for {prep.attention_mask.shape[0]} prompts")
         if bool((prep.attention_mask[:, -1] == 0).any()):
@@ -85,7 +89,7 @@ class RunningBatch:
         h, masks = self.vlm._prefill(prep, cache)
         self.cache.add_rows(cache, masks)
         self.ids.extend(ids)
-        self._pos = torch.cat([self._pos, prep.attention_mask.sum(1)])
+        self._pos = torch.cat([self._pos, prep.next_position().squeeze(1)])
         return self.vlm._logits(h[:, -1])
 
     @torch.inference_mode()
