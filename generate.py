@@ -62,6 +62,12 @@ def _check_router_fits(router: Router, vlm: FrozenVLM) -> None:
             f"loaded with {name(vlm.adapter)}; load it with load_vlm(..., adapter=<that adapter folder>) "
             "or use a router exported for this model"
         )
+    arch = type(vlm.model).__name__
+    if info.model_architecture is not None and info.model_architecture != arch:
+        raise InputError(
+            f"the router was trained for a {info.model_architecture} ({info.model_source!r}); "
+            f"this model is a {arch}"
+        )
     if info.num_layers != vlm.num_layers:
         raise InputError(
             f"the router was trained for a model with N={info.num_layers} decoder layers "

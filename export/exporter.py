@@ -90,6 +90,7 @@ def export_bundle(
     model_source: str,
     max_tokens: int,
     model_adapter: str | None = None,
+    model_architecture: str | None = None,
     guard: Any = None,
     fallback_layer: int | None = None,
     budget_table: dict[str, Any] | None = None,
@@ -111,6 +112,8 @@ def export_bundle(
         tokenizer: the model's fast transformers tokenizer.
         model_adapter: identity of the peft adapter merged into the model (``vlm.adapter``);
             recorded so ``deepinsert.generate`` refuses the bundle on another model.
+        model_architecture: the model's class name (``type(vlm.model).__name__``), recorded
+            and checked the same way.
         guard: the run's :class:`~deepinsert.policy.guard.ObsGuard` (None: no guard).
         fallback_layer: where a tripped guard routes (default: the lowest candidate layer).
         budget_table: loss-curve only: the λ -> mean FLOPs fraction calibration table.
@@ -183,6 +186,7 @@ def export_bundle(
         num_layers=int(num_layers),
         model_source=str(model_source),
         model_adapter=model_adapter,
+        model_architecture=model_architecture,
         observation=ObservationSpec(kind=OBSERVATION_KIND, max_tokens=int(max_tokens), dim=D, vocab_size=V),
         probs_definition=PROBS_DEFINITION[kind],
         guard=guard_block,
@@ -273,6 +277,7 @@ def export_run(
         num_layers=info["num_layers"],
         model_source=info["model_source"],
         model_adapter=vlm.adapter,
+        model_architecture=type(vlm.model).__name__,
         max_tokens=int(obs.get("max_tokens", 256)),
         metrics=run.metrics,
         run_meta={

@@ -145,6 +145,7 @@ class BundleInfo:
     checksums: dict[str, str] = field(default_factory=dict)  # file name -> sha256 hex
     run: dict[str, Any] = field(default_factory=dict)  # seed, run folder, deepinsert version
     model_adapter: str | None = None  # identity ("sha256:...") of the peft adapter merged into that model; None: base
+    model_architecture: str | None = None  # the model's class, e.g. "LlavaForConditionalGeneration"; None: not recorded
     info_sha256: str | None = None  # sha256 of this file's canonical content without this key
     format: str = BUNDLE_FORMAT
     format_version: int = BUNDLE_FORMAT_VERSION
@@ -196,6 +197,8 @@ class BundleInfo:
             if (len(lams) != len(fr) or len(lams) < 2 or any(b <= a for a, b in zip(lams, lams[1:]))
                     or any(b > a for a, b in zip(fr, fr[1:]))):
                 raise BundleError("router.json: budget_table must map increasing λ to non-increasing FLOPs fractions")
+        if self.model_architecture is not None and not isinstance(self.model_architecture, str):
+            raise BundleError(f"router.json: model_architecture must be a string or null, got {self.model_architecture!r}")
         if self.checksums is not None and not isinstance(self.checksums, dict):
             raise BundleError("router.json: checksums must be an object {file: sha256}")
 

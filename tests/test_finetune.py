@@ -270,3 +270,20 @@ def test_cli_finetune_and_its_errors(tmp_path, capsys) -> None:
     cfg.write_text(yaml.safe_dump({"insert_layers": [0, 9], "device": "cpu"}))
     assert main(["finetune", "--config", str(cfg), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     assert "insert_layers" in capsys.readouterr().err
+
+
+def test_bundle_for_another_architecture_is_refused(make_tiny_bundle) -> None:
+    """The bundle records the model class; a router made for another family is refused."""
+    from deepinsert.generate import _check_router_fits
+    from deepinsert.router import Router
+
+    bundle, tok, weight, _ = make_tiny_bundle(dim=16, model_architecture="Qwen2_5_VLForConditionalGeneration",
+                                              n_validation=20)
+    router = Router.load(bundle)
+    assert router.info.model_architecture == "Qwen2_5_VLForConditionalGeneration"
+    model = tiny_llava(seed=0, num_layers=8, hidden=16, vocab=int(weight.shape[0]))
+    with pytest.raises(InputError, match="trained for a Qwen2_5_VLForConditionalGeneration.*this model is a "
+                                         "LlavaForConditionalGeneration"):
+        _check_router_fits(router, FrozenVLM(model))
+    same, *_ = make_tiny_bundle(dim=16, model_architecture="LlavaForConditionalGeneration", n_validation=20)
+    _check_router_fits(Router.load(same), FrozenVLM(model))  # fits
