@@ -314,19 +314,7 @@ class ModelConfig:
             layer_norm_eps=v.layer_norm_eps,
             projection_dim=v.projection_dim,
         )
-        if self.family == "llava_next":
-            return LlavaNextConfig(
-                text_config=text_config,
-                vision_config=vision_config,
-                image_token_id=self.image_token_id,
-                image_seq_length=self.num_image_tokens,
-                projector_hidden_act=self.projector_act,
-                multimodal_projector_bias=self.projector_bias,
-                vision_feature_layer=feature_layer,
-                vision_feature_select_strategy=v.select_strategy,
-                image_grid_pinpoints=[list(p) for p in self.image_grid_pinpoints or ()],
-            )
-        return LlavaConfig(
+        common = dict(
             text_config=text_config,
             vision_config=vision_config,
             image_token_id=self.image_token_id,
@@ -336,7 +324,9 @@ class ModelConfig:
             vision_feature_layer=feature_layer,
             vision_feature_select_strategy=v.select_strategy,
         )
-
+        if self.family == "llava_next":
+            return LlavaNextConfig(**common, image_grid_pinpoints=[list(p) for p in self.image_grid_pinpoints or ()])
+        return LlavaConfig(**common)
 
     def _qwen_config(self, n_text: int, n_vis: int) -> Any:
         from transformers import Qwen2_5_VLConfig
