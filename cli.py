@@ -172,7 +172,7 @@ def _args_sweep(p: argparse.ArgumentParser) -> None:
                    help="resume runs in --out whose checkpoints fail the integrity check (unpickled: trusted folders only)")
     p.add_argument("--algorithms", default=None,
                    help="comma-separated algorithms to compare at every λ (default: the config's algorithm and "
-                        "losscurve), e.g. ppo,a2c,dqn,losscurve")
+                        "losscurve, or ppo when the config's is losscurve), e.g. ppo,a2c,dqn,losscurve")
     p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
                    help=f"seeds of the loss-curve router (config seed, seed+1, ...; default {DEFAULT_SEEDS}, seconds each): "
                         "sweep.json reports mean ± spread")
@@ -182,8 +182,8 @@ def _args_sweep(p: argparse.ArgumentParser) -> None:
 
 
 def _parse_algorithms(text: str | None, default: str) -> list[str]:
-    if text is None:
-        return list(dict.fromkeys([default, "losscurve"]))
+    if text is None:  # the config's algorithm beside the other family (loss-curve vs the RL baseline)
+        return list(dict.fromkeys([default, "ppo" if default == "losscurve" else "losscurve"]))
     algs = [a.strip().lower() for a in text.split(",") if a.strip()]
     bad = [a for a in algs if a not in ALGORITHMS]
     if not algs or bad:

@@ -3,7 +3,7 @@
     >>> import deepinsert
     >>> from deepinsert.frozen_vlm import load_vlm
     >>> vlm = load_vlm("llava-hf/llava-1.5-7b-hf")                      # doctest: +SKIP
-    >>> out = deepinsert.generate(vlm, images, questions, router="bundles/lam0.1")  # doctest: +SKIP
+    >>> out = deepinsert.generate(vlm, images, questions, router="bundles/demo")  # doctest: +SKIP
     >>> out.texts, out.layers                                           # doctest: +SKIP
 
 ``router`` has no default: pass a :class:`~deepinsert.router.Router`, a bundle folder, or

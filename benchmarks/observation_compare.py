@@ -10,9 +10,13 @@ config's ``test`` and ``test_unseen`` splits:
   principal directions of the embedding table (foldable: the max is taken over *projected*
   rows, a (V, 32) table; word order still ignored, but one salient word is not averaged away);
 - ``mean+bigram``: the mean, plus the mean of products of consecutive projected rows
-  (a cheap order-aware term; also foldable as two gathers of the (V, 32) table).
+  (a cheap order-aware term; also foldable as two gathers of the (V, 32) table);
+- ``hidden:J``: the mean over the question's tokens of the frozen language model's hidden
+  states after its first J layers (the question alone, no image: work a text pass does
+  anyway; usable in-process only, the torch-free runtime cannot compute it).
 
-Captured gain at λ = 0.05, 0.1, 0.2 (mean ± std over seeds). Writes
+Captured gain at λ = 0, 0.05, 0.1, 0.2, 0.5 (mean ± std over seeds) and the accuracy at
+λ = 0.1, with the config's regression settings (``algo.epochs``, ``algo.weight_decay``). Writes
 ``benchmarks/results/observation_compare.json``. The default observation changes only if
 a variant wins on test_unseen without losing on test.
 """
@@ -27,7 +31,8 @@ from typing import Any
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results" / "observation_compare.json"
-LAMS = (0.05, 0.1, 0.2)
+LAMS = (0.0, 0.05, 0.1, 0.2, 0.5)
+HIDDEN = (2, 4)
 
 
 def _features(tok: Any, E: np.ndarray, A: np.ndarray, questions: list[str], kind: str) -> np.ndarray:
@@ -47,6 +52,24 @@ def _features(tok: Any, E: np.ndarray, A: np.ndarray, questions: list[str], kind
             big = (r[:-1] * r[1:]).mean(0) if len(ids) > 1 else np.zeros(P.shape[1])
             out.append(np.concatenate([mean, big]))
     return np.asarray(out, dtype=np.float32)
+
+
+def _hidden(vlm: Any, questions: list[str], j: int, batch: int = 64) -> np.ndarray:
+    """Mean-pooled hidden states after the first ``j`` decoder layers, question tokens only ``(S, D)``."""
+    import torch
+
+    from deepinsert.frozen_vlm.layers import vlm_parts
+
+    lm = vlm_parts(vlm.model).llava.language_model
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(questions), batch):
+            enc = vlm.tokenizer(questions[i:i + batch], add_special_tokens=False, padding=True, return_tensors="pt")
+            o = lm(input_ids=enc["input_ids"].to(vlm.device), attention_mask=enc["attention_mask"].to(vlm.device),
+                   output_hidden_states=True)
+            m = enc["attention_mask"].to(vlm.device)[..., None].float()
+            out.append(((o.hidden_states[j].float() * m).sum(1) / m.sum(1)).cpu().numpy())
+    return np.concatenate(out).astype(np.float32)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -82,27 +105,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     E = embedding_matrix(ws.embedding_weight)
     A = np.linalg.svd(E - E.mean(0), full_matrices=False)[2][:32].T  # (D, 32)
     res: dict[str, Any] = {}
-    for kind in ("mean", "mean+max", "mean+bigram"):
-        xtr = _features(ws.tokenizer, E, A, [s.question for s in train.samples], kind)
-        xs = {n: _features(ws.tokenizer, E, A, [s.question for s in sp.samples], kind) for n, sp in splits.items()}
+    def feats(kind: str, samples: list[Any]) -> np.ndarray:
+        qs = [s.question for s in samples]
+        if kind.startswith("hidden:"):
+            return _hidden(ws.vlm, qs, int(kind.split(":")[1]))
+        return _features(ws.tokenizer, E, A, qs, kind)
+
+    for kind in ("mean", "mean+max", "mean+bigram", *(f"hidden:{j}" for j in HIDDEN)):
+        xtr = feats(kind, train.samples)
+        xs = {n: feats(kind, sp.samples) for n, sp in splits.items()}
         per: dict[str, dict[str, list[float]]] = {n: {f"{lam:g}": [] for lam in LAMS} for n in splits}
+        acc: dict[str, list[float]] = {n: [] for n in splits}
         for seed in range(args.seeds):
             net = train_losscurve(xtr, L, net_arch=cfg.net_arch, normalize_obs=True, epochs=cfg.algo.epochs,
-                                  learning_rate=cfg.algo.regression_lr, batch_size=cfg.algo.batch_size, seed=seed)
+                                  learning_rate=cfg.algo.regression_lr, batch_size=cfg.algo.batch_size, seed=seed,
+                                  weight_decay=cfg.algo.weight_decay)
             for n, x in xs.items():
                 with torch.no_grad():
                     pred = net(torch.from_numpy(x)).numpy()
                 for lam in LAMS:
                     m = compare(tables[n], lam, decide(pred, ws.candidate_layers, lam, ws.num_layers))
                     per[n][f"{lam:g}"].append(float(m["captured_gain"]))
-        res[kind] = {n: {lam: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
-                         for lam, v in d.items()} for n, d in per.items()}
+                    if lam == 0.1:
+                        acc[n].append(float(m["router"]["accuracy"]))
+        res[kind] = {n: {lam: _ms(v) for lam, v in d.items()} for n, d in per.items()}
+        for n in splits:
+            res[kind][n]["accuracy@0.1"] = _ms(acc[n])
         print(kind, json.dumps(res[kind]))
     out = {"config": args.config, "seeds": args.seeds, "lams": list(LAMS), "router": "losscurve (no guard)",
+           "weight_decay": cfg.algo.weight_decay, "static_k0_accuracy": {n: float(t.correct[:, 0].mean())
+                                                                        for n, t in tables.items()},
            "results": res}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     return out
+
+
+def _ms(v: list[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
 
 
 if __name__ == "__main__":

@@ -110,8 +110,10 @@ class AlgoConfig:
     """Regression epochs over the training loss table (losscurve)."""
     regression_lr: float = 1e-3
     """Adam learning rate of the loss regression (losscurve; ``learning_rate`` is the RL one)."""
-    weight_decay: float = 1e-4
-    """Adam weight decay of the regression (losscurve)."""
+    weight_decay: float = 1e-2
+    """Adam weight decay of the regression (losscurve). Strong on purpose: it shrinks the predicted
+    curves toward the training mean, so a prompt unlike the training ones gets the best static
+    layer's decision instead of a confident wrong one (docs/routers.md, "Regularisation")."""
 
     def __post_init__(self) -> None:
         _finite("algo.learning_rate", self.learning_rate, lo=0.0)

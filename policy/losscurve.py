@@ -138,7 +138,7 @@ def train_losscurve(
     learning_rate: float,
     batch_size: int,
     seed: int,
-    weight_decay: float = 1e-4,
+    weight_decay: float = 1e-2,
 ) -> LossCurveNet:
     """Fit a :class:`LossCurveNet` to ``losses (S, K)`` from ``obs (S, D)`` (MSE on standardised losses)."""
     g = torch.Generator().manual_seed(int(seed))

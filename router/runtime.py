@@ -1,7 +1,7 @@
 """The torch-free router runtime: onnxruntime + ``tokenizers`` + numpy, nothing else.
 
     >>> from deepinsert.export import Router          # doctest: +SKIP
-    >>> router = Router.load("bundles/lam0.1")         # doctest: +SKIP
+    >>> router = Router.load("bundles/demo")         # doctest: +SKIP
     >>> router.route("What colour is the square?")     # doctest: +SKIP
     RouteDecision(layer=2, index=2, probs=(0.01, 0.03, 0.91, ...), num_tokens=6, truncated=False, fallback=False, ...)
     >>> router.route("What colour is the square?", budget=0.7)   # loss-curve bundles only  # doctest: +SKIP

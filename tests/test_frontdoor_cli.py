@@ -25,7 +25,7 @@ DATA = demo_data_root()
 def run_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("front")
     cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "demo.yaml").read_text())
-    cfg.update(model=str(demo_model_path()), total_timesteps=512, n_envs=16, checkpoint_every=256,
+    cfg.update(algorithm="ppo", model=str(demo_model_path()), total_timesteps=512, n_envs=16, checkpoint_every=256,
                cache_dir=str(d / "cache"), device="auto", dtype="auto")
     cfg["data"] = {"train": str(DATA / "train.json"), "eval": str(DATA / "test.json"),
                    "max_train_samples": 40, "max_eval_samples": 24}

@@ -15,7 +15,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 def test_shipped_demo_config_loads():
     cfg = load_train_config(str(CONFIGS / "demo.yaml"))
-    assert cfg.algorithm == "ppo" and cfg.model == "demo" and cfg.candidate_layers == "all"
+    assert cfg.algorithm == "losscurve" and cfg.model == "demo" and cfg.candidate_layers == "all"
     assert cfg.total_timesteps > 0 and cfg.lam >= 0
 
 

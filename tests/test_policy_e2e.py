@@ -21,7 +21,7 @@ DATA = Path(os.environ.get("DEEPINSERT_TEST_DATA", demo_data_root()))
 def config(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("e2e")
     cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "demo.yaml").read_text())
-    cfg.update(model=str(MODEL), total_timesteps=512, n_envs=16, checkpoint_every=256,
+    cfg.update(algorithm="ppo", model=str(MODEL), total_timesteps=512, n_envs=16, checkpoint_every=256,
                cache_dir=str(d / "cache"), device="cpu", dtype="float32")
     cfg["data"] = {"train": str(DATA / "train.json"), "eval": str(DATA / "test.json"),
                    "max_train_samples": 40, "max_eval_samples": 24}

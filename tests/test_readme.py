@@ -2,7 +2,7 @@
 
 The ```python and ```bash fenced blocks are extracted in order and run in one fresh working
 folder, so later blocks see what earlier ones wrote (the quickstart's ``runs/sweep``, the
-exported ``bundles/lam0.1``), as they would for a reader following the README:
+exported ``bundles/demo``), as they would for a reader following the README:
 
 - ```python blocks run in this process, each as a fresh ``__main__`` script in that folder;
 - ```bash blocks run in ``bash -e`` in that folder (the installed ``deepinsert`` command).
