@@ -211,7 +211,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                        progress=not args.no_progress, trust_run=args.trust_run)
     print()
     print(format_sweep(result))
-    print(f"\nwrote {args.out}/sweep.json, {args.out}/pareto.png and the run folders (lam<λ>/ for the config's algorithm and seed, <algorithm>/seed<s>/ for the others)")
+    print(f"\nwrote {args.out}/sweep.json, {args.out}/pareto.png and the run folders (losscurve/seed<s>/ for the loss-curve router, lam<λ>/ for an RL config's algorithm and seed, "
+          "<algorithm>/seed<s>/lam<λ>/ for the other RL runs)")
     return 0
 
 
