@@ -138,9 +138,10 @@ def train_losscurve(
     learning_rate: float,
     batch_size: int,
     seed: int,
-    weight_decay: float = 1e-2,
+    weight_decay: float,
 ) -> LossCurveNet:
-    """Fit a :class:`LossCurveNet` to ``losses (S, K)`` from ``obs (S, D)`` (MSE on standardised losses)."""
+    """Fit a :class:`LossCurveNet` to ``losses (S, K)`` from ``obs (S, D)`` (MSE on standardised losses);
+    ``weight_decay``: Adam's (the config's ``algo.weight_decay``, whose doc says why it is strong)."""
     g = torch.Generator().manual_seed(int(seed))
     torch.manual_seed(int(seed))
     x = torch.as_tensor(np.asarray(obs, dtype=np.float32))

@@ -19,6 +19,7 @@ from deepinsert.env.observation import prompt_observations
 from deepinsert.env.problem import reward
 from deepinsert.errors import BundleError, InputError
 from deepinsert.export.exporter import export_bundle
+from deepinsert.policy.config import AlgoConfig
 from deepinsert.policy.guard import fit_guard
 from deepinsert.policy.losscurve import (
     LossCurveNet,
@@ -69,7 +70,7 @@ def _lc_net(train_obs, normalize=True, seed=0):
     ks = np.asarray(LAYERS)[None, :]
     losses = 0.2 + np.where(ks > brk[:, None], 1.5 + 0.1 * (ks - brk[:, None]), 0.0)
     return train_losscurve(x, losses, net_arch=[32, 32], normalize_obs=normalize, epochs=60, learning_rate=3e-3,
-                           batch_size=64, seed=seed)
+                           batch_size=64, seed=seed, weight_decay=AlgoConfig().weight_decay)
 
 
 def _export(out, policy, algorithm, tok, weight, **kw):
@@ -131,7 +132,7 @@ def test_losscurve_recovers_standin_best_layers_at_several_lams():
     ks = list(range(9))
     losses = np.array([[st.provider.loss_fn(s, k) for k in ks] for s in st.samples])
     net = train_losscurve(st.observations, losses, net_arch=[64, 64], normalize_obs=True, epochs=200,
-                          learning_rate=1e-3, batch_size=64, seed=0)
+                          learning_rate=1e-3, batch_size=64, seed=0, weight_decay=AlgoConfig().weight_decay)
     with torch.no_grad():
         pred = net(torch.from_numpy(st.observations)).numpy()
     for lam in (0.4, 1.0, 2.0):  # one training, every λ
