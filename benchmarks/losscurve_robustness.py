@@ -7,7 +7,8 @@ with several Adam weight decays, ``--seeds`` seeds each, and reports the capture
 λ = 0, 0.05, 0.1, 0.2, 0.5 on the validation split (what a user can select on: the training
 phrasings on new samples), ``test`` and ``test_unseen`` (phrasings no training prompt
 uses), without the guard; then, at the config's weight decay, the same with the guard fitted
-at several validation quantiles (its trip rate per split). Writes
+at several validation quantiles (its trip rate per split), and for ensembles of M networks
+(mean of their predicted curves; ``--seeds`` disjoint ensembles per M). Writes
 ``benchmarks/results/losscurve_robustness.json``.
 """
 
@@ -22,8 +23,9 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results" / "losscurve_robustness.json"
 LAMS = (0.0, 0.05, 0.1, 0.2, 0.5)
-WEIGHT_DECAYS = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+WEIGHT_DECAYS = (1e-4, 1e-3, 3e-3, 5e-3, 1e-2, 3e-2, 1e-1)
 QUANTILES = (None, 0.97, 0.99)
+MEMBERS = (3, 5)
 
 
 def _ms(v: list[float]) -> dict[str, float]:
@@ -67,10 +69,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                batch_size=cfg.algo.batch_size, seed=seed, weight_decay=wd)
 
     def captured(net: Any, fallback: dict[str, np.ndarray] | None) -> dict[str, dict[str, float]]:
+        """``net``: one network or a list (an ensemble: the mean of their predicted curves)."""
+        members = net if isinstance(net, list) else [net]
         out: dict[str, dict[str, float]] = {}
         for n, t in tables.items():
             with torch.no_grad():
-                pred = net(torch.from_numpy(t.observations)).numpy()
+                pred = np.mean([m(torch.from_numpy(t.observations)).numpy() for m in members], axis=0)
             fb = None if fallback is None else fallback[n]
             out[n] = {}
             for lam in LAMS:
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def summarise(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
         return {n: {lam: _ms([r[n][lam] for r in runs]) for lam in runs[0][n]} for n in runs[0]}
 
-    res: dict[str, Any] = {"weight_decay": {}, "guard": {}}
+    res: dict[str, Any] = {"weight_decay": {}, "guard": {}, "ensemble": {}}
     nets: dict[float, list[Any]] = {}
     for wd in WEIGHT_DECAYS:
         nets[wd] = [fit(wd, cfg.seed + s) for s in range(args.seeds)]
@@ -106,6 +110,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["guard"][key] = {"captured": summarise([captured(n, fb) for n in nets[wd0]]),
                              "trip_rate": {n: float(v.mean()) for n, v in fb.items()} if fb else None}
         print(f"guard {key}", json.dumps(res["guard"][key]), flush=True)
+    for m in MEMBERS:
+        ens = [[fit(wd0, cfg.seed + 1000 * (m + 1) + e * m + j) for j in range(m)] for e in range(args.seeds)]
+        res["ensemble"][str(m)] = summarise([captured(e, None) for e in ens])
+        print(f"ensemble {m}", json.dumps(res["ensemble"][str(m)]), flush=True)
     out = {"config": args.config, "seeds": args.seeds, "lams": list(LAMS), "config_weight_decay": wd0,
            "n": {n: len(t.losses) for n, t in tables.items()}, "results": res}
     atomic_write_json(args.out, out)
