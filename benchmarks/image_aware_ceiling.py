@@ -17,15 +17,13 @@ guard. Writes ``benchmarks/results/image_aware_ceiling.json``.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from router_bench import LAMS, arg_parser, open_bench, write
 
 RESULTS = Path(__file__).resolve().parent / "results" / "image_aware_ceiling.json"
-LAMS = (0.0, 0.05, 0.1, 0.2, 0.5)
 PCA = (2, 4)
 
 
@@ -46,38 +44,12 @@ def _image_summary(vlm: Any, samples: list[Any], batch: int = 64) -> np.ndarray:
     return out
 
 
-def _ms(v: list[float]) -> dict[str, float]:
-    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/demo.yaml")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args(argv)
-
-    import torch
-
-    torch.set_num_threads(1)
-    from deepinsert.policy.config import load_train_config
-    from deepinsert.policy.evaluate import build_tables, compare, eval_split, unseen_spec
-    from deepinsert.policy.losscurve import decide, train_losscurve
-    from deepinsert.policy.workspace import open_workspace
-    from deepinsert.utils.atomic import atomic_write_json
-
-    cfg = load_train_config(args.config)
-    ws = open_workspace(cfg, train=True, eval_spec=cfg.data.eval)
-    splits = {"test": ws.splits["eval"]}
-    u = unseen_spec(cfg.data.eval)
-    if u is not None:
-        splits["test_unseen"] = eval_split(ws, cfg, u)
-    train = ws.splits["train"]
-    L = ws.cache.table(train.samples, ws.candidate_layers, progress=False)
-    tables = {n: build_tables(ws, s, progress=False) for n, s in splits.items()}
-    img = {"train": _image_summary(ws.vlm, train.samples)}
-    img.update({n: _image_summary(ws.vlm, s.samples) for n, s in splits.items()})
-    q = {"train": train.observations, **{n: s.observations for n, s in splits.items()}}
+    args = arg_parser(__doc__, RESULTS).parse_args(argv)
+    b = open_bench(args.config)
+    img = {"train": _image_summary(b.ws.vlm, b.train.samples)}
+    img.update({n: _image_summary(b.ws.vlm, s.samples) for n, s in b.splits.items()})
+    q = {"train": b.train.observations, **{n: s.observations for n, s in b.splits.items()}}
     d = img["train"].shape[1] - 1
     has = img["train"][:, d] > 0
     mu = img["train"][has, :d].mean(0)
@@ -91,29 +63,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     variants = {"question": lambda n: q[n], "question+image": lambda n: np.concatenate([q[n], img[n]], 1)}
     for p in PCA:
         variants[f"question+image-pca{p}"] = lambda n, p=p: np.concatenate([q[n], pca(img[n], p)], 1)
-    res: dict[str, Any] = {}
-    for name, feat in variants.items():
-        per: dict[str, dict[str, list[float]]] = {n: {f"{lam:g}": [] for lam in LAMS} for n in splits}
-        acc: dict[str, list[float]] = {n: [] for n in splits}
-        for seed in range(args.seeds):
-            net = train_losscurve(feat("train"), L, net_arch=cfg.net_arch, normalize_obs=True, epochs=cfg.algo.epochs,
-                                  learning_rate=cfg.algo.regression_lr, batch_size=cfg.algo.batch_size,
-                                  seed=cfg.seed + seed, weight_decay=cfg.algo.weight_decay)
-            for n, t in tables.items():
-                with torch.no_grad():
-                    pred = net(torch.from_numpy(feat(n))).numpy()
-                for lam in LAMS:
-                    m = compare(t, lam, decide(pred, ws.candidate_layers, lam, ws.num_layers))
-                    per[n][f"{lam:g}"].append(float(m["captured_gain"]))
-                    if lam == 0.1:
-                        acc[n].append(float(m["router"]["accuracy"]))
-        res[name] = {n: {**{lam: _ms(v) for lam, v in dd.items()}, "accuracy@0.1": _ms(acc[n])}
-                     for n, dd in per.items()}
-        print(name, json.dumps(res[name]), flush=True)
+    res = b.compare_inputs(variants, args.seeds)
     out = {"config": args.config, "seeds": args.seeds, "lams": list(LAMS), "router": "losscurve (no guard)",
-           "weight_decay": cfg.algo.weight_decay, "results": res}
-    atomic_write_json(args.out, out)
-    print(f"wrote {args.out}")
+           "weight_decay": b.cfg.algo.weight_decay, "results": res}
+    write(args.out, out)
     return out
 
 

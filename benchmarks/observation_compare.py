@@ -23,15 +23,13 @@ a variant wins on test_unseen without losing on test.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from router_bench import LAMS, arg_parser, open_bench, write
 
 RESULTS = Path(__file__).resolve().parent / "results" / "observation_compare.json"
-LAMS = (0.0, 0.05, 0.1, 0.2, 0.5)
 HIDDEN = (2, 4)
 
 
@@ -73,76 +71,31 @@ def _hidden(vlm: Any, questions: list[str], j: int, batch: int = 64) -> np.ndarr
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/demo.yaml")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args(argv)
-
-    import torch
-
-    torch.set_num_threads(1)
+    args = arg_parser(__doc__, RESULTS).parse_args(argv)
     from deepinsert.env.observation import embedding_matrix
-    from deepinsert.policy.config import load_train_config
-    from deepinsert.policy.evaluate import (
-        build_tables,
-        compare,
-        eval_split,
-        unseen_spec,
-    )
-    from deepinsert.policy.losscurve import decide, train_losscurve
-    from deepinsert.policy.workspace import open_workspace
 
-    cfg = load_train_config(args.config)
-    ws = open_workspace(cfg, train=True, eval_spec=cfg.data.eval)
-    splits = {"test": ws.splits["eval"]}
-    u = unseen_spec(cfg.data.eval)
-    if u is not None:
-        splits["test_unseen"] = eval_split(ws, cfg, u)
-    train = ws.splits["train"]
-    L = ws.cache.table(train.samples, ws.candidate_layers, progress=False)
-    tables = {n: build_tables(ws, s, progress=False) for n, s in splits.items()}
+    b = open_bench(args.config)
+    ws = b.ws
     E = embedding_matrix(ws.embedding_weight)
     A = np.linalg.svd(E - E.mean(0), full_matrices=False)[2][:32].T  # (D, 32)
-    res: dict[str, Any] = {}
-    def feats(kind: str, samples: list[Any]) -> np.ndarray:
-        qs = [s.question for s in samples]
-        if kind.startswith("hidden:"):
-            return _hidden(ws.vlm, qs, int(kind.split(":")[1]))
-        return _features(ws.tokenizer, E, A, qs, kind)
+    samples = {"train": b.train.samples, **{n: s.samples for n, s in b.splits.items()}}
 
-    for kind in ("mean", "mean+max", "mean+bigram", *(f"hidden:{j}" for j in HIDDEN)):
-        xtr = feats(kind, train.samples)
-        xs = {n: feats(kind, sp.samples) for n, sp in splits.items()}
-        per: dict[str, dict[str, list[float]]] = {n: {f"{lam:g}": [] for lam in LAMS} for n in splits}
-        acc: dict[str, list[float]] = {n: [] for n in splits}
-        for seed in range(args.seeds):
-            net = train_losscurve(xtr, L, net_arch=cfg.net_arch, normalize_obs=True, epochs=cfg.algo.epochs,
-                                  learning_rate=cfg.algo.regression_lr, batch_size=cfg.algo.batch_size, seed=seed,
-                                  weight_decay=cfg.algo.weight_decay)
-            for n, x in xs.items():
-                with torch.no_grad():
-                    pred = net(torch.from_numpy(x)).numpy()
-                for lam in LAMS:
-                    m = compare(tables[n], lam, decide(pred, ws.candidate_layers, lam, ws.num_layers))
-                    per[n][f"{lam:g}"].append(float(m["captured_gain"]))
-                    if lam == 0.1:
-                        acc[n].append(float(m["router"]["accuracy"]))
-        res[kind] = {n: {lam: _ms(v) for lam, v in d.items()} for n, d in per.items()}
-        for n in splits:
-            res[kind][n]["accuracy@0.1"] = _ms(acc[n])
-        print(kind, json.dumps(res[kind]))
+    def variant(kind: str) -> Any:
+        def feat(split: str) -> np.ndarray:
+            qs = [s.question for s in samples[split]]
+            if kind.startswith("hidden:"):
+                return _hidden(ws.vlm, qs, int(kind.split(":")[1]))
+            return _features(ws.tokenizer, E, A, qs, kind)
+        return feat
+
+    kinds = ("mean", "mean+max", "mean+bigram", *(f"hidden:{j}" for j in HIDDEN))
+    res = b.compare_inputs({k: variant(k) for k in kinds}, args.seeds)
     out = {"config": args.config, "seeds": args.seeds, "lams": list(LAMS), "router": "losscurve (no guard)",
-           "weight_decay": cfg.algo.weight_decay, "static_k0_accuracy": {n: float(t.correct[:, 0].mean())
-                                                                        for n, t in tables.items()},
+           "weight_decay": b.cfg.algo.weight_decay,
+           "static_k0_accuracy": {n: float(t.correct[:, 0].mean()) for n, t in b.tables.items()},
            "results": res}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write(args.out, out)
     return out
-
-
-def _ms(v: list[float]) -> dict[str, float]:
-    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
 
 
 if __name__ == "__main__":

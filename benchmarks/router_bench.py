@@ -1,0 +1,136 @@
+"""Shared set-up of the loss-curve router benchmarks (``observation_compare``,
+``losscurve_robustness``, ``image_aware_ceiling``): the config's workspace, the train loss
+table, the held-out tables, the config's regression, and captured gain per λ.
+
+Not a benchmark itself; the scripts import it as a sibling module (``python benchmarks/X.py``
+puts ``benchmarks/`` on the path).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LAMS = (0.0, 0.05, 0.1, 0.2, 0.5)
+ACC_LAM = 0.1  # the λ at which accuracy is reported
+
+
+def arg_parser(doc: str, results: Path) -> argparse.ArgumentParser:
+    """``--config``, ``--seeds``, ``--out`` (the script's first doc line as description)."""
+    ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=results)
+    return ap
+
+
+def ms(v: list[float]) -> dict[str, float]:
+    """Mean and sample standard deviation."""
+    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
+
+
+def summarise(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """``[{split: {key: value}}]`` over seeds -> ``{split: {key: mean ± std}}``."""
+    return {n: {k: ms([r[n][k] for r in runs]) for k in runs[0][n]} for n in runs[0]}
+
+
+@dataclass
+class Bench:
+    """A config's workspace with the train loss table ``losses (S, K)`` and held-out ``tables``."""
+
+    cfg: Any
+    ws: Any
+    train: Any
+    losses: np.ndarray
+    splits: dict[str, Any]
+    tables: dict[str, Any]
+
+    def fit(self, x: np.ndarray, seed: int, weight_decay: float | None = None) -> Any:
+        """The config's loss-curve regression on training inputs ``x (S, D')`` (weight decay overridable)."""
+        from deepinsert.policy.losscurve import train_losscurve
+
+        a = self.cfg.algo
+        return train_losscurve(x, self.losses, net_arch=self.cfg.net_arch, normalize_obs=self.cfg.normalize_obs,
+                               epochs=a.epochs, learning_rate=a.regression_lr, batch_size=a.batch_size, seed=seed,
+                               weight_decay=a.weight_decay if weight_decay is None else weight_decay)
+
+    def captured(self, preds: dict[str, np.ndarray],
+                 fallback: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
+        """Per split: captured gain at each λ of ``LAMS`` and ``accuracy@0.1`` for predicted curves
+        ``preds[split] (S, K)``; ``fallback[split] (S,)`` sends those prompts to the lowest layer."""
+        from deepinsert.policy.evaluate import compare
+        from deepinsert.policy.losscurve import decide
+
+        ks = self.ws.candidate_layers
+        out: dict[str, dict[str, float]] = {}
+        for n, t in self.tables.items():
+            fb = None if fallback is None else fallback[n]
+            out[n] = {}
+            for lam in LAMS:
+                a = decide(preds[n], ks, lam, self.ws.num_layers)
+                if fb is not None:
+                    a = np.where(fb, int(np.argmin(ks)), a)
+                m = compare(t, lam, a, fb)
+                out[n][f"{lam:g}"] = float(m["captured_gain"])
+                if lam == ACC_LAM and m["router"]["accuracy"] is not None:
+                    out[n][f"accuracy@{ACC_LAM:g}"] = float(m["router"]["accuracy"])
+        return out
+
+    def compare_inputs(self, variants: dict[str, Callable[[str], np.ndarray]], seeds: int) -> dict[str, Any]:
+        """For each router input ``variants[name](split) (S, D')`` (``"train"`` and every held-out
+        split): ``seeds`` fits, summarised per split."""
+        import json
+
+        import torch
+
+        res: dict[str, Any] = {}
+        for name, feat in variants.items():
+            xs = {n: feat(n) for n in self.tables}
+            runs = []
+            for s in range(seeds):
+                net = self.fit(feat("train"), self.cfg.seed + s)
+                with torch.no_grad():
+                    runs.append(self.captured({n: net(torch.from_numpy(x)).numpy() for n, x in xs.items()}))
+            res[name] = summarise(runs)
+            print(name, json.dumps(res[name]), flush=True)
+        return res
+
+
+def open_bench(config: str, *, val: bool = False, accuracy: bool = True) -> Bench:
+    """Load ``config``'s workspace (one torch thread), its ``test`` split, ``test_unseen`` when it
+    exists and, with ``val``, the validation split; fill their tables and the train loss table."""
+    import torch
+
+    torch.set_num_threads(1)
+    from deepinsert.policy.config import load_train_config
+    from deepinsert.policy.evaluate import build_tables, eval_split, unseen_spec
+    from deepinsert.policy.train import validation_split
+    from deepinsert.policy.workspace import open_workspace
+
+    cfg = load_train_config(config)
+    ws = open_workspace(cfg, train=True, eval_spec=cfg.data.eval)
+    splits: dict[str, Any] = {}
+    if val:
+        splits["val"] = validation_split(ws, cfg)
+    splits["test"] = ws.splits["eval"]
+    u = unseen_spec(cfg.data.eval)
+    if u is not None:
+        splits["test_unseen"] = eval_split(ws, cfg, u)
+    train = ws.splits["train"]
+    losses = ws.cache.table(train.samples, ws.candidate_layers, progress=False)
+    tables = {n: build_tables(ws, s, accuracy=accuracy, progress=False) for n, s in splits.items()}
+    return Bench(cfg, ws, train, losses, splits, tables)
+
+
+def write(path: Path, obj: dict[str, Any]) -> Path:
+    """The results JSON, atomically."""
+    from deepinsert.utils.atomic import atomic_write_json
+
+    out = atomic_write_json(path, obj)
+    print(f"wrote {out}")
+    return out
