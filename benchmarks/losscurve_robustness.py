@@ -6,14 +6,15 @@ Trains the config's loss-curve router (its observation, network, epochs and lear
 with several Adam weight decays, ``--seeds`` seeds each, and reports the captured gain at
 λ = 0, 0.05, 0.1, 0.2, 0.5 on the validation split (what a user can select on: the training
 phrasings on new samples), ``test`` and ``test_unseen`` (phrasings no training prompt
-uses), without the guard; then, at the config's weight decay, the same with the guard fitted
-at several validation quantiles (its trip rate per split), and for ensembles of M networks
-(mean of their predicted curves; ``--seeds`` disjoint ensembles per M). Writes
+uses), without the guard; then, at the config's weight decay: several epoch counts, the
+guard fitted at several validation quantiles (its trip rate per split), and ensembles of M
+networks (mean of their predicted curves; ``--seeds`` disjoint ensembles per M). Writes
 ``benchmarks/results/losscurve_robustness.json``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "losscurve_robustness.js
 WEIGHT_DECAYS = (1e-4, 1e-3, 3e-3, 5e-3, 1e-2, 3e-2, 1e-1)
 QUANTILES = (None, 0.97, 0.99)
 MEMBERS = (3, 5)
+EPOCHS = (400, 1000, 2000)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return {n: np.mean([m(torch.from_numpy(t.observations)).numpy() for m in nets], axis=0)
                     for n, t in b.tables.items()}
 
-    res: dict[str, Any] = {"weight_decay": {}, "guard": {}, "ensemble": {}}
+    res: dict[str, Any] = {"weight_decay": {}, "epochs": {}, "guard": {}, "ensemble": {}}
     nets: dict[float, list[Any]] = {}
     for wd in WEIGHT_DECAYS:
         nets[wd] = [b.fit(train.observations, cfg.seed + s, wd) for s in range(args.seeds)]
@@ -67,6 +69,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["guard"][key] = {"captured": summarise([b.captured(curves([n]), fb) for n in nets[wd0]]),
                              "trip_rate": {n: float(v.mean()) for n, v in fb.items()} if fb else None}
         print(f"guard {key}", json.dumps(res["guard"][key]), flush=True)
+    for ep in EPOCHS:
+        bench_ep = dataclasses.replace(b, cfg=dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, epochs=ep)))
+        runs = [bench_ep.captured(curves([bench_ep.fit(train.observations, cfg.seed + s)])) for s in range(args.seeds)]
+        res["epochs"][str(ep)] = summarise(runs)
+        print(f"epochs {ep}", json.dumps(res["epochs"][str(ep)]), flush=True)
     for m in MEMBERS:
         ens = [[b.fit(train.observations, cfg.seed + 1000 * (m + 1) + e * m + j) for j in range(m)]
                for e in range(args.seeds)]

@@ -106,7 +106,7 @@ class AlgoConfig:
     """Final epsilon (dqn)."""
     target_update_interval: int = 500
     """Target network update period in steps (dqn)."""
-    epochs: int = 400
+    epochs: int = 1000
     """Regression epochs over the training loss table (losscurve)."""
     regression_lr: float = 1e-3
     """Adam learning rate of the loss regression (losscurve; ``learning_rate`` is the RL one)."""

@@ -45,13 +45,13 @@ def captured(tmp_path_factory) -> dict[str, dict[float, float]]:
 
 
 def test_never_worse_than_the_best_fixed_layer_on_unseen_phrasings(captured):
-    # measured (3 seeds): -0.0 / 0.1 / 0.3 / 1.3 / 10.8 %; float noise allowed at λ = 0
+    # measured (3 seeds): -0.0 / 0.1 / 0.3 / 1.4 / 12.1 %; float noise allowed at λ = 0
     for lam, c in captured["test_unseen"].items():
         assert c >= -0.005, (lam, c)
 
 
 def test_beats_the_best_fixed_layer_on_test(captured):
-    # measured (3 seeds): -0 ± 1 / 9 ± 2 / 17 ± 2 / 32 ± 2 / 48 ± 1 %
+    # measured (3 seeds): -2 ± 2 / 11 ± 2 / 21 ± 2 / 35 ± 1 / 49 ± 0 %
     c = captured["test"]
     assert c[0.0] >= -0.05, c
     assert c[0.1] >= 0.10 and c[0.2] >= 0.2 and c[0.5] >= 0.35, c
