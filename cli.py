@@ -681,7 +681,8 @@ def describe_path(path: Path) -> dict[str, Any]:
         sweep = _read_json(path / "sweep.json", problems) or {}
         runs = [{"lam": r.get("lam"), **(_metrics_summary(r) or {})} for r in sweep.get("runs", [])]
         return {"kind": "sweep", "path": str(path), "runs": runs,
-                "run_folders": sorted(d.name for d in path.iterdir() if (d / "run.json").is_file()),
+                "run_folders": sorted(str(p.parent.relative_to(path)) for p in path.glob("**/run.json")
+                                      if p.is_file()),
                 "files": {k: v for k, v in _files(path).items() if "/" not in k}, "problems": problems}
     raise InputError(f"{str(path)!r} holds none of router.json (a bundle), run.json (a run folder) "
                      "or sweep.json (a sweep folder)")

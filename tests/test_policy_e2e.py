@@ -77,6 +77,12 @@ def test_train_evaluate_sweep_cli(config, tmp_path, capsys):
     again = json.loads((sweep / "sweep.json").read_text())
     assert again["loss_cache"]["vlm_calls"] == 0
     np.testing.assert_allclose(again["runs"][1]["router"]["mean_reward"], res["runs"][1]["router"]["mean_reward"])
+    # `info` on the sweep folder lists every run folder, the loss-curve seeds' nested ones too
+    capsys.readouterr()
+    assert main(["info", str(sweep), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "sweep" and [r["lam"] for r in info["runs"]] == [0.0, 0.5]
+    assert info["run_folders"] == ["lam0", "lam0.5", "losscurve/seed0", "losscurve/seed1", "losscurve/seed2"]
 
 
 def test_candidate_layer_beyond_the_models_n_is_a_clear_cli_error(config, tmp_path, capsys):
