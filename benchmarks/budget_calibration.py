@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run_dirs = sorted((args.sweep / "losscurve").glob("seed*"))
     if not run_dirs:
         raise InputError(f"{args.sweep}/losscurve/seed*: no loss-curve runs (run `deepinsert sweep` first)")
-    b = open_bench(args.config)
+    b = open_bench(args.config, margin=args.margin)
     rows = []
     for rd in run_dirs:
         run = load_run(rd)

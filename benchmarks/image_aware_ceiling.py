@@ -46,7 +46,7 @@ def _image_summary(vlm: Any, samples: list[Any], batch: int = 64) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = arg_parser(__doc__, RESULTS).parse_args(argv)
-    b = open_bench(args.config)
+    b = open_bench(args.config, margin=args.margin)
     img = {"train": _image_summary(b.ws.vlm, b.train.samples)}
     img.update({n: _image_summary(b.ws.vlm, s.samples) for n, s in b.splits.items()})
     q = {"train": b.train.observations, **{n: s.observations for n, s in b.splits.items()}}

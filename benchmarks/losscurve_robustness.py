@@ -34,11 +34,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from deepinsert.env.observation import embedding_matrix
-    from deepinsert.policy.features import obs_stats
-    from deepinsert.policy.guard import fit_guard
+    from deepinsert.policy.train import fit_config_guard
 
-    b = open_bench(args.config, val=True, accuracy=False)
+    b = open_bench(args.config, val=True, accuracy=False, margin=args.margin)
     cfg, train = b.cfg, b.train
 
     def curves(nets: list[Any]) -> dict[str, np.ndarray]:
@@ -56,14 +54,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wd0 = cfg.algo.weight_decay
     if wd0 not in nets:
         nets[wd0] = [b.fit(train.observations, cfg.seed + s) for s in range(args.seeds)]
-    mean, std = obs_stats(train.observations)
-    std = np.maximum(std, max(float(std.max()) * 1e-3, 1e-6))
-    vocab = embedding_matrix(b.ws.embedding_weight)
     for q in QUANTILES:
         fb = None
         if q is not None:
-            g = fit_guard(train.observations, b.splits["val"].observations, dim=cfg.guard_dim, quantile=q, mean=mean,
-                          std=std, vocab=vocab)
+            g = fit_config_guard(dataclasses.replace(cfg, guard_quantile=q), train.observations,
+                                 b.splits["val"].observations, b.ws.embedding_weight)
             fb = {n: g.trips(t.observations) for n, t in b.tables.items()}
         key = "off" if q is None else f"{q:g}"
         res["guard"][key] = {"captured": summarise([b.captured(curves([n]), fb) for n in nets[wd0]]),

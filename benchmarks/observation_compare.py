@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = arg_parser(__doc__, RESULTS).parse_args(argv)
     from deepinsert.env.observation import embedding_matrix
 
-    b = open_bench(args.config)
+    b = open_bench(args.config, margin=args.margin)
     ws = b.ws
     E = embedding_matrix(ws.embedding_weight)
     A = np.linalg.svd(E - E.mean(0), full_matrices=False)[2][:32].T  # (D, 32)

@@ -21,10 +21,12 @@ ACC_LAM = 0.1  # the λ at which accuracy is reported
 
 
 def arg_parser(doc: str, results: Path) -> argparse.ArgumentParser:
-    """``--config``, ``--seeds``, ``--out`` (the script's first doc line as description)."""
+    """``--config``, ``--seeds``, ``--margin``, ``--out`` (the script's first doc line as description)."""
     ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--margin", type=float, default=None,
+                    help="decision margin of the routers (default: the config's algo.margin; 0 = plain argmax)")
     ap.add_argument("--out", type=Path, default=results)
     return ap
 
@@ -41,7 +43,8 @@ def summarise(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, di
 
 @dataclass
 class Bench:
-    """A config's workspace with the train loss table ``losses (S, K)`` and held-out ``tables``."""
+    """A config's workspace with the train loss table ``losses (S, K)`` and held-out ``tables``;
+    decisions use ``margin`` (safe layer: the lowest candidate, the guard's default fallback)."""
 
     cfg: Any
     ws: Any
@@ -49,6 +52,7 @@ class Bench:
     losses: np.ndarray
     splits: dict[str, Any]
     tables: dict[str, Any]
+    margin: float = 0.0
 
     def fit(self, x: np.ndarray, seed: int, weight_decay: float | None = None) -> Any:
         """The config's loss-curve regression on training inputs ``x (S, D')`` (weight decay overridable)."""
@@ -67,14 +71,15 @@ class Bench:
         from deepinsert.policy.losscurve import decide
 
         ks = self.ws.candidate_layers
+        safe = int(np.argmin(ks))
         out: dict[str, dict[str, float]] = {}
         for n, t in self.tables.items():
             fb = None if fallback is None else fallback[n]
             out[n] = {}
             for lam in LAMS:
-                a = decide(preds[n], ks, lam, self.ws.num_layers)
+                a = decide(preds[n], ks, lam, self.ws.num_layers, margin=self.margin, safe_index=safe)
                 if fb is not None:
-                    a = np.where(fb, int(np.argmin(ks)), a)
+                    a = np.where(fb, safe, a)
                 m = compare(t, lam, a, fb)
                 out[n][f"{lam:g}"] = float(m["captured_gain"])
                 if lam == ACC_LAM and m["router"]["accuracy"] is not None:
@@ -101,9 +106,10 @@ class Bench:
         return res
 
 
-def open_bench(config: str, *, val: bool = False, accuracy: bool = True) -> Bench:
+def open_bench(config: str, *, val: bool = False, accuracy: bool = True, margin: float | None = None) -> Bench:
     """Load ``config``'s workspace (one torch thread), its ``test`` split, ``test_unseen`` when it
-    exists and, with ``val``, the validation split; fill their tables and the train loss table."""
+    exists and, with ``val``, the validation split; fill their tables and the train loss table.
+    ``margin``: the decision margin (None: the config's ``algo.margin``)."""
     import torch
 
     torch.set_num_threads(1)
@@ -124,7 +130,7 @@ def open_bench(config: str, *, val: bool = False, accuracy: bool = True) -> Benc
     train = ws.splits["train"]
     losses = ws.cache.table(train.samples, ws.candidate_layers, progress=False)
     tables = {n: build_tables(ws, s, accuracy=accuracy, progress=False) for n, s in splits.items()}
-    return Bench(cfg, ws, train, losses, splits, tables)
+    return Bench(cfg, ws, train, losses, splits, tables, cfg.algo.margin if margin is None else float(margin))
 
 
 def write(path: Path, obj: dict[str, Any]) -> Path:

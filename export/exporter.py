@@ -172,6 +172,13 @@ def export_bundle(
         if fb not in layers:
             raise InputError(f"fallback_layer {fb} is not one of the candidate layers {layers}")
 
+    decision = {}
+    if kind == "losscurve" and policy.margin > 0:
+        safe = layers[policy.safe_index]
+        if fb is not None and safe != fb:
+            raise InputError(f"the loss-curve router's safe layer {safe} (decision margin) is not the guard's "
+                             f"fallback layer {fb}")
+        decision = {"decision_margin": float(policy.margin), "safe_layer": int(safe)}
     head = PolicyHead(policy, guard, layers, int(num_layers)).eval()
     graph = (FoldedRouter(head, weight) if fold else EmbeddingRouter(head, weight)).eval()
     val_prompts = validation_prompts(tokenizer, n_prompts, seed, extra=prompts)
@@ -194,7 +201,7 @@ def export_bundle(
         folded=bool(fold),
         versions=library_versions(),
         metrics=metrics,
-        run={**(run_meta or {}), "table_stored_as": graph.stored_dtype, "policy_digest": _digest(head)},
+        run={**(run_meta or {}), **decision, "table_stored_as": graph.stored_dtype, "policy_digest": _digest(head)},
     )
     with_lam = kind == "losscurve"
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -223,8 +230,8 @@ def export_bundle(
 
 
 def _digest(module: Any) -> str:
-    """sha256 over a module's state (names, shapes, bytes): recorded in router.json and in both
-    graphs, so graphs of two different exports are never mixed silently."""
+    """sha256 over a module's state (names, shapes, bytes) and its decision margin: recorded in
+    router.json and in both graphs, so graphs of two different exports are never mixed silently."""
     import hashlib
 
     h = hashlib.sha256()
@@ -233,6 +240,9 @@ def _digest(module: Any) -> str:
         h.update(name.encode())
         h.update(str(tuple(a.shape)).encode())
         h.update(a.numpy().tobytes())
+    decision = getattr(module, "decision", None)
+    if decision is not None and decision.margin > 0:
+        h.update(f"margin={decision.margin!r} safe={decision.safe_index}".encode())
     return h.hexdigest()[:32]
 
 

@@ -99,11 +99,14 @@ class GuardHead(nn.Module):
 
 
 class _Decision(nn.Module):
-    """scores (B, A) [+ lam] -> (action, probs, [losses])."""
+    """scores (B, A) [+ lam] -> (action, probs, [losses]); a loss-curve network's decision
+    margin and safe index (``deepinsert.policy.losscurve.decide``) are constants of the graph."""
 
-    def __init__(self, kind: str, candidate_layers: list[int], num_layers: int) -> None:
+    def __init__(self, kind: str, candidate_layers: list[int], num_layers: int, margin: float = 0.0,
+                 safe_index: int = 0) -> None:
         super().__init__()
         self.kind = kind
+        self.margin, self.safe_index = float(margin), int(safe_index)
         self.register_buffer("kfrac", torch.tensor([k / num_layers for k in candidate_layers], dtype=torch.float32))
 
     def forward(self, scores: torch.Tensor, lam: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -112,7 +115,11 @@ class _Decision(nn.Module):
             losses = scores.float()
             r = -losses + lam.reshape(1, 1) * self.kfrac  # (B, A)
             probs = torch.softmax(r, dim=-1)
-            return torch.argmax(r, dim=-1), probs, losses
+            action = torch.argmax(r, dim=-1)
+            if self.margin > 0:  # stay at the safe layer unless the best layer wins by more than the margin
+                gain = torch.amax(r, dim=-1) - r[:, self.safe_index]
+                action = torch.where(gain > self.margin, action, torch.full_like(action, self.safe_index))
+            return action, probs, losses
         probs = torch.softmax(scores.float(), dim=-1)
         return torch.argmax(probs, dim=-1), probs
 
@@ -127,7 +134,8 @@ class PolicyHead(nn.Module):
         self.policy = policy
         features, first, rest = router_parts(policy)
         self._features, self._first, self._rest = features, first, rest
-        self.decision = _Decision(self.kind, candidate_layers, num_layers)
+        margin, safe = (policy.margin, policy.safe_index) if self.kind == "losscurve" else (0.0, 0)
+        self.decision = _Decision(self.kind, candidate_layers, num_layers, margin, safe)
         self.has_guard = guard is not None
         if guard is not None:
             self.register_buffer("g_mean", torch.as_tensor(guard.mean))

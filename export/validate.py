@@ -124,6 +124,7 @@ def validate_bundle(
     ``router.json``'s ``validation`` block.
     """
     from deepinsert.env.problem import reward
+    from deepinsert.policy.losscurve import decide
 
     info = router.info
     weight = embedding_matrix(embedding_weight)  # (V, D) float32
@@ -164,8 +165,13 @@ def validate_bundle(
                                         ("embeddings", dec2, ref_a2, ref_s2, ood_ref2)):
             if lc:
                 got_s = np.array([d.losses for d in decs], dtype=np.float32)
-                ra = np.argmax(reward(rs, ks, lam, info.num_layers), axis=1)
+                ra = decide(rs, info.candidate_layers, lam, info.num_layers, margin=policy.margin,
+                            safe_index=policy.safe_index)
                 scale = max(1.0, float(np.abs(rs).max()))
+                if policy.margin > 0:  # within float noise of the margin either side is right
+                    r = reward(rs, ks, lam, info.num_layers)
+                    edge = np.abs(r.max(1) - r[:, policy.safe_index] - policy.margin) <= prob_atol * scale
+                    ra = np.where(edge, np.array([d.index for d in decs]), ra)
             else:
                 got_s = np.array([d.probs for d in decs], dtype=np.float32)
                 scale = 1.0

@@ -114,12 +114,19 @@ class AlgoConfig:
     """Adam weight decay of the regression (losscurve). Strong on purpose: it shrinks the predicted
     curves toward the training mean, so a prompt unlike the training ones gets the best static
     layer's decision instead of a confident wrong one (docs/routers.md, "Regularisation")."""
+    margin: float = 0.05
+    """Decision margin of the loss-curve router, in reward units (answer-loss nats): a prompt
+    leaves the safe layer (the guard's fallback layer, by default the stock model's k = 0) only
+    when the best layer's predicted reward beats the safe layer's by more than this. Guards
+    against near-ties decided by regression noise and against wordings the model itself
+    struggles with (docs/routers.md, "Decision margin"); 0 = plain argmax."""
 
     def __post_init__(self) -> None:
         _finite("algo.learning_rate", self.learning_rate, lo=0.0)
         if self.learning_rate <= 0:
             raise ConfigError(f"algo.learning_rate must be > 0, got {self.learning_rate}")
         _finite("algo.weight_decay", self.weight_decay, lo=0.0)
+        _finite("algo.margin", self.margin, lo=0.0)
         _finite("algo.regression_lr", self.regression_lr, lo=0.0)
         if self.regression_lr <= 0:
             raise ConfigError(f"algo.regression_lr must be > 0, got {self.regression_lr}")

@@ -7,7 +7,9 @@ predicted losses::
 
     action(x, λ) = argmax_k  -L̂(x)[k] + λ · k / N      (deepinsert.env.problem.reward)
 
-so one trained router serves every λ, and a request can pick λ (or a compute budget,
+unless that layer's predicted reward beats the safe layer's (the guard's fallback layer) by
+no more than the decision margin δ, in which case the prompt stays at the safe layer. One
+trained router serves every λ, and a request can pick λ (or a compute budget,
 through a calibration table) at routing time. Observation normalisation lives inside the
 network (buffers), like the RL policies'. Saved without pickle: ``policy.safetensors``
 (state dict) + the architecture in ``run.json`` (``architecture``), rebuilt in code by
@@ -33,12 +35,21 @@ class LossCurveNet(nn.Module):
     """``obs (B, D) -> predicted losses (B, K)``.
 
     ``mlp((obs - obs_mean) / obs_std) * loss_std + loss_mean`` with ReLU hidden layers; the
-    four statistics are buffers (saved with the weights, folded by the export).
+    four statistics are buffers (saved with the weights, folded by the export). ``margin`` and
+    ``safe_index`` are its decision rule's (:func:`decide`), kept with the network so every
+    consumer (evaluation, budget table, export) decides alike; ``run.json`` stores them in the
+    architecture block.
     """
 
-    def __init__(self, obs_dim: int, n_outputs: int, net_arch: Sequence[int]) -> None:
+    def __init__(self, obs_dim: int, n_outputs: int, net_arch: Sequence[int], *, margin: float = 0.0,
+                 safe_index: int = 0) -> None:
         super().__init__()
         self.obs_dim, self.n_outputs, self.net_arch = int(obs_dim), int(n_outputs), [int(h) for h in net_arch]
+        if not (np.isfinite(margin) and margin >= 0):
+            raise ModelLoadError(f"the decision margin must be a finite number >= 0, got {margin!r}")
+        if not 0 <= int(safe_index) < self.n_outputs:
+            raise ModelLoadError(f"safe_index {safe_index} is not one of the {self.n_outputs} outputs")
+        self.margin, self.safe_index = float(margin), int(safe_index)
         self.register_buffer("obs_mean", torch.zeros(obs_dim))
         self.register_buffer("obs_std", torch.ones(obs_dim))
         self.register_buffer("loss_mean", torch.zeros(n_outputs))
@@ -54,14 +65,16 @@ class LossCurveNet(nn.Module):
     def architecture(self) -> dict[str, Any]:
         """What ``run.json`` stores to rebuild the network without pickle."""
         return {"kind": ARCH_KIND, "obs_dim": self.obs_dim, "n_outputs": self.n_outputs,
-                "net_arch": list(self.net_arch), "activation": "relu"}
+                "net_arch": list(self.net_arch), "activation": "relu", "margin": self.margin,
+                "safe_index": self.safe_index}
 
     @classmethod
     def from_architecture(cls, arch: dict[str, Any]) -> LossCurveNet:
         if not isinstance(arch, dict) or arch.get("kind") != ARCH_KIND:
             raise ModelLoadError(f"run.json: architecture must be a {ARCH_KIND!r} block, got {arch!r}")
         try:
-            return cls(int(arch["obs_dim"]), int(arch["n_outputs"]), [int(h) for h in arch["net_arch"]])
+            return cls(int(arch["obs_dim"]), int(arch["n_outputs"]), [int(h) for h in arch["net_arch"]],
+                       margin=float(arch.get("margin", 0.0)), safe_index=int(arch.get("safe_index", 0)))
         except (KeyError, TypeError, ValueError) as e:
             raise ModelLoadError(f"run.json: bad loss-curve architecture {arch!r}: {e}") from e
 
@@ -72,10 +85,17 @@ class LossCurveNet(nn.Module):
         return self.mlp(self.normalize(obs)) * self.loss_std + self.loss_mean
 
 
-def decide(pred_losses: np.ndarray, candidate_layers: Sequence[int], lam: float, num_layers: int) -> np.ndarray:
-    """``argmax_k -L̂[k] + λ·k/N`` per row ``(B, K) -> (B,)`` int64 (first index on ties)."""
+def decide(pred_losses: np.ndarray, candidate_layers: Sequence[int], lam: float, num_layers: int, *,
+           margin: float = 0.0, safe_index: int = 0) -> np.ndarray:
+    """``argmax_k -L̂[k] + λ·k/N`` per row ``(B, K) -> (B,)`` int64 (first index on ties); with
+    ``margin`` δ > 0, rows whose best predicted reward beats column ``safe_index``'s by no more
+    than δ get ``safe_index``."""
     r = reward(pred_losses, np.asarray(candidate_layers)[None, :], lam, num_layers)
-    return np.argmax(r, axis=1).astype(np.int64)
+    a = np.argmax(r, axis=1).astype(np.int64)
+    if margin > 0:
+        rows = np.arange(len(a))
+        a = np.where(r[rows, a] - r[:, safe_index] > margin, a, np.int64(safe_index))
+    return a
 
 
 class LossCurveRouter:
@@ -103,7 +123,12 @@ class LossCurveRouter:
     def predict(self, obs: np.ndarray, deterministic: bool = True, lam: float | None = None) -> tuple[np.ndarray, None]:
         """Actions ``(B,)`` at ``lam`` (default: the run's λ)."""
         lam = self.lam if lam is None else lam
-        return decide(self.predict_losses(obs), self.candidate_layers, lam, self.num_layers), None
+        return self.decide(self.predict_losses(obs), lam), None
+
+    def decide(self, pred_losses: np.ndarray, lam: float) -> np.ndarray:
+        """Action indices ``(B,)`` for predicted losses ``(B, K)`` at ``lam``, with the network's margin."""
+        return decide(pred_losses, self.candidate_layers, lam, self.num_layers, margin=self.net.margin,
+                      safe_index=self.net.safe_index)
 
     def save(self, path: Path) -> None:
         """The state dict (weights and normalisation buffers) as safetensors, atomically."""
@@ -174,19 +199,20 @@ def train_losscurve(
 
 def budget_table(pred_losses: np.ndarray, flops: np.ndarray, candidate_layers: Sequence[int], num_layers: int,
                  fallback: np.ndarray | None = None, fallback_index: int = 0,
-                 lams: Sequence[float] | None = None) -> dict[str, list[float]]:
+                 lams: Sequence[float] | None = None, margin: float = 0.0) -> dict[str, list[float]]:
     """The monotone λ -> mean FLOPs fraction table of a calibration split.
 
     ``pred_losses`` ``(S, K)`` predicted losses, ``flops`` ``(S, K)`` each prompt's FLOPs
     fraction per candidate layer, ``fallback`` ``(S,)`` the guard's trips (those prompts
-    stay at the fallback layer whatever λ). The FLOPs column is made non-increasing in λ
+    stay at the fallback layer whatever λ), ``margin`` the router's decision margin (its safe
+    layer is the fallback layer). The FLOPs column is made non-increasing in λ
     (a running minimum), so a budget maps to one λ.
     """
     grid = np.asarray(lams if lams is not None else default_lam_grid(), dtype=np.float64)
     rows = np.arange(len(pred_losses))
     fr = []
     for lam in grid:
-        a = decide(pred_losses, candidate_layers, float(lam), num_layers)
+        a = decide(pred_losses, candidate_layers, float(lam), num_layers, margin=margin, safe_index=fallback_index)
         if fallback is not None:
             a = np.where(fallback, fallback_index, a)
         fr.append(float(flops[rows, a].mean()))

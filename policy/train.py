@@ -219,23 +219,31 @@ def validation_split(ws: Workspace, cfg: TrainConfig) -> Any:
         return None
 
 
+def fit_config_guard(cfg: TrainConfig, train_obs: np.ndarray, val_obs: np.ndarray | None,
+                     embedding_weight: Any = None) -> Any:
+    """The config's out-of-distribution guard (:class:`~deepinsert.policy.guard.ObsGuard`) on
+    training observations ``(S, D)``, calibrated on ``val_obs (S', D)`` (None: on the training
+    points), standardised as the policy network standardises them; ``embedding_weight`` (the
+    model's ``(V, D)`` input embeddings, optional) picks the guard's residual directions."""
+    from deepinsert.env.observation import embedding_matrix
+    from deepinsert.policy.features import obs_stats
+    from deepinsert.policy.guard import fit_guard
+
+    mean, std = obs_stats(train_obs)
+    std = np.maximum(std, max(float(std.max()) * 1e-3, 1e-6))
+    vocab = embedding_matrix(embedding_weight) if embedding_weight is not None else None
+    return fit_guard(train_obs, val_obs, dim=cfg.guard_dim, quantile=cfg.guard_quantile, mean=mean, std=std,
+                     vocab=vocab)
+
+
 def fit_run_guard(ws: Workspace, cfg: TrainConfig, out: Path) -> dict[str, Any]:
     """Fit the out-of-distribution guard on the training observations, calibrate it on the
     validation split, save it in ``out``; returns the run.json fields it adds."""
     if not cfg.guard:
         return {"guard": None}
-    from deepinsert.policy.features import obs_stats
-    from deepinsert.policy.guard import fit_guard
-
-    train = ws.splits["train"].observations
     val = validation_split(ws, cfg)
-    mean, std = obs_stats(train)
-    std = np.maximum(std, max(float(std.max()) * 1e-3, 1e-6))
-    from deepinsert.env.observation import embedding_matrix
-
-    vocab = embedding_matrix(ws.embedding_weight) if ws.embedding_weight is not None else None
-    guard = fit_guard(train, None if val is None else val.observations, dim=cfg.guard_dim,
-                      quantile=cfg.guard_quantile, mean=mean, std=std, vocab=vocab)
+    guard = fit_config_guard(cfg, ws.splits["train"].observations, None if val is None else val.observations,
+                             ws.embedding_weight)
     guard.save(out)
     return {"guard": guard.meta()}
 
@@ -274,6 +282,8 @@ def train_losscurve_router(
         net = train_losscurve(train.observations, losses, net_arch=cfg.net_arch, normalize_obs=cfg.normalize_obs,
                               epochs=cfg.algo.epochs, learning_rate=cfg.algo.regression_lr,
                               batch_size=cfg.algo.batch_size, seed=cfg.seed, weight_decay=cfg.algo.weight_decay)
+        net.margin = float(cfg.algo.margin)
+        net.safe_index = ws.candidate_layers.index(info["fallback_layer"])
         router = LossCurveRouter(net, ws.candidate_layers, ws.num_layers, cfg.lam)
         router.save(out / WEIGHTS_FILE)
         info["architecture"] = net.architecture()
@@ -289,9 +299,9 @@ def train_losscurve_router(
         flops = np.array([[ws.provider.flops_fraction(k, int(t[0]), int(t[1])) for k in ws.candidate_layers]
                           for t in tokens], dtype=np.float64)
         fb = guard.trips(cal.observations) if guard is not None else None
-        fb_index = ws.candidate_layers.index(info["fallback_layer"])
+        fb_index = net.safe_index
         info["budget_table"] = {**budget_table(router.predict_losses(cal.observations), flops, ws.candidate_layers,
-                                               ws.num_layers, fb, fb_index), "split": cal.name}
+                                               ws.num_layers, fb, fb_index, margin=net.margin), "split": cal.name}
         atomic_write_json(out / INFO_FILE, info)
         ws.cache.save()
     if evaluate:

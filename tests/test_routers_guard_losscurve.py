@@ -125,6 +125,62 @@ def test_losscurve_argmax_equals_brute_force(obs):
         np.testing.assert_array_equal(got, brute)
 
 
+def test_margin_decision_equals_brute_force():
+    rng = np.random.default_rng(0)
+    L = 0.5 + 0.05 * rng.standard_normal((500, len(LAYERS)))  # near-ties everywhere
+    kept = 0
+    for lam in (0.0, 0.05, 0.2):
+        for margin, safe in ((0.03, 0), (0.1, 2)):
+            got = decide(L, LAYERS, lam, 8, margin=margin, safe_index=safe)
+            brute = []
+            for row in L:
+                r = [-row[j] + lam * LAYERS[j] / 8 for j in range(len(LAYERS))]
+                best = max(range(len(r)), key=lambda j: (r[j], -j))
+                brute.append(best if r[best] - r[safe] > margin else safe)
+            np.testing.assert_array_equal(got, brute)
+            plain = decide(L, LAYERS, lam, 8)
+            assert np.all((got == plain) | (got == safe))  # the margin only ever sends rows home
+            kept += int(((got == safe) & (plain != safe)).sum())
+    assert kept > 0
+
+
+def test_margin_survives_run_json_and_rejects_bad_values():
+    net = LossCurveNet(4, len(LAYERS), [8], margin=0.05, safe_index=1)
+    back = LossCurveNet.from_architecture(json.loads(json.dumps(net.architecture())))
+    assert (back.margin, back.safe_index) == (0.05, 1)
+    old = {k: v for k, v in net.architecture().items() if k not in ("margin", "safe_index")}
+    assert LossCurveNet.from_architecture(old).margin == 0.0  # runs saved before the margin: plain argmax
+    from deepinsert.errors import ConfigError, ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="margin"):
+        LossCurveNet(4, len(LAYERS), [8], margin=-0.1)
+    with pytest.raises(ModelLoadError, match="safe_index"):
+        LossCurveNet(4, len(LAYERS), [8], safe_index=len(LAYERS))
+    with pytest.raises(ConfigError, match="algo.margin"):
+        AlgoConfig(margin=float("nan"))
+
+
+def test_onnx_margin_decisions_equal_torch(tmp_path, tok, weight, obs, guard):
+    """Export validation checks the margin rule on 1000 prompts; here the runtime's layers are
+    compared with the torch router's own decisions on fresh prompts at several λ."""
+    from deepinsert.policy.losscurve import LossCurveRouter
+
+    net = _lc_net(obs[0])
+    net.margin, net.safe_index = 0.3, 0
+    _export(tmp_path / "m", net, "losscurve", tok, weight)
+    router = Router.load(tmp_path / "m")
+    prompts = _prompts(KNOWN, 300, 21)
+    x = prompt_observations(tok, weight, prompts)
+    ref = LossCurveRouter(net, LAYERS, 8, 0.1)
+    changed = 0
+    for lam in (0.0, 0.1, 0.5, 2.0):
+        want = np.asarray(LAYERS)[ref.predict(x, lam=lam)[0]]
+        got = np.array([d.layer for d in router.route_batch(prompts, lam=lam)])
+        np.testing.assert_array_equal(got, want)
+        changed += int((want != np.asarray(LAYERS)[decide(ref.predict_losses(x), LAYERS, lam, 8)]).sum())
+    assert changed > 0  # the margin did change some decisions, so the comparison can fail
+
+
 def test_losscurve_recovers_standin_best_layers_at_several_lams():
     from helpers.standin import clustered_standin
 

@@ -1,0 +1,91 @@
+"""How large a decision margin does the loss-curve router need, on more than one model?
+
+    python benchmarks/decision_margin.py [--config configs/demo.yaml] [--also CONFIG ...] [--seeds 3]
+
+For each config (``--config`` and every ``--also``: the same data on other model weights,
+e.g. a demo rebuilt on your machine with ``deepinsert demo build``), trains the config's
+loss-curve router and guard ``--seeds`` times and routes the validation split, ``test``
+and ``test_unseen`` with several decision margins δ (a prompt leaves the safe layer k = 0
+only when the best layer's predicted reward beats it by more than δ). Reports the captured
+gain at λ = 0, 0.05, 0.1, 0.2, 0.5 and the accuracy / FLOPs fraction at λ = 0.1, guard on.
+Writes ``benchmarks/results/decision_margin.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from router_bench import ACC_LAM, LAMS, arg_parser, ms, open_bench, write
+
+RESULTS = Path(__file__).resolve().parent / "results" / "decision_margin.json"
+MARGINS = (0.0, 0.03, 0.05, 0.08, 0.12)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = arg_parser(__doc__, RESULTS)
+    ap.add_argument("--also", action="append", default=[], help="another config to measure (repeatable)")
+    args = ap.parse_args(argv)
+    import dataclasses
+    import json
+
+    import torch
+
+    from deepinsert.policy.evaluate import compare
+    from deepinsert.policy.losscurve import decide
+    from deepinsert.policy.train import fit_config_guard
+
+    res: dict[str, Any] = {"margins": list(MARGINS), "lams": list(LAMS), "seeds": args.seeds, "configs": {}}
+    for config in [args.config, *args.also]:
+        b = open_bench(config, val=True, accuracy=True)
+        cfg, ws = b.cfg, b.ws
+        ks, safe = ws.candidate_layers, int(np.argmin(ws.candidate_layers))
+        guard = fit_config_guard(cfg, b.train.observations, b.splits["val"].observations, ws.embedding_weight)
+        fb = {n: guard.trips(t.observations) for n, t in b.tables.items()}
+        preds = []
+        for s in range(args.seeds):
+            net = b.fit(b.train.observations, cfg.seed + s)
+            with torch.no_grad():
+                preds.append({n: net(torch.from_numpy(t.observations)).numpy() for n, t in b.tables.items()})
+        rows: dict[str, Any] = {}
+        for margin in MARGINS:
+            runs = []
+            for p in preds:
+                run: dict[str, dict[str, float]] = {}
+                for n, t in b.tables.items():
+                    run[n] = {}
+                    for lam in LAMS:
+                        a = np.where(fb[n], safe, decide(p[n], ks, lam, ws.num_layers, margin=margin, safe_index=safe))
+                        m = compare(t, lam, a, fb[n])
+                        run[n][f"{lam:g}"] = float(m["captured_gain"])
+                        if lam == ACC_LAM:
+                            run[n]["accuracy@0.1"] = float(m["router"]["accuracy"])
+                            run[n]["flops@0.1"] = float(m["router"]["flops_fraction"])
+                runs.append(run)
+            rows[f"{margin:g}"] = {n: {k: ms([r[n][k] for r in runs]) for k in runs[0][n]} for n in runs[0]}
+            print(config, f"margin {margin:g}", json.dumps(rows[f"{margin:g}"]), flush=True)
+        res["configs"][config] = {"model": cfg.model, "rows": rows,
+                                  "k0_accuracy": {n: float(t.correct[:, safe].mean()) for n, t in b.tables.items()},
+                                  "trip_rate": {n: float(v.mean()) for n, v in fb.items()},
+                                  "config": dataclasses.asdict(cfg.algo)}
+    write(args.out, res)
+    _print_table(res)
+    return res
+
+
+def _print_table(res: dict[str, Any]) -> None:
+    for config, c in res["configs"].items():
+        print(f"\n{config} ({c['model']}): margin | captured % at λ = {', '.join(f'{x:g}' for x in res['lams'])} "
+              "(mean ± std) | acc / FLOPs at λ = 0.1")
+        for margin, r in c["rows"].items():
+            cells = []
+            for n, v in r.items():
+                cap = " / ".join(f"{100 * v[f'{lam:g}']['mean']:.0f} ± {100 * v[f'{lam:g}']['std']:.0f}"
+                                 for lam in res["lams"])
+                cells.append(f"{n}: {cap} | {v['accuracy@0.1']['mean']:.3f} / {v['flops@0.1']['mean']:.3f}")
+            print(f"  {margin:>5s} | " + " || ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
