@@ -3,10 +3,10 @@
     python benchmarks/family_holdout.py [--config configs/demo.yaml] [--seeds 3]
 
 For each question family F of the training split, trains the config's loss-curve router
-(its observation, network, weight decay, epochs, decision margin) and its guard (fitted on the training
-prompts, calibrated on the validation prompts, both without F) ``--seeds`` times, then
-routes ``test`` and ``test_unseen``, where F's prompts are now of a kind the router has
-never seen. Reports, per held-out family and λ = 0, 0.05, 0.1, 0.2, 0.5:
+(its observation, network, weight decay, epochs, decision margin) and its guard (fitted on
+the training prompts, calibrated on the validation prompts, both without F) ``--seeds``
+times, then routes ``test`` and ``test_unseen``, where F's prompts are now of a kind the
+router has never seen. Reports, per held-out family and λ = 0, 0.05, 0.1, 0.2, 0.5:
 
 - ``captured``: the whole split's captured gain (F included) — is the router still at or
   above the best fixed layer when a new kind of question shows up?

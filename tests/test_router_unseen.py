@@ -2,8 +2,8 @@
 layer on phrasings no training prompt uses (``demo:test_unseen``), and better on ``test``.
 
 This is the robustness goal of docs/routers.md measured for real (one seed, the config as
-shipped: loss-curve router, weight decay, guard): the loss tables of the 1,200 training and
-2 x 800 held-out prompts are computed through the demo model (about a minute on one thread).
+shipped: loss-curve router, weight decay, decision margin, guard): the loss tables of the
+1,200 training and 2 x 800 held-out prompts are computed through the demo model (about a minute on one thread).
 The reference is the split's own static-layer rewards (``captured`` = 0 is the best fixed
 layer chosen in hindsight on the split itself).
 """
@@ -45,13 +45,13 @@ def captured(tmp_path_factory) -> dict[str, dict[float, float]]:
 
 
 def test_never_worse_than_the_best_fixed_layer_on_unseen_phrasings(captured):
-    # measured (3 seeds): -0.0 / 0.1 / 0.3 / 1.4 / 12.1 %; float noise allowed at λ = 0
+    # measured (3 seeds, margin 0.05): 0 / 0 / 0 / 0 / 10 ± 2 %; float noise allowed at λ = 0
     for lam, c in captured["test_unseen"].items():
         assert c >= -0.005, (lam, c)
 
 
 def test_beats_the_best_fixed_layer_on_test(captured):
-    # measured (3 seeds): -2 ± 2 / 11 ± 2 / 21 ± 2 / 35 ± 1 / 49 ± 0 %
+    # measured (3 seeds, margin 0.05): 0 ± 1 / 8 ± 2 / 18 ± 1 / 33 ± 1 / 49 ± 1 %
     c = captured["test"]
     assert c[0.0] >= -0.05, c
     assert c[0.1] >= 0.10 and c[0.2] >= 0.2 and c[0.5] >= 0.35, c
