@@ -644,6 +644,7 @@ def describe_path(path: Path) -> dict[str, Any]:
                 "folded": info.folded, "size_mb": round(info.size.get("total_bytes", 0) / 1e6, 3),
                 "table_shape": info.size.get("table_shape"),
                 "guard": None if info.guard is None else {k: info.guard[k] for k in ("threshold", "fallback_layer")},
+                "decision_margin": (info.run or {}).get("decision_margin", 0.0) if info.supports_lam else None,
                 "request_lam": info.supports_lam}
     if (path / "run.json").is_file():
         import yaml

@@ -169,6 +169,9 @@ def test_onnx_margin_decisions_equal_torch(tmp_path, tok, weight, obs, guard):
     net.margin, net.safe_index = 0.3, 0
     _export(tmp_path / "m", net, "losscurve", tok, weight)
     router = Router.load(tmp_path / "m")
+    from deepinsert.cli import describe_path
+
+    assert describe_path(tmp_path / "m")["decision_margin"] == 0.3  # `deepinsert info` shows the rule
     prompts = _prompts(KNOWN, 300, 21)
     x = prompt_observations(tok, weight, prompts)
     ref = LossCurveRouter(net, LAYERS, 8, 0.1)
