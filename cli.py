@@ -95,6 +95,8 @@ def _args_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timesteps", type=int, default=None, help="override total_timesteps")
     p.add_argument("--seed", type=int, default=None, help="override seed")
     p.add_argument("--algorithm", default=None, choices=ALGORITHMS, help="override the algorithm")
+    p.add_argument("--margin", type=float, default=None,
+                   help="override algo.margin: the loss-curve router's decision margin (0 = plain argmax)")
     p.add_argument("--cache-dir", default=None, help="loss-cache folder (default ~/.cache/deepinsert)")
     _args_device(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (also transformers' weight loading)")
@@ -117,6 +119,9 @@ def _load_config(args: argparse.Namespace, **extra: Any) -> Any:
         v = getattr(args, attr, None)
         if v is not None:
             data[key] = v
+    algo = data.get("algo")
+    if getattr(args, "margin", None) is not None and (algo is None or isinstance(algo, dict)):  # else from_dict says why
+        data["algo"] = {**(algo or {}), "margin": args.margin}
     data.update({k: v for k, v in extra.items() if v is not None})
     cfg = from_dict(TrainConfig, data, where=str(args.config))
     from deepinsert.env.cache import default_cache_dir

@@ -178,6 +178,8 @@ CLI_CASES: list[tuple[str, list[str], Callable | None, str]] = [
     ("train-timesteps-zero", ["train", *CFG, "--timesteps", "0", "--out", T + "/o"], _cfg(), "total_timesteps"),
     ("train-timesteps-negative", ["train", *CFG, "--timesteps", "-5", "--out", T + "/o"], _cfg(), "total_timesteps"),
     ("train-timesteps-float", ["train", *CFG, "--timesteps", "1.5", "--out", T + "/o"], _cfg(), "invalid int"),
+    ("train-margin-negative", ["train", *CFG, "--margin", "-0.1", "--out", T + "/o"], _cfg(), "algo.margin"),
+    ("train-margin-nan", ["train", *CFG, "--margin", "nan", "--out", T + "/o"], _cfg(), "algo.margin"),
     ("train-seed-negative", ["train", *CFG, "--seed", "-1", "--out", T + "/o"], _cfg(), "seed"),
     ("train-algorithm-unknown", ["train", *CFG, "--algorithm", "sac", "--out", T + "/o"], _cfg(), "invalid choice"),
     ("train-no-out", ["train", *CFG], _cfg(), "--out"),

@@ -77,3 +77,16 @@ def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
     assert "lam must be >= 0" in capsys.readouterr().err
     assert main(["sweep", "--lams", "0.1,-0.2", "--out", str(tmp_path / "s")]) == 2
     assert "every λ must be >= 0" in capsys.readouterr().err
+
+
+def test_margin_flag_overrides_the_config_and_keeps_the_algo_block(tmp_path):
+    import argparse
+
+    from deepinsert.cli import _load_config
+
+    args = argparse.Namespace(config=str(CONFIGS / "demo.yaml"), timesteps=None, seed=None, algorithm=None,
+                              cache_dir=str(tmp_path), device=None, dtype=None, margin=0.0)
+    cfg = _load_config(args)
+    assert cfg.algo.margin == 0.0
+    assert cfg.algo.weight_decay == 0.01 and cfg.algo.epochs == 1000  # the YAML's other algo values stay
+    assert load_train_config(str(CONFIGS / "demo.yaml")).algo.margin == 0.05
