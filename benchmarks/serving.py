@@ -282,7 +282,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             proc.wait(15)
         except subprocess.TimeoutExpired:
             proc.kill()
-    _paired_speedups(rows)
+    _speedups(rows)
     return {"model": "demo", "num_layers": N, "image_tokens": n_img, "router_lam": info.lam,
             "kv_budget_bytes": int(budget_mib * 2**20), "kv_budget_k0_requests": args.demo_budget_k0,
             "max_tokens": args.demo_max_tokens, "requests_per_setting": args.demo_requests, "rounds": args.repeats,
@@ -300,36 +300,24 @@ def _median_row(reps: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
-def _paired_speedups(rows: list[dict[str, Any]]) -> None:
-    """Throughput vs k0 per round — the same requests at the same concurrency, run side by side —
-    then the median of those ratios (``speedup_rounds``: every round's) beside the ideal
-    1 / (FLOPs fraction) of the same rounds (median)."""
+def _speedups(rows: list[dict[str, Any]]) -> None:
+    """Throughput vs the k0 row at the same concurrency. Rows with rounds (``_median_row``) are
+    paired per round — the same requests, run side by side — and get the median ratio
+    (``speedup_rounds``: every round's); the ideal is 1 / (FLOPs fraction) of the same rounds
+    (median)."""
     base = {r["concurrency"]: r for r in rows if r["mode"] == "k0"}
     for r in rows:
         b = base.get(r["concurrency"])
         if b is None:
             continue
-        ratios = [m / k for m, k in zip(r["req_per_s_rounds"], b["req_per_s_rounds"]) if m and k]
+        ratios = [m / k for m, k in zip(r.get("req_per_s_rounds", [r["req_per_s"]]),
+                                        b.get("req_per_s_rounds", [b["req_per_s"]])) if m and k]
         if not ratios:
             continue
         r["speedup_rounds"] = ratios
         r["speedup_vs_k0"] = float(statistics.median(ratios))
-        fracs = [f for f in r["flops_fraction_rounds"] if f]
+        fracs = [f for f in r.get("flops_fraction_rounds", [r["flops_fraction"]]) if f]
         frac = float(statistics.median(fracs)) if fracs else None
-        if frac and frac < 1:
-            r["ideal_speedup"] = 1 / frac
-            r["captured_saving"] = (1 - 1 / r["speedup_vs_k0"]) / (1 - frac)
-
-
-def _speedups(rows: list[dict[str, Any]]) -> None:
-    """Throughput vs the k0 row at the same concurrency, beside the ideal 1 / (FLOPs fraction)."""
-    base = {r["concurrency"]: r for r in rows if r["mode"] == "k0"}
-    for r in rows:
-        b = base.get(r["concurrency"])
-        if b is None or not b["req_per_s"] or not r["req_per_s"]:
-            continue
-        r["speedup_vs_k0"] = r["req_per_s"] / b["req_per_s"]
-        frac = r["flops_fraction"]
         if frac and frac < 1:
             r["ideal_speedup"] = 1 / frac
             r["captured_saving"] = (1 - 1 / r["speedup_vs_k0"]) / (1 - frac)
