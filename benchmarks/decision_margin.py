@@ -37,14 +37,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     from deepinsert.policy.evaluate import compare
-    from deepinsert.policy.losscurve import decide
     from deepinsert.policy.train import fit_config_guard
 
     res: dict[str, Any] = {"margins": list(MARGINS), "lams": list(LAMS), "seeds": args.seeds, "configs": {}}
     for config in [args.config, *args.also]:
         b = open_bench(config, val=True, accuracy=True)
         cfg, ws = b.cfg, b.ws
-        ks, safe = ws.candidate_layers, int(np.argmin(ws.candidate_layers))
+        safe = b.safe
+        test = b.tables["test"]
+        k0_acc = float(test.correct[:, safe].mean())
         guard = fit_config_guard(cfg, b.train.observations, b.splits["val"].observations, ws.embedding_weight)
         fb = {n: guard.trips(t.observations) for n, t in b.tables.items()}
         preds = []
@@ -60,25 +61,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for n, t in b.tables.items():
                     run[n] = {}
                     for lam in LAMS:
-                        a = np.where(fb[n], safe, decide(p[n], ks, lam, ws.num_layers, margin=margin, safe_index=safe))
-                        m = compare(t, lam, a, fb[n])
+                        m = compare(t, lam, b.actions(p[n], lam, fb[n], margin), fb[n])
                         run[n][f"{lam:g}"] = float(m["captured_gain"])
                         if lam == ACC_LAM:
                             run[n]["accuracy@0.1"] = float(m["router"]["accuracy"])
                             run[n]["flops@0.1"] = float(m["router"]["flops_fraction"])
                 runs.append(run)
             rows[f"{margin:g}"] = {n: {k: ms([r[n][k] for r in runs]) for k in runs[0][n]} for n in runs[0]}
-            t = b.tables["test"]
-            floor = float(t.correct[:, safe].mean()) - FRONT_DROP
             front = []
             for p in preds:  # per seed: (saving, accuracy, λ) with the most saving above the floor
-                best = (0.0, float(t.correct[:, safe].mean()), 0.0)
+                best = (0.0, k0_acc, 0.0)
                 for lam in FRONT_LAMS:
-                    a = np.where(fb["test"], safe, decide(p["test"], ks, lam, ws.num_layers, margin=margin,
-                                                          safe_index=safe))
+                    a = b.actions(p["test"], lam, fb["test"], margin)
                     r = np.arange(len(a))
-                    acc, saving = float(t.correct[r, a].mean()), float(1 - t.flops[r, a].mean())
-                    if acc >= floor and saving > best[0]:
+                    acc, saving = float(test.correct[r, a].mean()), float(1 - test.flops[r, a].mean())
+                    if acc >= k0_acc - FRONT_DROP and saving > best[0]:
                         best = (saving, acc, lam)
                 front.append(best)
             rows[f"{margin:g}"]["front"] = [{"saving": sv, "accuracy": ac, "lam": lm} for sv, ac, lm in front]

@@ -36,13 +36,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from deepinsert.policy.losscurve import decide
     from deepinsert.policy.train import fit_config_guard
 
     b = open_bench(args.config, val=True, accuracy=True, margin=args.margin)
     cfg, ws = b.cfg, b.ws
-    ks, n_layers = ws.candidate_layers, ws.num_layers
-    k0 = int(np.argmin(ks))
+    ks, k0 = ws.candidate_layers, b.safe
     fam = {n: np.array([str(f) for f in t.families]) for n, t in b.tables.items()}
     train_fam = np.array([str(getattr(s, "family", None)) for s in b.train.samples])
     val_fam = np.array([str(getattr(s, "family", None)) for s in b.splits["val"].samples])
@@ -66,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows = np.flatnonzero(target)
             per: dict[str, float] = {"trip_rate": float(fb[n][rows].mean())}
             for lam in LAMS:
-                a = np.where(fb[n], k0, decide(preds[n], ks, lam, n_layers, margin=b.margin, safe_index=k0))[rows]
+                a = b.actions(preds[n], lam, fb[n])[rows]
                 r = t.rewards(lam)[rows]
                 per[f"reward_vs_k0@{lam:g}"] = float((r[np.arange(rows.size), a] - r[:, k0]).mean())
                 if lam == ACC_LAM:

@@ -63,24 +63,33 @@ class Bench:
                                epochs=a.epochs, learning_rate=a.regression_lr, batch_size=a.batch_size, seed=seed,
                                weight_decay=a.weight_decay if weight_decay is None else weight_decay)
 
+    @property
+    def safe(self) -> int:
+        """Index of the safe layer: the lowest candidate (the guard's default fallback)."""
+        return int(np.argmin(self.ws.candidate_layers))
+
+    def actions(self, pred: np.ndarray, lam: float, fallback: np.ndarray | None = None,
+                margin: float | None = None) -> np.ndarray:
+        """Action indices ``(S,)`` for predicted curves ``pred (S, K)`` at ``lam``: the loss-curve
+        decision with ``margin`` (default: the bench's), ``fallback (S,)`` rows at the safe layer."""
+        from deepinsert.policy.losscurve import decide
+
+        a = decide(pred, self.ws.candidate_layers, lam, self.ws.num_layers,
+                   margin=self.margin if margin is None else margin, safe_index=self.safe)
+        return a if fallback is None else np.where(fallback, self.safe, a)
+
     def captured(self, preds: dict[str, np.ndarray],
                  fallback: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
         """Per split: captured gain at each λ of ``LAMS`` and ``accuracy@0.1`` for predicted curves
         ``preds[split] (S, K)``; ``fallback[split] (S,)`` sends those prompts to the lowest layer."""
         from deepinsert.policy.evaluate import compare
-        from deepinsert.policy.losscurve import decide
 
-        ks = self.ws.candidate_layers
-        safe = int(np.argmin(ks))
         out: dict[str, dict[str, float]] = {}
         for n, t in self.tables.items():
             fb = None if fallback is None else fallback[n]
             out[n] = {}
             for lam in LAMS:
-                a = decide(preds[n], ks, lam, self.ws.num_layers, margin=self.margin, safe_index=safe)
-                if fb is not None:
-                    a = np.where(fb, safe, a)
-                m = compare(t, lam, a, fb)
+                m = compare(t, lam, self.actions(preds[n], lam, fb), fb)
                 out[n][f"{lam:g}"] = float(m["captured_gain"])
                 if lam == ACC_LAM and m["router"]["accuracy"] is not None:
                     out[n][f"accuracy@{ACC_LAM:g}"] = float(m["router"]["accuracy"])

@@ -164,14 +164,17 @@ def train_losscurve(
     batch_size: int,
     seed: int,
     weight_decay: float,
+    margin: float = 0.0,
+    safe_index: int = 0,
 ) -> LossCurveNet:
     """Fit a :class:`LossCurveNet` to ``losses (S, K)`` from ``obs (S, D)`` (MSE on standardised losses);
-    ``weight_decay``: Adam's (the config's ``algo.weight_decay``, whose doc says why it is strong)."""
+    ``weight_decay``: Adam's (the config's ``algo.weight_decay``, whose doc says why it is strong);
+    ``margin`` / ``safe_index``: the network's decision rule (:func:`decide`), not used in fitting."""
     g = torch.Generator().manual_seed(int(seed))
     torch.manual_seed(int(seed))
     x = torch.as_tensor(np.asarray(obs, dtype=np.float32))
     y = torch.as_tensor(np.asarray(losses, dtype=np.float32))
-    net = LossCurveNet(x.shape[1], y.shape[1], net_arch)
+    net = LossCurveNet(x.shape[1], y.shape[1], net_arch, margin=margin, safe_index=safe_index)
     with torch.no_grad():
         if normalize_obs:
             sd = x.double().std(0, unbiased=False).float()

@@ -281,9 +281,8 @@ def train_losscurve_router(
         losses = ws.cache.table(train.samples, ws.candidate_layers, progress="loss table (train)" if progress else False)
         net = train_losscurve(train.observations, losses, net_arch=cfg.net_arch, normalize_obs=cfg.normalize_obs,
                               epochs=cfg.algo.epochs, learning_rate=cfg.algo.regression_lr,
-                              batch_size=cfg.algo.batch_size, seed=cfg.seed, weight_decay=cfg.algo.weight_decay)
-        net.margin = float(cfg.algo.margin)
-        net.safe_index = ws.candidate_layers.index(info["fallback_layer"])
+                              batch_size=cfg.algo.batch_size, seed=cfg.seed, weight_decay=cfg.algo.weight_decay,
+                              margin=cfg.algo.margin, safe_index=ws.candidate_layers.index(info["fallback_layer"]))
         router = LossCurveRouter(net, ws.candidate_layers, ws.num_layers, cfg.lam)
         router.save(out / WEIGHTS_FILE)
         info["architecture"] = net.architecture()
@@ -299,9 +298,8 @@ def train_losscurve_router(
         flops = np.array([[ws.provider.flops_fraction(k, int(t[0]), int(t[1])) for k in ws.candidate_layers]
                           for t in tokens], dtype=np.float64)
         fb = guard.trips(cal.observations) if guard is not None else None
-        fb_index = net.safe_index
         info["budget_table"] = {**budget_table(router.predict_losses(cal.observations), flops, ws.candidate_layers,
-                                               ws.num_layers, fb, fb_index, margin=net.margin), "split": cal.name}
+                                               ws.num_layers, fb, net.safe_index, margin=net.margin), "split": cal.name}
         atomic_write_json(out / INFO_FILE, info)
         ws.cache.save()
     if evaluate:
