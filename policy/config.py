@@ -120,6 +120,14 @@ class AlgoConfig:
     when the best layer's predicted reward beats the safe layer's by more than this. Guards
     against near-ties decided by regression noise and against wordings the model itself
     struggles with (docs/routers.md, "Decision margin"); 0 = plain argmax."""
+    image_stage: bool = False
+    """Also fit the image-aware second stage (losscurve only): a residual correction of the
+    predicted loss curve from a pooled summary of the image's projected features, applied where
+    the image is used anyway (docs/routers.md, "Image-aware second stage"). Off by default: on
+    the demo it does not beat the question-only router."""
+    image_stage_weight_decay: float = 0.1
+    """Adam weight decay of the second stage's regression: strong, so an uninformative image
+    summary leaves the first stage's curve (and decision) unchanged."""
 
     def __post_init__(self) -> None:
         _finite("algo.learning_rate", self.learning_rate, lo=0.0)
@@ -127,6 +135,9 @@ class AlgoConfig:
             raise ConfigError(f"algo.learning_rate must be > 0, got {self.learning_rate}")
         _finite("algo.weight_decay", self.weight_decay, lo=0.0)
         _finite("algo.margin", self.margin, lo=0.0)
+        if not isinstance(self.image_stage, bool):
+            raise ConfigError(f"algo.image_stage must be true or false, got {self.image_stage!r}")
+        _finite("algo.image_stage_weight_decay", self.image_stage_weight_decay, lo=0.0)
         _finite("algo.regression_lr", self.regression_lr, lo=0.0)
         if self.regression_lr <= 0:
             raise ConfigError(f"algo.regression_lr must be > 0, got {self.regression_lr}")
@@ -230,6 +241,9 @@ class TrainConfig:
         _positive_int("max_new_tokens", self.max_new_tokens)
         if self.torch_threads is not None:
             _positive_int("torch_threads", self.torch_threads)
+        if self.algo.image_stage and self.algorithm != "losscurve":
+            raise ConfigError(f"algo.image_stage needs algorithm: losscurve (it refines a predicted loss curve), "
+                              f"got {self.algorithm!r}")
         if self.algorithm == "dqn" and self.algo.batch_size > self.algo.buffer_size:
             raise ConfigError("algo.batch_size must not exceed algo.buffer_size for dqn")
 

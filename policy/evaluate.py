@@ -254,14 +254,21 @@ def eval_split(ws: Workspace, cfg: Any, spec: str) -> Split:
 
 
 def run_metrics(run: Any, tables: EvalTables, observations: np.ndarray, lam: float | None = None,
-                heuristic: dict[str, Any] | None = None) -> dict[str, Any]:
+                heuristic: dict[str, Any] | None = None,
+                summaries: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
     """:func:`compare` for a :class:`~deepinsert.policy.run.TrainedRun` (guard included) at ``lam``
     (default: the run's λ; other λ only for loss-curve routers); with ``heuristic`` (see
-    :func:`heuristic_metrics`) also the ``"heuristic"`` row."""
+    :func:`heuristic_metrics`) also the ``"heuristic"`` row; with ``summaries`` (the split's image
+    summaries and has-image flags) and a run that has an image-aware stage, ``"image_stage"``:
+    the same comparison for the two-stage decisions."""
     lam_ = float(run.info["lam"]) if lam is None else float(lam)
-    m = compare(tables, lam_, run.predict(observations, None if lam is None else lam_), run.fallback(observations))
+    fb = run.fallback(observations)
+    m = compare(tables, lam_, run.predict(observations, None if lam is None else lam_), fb)
     if heuristic is not None:
         m["heuristic"] = heuristic_metrics(tables, lam_, heuristic)
+    if summaries is not None and getattr(run, "image_stage", None) is not None:
+        two = compare(tables, lam_, run.predict_two_stage(observations, *summaries, lam=lam_), fb)
+        m["image_stage"] = {"router": two["router"], "captured_gain": two["captured_gain"]}
     return m
 
 
@@ -290,14 +297,17 @@ def evaluate_run_dir(
     ws = workspace or open_workspace(run.config, train=False)
     split = eval_split(ws, run.config, spec)
     tables = build_tables(ws, split, accuracy=accuracy, progress=progress, candidate_layers=run.candidate_layers)
-    metrics = run_metrics(run, tables, split.observations, heuristic=heuristic)
+    two = run.image_stage is not None
+    metrics = run_metrics(run, tables, split.observations, heuristic=heuristic,
+                          summaries=ws.summaries(split) if two else None)
     metrics["split"] = spec
     metrics["run_dir"] = str(run_dir)
     u = unseen_spec(spec) if unseen and split_spec in (None, run.config.data.eval) else None
     if u is not None:
         us = eval_split(ws, run.config, u)
         ut = build_tables(ws, us, accuracy=accuracy, progress=progress, candidate_layers=run.candidate_layers)
-        metrics["unseen"] = {**run_metrics(run, ut, us.observations, heuristic=heuristic), "split": u}
+        metrics["unseen"] = {**run_metrics(run, ut, us.observations, heuristic=heuristic,
+                                           summaries=ws.summaries(us) if two else None), "split": u}
     return metrics
 
 
@@ -332,6 +342,14 @@ def format_comparison(m: dict[str, Any], ks: Sequence[int] | None = None) -> str
     cg = m["captured_gain"]
     lines.append(f"(* best static layer)  captured gain = {'n/a' if cg is None else f'{cg:.1%}'}"
                  f"  guard fallback rate = {m['router'].get('fallback_rate', 0.0):.1%}")
+    def two_stage(x: dict[str, Any]) -> str:
+        t, tcg = x["image_stage"]["router"], x["image_stage"]["captured_gain"]
+        acc = "n/a" if t["accuracy"] is None else f"{t['accuracy']:.3f}"
+        return (f"with the image-aware stage: captured gain {'n/a' if tcg is None else f'{tcg:.1%}'}, "
+                f"accuracy {acc}, FLOPs {t['flops_fraction']:.3f}")
+
+    if m.get("image_stage"):
+        lines.append(two_stage(m))
     r = m["router"]
     if r.get("mean_k_needs_image") is not None:
         lines.append(f"router mean k: image-needing prompts {r['mean_k_needs_image']:.2f}, "
@@ -344,4 +362,6 @@ def format_comparison(m: dict[str, Any], ks: Sequence[int] | None = None) -> str
         lines.append(f"unseen phrasings ({u['split']}, n = {u['n_samples']}): captured gain "
                      f"{'n/a' if ucg is None else f'{ucg:.1%}'}, accuracy {acc}, FLOPs {ur['flops_fraction']:.3f}, "
                      f"fallback rate {ur['fallback_rate']:.1%}")
+        if u.get("image_stage"):
+            lines.append(f"unseen phrasings {two_stage(u)}")
     return "\n".join(lines)

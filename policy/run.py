@@ -122,6 +122,8 @@ def check_run_info(info: Any, where: str) -> dict[str, Any]:
                 or not pol["net_arch"] or not all(_is_int(n, 1) for n in pol["net_arch"])
                 or not isinstance(pol.get("normalize_obs"), bool) or pol.get("n_actions") != len(layers)):
             raise bad("'policy' must hold net_arch (positive integers), normalize_obs and n_actions = len(candidate_layers)")
+    if info.get("image_stage") is not None and info.get("algorithm") != "losscurve":
+        raise bad("'image_stage' needs algorithm 'losscurve'")
     if "trained_timesteps" in info and not _is_int(info["trained_timesteps"]):
         raise bad(f"'trained_timesteps' must be an integer >= 0, got {info['trained_timesteps']!r}")
     return info
@@ -257,6 +259,8 @@ class TrainedRun:
     run_dir: Path
     guard: Any = None
     """The out-of-distribution guard (:class:`~deepinsert.policy.guard.ObsGuard`) or None."""
+    image_stage: Any = None
+    """The image-aware second stage (:class:`~deepinsert.policy.image_stage.ImageStage`) or None."""
 
     @property
     def algo(self) -> _PolicyOnly:
@@ -317,6 +321,24 @@ class TrainedRun:
         """
         a = self.predict_raw(obs, lam)
         return np.where(self.fallback(obs), self.fallback_index, a)
+
+    def predict_two_stage(self, obs: np.ndarray, summaries: np.ndarray, has_image: np.ndarray,
+                          lam: float | None = None) -> np.ndarray:
+        """:meth:`predict`, then the image-aware stage on the prompts with an image that the
+        guard let through: action indices ``(B,)``; ``summaries (B, Dᵢ)`` (rows without an
+        image are ignored), ``has_image (B,)`` bool."""
+        if self.image_stage is None:
+            raise InputError(f"{self.run_dir} has no image-aware stage (train with algo.image_stage: true)")
+        from deepinsert.policy.losscurve import LossCurveRouter
+
+        x = self._check(obs)
+        lam_ = float(self.info["lam"]) if lam is None else float(lam)
+        first = self.predict(x, lam_)
+        rows = np.flatnonzero(np.asarray(has_image, dtype=bool) & ~self.fallback(x))
+        if len(rows):
+            curves = LossCurveRouter(self.policy, self.candidate_layers, int(self.info["num_layers"]), lam_).predict_losses(x[rows])
+            first[rows] = self.image_stage.refine(curves, np.asarray(summaries)[rows], first[rows], lam_)
+        return first
 
     def predict_layers(self, obs: np.ndarray, lam: float | None = None) -> np.ndarray:
         """Deterministic insertion layers k ``(B,)`` int64 (guard included)."""
@@ -399,8 +421,17 @@ def load_run(run_dir: str | os.PathLike[str], *, device: str = "cpu", trust_pick
         raise ModelLoadError(f"{run_dir} is not a complete run folder: {WEIGHTS_FILE} is missing")
     from deepinsert.policy.guard import ObsGuard
 
+    stage = None
+    if info.get("image_stage") is not None:
+        from deepinsert.policy.image_stage import WEIGHTS_FILE as STAGE_FILE
+        from deepinsert.policy.image_stage import load_image_stage
+
+        if not (run_dir / STAGE_FILE).is_file():
+            raise ModelLoadError(f"{run_dir} is not a complete run folder: {STAGE_FILE} is missing (run.json lists an image stage)")
+        stage = load_image_stage(run_dir / STAGE_FILE, info["image_stage"], [int(k) for k in info["candidate_layers"]],
+                                 int(info["num_layers"]))
     return TrainedRun(policy=policy, info=info, config=config, metrics=read_metrics(run_dir), run_dir=run_dir,
-                      guard=ObsGuard.load(run_dir))
+                      guard=ObsGuard.load(run_dir), image_stage=stage)
 
 
 def _load_zip(path: Path, algorithm: str, **kwargs: Any) -> Any:

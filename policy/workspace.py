@@ -39,6 +39,9 @@ class Split:
     name: str
     samples: list[Any]
     observations: np.ndarray
+    image_summaries: tuple[np.ndarray, np.ndarray] | None = None
+    """``(S, Dᵢ)`` image summaries and ``(S,)`` has-image flags for the image-aware stage
+    (:meth:`Workspace.summaries` fills it once; a stand-in workspace sets it)."""
 
     @property
     def needs_image(self) -> np.ndarray | None:
@@ -94,6 +97,16 @@ class Workspace:
         if not samples:
             raise DataError(f"data.{name} ({path}) is an empty dataset split: no usable records")
         return self.add_split(name, samples)
+
+    def summaries(self, split: Split) -> tuple[np.ndarray, np.ndarray]:
+        """The split's image summaries ``(S, Dᵢ)`` and has-image flags ``(S,)`` (computed once, from the VLM)."""
+        if split.image_summaries is None:
+            if self.vlm is None:
+                raise ConfigError(f"split {split.name!r} has no image summaries and this workspace has no VLM to compute them")
+            from deepinsert.policy.image_stage import sample_summaries
+
+            split.image_summaries = sample_summaries(self.vlm, split.samples)
+        return split.image_summaries
 
     def problem(self, split: str, lam: float) -> InsertionProblem:
         """The bandit over split ``split`` at λ = ``lam`` (shares this workspace's cache)."""
