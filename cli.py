@@ -398,6 +398,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"embeddings against the unfolded torch router (lambda {', '.join(f'{x:g}' for x in v['lams_checked'])}): "
         f"same action everywhere, max |d| = {max(v['max_abs_prob_diff_prompts'], v['max_abs_prob_diff_embeddings']):.2e}"
     )
+    if info.image_stage:
+        print(f"image-aware stage: image_stage.onnx (image summary width {info.image_stage['summary_dim']}), "
+              f"validated against torch on {v.get('image_stage_refined', 0)} refined decisions, "
+              f"max |d| = {v.get('max_abs_loss_diff_image_stage', 0.0):.2e}; deepinsert.generate and the chat server apply it")
     return 0
 
 
@@ -650,7 +654,8 @@ def describe_path(path: Path) -> dict[str, Any]:
                 "table_shape": info.size.get("table_shape"),
                 "guard": None if info.guard is None else {k: info.guard[k] for k in ("threshold", "fallback_layer")},
                 "decision_margin": (info.run or {}).get("decision_margin", 0.0) if info.supports_lam else None,
-                "request_lam": info.supports_lam}
+                "request_lam": info.supports_lam,
+                "image_stage": None if not info.image_stage else {k: info.image_stage[k] for k in ("summary", "summary_dim")}}
     if (path / "run.json").is_file():
         import yaml
 
@@ -663,7 +668,8 @@ def describe_path(path: Path) -> dict[str, Any]:
                 problems.append(f"config.yaml: unreadable YAML ({e})")
         metrics = _read_json(path / "metrics.json", problems) if (path / "metrics.json").is_file() else None
         model_name = "policy.safetensors" if run.get("algorithm") == "losscurve" else "model.zip"
-        for name in (model_name, "config.yaml"):
+        stage_file = ("image_stage.safetensors",) if run.get("image_stage") else ()
+        for name in (model_name, "config.yaml", *stage_file):
             if not (path / name).is_file():
                 problems.append(f"{name} is missing")
         zips = [path / "model.zip"] * (path / "model.zip").is_file() + sorted((path / "checkpoints").glob("*.zip"))
@@ -679,6 +685,8 @@ def describe_path(path: Path) -> dict[str, Any]:
                 "candidate_layers": run.get("candidate_layers"), "num_layers": run.get("num_layers"),
                 "model": run.get("model_source"), "seed": run.get("seed"),
                 "trained_timesteps": run.get("trained_timesteps"),
+                "image_stage": None if not run.get("image_stage") else {
+                    k: run["image_stage"].get(k) for k in ("summary", "summary_dim", "trained_samples")},
                 "device": cfg.get("device"), "dtype": cfg.get("dtype"), "data": cfg.get("data"),
                 "metrics": _metrics_summary(metrics), "evaluated": metrics is not None,
                 "checkpoints": len(list((path / "checkpoints").glob("*.zip"))),

@@ -94,6 +94,7 @@ def export_bundle(
     guard: Any = None,
     fallback_layer: int | None = None,
     budget_table: dict[str, Any] | None = None,
+    image_stage: Any = None,
     fold: bool = True,
     metrics: dict[str, Any] | None = None,
     run_meta: dict[str, Any] | None = None,
@@ -117,6 +118,8 @@ def export_bundle(
         guard: the run's :class:`~deepinsert.policy.guard.ObsGuard` (None: no guard).
         fallback_layer: where a tripped guard routes (default: the lowest candidate layer).
         budget_table: loss-curve only: the λ -> mean FLOPs fraction calibration table.
+        image_stage: loss-curve only: the run's image-aware second stage
+            (:class:`~deepinsert.policy.image_stage.ImageStage`), exported as ``image_stage.onnx``.
         fold: fold every linear map after the pooling into the gathered table (V x (h + g)
             values instead of V x D); ``False`` keeps the model's table (and the observation output).
         prompts: extra validation prompts (tried first); random ones fill up to ``n_prompts``.
@@ -157,6 +160,8 @@ def export_bundle(
         n_actions, obs_shape = int(policy.action_space.n), tuple(policy.observation_space.shape or ())
         if budget_table is not None:
             raise InputError("budget_table needs a loss-curve router (a fixed-λ policy cannot take a budget)")
+        if image_stage is not None:
+            raise InputError("an image-aware stage needs a loss-curve router (it refines a predicted loss curve)")
     layers = [int(k) for k in candidate_layers]
     if len(layers) != n_actions:
         raise InputError(f"the policy has {n_actions} actions but {len(layers)} candidate layers were given")
@@ -179,6 +184,14 @@ def export_bundle(
             raise InputError(f"the loss-curve router's safe layer {safe} (decision margin) is not the guard's "
                              f"fallback layer {fb}")
         decision = {"decision_margin": float(policy.margin), "safe_layer": int(safe)}
+    stage_block = None
+    if image_stage is not None:
+        if list(image_stage.candidate_layers) != layers or image_stage.num_layers != int(num_layers):
+            raise InputError("the image-aware stage was trained for other candidate layers or another N than the router")
+        from deepinsert.router.bundle import IMAGE_SUMMARY_KIND
+
+        stage_block = {"summary": IMAGE_SUMMARY_KIND, "summary_dim": int(image_stage.summary_dim),
+                       "margin": float(image_stage.net.margin), "digest": _digest(image_stage.net)}
     head = PolicyHead(policy, guard, layers, int(num_layers)).eval()
     graph = (FoldedRouter(head, weight) if fold else EmbeddingRouter(head, weight)).eval()
     val_prompts = validation_prompts(tokenizer, n_prompts, seed, extra=prompts)
@@ -198,6 +211,7 @@ def export_bundle(
         probs_definition=PROBS_DEFINITION[kind],
         guard=guard_block,
         budget_table=budget_table,
+        image_stage=stage_block,
         folded=bool(fold),
         versions=library_versions(),
         metrics=metrics,
@@ -208,7 +222,16 @@ def export_bundle(
         log.info("exporting %s and %s", POLICY_ONNX, ROUTER_ONNX)
         export_policy_onnx(head, D, tmp / POLICY_ONNX, with_lam=with_lam)
         export_router_onnx(graph, tmp / ROUTER_ONNX, with_lam=with_lam, folded=fold)
-        for name in (POLICY_ONNX, ROUTER_ONNX):
+        graphs = [POLICY_ONNX, ROUTER_ONNX]
+        if image_stage is not None:
+            from deepinsert.export.modules import ImageStageHead
+            from deepinsert.export.onnx_io import export_image_stage_onnx
+            from deepinsert.router.bundle import IMAGE_STAGE_ONNX
+
+            export_image_stage_onnx(ImageStageHead(image_stage).eval(), len(layers), image_stage.summary_dim,
+                                    tmp / IMAGE_STAGE_ONNX)
+            graphs.append(IMAGE_STAGE_ONNX)
+        for name in graphs:
             set_metadata(tmp / name, graph_metadata(info))
             check_onnx(tmp / name)
         _save_tokenizer(tokenizer, tmp)
@@ -221,7 +244,8 @@ def export_bundle(
         atomic_write_json(tmp / ROUTER_JSON, info.sealed())
         log.info("validating on %d prompts and %d random embeddings", len(val_prompts), n_embeddings)
         runtime = Router.load(tmp)
-        report = validate_bundle(runtime, policy, tokenizer, weight, val_prompts, n_embeddings, seed, guard=guard)
+        report = validate_bundle(runtime, policy, tokenizer, weight, val_prompts, n_embeddings, seed, guard=guard,
+                                 image_stage=image_stage)
         size = {**size, "total_bytes": int(sum(sizes.values())) + len(json.dumps(info.sealed(), indent=2))}
         info = dataclasses.replace(info, validation=report, size=size)
         info = dataclasses.replace(info, info_sha256=info.sealed()["info_sha256"])
@@ -279,6 +303,7 @@ def export_run(
         guard=run.guard,
         fallback_layer=info.get("fallback_layer"),
         budget_table=info.get("budget_table"),
+        image_stage=run.image_stage,
         fold=fold,
         embedding_weight=vlm.embedding_weight,
         tokenizer=vlm.tokenizer,

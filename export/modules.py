@@ -239,3 +239,32 @@ class EmbeddingRouter(nn.Module):
         m = attention_mask.to(torch.float32).unsqueeze(-1)  # (B, T, 1)
         obs = (emb * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)  # (B, D)
         return (*self.head(obs, lam), obs)
+
+
+class ImageStageHead(nn.Module):
+    """The image-aware second stage (``image_stage.onnx``): ``first_losses (B, A), image_summary (B, Dᵢ),
+    first_action (B,) int64, lam (1,)`` -> ``action (B,) int64, losses (B, A)`` (refined).
+
+    ``deepinsert.policy.image_stage.refine_actions`` as a graph: the best layer below N under the
+    refined curve replaces the first stage's ``action`` when it wins by more than the margin;
+    an ``action`` at k = N stays.
+    """
+
+    def __init__(self, stage: Any) -> None:
+        super().__init__()
+        self.net = stage.net
+        self.margin = float(stage.net.margin)
+        N = stage.num_layers
+        self.register_buffer("kfrac", torch.tensor([k / N for k in stage.candidate_layers], dtype=torch.float32))
+        self.register_buffer("uses_image", torch.tensor([int(k < N) for k in stage.candidate_layers], dtype=torch.int64))
+
+    def forward(self, losses: torch.Tensor, summary: torch.Tensor, action: torch.Tensor,
+                lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        refined = self.net(losses, summary)  # (B, A)
+        r = -refined + lam.reshape(1, 1) * self.kfrac
+        img = self.uses_image.reshape(1, -1) > 0
+        r_img = torch.where(img, r, torch.full_like(r, -1e30))
+        best = torch.argmax(r_img, dim=-1)
+        gain = torch.amax(r_img, dim=-1) - torch.gather(r, 1, action.reshape(-1, 1)).reshape(-1)
+        move = (torch.index_select(self.uses_image, 0, action) > 0) & (gain > self.margin)
+        return torch.where(move, best, action), refined

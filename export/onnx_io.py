@@ -5,6 +5,9 @@ Graph interface (names are part of the bundle format, :mod:`deepinsert.router.bu
 - ``router.onnx``: ``input_ids, attention_mask (B, T) int64 [, lam (1,) float32]`` ->
   ``action (B,) int64, probs (B, A), ood_score (B,) [, losses (B, A)] [, observation (B, D)]``
 - ``policy.onnx``: ``embedding (B, D) float32 [, lam (1,)]`` -> the same minus ``observation``.
+- ``image_stage.onnx`` (optional, loss-curve bundles with the image-aware stage):
+  ``first_losses (B, A), image_summary (B, Dᵢ) float32, first_action (B,) int64, lam (1,)`` ->
+  ``action (B,) int64, losses (B, A)``.
 
 ``lam`` and ``losses`` exist for loss-curve routers only; ``observation`` only in an
 unfolded (``fold=False``) bundle. The bundle's metadata (candidate layers, N, max tokens,
@@ -74,6 +77,16 @@ def export_router_onnx(router: nn.Module, path: Path, *, with_lam: bool, folded:
     if with_lam:
         args = (*args, torch.full((1,), 0.1, dtype=torch.float32))
     _export(router, args, path, inputs, outputs, _axes(inputs, outputs))
+
+
+def export_image_stage_onnx(head: nn.Module, n_actions: int, summary_dim: int, path: Path) -> None:
+    """``image_stage.onnx``: first_losses (B, A), image_summary (B, Dᵢ), first_action (B,) int64, lam (1,) -> action, losses."""
+    from deepinsert.router.bundle import IMAGE_STAGE_INPUTS, IMAGE_STAGE_OUTPUTS
+
+    args = (torch.zeros(2, n_actions), torch.zeros(2, summary_dim), torch.zeros(2, dtype=torch.int64),
+            torch.full((1,), 0.1, dtype=torch.float32))
+    axes = {n: {0: "batch"} for n in (*IMAGE_STAGE_INPUTS[:3], *IMAGE_STAGE_OUTPUTS)}
+    _export(head, args, path, IMAGE_STAGE_INPUTS, IMAGE_STAGE_OUTPUTS, axes)
 
 
 def set_metadata(path: Path, meta: dict[str, str]) -> None:

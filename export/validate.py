@@ -112,6 +112,7 @@ def validate_bundle(
     *,
     guard: Any = None,
     ood_rtol: float = 1e-4,
+    image_stage: Any = None,
 ) -> dict[str, Any]:
     """Compare the loaded bundle with the unfolded torch reference; BundleError on any mismatch.
 
@@ -120,8 +121,11 @@ def validate_bundle(
     ``argmax -L̂ + λ k/N`` of the torch network's losses), probabilities / predicted losses
     within ``prob_atol``, the guard's squared score within ``ood_rtol`` (relative to the squared
     norm of the projection) of the NumPy guard's and the
-    same fallback decision, hence the same final layer. Returns the numbers that go into
-    ``router.json``'s ``validation`` block.
+    same fallback decision, hence the same final layer. With ``image_stage`` (the run's
+    :class:`~deepinsert.policy.image_stage.ImageStage`), ``Router.refine`` through
+    ``image_stage.onnx`` must give the torch stage's refined losses and actions on every prompt
+    at every λ checked, with random image summaries drawn around the training ones. Returns the
+    numbers that go into ``router.json``'s ``validation`` block.
     """
     from deepinsert.env.problem import reward
     from deepinsert.policy.losscurve import decide
@@ -194,6 +198,10 @@ def validate_bundle(
                     raise BundleError(f"the bundle's guard trips differently from the NumPy guard on {bad.size} {what}")
                 report[f"max_rel_ood_diff_{what}"] = max(report.get(f"max_rel_ood_diff_{what}", 0.0), float(odiff.max()))
                 report[f"fallback_rate_{what}"] = float(want_fb.mean())
+        if image_stage is not None:
+            n_refined, diff = _check_image_stage(router, image_stage, decisions, ref_s, lam, seed, prob_atol)
+            report["image_stage_refined"] = report.get("image_stage_refined", 0) + n_refined
+            report["max_abs_loss_diff_image_stage"] = max(report.get("max_abs_loss_diff_image_stage", 0.0), diff)
     return {
         "onnx_checker": "passed",
         "reference": ("env observation (transformers tokenizer + numpy) -> unfolded torch "
@@ -212,6 +220,38 @@ def validate_bundle(
         "action_histogram_prompts": np.bincount(
             np.array([d.index for d in router._route_ids(got, float(info.lam))[0]]), minlength=info.num_actions).tolist(),
     }
+
+
+def _check_image_stage(router: Router, stage: Any, decisions: list[Any], ref_losses: np.ndarray, lam: float,
+                       seed: int, atol: float) -> tuple[int, float]:
+    """``router.refine`` (image_stage.onnx) vs the torch stage on the prompts' decisions with
+    random summaries; returns (rows refined, max refined-loss difference); BundleError on a mismatch."""
+    from deepinsert.env.problem import reward
+
+    net = stage.net
+    rng = np.random.default_rng(seed + 7)
+    summ = (net.summary_mean.numpy() + net.summary_std.numpy() * rng.standard_normal((len(decisions), stage.summary_dim))
+            ).astype(np.float32)
+    got = router.refine(decisions, summ)
+    rows = np.array([router.needs_image_summary(d) for d in decisions], dtype=bool)
+    if any(g != d for g, d, r in zip(got, decisions, rows) if not r):
+        raise BundleError("the image-aware stage changed a decision it must leave alone (fallback or k = N)")
+    if not rows.any():
+        return 0, 0.0
+    idx = np.flatnonzero(rows)
+    first = np.array([decisions[i].index for i in idx], dtype=np.int64)
+    want_l = stage.refined_losses(ref_losses[idx], summ[idx])
+    want_a = stage.refine(ref_losses[idx], summ[idx], first, lam)
+    got_l = np.array([got[i].losses for i in idx], dtype=np.float32)
+    got_a = np.array([got[i].index for i in idx], dtype=np.int64)
+    scale = max(1.0, float(np.abs(want_l).max()))
+    layers = np.asarray(stage.candidate_layers)
+    r = reward(want_l, layers[None, :], lam, stage.num_layers)
+    r_img = np.where(layers[None, :] < stage.num_layers, r, -np.inf)
+    gain = r_img.max(1) - r[np.arange(len(idx)), first]
+    edge = np.abs(gain - net.margin) <= atol * scale  # within float noise of the margin either side is right
+    want_a = np.where(edge, got_a, want_a)
+    return int(len(idx)), _compare(f"the image-aware stage (λ={lam:g})", want_a, want_l, got_a, got_l, atol * scale, True)
 
 
 def _compare(what: str, ref_a: np.ndarray, ref_p: np.ndarray, got_a: np.ndarray, got_p: np.ndarray, atol: float,

@@ -40,6 +40,7 @@ BUNDLE_FORMAT_VERSION = 2
 
 ROUTER_ONNX = "router.onnx"
 POLICY_ONNX = "policy.onnx"
+IMAGE_STAGE_ONNX = "image_stage.onnx"
 ROUTER_JSON = "router.json"
 TOKENIZER_JSON = "tokenizer.json"
 
@@ -48,6 +49,11 @@ ROUTER_INPUTS = ("input_ids", "attention_mask")
 POLICY_INPUTS = ("embedding",)
 ROUTER_OUTPUTS = ("action", "probs", "ood_score")
 POLICY_OUTPUTS = ("action", "probs", "ood_score")
+
+IMAGE_STAGE_INPUTS = ("first_losses", "image_summary", "first_action", "lam")
+IMAGE_STAGE_OUTPUTS = ("action", "losses")
+IMAGE_SUMMARY_KIND = "mean_projector_output"
+"""The image-aware stage's input: the mean over an image's tokens of the projector output."""
 
 OBSERVATION_KIND = "mean_input_embedding"
 MAX_TOKENS_LIMIT = 8192
@@ -146,6 +152,7 @@ class BundleInfo:
     run: dict[str, Any] = field(default_factory=dict)  # seed, run folder, deepinsert version
     model_adapter: str | None = None  # identity ("sha256:...") of the peft adapter merged into that model; None: base
     model_architecture: str | None = None  # the model's class, e.g. "LlavaForConditionalGeneration"; None: not recorded
+    image_stage: dict[str, Any] | None = None  # {"summary", "summary_dim", "margin"}: image_stage.onnx is in the bundle
     info_sha256: str | None = None  # sha256 of this file's canonical content without this key
     format: str = BUNDLE_FORMAT
     format_version: int = BUNDLE_FORMAT_VERSION
@@ -199,6 +206,16 @@ class BundleInfo:
                 raise BundleError("router.json: budget_table must map increasing λ to non-increasing FLOPs fractions")
         if self.model_architecture is not None and not isinstance(self.model_architecture, str):
             raise BundleError(f"router.json: model_architecture must be a string or null, got {self.model_architecture!r}")
+        if self.image_stage is not None:
+            st = self.image_stage
+            if not isinstance(st, dict) or st.get("summary") != IMAGE_SUMMARY_KIND:
+                raise BundleError(f"router.json: image_stage must be an object with summary {IMAGE_SUMMARY_KIND!r}, "
+                                  f"got {st!r} (written by a newer deepinsert?)")
+            dim = st.get("summary_dim")
+            if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+                raise BundleError(f"router.json: image_stage.summary_dim must be a positive int, got {dim!r}")
+            if not self.supports_lam:
+                raise BundleError("router.json: an image_stage needs a loss-curve router")
         if self.checksums is not None and not isinstance(self.checksums, dict):
             raise BundleError("router.json: checksums must be an object {file: sha256}")
 
@@ -293,7 +310,7 @@ def verify_checksums(bundle_dir: str | Path, info: BundleInfo) -> None:
     """Check every file listed in ``info.checksums`` (and the three required ones) exists and
     matches (BundleError if not)."""
     bundle_dir = Path(bundle_dir)
-    for name in (ROUTER_ONNX, POLICY_ONNX, TOKENIZER_JSON):
+    for name in (ROUTER_ONNX, POLICY_ONNX, TOKENIZER_JSON, *((IMAGE_STAGE_ONNX,) if info.image_stage else ())):
         if name not in info.checksums:
             raise BundleError(f"router.json lists no checksum for {name}; re-export the run")
     for name, want in info.checksums.items():

@@ -16,6 +16,10 @@ environment; the decision then has ``truncated=True``.
 Guard: a prompt whose ``ood_score`` exceeds ``info.guard["threshold"]`` (it looks like no
 training prompt) goes to ``info.guard["fallback_layer"]`` with ``fallback=True``.
 
+Image-aware stage: a bundle exported with one (``info.image_stage``) refines a decision
+from a summary of the image (:meth:`Router.refine`, called where the image features are:
+``deepinsert.generate`` and the chat server); the routing calls here stay question-only.
+
 λ and budget: a loss-curve bundle decides for any ``lam`` given per request, or for a
 ``budget`` (target mean FLOPs fraction vs k = 0), turned into λ through the monotone
 calibration table in ``router.json``. Other bundles were trained for one λ and refuse both.
@@ -23,6 +27,7 @@ calibration table in ``router.json``. Other bundles were trained for one λ and 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +36,9 @@ from typing import Any
 import numpy as np
 from deepinsert.errors import BundleError, InputError
 from deepinsert.router.bundle import (
+    IMAGE_STAGE_INPUTS,
+    IMAGE_STAGE_ONNX,
+    IMAGE_STAGE_OUTPUTS,
     LAM_MAX,
     POLICY_ONNX,
     ROUTER_ONNX,
@@ -66,7 +74,10 @@ class RouteDecision:
     fallback: True if the out-of-distribution guard tripped and ``layer`` is its fallback layer.
     ood_score: the guard's score (distance to the nearest training prompt; None without a guard).
     lam: the λ the decision was taken at.
-    losses: (A,) predicted answer loss per candidate layer (loss-curve bundles), else None.
+    losses: (A,) predicted answer loss per candidate layer (loss-curve bundles), else None;
+        after :meth:`Router.refine`, the image-aware stage's refined curve.
+    first_layer: the question-only stage's layer when the image-aware stage took this
+        decision (:meth:`Router.refine`), else None.
     """
 
     layer: int
@@ -78,6 +89,7 @@ class RouteDecision:
     ood_score: float | None = None
     lam: float | None = None
     losses: tuple[float, ...] | None = None
+    first_layer: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -91,6 +103,7 @@ class RouteDecision:
             "ood_score": self.ood_score,
             "lam": self.lam,
             "losses": None if self.losses is None else list(self.losses),
+            "first_layer": self.first_layer,
         }
 
 
@@ -109,11 +122,13 @@ def _check_prompt(prompt: object, where: str = "prompt") -> str:
 class Router:
     """A loaded router bundle. Build it with :meth:`Router.load`; thread-safe for routing."""
 
-    def __init__(self, bundle_dir: Path, info: BundleInfo, router_session: Any, policy_session: Any, tokenizer: Any) -> None:
+    def __init__(self, bundle_dir: Path, info: BundleInfo, router_session: Any, policy_session: Any, tokenizer: Any,
+                 image_stage_session: Any = None) -> None:
         self.bundle_dir = bundle_dir
         self.info = info
         self._router = router_session
         self._policy = policy_session
+        self._image_stage = image_stage_session
         self._tokenizer = tokenizer
         self._layers = np.asarray(info.candidate_layers, dtype=np.int64)
         self._router_in, self._router_out = graph_io("router", with_lam=info.supports_lam, folded=info.folded)
@@ -147,7 +162,7 @@ class Router:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         sessions = []
-        for name in (ROUTER_ONNX, POLICY_ONNX):
+        for name in (ROUTER_ONNX, POLICY_ONNX, *((IMAGE_STAGE_ONNX,) if info.image_stage else ())):
             path = bundle_dir / name
             if not path.is_file():
                 raise BundleError(f"router bundle {str(bundle_dir)!r} is incomplete: {name} is missing")
@@ -165,7 +180,7 @@ class Router:
         # Match transformers' `tokenizer(q, add_special_tokens=False)`: no padding, no truncation.
         tokenizer.no_padding()
         tokenizer.no_truncation()
-        router = cls(bundle_dir, info, sessions[0], sessions[1], tokenizer)
+        router = cls(bundle_dir, info, sessions[0], sessions[1], tokenizer, sessions[2] if len(sessions) > 2 else None)
         router._check_graphs()
         return router
 
@@ -173,10 +188,11 @@ class Router:
         """Compare router.json with the graphs' signatures and metadata, then probe both graphs once."""
         info, A, D, V = self.info, self.info.num_actions, self.info.observation.dim, self.info.observation.vocab_size
         want_meta = graph_metadata(info)
-        for name, sess, want_in, want_out in (
-            (ROUTER_ONNX, self._router, self._router_in, self._router_out),
-            (POLICY_ONNX, self._policy, self._policy_in, self._policy_out),
-        ):
+        graphs = [(ROUTER_ONNX, self._router, self._router_in, self._router_out),
+                  (POLICY_ONNX, self._policy, self._policy_in, self._policy_out)]
+        if self._image_stage is not None:
+            graphs.append((IMAGE_STAGE_ONNX, self._image_stage, IMAGE_STAGE_INPUTS, IMAGE_STAGE_OUTPUTS))
+        for name, sess, want_in, want_out in graphs:
             got_in = tuple(i.name for i in sess.get_inputs())
             got_out = {o.name: o for o in sess.get_outputs()}
             if got_in != want_in or set(got_out) != set(want_out):
@@ -184,7 +200,7 @@ class Router:
                     f"{name} has inputs {list(got_in)} / outputs {sorted(got_out)}, expected "
                     f"{list(want_in)} / {sorted(want_out)}: not a deepinsert router graph for this router.json"
                 )
-            probs_dim = got_out["probs"].shape[-1]
+            probs_dim = got_out["probs" if "probs" in got_out else "losses"].shape[-1]
             if isinstance(probs_dim, int) and probs_dim != A:
                 raise BundleError(
                     f"{name} outputs {probs_dim} action probabilities but router.json lists "
@@ -209,6 +225,16 @@ class Router:
             raise BundleError(f"{ROUTER_ONNX} failed on token id {V - 1} (vocab_size={V} in router.json): {e}") from e
         if out["probs"].shape != (1, A):
             raise BundleError(f"{ROUTER_ONNX} returned probs {out['probs'].shape}, router.json implies (1, {A})")
+        if self._image_stage is not None:
+            d = self.image_summary_dim
+            s_dim = self._image_stage.get_inputs()[1].shape[-1]
+            if isinstance(s_dim, int) and s_dim != d:
+                raise BundleError(f"{IMAGE_STAGE_ONNX} takes image summaries of size {s_dim} but router.json says {d}")
+            try:
+                self._run_image_stage(np.zeros((1, A), np.float32), np.zeros((1, d), np.float32),
+                                      np.zeros(1, np.int64), float(self.info.lam))
+            except Exception as e:
+                raise BundleError(f"{IMAGE_STAGE_ONNX} failed on a probe input: {e}") from e
 
     # ------------------------------------------------------------------ properties
     @property
@@ -230,6 +256,16 @@ class Router:
     def supports_lam(self) -> bool:
         """True when requests may choose ``lam`` / ``budget`` (loss-curve bundles)."""
         return self.info.supports_lam
+
+    @property
+    def has_image_stage(self) -> bool:
+        """True when the bundle carries the image-aware second stage (:meth:`refine`)."""
+        return self._image_stage is not None
+
+    @property
+    def image_summary_dim(self) -> int:
+        """Dᵢ, the width of the image summaries :meth:`refine` takes (0 without an image stage)."""
+        return int(self.info.image_stage["summary_dim"]) if self.info.image_stage else 0
 
     def lam_for(self, lam: float | None = None, budget: float | None = None) -> float:
         """The λ a request decides at: ``lam``, the calibrated λ of ``budget``, or the bundle's λ.
@@ -270,6 +306,51 @@ class Router:
         if self.supports_lam:
             feed["lam"] = np.array([lam], dtype=np.float32)
         return dict(zip(self._policy_out, self._policy.run(list(self._policy_out), feed)))
+
+    def _run_image_stage(self, losses: np.ndarray, summaries: np.ndarray, actions: np.ndarray,
+                         lam: float) -> dict[str, np.ndarray]:
+        """losses (B, A), summaries (B, Dᵢ) float32, actions (B,) int64 -> {action (B,), losses (B, A)}."""
+        feed = {"first_losses": losses, "image_summary": summaries, "first_action": actions, "lam": np.array([lam], dtype=np.float32)}
+        return dict(zip(IMAGE_STAGE_OUTPUTS, self._image_stage.run(list(IMAGE_STAGE_OUTPUTS), feed)))
+
+    def needs_image_summary(self, decision: RouteDecision) -> bool:
+        """True when :meth:`refine` would run the image-aware stage on this decision (the bundle
+        has one, the guard did not trip, the image enters: ``layer < N``)."""
+        return (self._image_stage is not None and not decision.fallback and decision.losses is not None
+                and decision.layer < self.info.num_layers and decision.first_layer is None)
+
+    def refine(self, decisions: Sequence[RouteDecision], summaries: Any) -> list[RouteDecision]:
+        """The image-aware stage on question-only decisions: one image summary ``(Dᵢ,)`` per
+        decision (the mean over the image's tokens of the projector output,
+        ``deepinsert.policy.image_stage.image_summaries``), ``(B, Dᵢ)`` in all. Decisions
+        :meth:`needs_image_summary` rejects come back unchanged (their rows are ignored);
+        refined ones carry ``first_layer`` and the refined ``losses``. InputError without an
+        image stage or for a bad summary array."""
+        if self._image_stage is None:
+            raise InputError("this bundle has no image-aware stage (export a run trained with algo.image_stage: true)")
+        decisions = list(decisions)
+        d = self.image_summary_dim
+        try:
+            s = np.asarray(summaries, dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"image summaries must be a (B, {d}) array of numbers: {e}") from e
+        if s.shape != (len(decisions), d):
+            raise InputError(f"image summaries must have shape ({len(decisions)}, {d}), got {s.shape}")
+        rows = [i for i, dec in enumerate(decisions) if self.needs_image_summary(dec)]
+        if rows and not np.isfinite(s[rows]).all():
+            raise InputError("image summaries contain NaN or inf")
+        out = list(decisions)
+        for lam in sorted({decisions[i].lam for i in rows}):  # one graph call per λ
+            group = [i for i in rows if decisions[i].lam == lam]
+            res = self._run_image_stage(np.array([decisions[i].losses for i in group], dtype=np.float32),
+                                        np.ascontiguousarray(s[group]),
+                                        np.array([decisions[i].index for i in group], dtype=np.int64), float(lam))
+            for r, i in enumerate(group):
+                a = int(res["action"][r])
+                out[i] = dataclasses.replace(decisions[i], layer=int(self._layers[a]), index=a,
+                                             losses=tuple(float(v) for v in res["losses"][r]),
+                                             first_layer=decisions[i].layer)
+        return out
 
     def _decisions(self, out: dict[str, np.ndarray], lam: float, toks: Sequence[tuple[list[int], bool]] | None) -> list[RouteDecision]:
         acts = out["action"].tolist()
