@@ -79,6 +79,9 @@ def _check_router_fits(router: Router, vlm: FrozenVLM) -> None:
             f"the router's embedding table is {info.observation.vocab_size}x{info.observation.dim} but this "
             f"model's is {V}x{D}: the router belongs to {info.model_source!r}"
         )
+    if info.image_stage and int(info.image_stage["summary_dim"]) != D:
+        raise InputError(f"the router's image-aware stage takes image summaries of width "
+                         f"{info.image_stage['summary_dim']} but this model's projector outputs {D}")
 
 
 def _resolve_router(router: RouterSpec) -> Router | int:
@@ -99,9 +102,10 @@ def _resolve_router(router: RouterSpec) -> Router | int:
 
 
 def _layers_for(
-    vlm: FrozenVLM, prompts: Sequence[str], routed: Sequence[int], router: Router | int
+    vlm: FrozenVLM, images: Sequence[Any], prompts: Sequence[str], routed: Sequence[int], router: Router | int
 ) -> tuple[dict[int, int], list[RouteDecision | None] | None]:
-    """Layer of each prompt index in ``routed`` (the prompts with an image), and the decisions."""
+    """Layer of each prompt index in ``routed`` (the prompts with an image), and the decisions
+    (refined by the bundle's image-aware stage when it has one)."""
     if isinstance(router, int):
         if not 0 <= router <= vlm.num_layers:
             raise InputError(f"fixed layer {router} is outside 0..{vlm.num_layers}")
@@ -109,7 +113,12 @@ def _layers_for(
     _check_router_fits(router, vlm)
     decisions: list[RouteDecision | None] = [None] * len(prompts)
     if routed:
-        for i, d in zip(routed, router.route_batch([prompts[i] for i in routed]), strict=True):
+        decs = router.route_batch([prompts[i] for i in routed])
+        if router.has_image_stage:  # the image-aware second stage, on the images that enter the model
+            from deepinsert.policy.image_stage import refine_with_images
+
+            decs = refine_with_images(vlm, router, decs, [images[i] for i in routed])
+        for i, d in zip(routed, decs, strict=True):
             decisions[i] = d
     return {i: decisions[i].layer for i in routed}, decisions  # type: ignore[union-attr]
 
@@ -144,7 +153,9 @@ def generate(
         router: required, no default. A :class:`~deepinsert.router.Router` trained for this
             model, a bundle folder written by ``deepinsert export`` (loaded on each call:
             pass a loaded Router to reuse it), or a fixed layer k (``router=0``: the stock
-            model, every image at layer 0; ``router=N``: no image ever enters).
+            model, every image at layer 0; ``router=N``: no image ever enters). A bundle with
+            the image-aware stage refines each decision whose image enters (``k < N``) from
+            the image's summary (one extra vision-tower pass for those images).
         max_new_tokens: at most this many new tokens per answer.
         batch_size: most prompts per decoding batch (batches never mix layers).
         eos_token_id: stop id(s); default: the model's generation config, else the tokenizer's.
@@ -171,7 +182,7 @@ def generate(
                              "the image; give it in images, or None for a text-only request)")
     resolved = _resolve_router(router)
     with_image = [i for i, img in enumerate(images) if img is not None]
-    routed_layers, decisions = _layers_for(vlm, prompts, with_image, resolved)
+    routed_layers, decisions = _layers_for(vlm, images, prompts, with_image, resolved)
     N = vlm.num_layers
     layers = [routed_layers.get(i, N) for i in range(len(prompts))]
     from deepinsert.frozen_vlm import cut_at_eos

@@ -346,6 +346,14 @@ class FrozenVLM:
         return torch.stack(feats) if len({f.shape for f in feats}) == 1 else feats
 
     @torch.inference_mode()
+    def image_summary(self, pixel_values: torch.Tensor, **extras: Any) -> torch.Tensor:
+        """``(I, D)`` float32: the mean over each image's tokens of :meth:`image_features` (the
+        image-aware routing stage's input, ``deepinsert.policy.image_stage``)."""
+        feats = self.image_features(pixel_values, **extras)
+        rows = list(feats) if isinstance(feats, list) else list(feats.unbind(0))
+        return torch.stack([r.float().mean(0) for r in rows])
+
+    @torch.inference_mode()
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -223,12 +223,6 @@ def train_image_stage(
     return net.eval()
 
 
-def summarize_features(feats: torch.Tensor | list[torch.Tensor]) -> np.ndarray:
-    """Projected image features ``(I, n, D)`` (or a list of ``(nᵢ, D)``) -> summaries ``(I, D)`` float32."""
-    rows = list(feats) if isinstance(feats, list) else [feats[i] for i in range(feats.shape[0])]
-    return np.stack([r.float().mean(0).cpu().numpy() for r in rows]).astype(np.float32)
-
-
 def image_summaries(vlm: Any, images: Sequence[Any], *, batch_size: int = 64) -> np.ndarray:
     """``(I, D)`` summaries of PIL ``images`` on ``vlm`` (one processor call and one vision-tower
     pass per batch of ``batch_size``)."""
@@ -238,7 +232,7 @@ def image_summaries(vlm: Any, images: Sequence[Any], *, batch_size: int = 64) ->
     for b in range(0, len(images), batch_size):
         enc = vlm.processor.image_processor(list(images[b:b + batch_size]), return_tensors="pt")
         extras = {k: enc[k] for k in ("image_sizes", "image_grid_thw") if k in enc}
-        out.append(summarize_features(vlm.image_features(enc["pixel_values"], **extras)))
+        out.append(vlm.image_summary(enc["pixel_values"], **extras).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -252,3 +246,16 @@ def sample_summaries(vlm: Any, samples: Sequence[Any], *, batch_size: int = 64) 
         ii = idx[b:b + batch_size]
         out[ii] = image_summaries(vlm, [samples[i].load_image() for i in ii], batch_size=batch_size)
     return out, has
+
+
+def refine_with_images(vlm: Any, router: Any, decisions: Sequence[Any], images: Sequence[Any]) -> list[Any]:
+    """A bundle's image-aware stage on question-only decisions (``deepinsert.router.RouteDecision``),
+    one PIL image per decision: the summaries of the images whose decision
+    ``router.needs_image_summary`` accepts are computed on ``vlm`` (one vision-tower pass),
+    then ``router.refine``. Decisions come back unchanged when the bundle has no stage."""
+    need = [i for i, d in enumerate(decisions) if router.needs_image_summary(d)]
+    if not need:
+        return list(decisions)
+    summaries = np.zeros((len(decisions), router.image_summary_dim), dtype=np.float32)
+    summaries[need] = image_summaries(vlm, [images[i] for i in need])
+    return router.refine(decisions, summaries)

@@ -184,6 +184,8 @@ class Decision(pydantic.BaseModel):
     ood_score: float | None
     lam: float | None
     losses: list[float] | None
+    first_layer: int | None = None
+    """Set only where the image-aware stage refined the decision (the chat server); /route is question-only."""
 
 
 class BatchDecision(pydantic.BaseModel):

@@ -5,8 +5,12 @@ Endpoints:
 - ``POST /v1/chat/completions``: OpenAI's chat format (``serving/protocol.py``), streamed
   as Server-Sent Events (``data: {chunk}`` ... ``data: [DONE]``) or not. The response adds
   ``usage`` and a ``deepinsert`` object: ``layer``, ``routed`` (false when
-  ``insert_layer`` forced it), ``fallback`` (the router could not be used and the request
-  ran at k = 0), ``flops_fraction`` (Eq. 5 prefill FLOPs vs k = 0), ``router_ms``.
+  ``insert_layer`` forced it), ``fallback`` (the router could not read the question, or its
+  guard tripped, and the request ran at the fallback layer), ``flops_fraction`` (Eq. 5
+  prefill FLOPs vs k = 0), ``router_ms``, and ``first_layer`` (the question-only layer) when
+  the bundle's image-aware stage refined the decision (its image summary is computed in the
+  request thread: one extra vision-tower pass). ``lam`` / ``budget`` in the body choose the
+  trade-off per request (loss-curve bundles).
 - ``GET /v1/models``: the one served model.
 - ``POST /route``, ``GET /health``, ``GET /info``: as the router-only service, plus the
   model and scheduler limits in ``/info``.
@@ -31,6 +35,7 @@ from deepinsert.errors import InputError
 from deepinsert.frozen_vlm.flops import flops, flops_fraction
 from deepinsert.frozen_vlm.layers import image_tokens_per_image
 from deepinsert.frozen_vlm.sampling import SamplingParams
+from deepinsert.policy.image_stage import refine_with_images
 from deepinsert.router.service import BodySizeLimit, RouteRequest
 from deepinsert.serving.conversation import PromptBuilder
 from deepinsert.serving.metrics import ServerMetrics
@@ -171,8 +176,8 @@ def create_chat_app(
     @app.post("/route")
     def route(req: RouteRequest) -> dict[str, Any]:
         if req.prompt is not None:
-            return router.route(req.prompt).to_dict()
-        return {"results": [d.to_dict() for d in router.route_batch(req.prompts or [])]}
+            return router.route(req.prompt, lam=req.lam, budget=req.budget).to_dict()
+        return {"results": [d.to_dict() for d in router.route_batch(req.prompts or [], lam=req.lam, budget=req.budget)]}
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
@@ -185,9 +190,16 @@ def create_chat_app(
             raise APIError(f"the model {req.model!r} does not exist; this server serves {config.model_name!r}",
                            404, type="not_found_error", param="model", code="model_not_found")
         req.check_supported()
+        lam = None
         if req.lam is not None or req.budget is not None:
-            raise APIError("this router bundle was trained at one lambda; lam / budget are not supported by it",
-                           param="lam" if req.lam is not None else "budget")
+            param = "lam" if req.lam is not None else "budget"
+            if not router.supports_lam:
+                raise APIError("this router bundle was trained at one lambda; lam / budget are not supported by it",
+                               param=param)
+            try:
+                lam = router.lam_for(req.lam, req.budget)
+            except InputError as e:
+                raise APIError(str(e), param=param) from None
         if req.insert_layer is not None and req.insert_layer > N:
             raise APIError(f"insert_layer must be in 0..{N}", param="insert_layer")
         conv = builder.parse(req)
@@ -197,7 +209,7 @@ def create_chat_app(
             raise APIError(f"max_tokens={asked} does not fit: the prompt is {len(conv.prompt_ids)} tokens and the "
                            f"model handles {max_pos} positions", param="max_tokens", code="context_length_exceeded")
         max_tokens = asked if asked is not None else min(config.default_max_tokens, room or config.default_max_tokens)
-        routed, fallback, router_ms = False, False, 0.0
+        routed, fallback, router_ms, first_layer = False, False, 0.0, None
         if req.insert_layer is not None:
             layer = int(req.insert_layer)
         elif conv.image is None:
@@ -207,10 +219,15 @@ def create_chat_app(
         else:
             t0 = time.perf_counter()
             try:
-                layer = int(router.route(conv.question).layer)
+                decision = router.route(conv.question, lam=lam)
                 routed = True
             except InputError:  # nothing the router can read (e.g. no known token): the stock model
                 layer, fallback = 0, True
+            else:
+                if router.needs_image_summary(decision):  # the image-aware stage: one vision-tower pass here
+                    decision = refine_with_images(vlm, router, [decision], [conv.image])[0]
+                    first_layer = decision.first_layer
+                layer, fallback = int(decision.layer), bool(decision.fallback)
             router_ms = 1000 * (time.perf_counter() - t0)
         if fallback:
             metrics.fallbacks.inc()
@@ -225,6 +242,8 @@ def create_chat_app(
         extra = {"layer": layer, "routed": routed, "fallback": fallback,
                  "flops_fraction": flops_fraction(vlm, layer, conv.n_text, conv.n_image),
                  "router_ms": round(router_ms, 3), "num_layers": N}
+        if first_layer is not None:
+            extra["first_layer"] = first_layer
         return job, extra
 
     def _usage(done: dict[str, Any]) -> dict[str, int]:
