@@ -115,12 +115,28 @@ def _layers_for(
     if routed:
         decs = router.route_batch([prompts[i] for i in routed])
         if router.has_image_stage:  # the image-aware second stage, on the images that enter the model
-            from deepinsert.policy.image_stage import refine_with_images
-
             decs = refine_with_images(vlm, router, decs, [images[i] for i in routed])
         for i, d in zip(routed, decs, strict=True):
             decisions[i] = d
     return {i: decisions[i].layer for i in routed}, decisions  # type: ignore[union-attr]
+
+
+def refine_with_images(vlm: FrozenVLM, router: Router, decisions: Sequence[RouteDecision],
+                       images: Sequence[Any]) -> list[RouteDecision]:
+    """The bundle's image-aware stage on question-only decisions, one PIL image per decision:
+    the summaries (``frozen_vlm.image_summaries``) of the images whose decision
+    ``router.needs_image_summary`` accepts are computed on ``vlm``, then ``router.refine``.
+    Decisions come back unchanged when none needs it (e.g. the bundle has no stage)."""
+    need = [i for i, d in enumerate(decisions) if router.needs_image_summary(d)]
+    if not need:
+        return list(decisions)
+    import numpy as np
+
+    from deepinsert.frozen_vlm import image_summaries
+
+    summaries = np.zeros((len(decisions), router.image_summary_dim), dtype=np.float32)
+    summaries[need] = image_summaries(vlm, [images[i] for i in need]).numpy()
+    return router.refine(decisions, summaries)
 
 
 def _batch(vlm: FrozenVLM, images: Sequence[Any], prompts: Sequence[str]) -> Any:

@@ -1,8 +1,11 @@
-"""Does a cheap image summary help the loss-curve router? (the image-aware stage's ceiling)
+"""Does a cheap image summary help the loss-curve router? (the image-aware stage, built and as inputs)
 
-    python benchmarks/image_aware_ceiling.py [--config configs/demo.yaml] [--seeds 3]
+    python benchmarks/image_aware_ceiling.py [--config configs/demo.yaml] [--seeds 3] [--margin D]
 
-Before building a second, image-aware routing stage, this measures what it could add: the
+``two-stage``: the library's image-aware second stage (``deepinsert.policy.image_stage``,
+``algo.image_stage``) on top of the config's question-only router: the residual correction
+of the predicted curve from the image summary, trained with ``algo.image_stage_weight_decay``,
+deciding with the router's margin among the layers where the image enters. Beside it, the
 config's loss-curve router (same network, epochs, learning rate, weight decay) fitted on
 
 - ``question``: the shipped observation (mean input embedding of the question);
@@ -27,21 +30,50 @@ RESULTS = Path(__file__).resolve().parent / "results" / "image_aware_ceiling.jso
 PCA = (2, 4)
 
 
-def _image_summary(vlm: Any, samples: list[Any], batch: int = 64) -> np.ndarray:
-    """``(S, D + 1)``: mean projector output per image (zeros without one), then the image flag."""
-    import torch
+def _image_summary(vlm: Any, samples: list[Any]) -> np.ndarray:
+    """``(S, D + 1)``: the stage's image summary (zeros without an image), then the image flag."""
+    from deepinsert.policy.image_stage import sample_summaries
 
-    d = int(vlm.embedding_weight.shape[1])
-    out = np.zeros((len(samples), d + 1), dtype=np.float32)
-    idx = [i for i, s in enumerate(samples) if s.image_path is not None]
-    with torch.no_grad():
-        for b in range(0, len(idx), batch):
-            ii = idx[b:b + batch]
-            pv = vlm.processor.image_processor([samples[i].load_image() for i in ii], return_tensors="pt")
-            f = vlm.image_features(pv["pixel_values"])
-            out[ii, :d] = f.float().mean(1).cpu().numpy()
-            out[ii, d] = 1.0
-    return out
+    summ, has = sample_summaries(vlm, samples)
+    return np.concatenate([summ, has[:, None].astype(np.float32)], 1)
+
+
+def two_stage(b: Any, q: dict[str, np.ndarray], img: dict[str, np.ndarray], seeds: int) -> dict[str, Any]:
+    """The question-only router, then the library's image-aware stage (no guard), ``seeds`` fits;
+    captured gain per λ and accuracy per split, and how often the stage moved a prompt."""
+    import torch
+    from deepinsert.policy.evaluate import compare
+    from deepinsert.policy.image_stage import ImageStage, train_image_stage
+    from router_bench import ACC_LAM, summarise
+
+    a, d = b.cfg.algo, img["train"].shape[1] - 1
+    runs = []
+    for s in range(seeds):
+        net = b.fit(q["train"], b.cfg.seed + s)
+        with torch.no_grad():
+            curves = {n: net(torch.from_numpy(x)).numpy() for n, x in q.items()}
+        has = img["train"][:, d] > 0
+        stage_net = train_image_stage(curves["train"][has], img["train"][has, :d], b.losses[has], net_arch=b.cfg.net_arch,
+                                      epochs=a.epochs, learning_rate=a.regression_lr, batch_size=a.batch_size,
+                                      seed=b.cfg.seed + s, weight_decay=a.image_stage_weight_decay, margin=b.margin)
+        stage = ImageStage(stage_net, b.ws.candidate_layers, b.ws.num_layers)
+        out: dict[str, dict[str, float]] = {}
+        for n, t in b.tables.items():
+            out[n] = {}
+            rows = np.flatnonzero(img[n][:, d] > 0)
+            for lam in LAMS:
+                first = b.actions(curves[n], lam)
+                acts = first.copy()
+                acts[rows] = stage.refine(curves[n][rows], img[n][rows, :d], first[rows], lam)
+                m = compare(t, lam, acts)
+                out[n][f"{lam:g}"] = float(m["captured_gain"])
+                out[n][f"moved@{lam:g}"] = float((acts != first).mean())
+                if lam == ACC_LAM and m["router"]["accuracy"] is not None:
+                    out[n][f"accuracy@{ACC_LAM:g}"] = float(m["router"]["accuracy"])
+        runs.append(out)
+    res = summarise(runs)
+    print("two-stage", res, flush=True)
+    return res
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -63,9 +95,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     variants = {"question": lambda n: q[n], "question+image": lambda n: np.concatenate([q[n], img[n]], 1)}
     for p in PCA:
         variants[f"question+image-pca{p}"] = lambda n, p=p: np.concatenate([q[n], pca(img[n], p)], 1)
-    res = b.compare_inputs(variants, args.seeds)
+    res = {"two-stage": two_stage(b, q, img, args.seeds), **b.compare_inputs(variants, args.seeds)}
     out = {"config": args.config, "seeds": args.seeds, "lams": list(LAMS), "router": "losscurve (no guard)",
-           "weight_decay": b.cfg.algo.weight_decay, "results": res}
+           "margin": b.margin, "weight_decay": b.cfg.algo.weight_decay,
+           "image_stage_weight_decay": b.cfg.algo.image_stage_weight_decay, "results": res}
     write(args.out, out)
     return out
 

@@ -13,6 +13,7 @@ from deepinsert.frozen_vlm.batching import (
     PromptBatch,
     build_batch,
     collate,
+    image_summaries,
     pad_token_id,
 )
 from deepinsert.frozen_vlm.decoding import cut_at_eos, resolve_eos_ids
@@ -32,6 +33,7 @@ __all__ = [
     "cut_at_eos",
     "flops",
     "flops_fraction",
+    "image_summaries",
     "load_vlm",
     "pad_token_id",
     "resolve_eos_ids",

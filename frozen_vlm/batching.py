@@ -185,6 +185,22 @@ def build_batch(
     return collate(parts, pad_token_id(tok))
 
 
+def image_summaries(vlm: Any, images: Sequence[Any], *, batch_size: int = 64) -> torch.Tensor:
+    """``(I, D)`` float32 on the CPU: :meth:`FrozenVLM.image_summary` of PIL ``images`` (the
+    image-aware routing stage's input), one image-processor call and one vision-tower pass per
+    ``batch_size`` images."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+    if len(images) == 0:
+        return torch.zeros(0, int(vlm.embedding_weight.shape[1]))
+    out = []
+    for b in range(0, len(images), batch_size):
+        enc = vlm.processor.image_processor(list(images[b:b + batch_size]), return_tensors="pt")
+        extras = {k: enc[k] for k in ("image_sizes", "image_grid_thw") if k in enc}
+        out.append(vlm.image_summary(enc["pixel_values"], **extras).cpu())
+    return torch.cat(out)
+
+
 def collate(parts: Sequence[PromptBatch], pad_id: int) -> PromptBatch:
     """Left-pad and stack batches (e.g. memoised single-sample ones) into one ``(B, L)`` batch.
 

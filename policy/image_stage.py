@@ -4,7 +4,8 @@ The first stage, the question-only loss-curve router, runs torch-free before the
 predicts the answer loss at every candidate layer, ``L̂₁ (B, A)``, and a layer ``k₁``. When
 ``k₁ < N`` (and its guard did not trip) the image will enter the model anyway, so its
 projected features exist before the language model runs; the second stage reads a cheap
-summary of them, the mean over the image's tokens of the projector output ``s (B, Dᵢ)``,
+summary of them, the mean over the image's tokens of the projector output ``s (B, Dᵢ)``
+(``deepinsert.frozen_vlm.image_summaries``),
 and refines the curve with a residual::
 
     L̂₂ = L̂₁ + mlp([(L̂₁ - μ₁) / σ₁, (s - μₛ) / σₛ]) · σ_L
@@ -223,39 +224,16 @@ def train_image_stage(
     return net.eval()
 
 
-def image_summaries(vlm: Any, images: Sequence[Any], *, batch_size: int = 64) -> np.ndarray:
-    """``(I, D)`` summaries of PIL ``images`` on ``vlm`` (one processor call and one vision-tower
-    pass per batch of ``batch_size``)."""
-    if not images:
-        return np.zeros((0, int(vlm.embedding_weight.shape[1])), dtype=np.float32)
-    out = []
-    for b in range(0, len(images), batch_size):
-        enc = vlm.processor.image_processor(list(images[b:b + batch_size]), return_tensors="pt")
-        extras = {k: enc[k] for k in ("image_sizes", "image_grid_thw") if k in enc}
-        out.append(vlm.image_summary(enc["pixel_values"], **extras).cpu().numpy())
-    return np.concatenate(out)
-
-
 def sample_summaries(vlm: Any, samples: Sequence[Any], *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Summaries ``(S, D)`` of the samples' images (zeros for text-only ones) and ``has_image (S,)``."""
+    from deepinsert.frozen_vlm import image_summaries
+
     has = np.array([getattr(s, "image_path", None) is not None for s in samples], dtype=bool)
     d = int(vlm.embedding_weight.shape[1])
     out = np.zeros((len(samples), d), dtype=np.float32)
     idx = np.flatnonzero(has)
     for b in range(0, len(idx), batch_size):
         ii = idx[b:b + batch_size]
-        out[ii] = image_summaries(vlm, [samples[i].load_image() for i in ii], batch_size=batch_size)
+        out[ii] = image_summaries(vlm, [samples[i].load_image() for i in ii], batch_size=batch_size).numpy()
     return out, has
 
-
-def refine_with_images(vlm: Any, router: Any, decisions: Sequence[Any], images: Sequence[Any]) -> list[Any]:
-    """A bundle's image-aware stage on question-only decisions (``deepinsert.router.RouteDecision``),
-    one PIL image per decision: the summaries of the images whose decision
-    ``router.needs_image_summary`` accepts are computed on ``vlm`` (one vision-tower pass),
-    then ``router.refine``. Decisions come back unchanged when the bundle has no stage."""
-    need = [i for i, d in enumerate(decisions) if router.needs_image_summary(d)]
-    if not need:
-        return list(decisions)
-    summaries = np.zeros((len(decisions), router.image_summary_dim), dtype=np.float32)
-    summaries[need] = image_summaries(vlm, [images[i] for i in need])
-    return router.refine(decisions, summaries)

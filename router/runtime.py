@@ -322,7 +322,7 @@ class Router:
     def refine(self, decisions: Sequence[RouteDecision], summaries: Any) -> list[RouteDecision]:
         """The image-aware stage on question-only decisions: one image summary ``(Dᵢ,)`` per
         decision (the mean over the image's tokens of the projector output,
-        ``deepinsert.policy.image_stage.image_summaries``), ``(B, Dᵢ)`` in all. Decisions
+        ``deepinsert.frozen_vlm.image_summaries``), ``(B, Dᵢ)`` in all. Decisions
         :meth:`needs_image_summary` rejects come back unchanged (their rows are ignored);
         refined ones carry ``first_layer`` and the refined ``losses``. InputError without an
         image stage or for a bad summary array."""

@@ -35,7 +35,6 @@ from deepinsert.errors import InputError
 from deepinsert.frozen_vlm.flops import flops, flops_fraction
 from deepinsert.frozen_vlm.layers import image_tokens_per_image
 from deepinsert.frozen_vlm.sampling import SamplingParams
-from deepinsert.policy.image_stage import refine_with_images
 from deepinsert.router.service import BodySizeLimit, RouteRequest
 from deepinsert.serving.conversation import PromptBuilder
 from deepinsert.serving.metrics import ServerMetrics
@@ -99,7 +98,7 @@ def create_chat_app(
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from deepinsert.generate import _check_router_fits
+    from deepinsert.generate import _check_router_fits, refine_with_images
 
     config = config or ServerConfig()
     scheduler_config = scheduler_config or SchedulerConfig()

@@ -184,9 +184,9 @@ def test_train_evaluate_export_generate_serve(config, tmp_path, capsys):
     images, qs = [s.load_image() for s in samples], [s.question for s in samples]
     out = deepinsert.generate(vlm, images, qs, router=router, max_new_tokens=4)
     obs = prompt_observations(vlm.tokenizer, vlm.embedding_weight, qs)
-    from deepinsert.policy.image_stage import image_summaries
+    from deepinsert.frozen_vlm import image_summaries
 
-    want = np.asarray(run.candidate_layers)[run.predict_two_stage(obs, image_summaries(vlm, images),
+    want = np.asarray(run.candidate_layers)[run.predict_two_stage(obs, image_summaries(vlm, images).numpy(),
                                                                   np.ones(len(qs), bool))]
     assert out.layers == want.tolist()
     refined = [d for d in out.decisions if d.first_layer is not None]
@@ -210,7 +210,7 @@ def test_train_evaluate_export_generate_serve(config, tmp_path, capsys):
             assert r.deepinsert.get("first_layer") == out.decisions[i].first_layer
             r = client.chat.completions.create(model="demo", messages=msg, max_tokens=4, extra_body={"lam": 1.0})
             d = router.route(qs[i], lam=1.0)
-            from deepinsert.policy.image_stage import refine_with_images
+            from deepinsert.generate import refine_with_images
 
             assert r.deepinsert["layer"] == refine_with_images(vlm, router, [d], [images[i]])[0].layer
         with pytest.raises(openai.BadRequestError):
