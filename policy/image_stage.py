@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from deepinsert.env.problem import reward
 from deepinsert.errors import InputError, ModelLoadError
+from deepinsert.policy.losscurve import fit_regression, relu_mlp
 from torch import nn
 
 ARCH_KIND = "image_stage_mlp"
@@ -68,13 +69,7 @@ class ImageStageNet(nn.Module):
         self.register_buffer("summary_mean", torch.zeros(summary_dim))
         self.register_buffer("summary_std", torch.ones(summary_dim))
         self.register_buffer("residual_std", torch.ones(n_outputs))
-        layers: list[nn.Module] = []
-        width = n_outputs + summary_dim
-        for h in self.net_arch:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
-        layers.append(nn.Linear(width, n_outputs))
-        self.mlp = nn.Sequential(*layers)
+        self.mlp = relu_mlp(n_outputs + summary_dim, self.net_arch, n_outputs)
 
     def architecture(self) -> dict[str, Any]:
         """What ``run.json`` stores to rebuild the network without pickle."""
@@ -210,17 +205,9 @@ def train_image_stage(
         net.residual_std.copy_(torch.clamp((y - p).double().std(0, unbiased=False).float(), min=1e-3))
     x = net.inputs(p, s).detach()
     target = (y - p) / net.residual_std
-    opt = torch.optim.Adam(net.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    n, bs = len(x), min(int(batch_size), len(x))
     net.train()
-    for _ in range(int(epochs)):
-        perm = torch.randperm(n, generator=g)
-        for b in range(0, n, bs):
-            idx = perm[b:b + bs]
-            loss = torch.mean((net.mlp(x[idx]) - target[idx]) ** 2)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    fit_regression(net.parameters(), lambda idx: net.mlp(x[idx]), target, epochs=epochs, learning_rate=learning_rate,
+                   batch_size=batch_size, weight_decay=weight_decay, generator=g)
     return net.eval()
 
 

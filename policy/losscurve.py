@@ -31,6 +31,33 @@ from torch import nn
 ARCH_KIND = "losscurve_mlp"
 
 
+def relu_mlp(width: int, net_arch: Sequence[int], n_outputs: int) -> nn.Sequential:
+    """``Linear -> ReLU`` per hidden size in ``net_arch``, then a linear output layer."""
+    layers: list[nn.Module] = []
+    for h in net_arch:
+        layers += [nn.Linear(width, int(h)), nn.ReLU()]
+        width = int(h)
+    layers.append(nn.Linear(width, n_outputs))
+    return nn.Sequential(*layers)
+
+
+def fit_regression(params: Any, predict: Any, target: torch.Tensor, *, epochs: int, learning_rate: float,
+                   batch_size: int, weight_decay: float, generator: torch.Generator) -> None:
+    """Adam on the mean squared error of ``predict(idx)`` vs ``target[idx] (S, K)``, shuffled
+    minibatches of ``batch_size`` rows (order from ``generator``), ``epochs`` passes."""
+    opt = torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay)
+    n = len(target)
+    bs = min(int(batch_size), n)
+    for _ in range(int(epochs)):
+        perm = torch.randperm(n, generator=generator)
+        for s in range(0, n, bs):
+            idx = perm[s:s + bs]
+            loss = torch.mean((predict(idx) - target[idx]) ** 2)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
 class LossCurveNet(nn.Module):
     """``obs (B, D) -> predicted losses (B, K)``.
 
@@ -54,13 +81,7 @@ class LossCurveNet(nn.Module):
         self.register_buffer("obs_std", torch.ones(obs_dim))
         self.register_buffer("loss_mean", torch.zeros(n_outputs))
         self.register_buffer("loss_std", torch.ones(n_outputs))
-        layers: list[nn.Module] = []
-        width = obs_dim
-        for h in self.net_arch:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
-        layers.append(nn.Linear(width, n_outputs))
-        self.mlp = nn.Sequential(*layers)
+        self.mlp = relu_mlp(obs_dim, self.net_arch, n_outputs)
 
     def architecture(self) -> dict[str, Any]:
         """What ``run.json`` stores to rebuild the network without pickle."""
@@ -184,19 +205,9 @@ def train_losscurve(
         net.loss_mean.copy_(y.double().mean(0).float())
         net.loss_std.copy_(torch.clamp(ls, min=1e-3))
     target = (y - net.loss_mean) / net.loss_std
-    opt = torch.optim.Adam(net.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    n = len(x)
-    bs = min(int(batch_size), n)
     net.train()
-    for _ in range(int(epochs)):
-        perm = torch.randperm(n, generator=g)
-        for s in range(0, n, bs):
-            idx = perm[s:s + bs]
-            pred = net.mlp(net.normalize(x[idx]))
-            loss = torch.mean((pred - target[idx]) ** 2)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    fit_regression(net.parameters(), lambda idx: net.mlp(net.normalize(x[idx])), target, epochs=epochs,
+                   learning_rate=learning_rate, batch_size=batch_size, weight_decay=weight_decay, generator=g)
     return net.eval()
 
 
