@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 SWEEP_FILE = "sweep.json"
 
 
+IMAGE_STAGE_ROW = "lc+image"
+"""``sweep.json`` summary key of the loss-curve router with its image-aware stage (``algo.image_stage``)."""
+
+
 def run_dir_name(lam: float) -> str:
     return f"lam{lam:g}"
 
@@ -134,14 +138,16 @@ def run_sweep(
                              trust_run=trust_run)
                 train_s[f"{alg}/seed{seed}" + ("" if lam is None else f"/lam{lam:g}")] = round(time.perf_counter() - t1, 2)
                 run = load_run(run_dir)
+                summ = {n: ws.summaries(sp) for n, sp in splits.items()} if run.image_stage is not None else {}
                 for lam_e in (all_lams if lam is None else [lam]):
-                    m = run_metrics(run, tables["test"], tables["test"].observations, lam_e if lam is None else None)
+                    m = run_metrics(run, tables["test"], tables["test"].observations, lam_e if lam is None else None,
+                                    summaries=summ.get("test"))
                     m["split"] = cfg.data.eval
                     m["run_dir"] = str(run_dir)
                     m["algorithm"], m["seed"] = alg, seed
                     if "test_unseen" in tables:
                         um = run_metrics(run, tables["test_unseen"], tables["test_unseen"].observations,
-                                         lam_e if lam is None else None)
+                                         lam_e if lam is None else None, summaries=summ.get("test_unseen"))
                         m["unseen"] = {**um, "split": u}
                     per[alg][lam_e].append(m)
                     if (alg, seed) == primary:
@@ -162,6 +168,11 @@ def run_sweep(
             if "test_unseen" in tables:
                 entry["test_unseen"] = _summary([m["unseen"] for m in ms])
             summary[alg].append(entry)
+            if all("image_stage" in m for m in ms):  # the loss-curve router with its image-aware stage
+                two = {"lam": float(lam), "seeds": entry["seeds"], "test": _summary([m["image_stage"] for m in ms])}
+                if "test_unseen" in tables:
+                    two["test_unseen"] = _summary([m["unseen"]["image_stage"] for m in ms])
+                summary.setdefault(IMAGE_STAGE_ROW, []).append(two)
     static = static_curve(tables["test"])
     result: dict[str, Any] = {
         "model_source": cfg.model,

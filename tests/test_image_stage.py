@@ -252,3 +252,18 @@ def test_bundle_checks_the_image_stage_graph(config, tmp_path):
     (bundle / "image_stage.onnx").write_bytes((bundle / "image_stage.onnx").read_bytes()[:-10])
     with pytest.raises(BundleError, match="image_stage.onnx"):
         Router.load(bundle)
+
+
+def test_sweep_reports_the_two_stage_router(config, tmp_path, capsys):
+    from deepinsert.cli import main
+
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--config", str(config), "--lams", "0,0.1", "--algorithms", "losscurve", "--seeds", "2",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert "lc+image" in capsys.readouterr().out
+    res = json.loads((out / "sweep.json").read_text())
+    rows = res["summary"]["lc+image"]
+    assert [r["lam"] for r in rows] == [0.0, 0.1] and all(r["seeds"] == [0, 1] for r in rows)
+    m = json.loads((out / "losscurve" / "seed0" / "metrics.json").read_text())
+    assert rows[1]["test"]["captured_gain"]["n"] == 2
+    assert m["image_stage"]["router"]["accuracy"] is not None
