@@ -1,4 +1,4 @@
-"""torch modules that become the two ONNX graphs of a router bundle.
+"""torch modules that become the ONNX graphs of a router bundle (two, or three with the image-aware stage).
 
 Every router is split as ``scores(obs) = rest(first(features(obs)))`` (see
 :func:`router_parts`): ``features`` an elementwise affine map (observation normalisation,
@@ -15,6 +15,7 @@ every candidate layer (loss-curve).
   E[id_t] + b) + b1``. Rows with no unmasked token give the bias alone (never sent).
 - :class:`EmbeddingRouter`: the unfolded variant (``fold=False``) that gathers the (V, D)
   table and also outputs the observation.
+- :class:`ImageStageHead`: the optional image-aware second stage (``image_stage.onnx``).
 
 Decisions: PPO/A2C ``probs = softmax(logits)``, DQN ``probs = softmax(Q)`` (a score), loss-curve
 ``r = -losses + lam · k / N``, ``probs = softmax(r)`` (a score), ``action = argmax``. The guard's

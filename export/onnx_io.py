@@ -1,4 +1,4 @@
-"""Write the two ONNX graphs of a bundle and run ``onnx.checker`` on them (needs torch + onnx).
+"""Write the ONNX graphs of a bundle and run ``onnx.checker`` on them (needs torch + onnx).
 
 Graph interface (names are part of the bundle format, :mod:`deepinsert.router.bundle`):
 

@@ -7,6 +7,8 @@ A bundle is a folder::
                        -> action (B,) int64, probs (B, A), ood_score (B,) [, losses (B, A)]
                        [, observation (B, D): unfolded bundles only]
       policy.onnx      embedding (B, D) float32 [, lam] -> action, probs, ood_score [, losses]
+      image_stage.onnx optional (loss-curve runs with ``algo.image_stage``): first_losses (B, A),
+                       image_summary (B, Dᵢ), first_action (B,) int64, lam -> action, losses
       router.json      this module's :class:`BundleInfo`
       tokenizer.json   the model's fast tokenizer (``tokenizers`` format), plus the
                        transformers tokenizer files written beside it
