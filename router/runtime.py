@@ -67,7 +67,8 @@ class RouteDecision:
     probs: (A,) the policy's action probabilities (PPO/A2C: softmax of the actor's logits;
         DQN: softmax of the Q-values; loss-curve: softmax of -L̂ + λ·k/N; the last two are
         scores, not calibrated probabilities). The policy's own choice: with ``fallback``
-        the layer is the guard's instead.
+        the layer is the guard's instead; after :meth:`Router.refine` they stay the
+        question-only stage's.
     num_tokens: question tokens the observation was computed on (after truncation);
         None for :meth:`Router.route_embedding`.
     truncated: True if the prompt had more than ``max_tokens`` tokens and was cut.
