@@ -267,3 +267,26 @@ def test_sweep_reports_the_two_stage_router(config, tmp_path, capsys):
     m = json.loads((out / "losscurve" / "seed0" / "metrics.json").read_text())
     assert rows[1]["test"]["captured_gain"]["n"] == 2
     assert m["image_stage"]["router"]["accuracy"] is not None
+
+
+def test_a_broken_image_stage_in_a_run_folder_is_a_clear_error(config, tmp_path):
+    from deepinsert.cli import main
+    from deepinsert.errors import ModelLoadError
+    from deepinsert.policy import load_run
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--out", str(run_dir), "--no-progress", "--no-eval"]) == 0
+    info = json.loads((run_dir / "run.json").read_text())
+    weights = (run_dir / "image_stage.safetensors").read_bytes()
+    (run_dir / "image_stage.safetensors").write_bytes(weights[:100])
+    with pytest.raises(ModelLoadError, match="image_stage.safetensors"):
+        load_run(run_dir)
+    (run_dir / "image_stage.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="image_stage.safetensors is missing"):
+        load_run(run_dir)
+    (run_dir / "image_stage.safetensors").write_bytes(weights)
+    for bad, msg in (({"kind": "pickle"}, "image_stage"), ({**info["image_stage"], "summary": "cls_token"}, "unknown image summary"),
+                     ({**info["image_stage"], "summary_dim": 7}, "image_stage.safetensors")):
+        (run_dir / "run.json").write_text(json.dumps({**info, "image_stage": bad}))
+        with pytest.raises(ModelLoadError, match=msg):
+            load_run(run_dir)
