@@ -26,7 +26,7 @@ class ServerMetrics:
                                           registry=r)
         self.generated_tokens = prom.Counter("deepinsert_generated_tokens", "Generated tokens by insertion layer",
                                              ["layer"], registry=r)
-        self.fallbacks = prom.Counter("deepinsert_router_fallbacks", "Requests the router could not route (ran at k=0)",
+        self.fallbacks = prom.Counter("deepinsert_router_fallbacks", "Requests sent to the fallback layer (question unreadable, or the guard tripped)",
                                       registry=r)
         self.flops_total = prom.Counter("deepinsert_prefill_flops", "Eq. 5 prefill FLOPs run", registry=r)
         self.flops_saved = prom.Counter("deepinsert_prefill_flops_saved", "Eq. 5 prefill FLOPs saved vs k = 0",
