@@ -215,6 +215,13 @@ def test_train_evaluate_export_generate_serve(config, tmp_path, capsys):
             assert r.deepinsert["layer"] == refine_with_images(vlm, router, [d], [images[i]])[0].layer
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model="demo", messages=msg, max_tokens=4, extra_body={"budget": 7})
+        odd = next(q for q in ("zyxw quorble frandish plinketh vorpal snicker-snack", "日本語のテキスト 🙂 ¿¡",
+                               "0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0", "!!! ??? ;;; ::: ### $$$ %%% &&&")
+                   if router.route(q).fallback)  # a question unlike every training one: the guard trips
+        msg[0]["content"][1]["text"] = odd
+        r = client.chat.completions.create(model="demo", messages=msg, max_tokens=4)
+        assert r.deepinsert["fallback"] is True and r.deepinsert["layer"] == router.info.guard["fallback_layer"]
+        assert "first_layer" not in r.deepinsert  # a fallback is never refined
 
 
 def test_runtime_refuses_bad_summaries_and_edited_graphs(tmp_path):
