@@ -299,7 +299,7 @@ def evaluate_run_dir(
     tables = build_tables(ws, split, accuracy=accuracy, progress=progress, candidate_layers=run.candidate_layers)
     two = run.image_stage is not None
     metrics = run_metrics(run, tables, split.observations, heuristic=heuristic,
-                          summaries=ws.summaries(split) if two else None)
+                          summaries=ws.summaries(split, progress=progress) if two else None)
     metrics["split"] = spec
     metrics["run_dir"] = str(run_dir)
     u = unseen_spec(spec) if unseen and split_spec in (None, run.config.data.eval) else None
@@ -307,7 +307,7 @@ def evaluate_run_dir(
         us = eval_split(ws, run.config, u)
         ut = build_tables(ws, us, accuracy=accuracy, progress=progress, candidate_layers=run.candidate_layers)
         metrics["unseen"] = {**run_metrics(run, ut, us.observations, heuristic=heuristic,
-                                           summaries=ws.summaries(us) if two else None), "split": u}
+                                           summaries=ws.summaries(us, progress=progress) if two else None), "split": u}
     return metrics
 
 

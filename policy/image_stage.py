@@ -211,15 +211,22 @@ def train_image_stage(
     return net.eval()
 
 
-def sample_summaries(vlm: Any, samples: Sequence[Any], *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Summaries ``(S, D)`` of the samples' images (zeros for text-only ones) and ``has_image (S,)``."""
+def sample_summaries(vlm: Any, samples: Sequence[Any], *, batch_size: int = 64,
+                     progress: bool | str = False) -> tuple[np.ndarray, np.ndarray]:
+    """Summaries ``(S, D)`` of the samples' images (zeros for text-only ones) and ``has_image (S,)``;
+    ``progress``: a tqdm bar over batches (a str is its label)."""
     from deepinsert.frozen_vlm import image_summaries
 
     has = np.array([getattr(s, "image_path", None) is not None for s in samples], dtype=bool)
     d = int(vlm.embedding_weight.shape[1])
     out = np.zeros((len(samples), d), dtype=np.float32)
     idx = np.flatnonzero(has)
-    for b in range(0, len(idx), batch_size):
+    starts = range(0, len(idx), batch_size)
+    if progress and len(idx):
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=progress if isinstance(progress, str) else "image summaries", unit="batch")
+    for b in starts:
         ii = idx[b:b + batch_size]
         out[ii] = image_summaries(vlm, [samples[i].load_image() for i in ii], batch_size=batch_size).numpy()
     return out, has

@@ -138,7 +138,8 @@ def run_sweep(
                              trust_run=trust_run)
                 train_s[f"{alg}/seed{seed}" + ("" if lam is None else f"/lam{lam:g}")] = round(time.perf_counter() - t1, 2)
                 run = load_run(run_dir)
-                summ = {n: ws.summaries(sp) for n, sp in splits.items()} if run.image_stage is not None else {}
+                summ = ({n: ws.summaries(sp, progress=progress) for n, sp in splits.items()}
+                        if run.image_stage is not None else {})
                 for lam_e in (all_lams if lam is None else [lam]):
                     m = run_metrics(run, tables["test"], tables["test"].observations, lam_e if lam is None else None,
                                     summaries=summ.get("test"))

@@ -248,14 +248,15 @@ def fit_run_guard(ws: Workspace, cfg: TrainConfig, out: Path) -> dict[str, Any]:
     return {"guard": guard.meta()}
 
 
-def fit_run_image_stage(ws: Workspace, cfg: TrainConfig, router: Any, losses: np.ndarray, out: Path) -> dict[str, Any]:
+def fit_run_image_stage(ws: Workspace, cfg: TrainConfig, router: Any, losses: np.ndarray, out: Path, *,
+                        progress: bool = False) -> dict[str, Any]:
     """Fit the image-aware second stage on the training prompts with an image (first-stage curves
     + image summaries -> the loss table), save it in ``out``; returns its run.json block."""
     from deepinsert.policy.image_stage import WEIGHTS_FILE as STAGE_FILE
     from deepinsert.policy.image_stage import ImageStage, train_image_stage
 
     train = ws.splits["train"]
-    summaries, has = ws.summaries(train)
+    summaries, has = ws.summaries(train, progress=progress)
     if has.sum() < 2:
         raise ConfigError("algo.image_stage: the training split has fewer than 2 prompts with an image")
     curves = router.predict_losses(train.observations[has])
@@ -307,7 +308,7 @@ def train_losscurve_router(
         info["trained_timesteps"] = 0
         info["trained_samples"] = len(train.samples)
         info.update(fit_run_guard(ws, cfg, out))
-        info["image_stage"] = fit_run_image_stage(ws, cfg, router, losses, out) if cfg.algo.image_stage else None
+        info["image_stage"] = fit_run_image_stage(ws, cfg, router, losses, out, progress=progress) if cfg.algo.image_stage else None
         # the budget -> λ calibration table, on the validation split (train if there is none)
         cal = validation_split(ws, cfg) or train
         from deepinsert.policy.guard import ObsGuard

@@ -98,14 +98,16 @@ class Workspace:
             raise DataError(f"data.{name} ({path}) is an empty dataset split: no usable records")
         return self.add_split(name, samples)
 
-    def summaries(self, split: Split) -> tuple[np.ndarray, np.ndarray]:
-        """The split's image summaries ``(S, Dᵢ)`` and has-image flags ``(S,)`` (computed once, from the VLM)."""
+    def summaries(self, split: Split, *, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The split's image summaries ``(S, Dᵢ)`` and has-image flags ``(S,)`` (computed once, from
+        the VLM; ``progress``: a progress bar while computing)."""
         if split.image_summaries is None:
             if self.vlm is None:
                 raise ConfigError(f"split {split.name!r} has no image summaries and this workspace has no VLM to compute them")
             from deepinsert.policy.image_stage import sample_summaries
 
-            split.image_summaries = sample_summaries(self.vlm, split.samples)
+            split.image_summaries = sample_summaries(self.vlm, split.samples,
+                                                     progress=f"image summaries ({split.name})" if progress else False)
         return split.image_summaries
 
     def problem(self, split: str, lam: float) -> InsertionProblem:

@@ -497,3 +497,16 @@ def test_image_processor_output_is_taken_as_it_is(fam) -> None:
     text = (ids != model.config.image_token_id) & real
     ref = reference(fam, model, ids, mask, pv, extras, 3)
     assert_close(vlm.forward(ids, pv, mask, insert_layer=3, **extras)[text], ref[text], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)
+def test_image_summary_is_the_mean_of_each_images_stock_features(fam) -> None:
+    """The image-aware routing stage's input: per image, the mean of the rows the stock model
+    scatters into its layer-0 input (variable token counts per image)."""
+    model = fam.build()
+    ids, mask, pv, extras, counts = batch(fam, model, [(3, 0, 2), (2, 2, 4), (4, 1, 1)])
+    emb, _, is_img = fam.layer0(model, ids, mask, pv, extras)
+    want = torch.stack([emb[i][is_img[i]].mean(0) for i in range(len(counts))])
+    got = FrozenVLM(model).image_summary(pv, **extras)
+    assert got.shape == (len(counts), emb.shape[-1]) and len(set(counts)) > 1
+    assert_close(got, want.float(), atol=1e-6, rtol=1e-5)
