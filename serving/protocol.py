@@ -107,8 +107,8 @@ class ChatRequest(_Strict):
     logprobs: bool | None = None
     # deepinsert extensions
     insert_layer: int | None = Field(default=None, ge=0)
-    lam: float | None = None
-    budget: float | None = None
+    lam: float | None = Field(default=None, ge=0, le=1e6, allow_inf_nan=False, strict=True)
+    budget: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False, strict=True)
 
     def check_supported(self) -> None:
         """Refuse parameters we accept syntactically but cannot honour (400, naming the parameter)."""

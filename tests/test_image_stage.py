@@ -213,8 +213,9 @@ def test_train_evaluate_export_generate_serve(config, tmp_path, capsys):
             from deepinsert.generate import refine_with_images
 
             assert r.deepinsert["layer"] == refine_with_images(vlm, router, [d], [images[i]])[0].layer
-        with pytest.raises(openai.BadRequestError):
-            client.chat.completions.create(model="demo", messages=msg, max_tokens=4, extra_body={"budget": 7})
+        for bad in ({"budget": 7}, {"lam": -1}, {"lam": True}, {"lam": "0.1"}, {"lam": 0.1, "budget": 0.5}):
+            with pytest.raises(openai.BadRequestError):
+                client.chat.completions.create(model="demo", messages=msg, max_tokens=4, extra_body=bad)
         odd = next(q for q in ("zyxw quorble frandish plinketh vorpal snicker-snack", "日本語のテキスト 🙂 ¿¡",
                                "0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0", "!!! ??? ;;; ::: ### $$$ %%% &&&")
                    if router.route(q).fallback)  # a question unlike every training one: the guard trips
