@@ -400,7 +400,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     if info.image_stage:
         print(f"image-aware stage: image_stage.onnx (image summary width {info.image_stage['summary_dim']}), "
-              f"validated against torch on {v.get('image_stage_refined', 0)} refined decisions, "
+              f"validated against torch on {v.get('image_stage_graph_inputs', 0)} graph inputs and "
+              f"{v.get('image_stage_refined', 0)} refined decisions, "
               f"max |d| = {v.get('max_abs_loss_diff_image_stage', 0.0):.2e}; deepinsert.generate and the chat server apply it")
     return 0
 

@@ -201,6 +201,7 @@ def validate_bundle(
         if image_stage is not None:
             n_refined, diff = _check_image_stage(router, image_stage, decisions, ref_s, lam, seed, prob_atol)
             report["image_stage_refined"] = report.get("image_stage_refined", 0) + n_refined
+            report["image_stage_graph_inputs"] = report.get("image_stage_graph_inputs", 0) + len(ref_s)
             report["max_abs_loss_diff_image_stage"] = max(report.get("max_abs_loss_diff_image_stage", 0.0), diff)
     return {
         "onnx_checker": "passed",
@@ -224,34 +225,49 @@ def validate_bundle(
 
 def _check_image_stage(router: Router, stage: Any, decisions: list[Any], ref_losses: np.ndarray, lam: float,
                        seed: int, atol: float) -> tuple[int, float]:
-    """``router.refine`` (image_stage.onnx) vs the torch stage on the prompts' decisions with
-    random summaries; returns (rows refined, max refined-loss difference); BundleError on a mismatch."""
-    from deepinsert.env.problem import reward
-
+    """``image_stage.onnx`` vs the torch stage: the graph on every prompt's curve with a random
+    first action, then ``router.refine`` on the prompts' decisions, both with random summaries
+    drawn around the training ones; returns (decisions refined, max refined-loss difference);
+    BundleError on a mismatch."""
     net = stage.net
     rng = np.random.default_rng(seed + 7)
     summ = (net.summary_mean.numpy() + net.summary_std.numpy() * rng.standard_normal((len(decisions), stage.summary_dim))
             ).astype(np.float32)
+    curves = ref_losses.astype(np.float32)
+    first = rng.integers(0, curves.shape[1], len(curves)).astype(np.int64)
+    out = router._run_image_stage(curves, summ, first, lam)
+    diff = _compare_stage(stage, curves, summ, first, lam, out["action"], out["losses"], atol, "the image-aware graph")
     got = router.refine(decisions, summ)
     rows = np.array([router.needs_image_summary(d) for d in decisions], dtype=bool)
     if any(g != d for g, d, r in zip(got, decisions, rows) if not r):
         raise BundleError("the image-aware stage changed a decision it must leave alone (fallback or k = N)")
     if not rows.any():
-        return 0, 0.0
+        return 0, diff
     idx = np.flatnonzero(rows)
-    first = np.array([decisions[i].index for i in idx], dtype=np.int64)
-    want_l = stage.refined_losses(ref_losses[idx], summ[idx])
-    want_a = stage.refine(ref_losses[idx], summ[idx], first, lam)
     got_l = np.array([got[i].losses for i in idx], dtype=np.float32)
     got_a = np.array([got[i].index for i in idx], dtype=np.int64)
+    first = np.array([decisions[i].index for i in idx], dtype=np.int64)
+    return int(len(idx)), max(diff, _compare_stage(stage, curves[idx], summ[idx], first, lam, got_a, got_l, atol,
+                                                   "Router.refine"))
+
+
+def _compare_stage(stage: Any, curves: np.ndarray, summ: np.ndarray, first: np.ndarray, lam: float,
+                   got_a: np.ndarray, got_l: np.ndarray, atol: float, what: str) -> float:
+    """The torch stage's refined losses and actions vs ``got_*``; rows within float noise of the
+    decision margin accept either action."""
+    from deepinsert.env.problem import reward
+
+    want_l = stage.refined_losses(curves, summ)
+    want_a = stage.refine(curves, summ, first, lam)
     scale = max(1.0, float(np.abs(want_l).max()))
     layers = np.asarray(stage.candidate_layers)
     r = reward(want_l, layers[None, :], lam, stage.num_layers)
     r_img = np.where(layers[None, :] < stage.num_layers, r, -np.inf)
-    gain = r_img.max(1) - r[np.arange(len(idx)), first]
-    edge = np.abs(gain - net.margin) <= atol * scale  # within float noise of the margin either side is right
+    gain = r_img.max(1) - r[np.arange(len(first)), first]
+    edge = np.abs(gain - stage.net.margin) <= atol * scale
     want_a = np.where(edge, got_a, want_a)
-    return int(len(idx)), _compare(f"the image-aware stage (λ={lam:g})", want_a, want_l, got_a, got_l, atol * scale, True)
+    return _compare(f"{what} (λ={lam:g})", want_a, want_l, np.asarray(got_a), np.asarray(got_l, dtype=np.float32),
+                    atol * scale, True)
 
 
 def _compare(what: str, ref_a: np.ndarray, ref_p: np.ndarray, got_a: np.ndarray, got_p: np.ndarray, atol: float,

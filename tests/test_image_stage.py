@@ -257,6 +257,21 @@ def test_bundle_checks_the_image_stage_graph(config, tmp_path):
         router.refine(d, np.full((2, 128), np.nan))
     again = router.refine(d, np.zeros((2, 128)))
     assert all(x.first_layer == 0 for x in again) and router.refine(again, np.zeros((2, 128))) == again
+    # export validation compares the graph with the torch stage: another stage's weights fail it
+    from deepinsert.export.validate import validate_bundle
+    from deepinsert.frozen_vlm import load_vlm
+    from deepinsert.policy import load_run
+
+    run = load_run(run_dir)
+    vlm = load_vlm(str(MODEL), device="cpu", dtype="float32")
+    prompts = ["What colour is the square?", "How many shapes are there?", "Is there a circle?"] * 20
+    validate_bundle(router, run.policy, vlm.tokenizer, vlm.embedding_weight, prompts, 50, 0, guard=run.guard,
+                    image_stage=run.image_stage)  # the exported stage passes
+    with torch.no_grad():
+        run.image_stage.net.mlp[-1].bias += 0.5
+    with pytest.raises(BundleError, match="image-aware graph"):
+        validate_bundle(router, run.policy, vlm.tokenizer, vlm.embedding_weight, prompts, 50, 0, guard=run.guard,
+                        image_stage=run.image_stage)
     (bundle / "image_stage.onnx").write_bytes((bundle / "image_stage.onnx").read_bytes()[:-10])
     with pytest.raises(BundleError, match="image_stage.onnx"):
         Router.load(bundle)
