@@ -133,8 +133,7 @@ def config(tmp_path_factory) -> Path:
 
 
 def test_image_stage_needs_the_losscurve_router():
-    from deepinsert.policy.config import TrainConfig
-    from deepinsert.policy.config import AlgoConfig
+    from deepinsert.policy.config import AlgoConfig, TrainConfig
 
     with pytest.raises(ConfigError, match="image_stage needs algorithm: losscurve"):
         TrainConfig(algorithm="ppo", algo=AlgoConfig(image_stage=True))
@@ -142,13 +141,12 @@ def test_image_stage_needs_the_losscurve_router():
         AlgoConfig(image_stage="yes")
 
 
-def _push(bundle_stage: ImageStage, run_dir: Path) -> None:
+def _push(stage: ImageStage, run_dir: Path) -> None:
     """Make the trained stage move prompts: shift its refined curve so k = 2 looks free
     (a known, deterministic effect: the decisions below are then checked path against path)."""
     with torch.no_grad():
-        bias = bundle_stage.net.mlp[-1].bias
-        bias[2] -= 50.0 / float(bundle_stage.net.residual_std[2])
-    bundle_stage.save(run_dir / "image_stage.safetensors")
+        stage.net.mlp[-1].bias[2] -= 50.0 / float(stage.net.residual_std[2])
+    stage.save(run_dir / "image_stage.safetensors")
 
 
 def test_train_evaluate_export_generate_serve(config, tmp_path, capsys):
