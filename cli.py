@@ -483,6 +483,9 @@ def cmd_route(args: argparse.Namespace) -> int:
     _check_prompt_text(args.prompts, "prompt")
     router = Router.load(args.bundle_dir)
     decisions = router.route_batch(args.prompts, lam=args.lam, budget=args.budget)
+    if router.has_image_stage:  # stderr: stdout stays the table / JSON lines
+        print("note: this bundle's image-aware stage refines these layers where the image is seen "
+              "(deepinsert.generate, deepinsert serve --model); `route` reads the question only", file=sys.stderr)
     if not args.json:
         print("layer\tfallback\tp\tprompt")
     for prompt, d in zip(args.prompts, decisions, strict=True):
