@@ -188,9 +188,8 @@ def export_bundle(
     if image_stage is not None:
         if list(image_stage.candidate_layers) != layers or image_stage.num_layers != int(num_layers):
             raise InputError("the image-aware stage was trained for other candidate layers or another N than the router")
-        from deepinsert.router.bundle import IMAGE_SUMMARY_KIND
-
-        stage_block = {"summary": IMAGE_SUMMARY_KIND, "summary_dim": int(image_stage.summary_dim),
+        # the run's summary kind; BundleInfo refuses one this runtime does not compute
+        stage_block = {"summary": image_stage.net.architecture()["summary"], "summary_dim": int(image_stage.summary_dim),
                        "margin": float(image_stage.net.margin), "digest": _digest(image_stage.net)}
     head = PolicyHead(policy, guard, layers, int(num_layers)).eval()
     graph = (FoldedRouter(head, weight) if fold else EmbeddingRouter(head, weight)).eval()
