@@ -63,6 +63,8 @@ def pareto_plot(static: list[dict[str, Any]], runs: list[dict[str, Any]], path: 
         label = f"{alg} router" + (f" (mean of {n} seeds)" if n > 1 else "") + ", one per λ"
         if alg == "losscurve":
             label = "loss-curve router at the sweep's λ" + (f" (mean of {n} seeds)" if n > 1 else "")
+        elif alg == "lc+image":
+            label = "loss-curve router + image-aware stage" + (f" (mean of {n} seeds)" if n > 1 else "")
         ax.plot([p[1] for p in pts], [p[2] for p in pts], _MARKERS.get(alg, "*"), ms=9 if alg != "losscurve" else 6,
                 color=colors.get(alg, "tab:purple"), mec="k", ls="none", label=label)
         below = alg == "losscurve"  # loss-curve labels under their points, RL labels above

@@ -31,6 +31,15 @@ IMAGE_STAGE_ROW = "lc+image"
 """``sweep.json`` summary key of the loss-curve router with its image-aware stage (``algo.image_stage``)."""
 
 
+def _two_stage_view(m: dict[str, Any]) -> dict[str, Any]:
+    """A run's metrics seen through its image-aware stage (router row and captured gain replaced)."""
+    out = {**m, "router": m["image_stage"]["router"], "captured_gain": m["image_stage"]["captured_gain"]}
+    if "unseen" in m:
+        u = m["unseen"]
+        out["unseen"] = {**u, "router": u["image_stage"]["router"], "captured_gain": u["image_stage"]["captured_gain"]}
+    return out
+
+
 def run_dir_name(lam: float) -> str:
     return f"lam{lam:g}"
 
@@ -151,6 +160,8 @@ def run_sweep(
                                          lam_e if lam is None else None, summaries=summ.get("test_unseen"))
                         m["unseen"] = {**um, "split": u}
                     per[alg][lam_e].append(m)
+                    if "image_stage" in m:  # the same router with its image-aware stage: its own row
+                        per.setdefault(IMAGE_STAGE_ROW, {}).setdefault(lam_e, []).append(_two_stage_view(m))
                     if (alg, seed) == primary:
                         runs.append(m)
                     if lam is not None or lam_e == float(cfg.lam):
@@ -159,21 +170,16 @@ def run_sweep(
                     curve = _lam_curve(run, tables)
     runs.sort(key=lambda m: m["lam"])
     summary: dict[str, list[dict[str, Any]]] = {}
-    for alg in algorithms:
+    for alg in per:
         summary[alg] = []
         for lam in all_lams:
-            ms = per[alg][lam]
+            ms = per[alg].get(lam)
             if not ms:
                 continue
             entry: dict[str, Any] = {"lam": float(lam), "seeds": [m["seed"] for m in ms], "test": _summary(ms)}
             if "test_unseen" in tables:
                 entry["test_unseen"] = _summary([m["unseen"] for m in ms])
             summary[alg].append(entry)
-            if all("image_stage" in m for m in ms):  # the loss-curve router with its image-aware stage
-                two = {"lam": float(lam), "seeds": entry["seeds"], "test": _summary([m["image_stage"] for m in ms])}
-                if "test_unseen" in tables:
-                    two["test_unseen"] = _summary([m["unseen"]["image_stage"] for m in ms])
-                summary.setdefault(IMAGE_STAGE_ROW, []).append(two)
     static = static_curve(tables["test"])
     result: dict[str, Any] = {
         "model_source": cfg.model,
