@@ -23,7 +23,9 @@ from deepinsert.policy.evaluate import EvalTables, build_tables
 from deepinsert.utils.atomic import atomic_write_text
 
 COLUMNS = ("id", "prompt", "family", "layer", "fallback", "loss", "loss_k0", "correct", "flops_fraction")
-"""CSV header; ``correct`` is empty when accuracy was not computed, ``family`` when unknown."""
+"""CSV header; ``correct`` is empty when accuracy was not computed, ``family`` when unknown. A run
+with the image-aware stage adds ``image_stage_layer`` (the layer after that stage; the other
+columns stay the question-only router's)."""
 
 
 def per_prompt_rows(
@@ -65,7 +67,7 @@ def per_prompt_rows(
 def write_per_prompt_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
     """Write ``rows`` (from :func:`per_prompt_rows`) as CSV with a header, atomically."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else list(COLUMNS), lineterminator="\n")
     w.writeheader()
     for r in rows:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
@@ -82,4 +84,9 @@ def per_prompt_for_run(run: Any, ws: Any, split_spec: str, *, accuracy: bool = T
     ks = sorted({0, *run.candidate_layers})
     tables = build_tables(ws, split, accuracy=accuracy, progress=False, candidate_layers=ks)
     layers = np.asarray(run.predict_layers(split.observations), dtype=np.int64)
-    return per_prompt_rows(tables, split.samples, layers.tolist(), fallback=run.fallback(split.observations))
+    rows = per_prompt_rows(tables, split.samples, layers.tolist(), fallback=run.fallback(split.observations))
+    if run.image_stage is not None:
+        two = np.asarray(run.candidate_layers)[run.predict_two_stage(split.observations, *ws.summaries(split))]
+        for r, k in zip(rows, two.tolist(), strict=True):
+            r["image_stage_layer"] = int(k)
+    return rows

@@ -311,3 +311,28 @@ def test_a_broken_image_stage_in_a_run_folder_is_a_clear_error(config, tmp_path)
         (run_dir / "run.json").write_text(json.dumps({**info, "image_stage": bad}))
         with pytest.raises(ModelLoadError, match=msg):
             load_run(run_dir)
+
+
+def test_per_prompt_csv_adds_the_image_stage_layer(config, tmp_path):
+    import csv
+    import io
+
+    from deepinsert.cli import main
+    from deepinsert.policy import load_run
+    from deepinsert.policy.workspace import open_workspace
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--out", str(run_dir), "--no-progress", "--no-eval"]) == 0
+    run = load_run(run_dir)
+    _push(run.image_stage, run_dir)  # a stage that moves prompts
+    path = tmp_path / "pp.csv"
+    assert main(["evaluate", str(run_dir), "--per-prompt", str(path), "--no-progress", "--device", "cpu"]) == 0
+    rows = list(csv.DictReader(io.StringIO(path.read_text())))
+    assert list(rows[0])[-1] == "image_stage_layer"
+    run = load_run(run_dir)
+    ws = open_workspace(run.config, train=False, eval_spec=run.config.data.eval)
+    split = ws.splits["eval"]
+    want = np.asarray(run.candidate_layers)[run.predict_two_stage(split.observations, *ws.summaries(split))]
+    assert [int(r["image_stage_layer"]) for r in rows] == want.tolist()
+    assert [int(r["layer"]) for r in rows] == run.predict_layers(split.observations).tolist()
+    assert any(r["image_stage_layer"] != r["layer"] for r in rows)
