@@ -114,8 +114,8 @@ def _layers_for(
     decisions: list[RouteDecision | None] = [None] * len(prompts)
     if routed:
         decs = router.route_batch([prompts[i] for i in routed])
-        if router.has_image_stage:  # the image-aware second stage, on the images that enter the model
-            decs = refine_with_images(vlm, router, decs, [images[i] for i in routed])
+        # the bundle's image-aware second stage (if any), on the images that enter the model
+        decs = refine_with_images(vlm, router, decs, [images[i] for i in routed])
         for i, d in zip(routed, decs, strict=True):
             decisions[i] = d
     return {i: decisions[i].layer for i in routed}, decisions  # type: ignore[union-attr]

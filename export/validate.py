@@ -122,13 +122,13 @@ def validate_bundle(
     within ``prob_atol``, the guard's squared score within ``ood_rtol`` (relative to the squared
     norm of the projection) of the NumPy guard's and the
     same fallback decision, hence the same final layer. With ``image_stage`` (the run's
-    :class:`~deepinsert.policy.image_stage.ImageStage`), ``Router.refine`` through
-    ``image_stage.onnx`` must give the torch stage's refined losses and actions on every prompt
-    at every λ checked, with random image summaries drawn around the training ones. Returns the
+    :class:`~deepinsert.policy.image_stage.ImageStage`), ``image_stage.onnx`` on every prompt's
+    curve (random first actions) and ``Router.refine`` on the prompts' decisions must give the
+    torch stage's refined losses and actions at every λ checked, with random image summaries
+    drawn around the training ones. Returns the
     numbers that go into ``router.json``'s ``validation`` block.
     """
-    from deepinsert.env.problem import reward
-    from deepinsert.policy.losscurve import decide
+    from deepinsert.policy.losscurve import decide, decision_gain
 
     info = router.info
     weight = embedding_matrix(embedding_weight)  # (V, D) float32
@@ -149,7 +149,6 @@ def validate_bundle(
     lams = sorted({0.0, float(info.lam), 0.05, 0.2, 1.0}) if lc else [float(info.lam)]
     report: dict[str, Any] = {"max_abs_prob_diff_prompts": 0.0, "max_abs_prob_diff_embeddings": 0.0}
     obs_diff = None
-    ks = np.asarray(info.candidate_layers)[None, :]
     ood_ref = guard.score(ref_obs) if guard is not None else None
     ood_ref2 = guard.score(emb) if guard is not None else None
     # the graph computes |z - p|^2 as |z|^2 - 2 z.p + |p|^2: compare squared scores relative to |z|^2
@@ -173,8 +172,8 @@ def validate_bundle(
                             safe_index=policy.safe_index)
                 scale = max(1.0, float(np.abs(rs).max()))
                 if policy.margin > 0:  # within float noise of the margin either side is right
-                    r = reward(rs, ks, lam, info.num_layers)
-                    edge = np.abs(r.max(1) - r[:, policy.safe_index] - policy.margin) <= prob_atol * scale
+                    _, gain = decision_gain(rs, info.candidate_layers, lam, info.num_layers, safe_index=policy.safe_index)
+                    edge = np.abs(gain - policy.margin) <= prob_atol * scale
                     ra = np.where(edge, np.array([d.index for d in decs]), ra)
             else:
                 got_s = np.array([d.probs for d in decs], dtype=np.float32)
@@ -255,15 +254,12 @@ def _compare_stage(stage: Any, curves: np.ndarray, summ: np.ndarray, first: np.n
                    got_a: np.ndarray, got_l: np.ndarray, atol: float, what: str) -> float:
     """The torch stage's refined losses and actions vs ``got_*``; rows within float noise of the
     decision margin accept either action."""
-    from deepinsert.env.problem import reward
+    from deepinsert.policy.image_stage import refine_gain
 
     want_l = stage.refined_losses(curves, summ)
-    want_a = stage.refine(curves, summ, first, lam)
+    best, gain = refine_gain(want_l, first, lam, stage.candidate_layers, stage.num_layers)
+    want_a = np.where(gain > stage.net.margin, best, first)  # refine_actions on the curves just computed
     scale = max(1.0, float(np.abs(want_l).max()))
-    layers = np.asarray(stage.candidate_layers)
-    r = reward(want_l, layers[None, :], lam, stage.num_layers)
-    r_img = np.where(layers[None, :] < stage.num_layers, r, -np.inf)
-    gain = r_img.max(1) - r[np.arange(len(first)), first]
     edge = np.abs(gain - stage.net.margin) <= atol * scale
     want_a = np.where(edge, got_a, want_a)
     return _compare(f"{what} (λ={lam:g})", want_a, want_l, np.asarray(got_a), np.asarray(got_l, dtype=np.float32),

@@ -342,6 +342,7 @@ def format_comparison(m: dict[str, Any], ks: Sequence[int] | None = None) -> str
     cg = m["captured_gain"]
     lines.append(f"(* best static layer)  captured gain = {'n/a' if cg is None else f'{cg:.1%}'}"
                  f"  guard fallback rate = {m['router'].get('fallback_rate', 0.0):.1%}")
+
     def two_stage(x: dict[str, Any]) -> str:
         t, tcg = x["image_stage"]["router"], x["image_stage"]["captured_gain"]
         acc = "n/a" if t["accuracy"] is None else f"{t['accuracy']:.3f}"

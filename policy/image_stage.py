@@ -97,20 +97,29 @@ class ImageStageNet(nn.Module):
         return losses + self.mlp(self.inputs(losses, summary)) * self.residual_std
 
 
-def refine_actions(refined: np.ndarray, first: np.ndarray, lam: float, candidate_layers: Sequence[int],
-                   num_layers: int, *, margin: float = 0.0) -> np.ndarray:
-    """Second-stage action indices ``(B,)`` int64 from refined curves ``(B, A)`` and the first
-    stage's actions ``first (B,)``: the best layer ``k < N`` under the refined curve when it beats
-    ``first``'s reward by more than ``margin``, else ``first``; rows with ``first`` at ``k = N``
-    stay (the image is not used there)."""
+def refine_gain(refined: np.ndarray, first: np.ndarray, lam: float, candidate_layers: Sequence[int],
+                num_layers: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best action index below N under refined curves ``(B, A)`` and how much its reward beats
+    the first stage's action ``first (B,)`` under them, both ``(B,)``; the gain is -inf where
+    ``first`` is at ``k = N`` (the image is not used there: never moved)."""
     layers = np.asarray(candidate_layers, dtype=np.int64)
     first = np.asarray(first, dtype=np.int64).reshape(-1)
     r = reward(refined, layers[None, :], lam, num_layers)
     r_img = np.where(layers[None, :] < num_layers, r, -np.inf)
     best = np.argmax(r_img, axis=1).astype(np.int64)
     rows = np.arange(len(first))
-    move = (layers[first] < num_layers) & (r_img[rows, best] - r[rows, first] > margin)
-    return np.where(move, best, first)
+    gain = np.where(layers[first] < num_layers, r_img[rows, best] - r[rows, first], -np.inf)
+    return best, gain
+
+
+def refine_actions(refined: np.ndarray, first: np.ndarray, lam: float, candidate_layers: Sequence[int],
+                   num_layers: int, *, margin: float = 0.0) -> np.ndarray:
+    """Second-stage action indices ``(B,)`` int64 from refined curves ``(B, A)`` and the first
+    stage's actions ``first (B,)``: the best layer ``k < N`` under the refined curve when it beats
+    ``first``'s reward by more than ``margin``, else ``first``; rows with ``first`` at ``k = N``
+    stay (the image is not used there)."""
+    best, gain = refine_gain(refined, first, lam, candidate_layers, num_layers)
+    return np.where(gain > margin, best, np.asarray(first, dtype=np.int64).reshape(-1))
 
 
 class ImageStage:

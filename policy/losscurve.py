@@ -111,12 +111,19 @@ def decide(pred_losses: np.ndarray, candidate_layers: Sequence[int], lam: float,
     """``argmax_k -L̂[k] + λ·k/N`` per row ``(B, K) -> (B,)`` int64 (first index on ties); with
     ``margin`` δ > 0, rows whose best predicted reward beats column ``safe_index``'s by no more
     than δ get ``safe_index``."""
+    a, gain = decision_gain(pred_losses, candidate_layers, lam, num_layers, safe_index=safe_index)
+    if margin > 0:
+        a = np.where(gain > margin, a, np.int64(safe_index))
+    return a
+
+
+def decision_gain(pred_losses: np.ndarray, candidate_layers: Sequence[int], lam: float, num_layers: int, *,
+                  safe_index: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``argmax_k -L̂[k] + λ·k/N`` per row and how much its predicted reward beats column
+    ``safe_index``'s, both ``(B,)`` (what :func:`decide` compares with the margin)."""
     r = reward(pred_losses, np.asarray(candidate_layers)[None, :], lam, num_layers)
     a = np.argmax(r, axis=1).astype(np.int64)
-    if margin > 0:
-        rows = np.arange(len(a))
-        a = np.where(r[rows, a] - r[:, safe_index] > margin, a, np.int64(safe_index))
-    return a
+    return a, r[np.arange(len(a)), a] - r[:, safe_index]
 
 
 class LossCurveRouter:

@@ -222,11 +222,9 @@ def create_chat_app(
                 routed = True
             except InputError:  # nothing the router can read (e.g. no known token): the stock model
                 layer, fallback = 0, True
-            else:
-                if router.needs_image_summary(decision):  # the image-aware stage: one vision-tower pass here
-                    decision = refine_with_images(vlm, router, [decision], [conv.image])[0]
-                    first_layer = decision.first_layer
-                layer, fallback = int(decision.layer), bool(decision.fallback)
+            else:  # the bundle's image-aware stage, if it has one (one vision-tower pass here)
+                decision = refine_with_images(vlm, router, [decision], [conv.image])[0]
+                layer, fallback, first_layer = int(decision.layer), bool(decision.fallback), decision.first_layer
             router_ms = 1000 * (time.perf_counter() - t0)
         if fallback:
             metrics.fallbacks.inc()
