@@ -773,6 +773,9 @@ def _args_demo(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--threads", type=int, default=1, help="torch CPU threads; default 1 (results depend on it)")
     b.add_argument("--late-text-p", type=float, default=None, help="override: late-insertion chance, text samples")
     b.add_argument("--late-image-p", type=float, default=None, help="override: late-insertion chance, image samples")
+    b.add_argument("--filler-p", type=float, default=None, help="override: chance a question gets a filler word inserted")
+    b.add_argument("--replace-p", type=float, default=None,
+                   help="override: chance one non-key word of a question is replaced by a filler (wording noise)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(_demo_run=_cmd_demo_build)
     e = sub.add_parser("evaluate", help="accuracy by family and insertion layer on a split")
@@ -794,15 +797,14 @@ def _cmd_demo_build(args: argparse.Namespace) -> int:
 
     if args.threads < 1:
         raise InputError(f"--threads must be >= 1, got {args.threads}")
-    for name in ("late_text_p", "late_image_p"):
-        v = getattr(args, name)
+    overrides = {name: getattr(args, name) for name in ("late_text_p", "late_image_p", "filler_p", "replace_p")}
+    for name, v in overrides.items():
         if v is not None and not 0 <= v <= 1:
             raise InputError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
     out = Path(args.out)
     if out.resolve() == demo_model_path().parent.resolve():
         raise InputError(f"--out {out} is the installed demo; build into a new folder and load it with load_vlm(path)")
     base = quick_train_config() if args.quick else default_train_config()
-    overrides = {"late_text_p": args.late_text_p, "late_image_p": args.late_image_p}
     cfg = dataclasses.replace(base, seed=args.seed, threads=args.threads, progress=not args.no_progress,
                               **{k: v for k, v in overrides.items() if v is not None})
     result = build_demo(out / "model", out / "data", cfg=cfg, quick=args.quick)

@@ -174,6 +174,21 @@ def balanced_families(n: int, rng: np.random.Generator) -> list[str]:
     return [fams[i] for i in rng.permutation(n)]
 
 
+# Words that decide a question's variant (and so its answer) inside a family.
+VARIANT_WORDS: tuple[str, ...] = (
+    "plus", "+", "add", "sum", "minus", "-", "subtract", "take", "away", "difference", "from",
+    "after", "before", "follows", "precedes",
+)  # fmt: skip
+
+
+def key_words() -> frozenset[str]:
+    """Words a wording augmentation must never drop or replace: every slot value and answer
+    (shapes, colours, digits, weekdays, words to repeat) and :data:`VARIANT_WORDS`."""
+    words = {"shape", "yes", "no", "left", "right", *COLOURS, *SHAPES, *WEEKDAYS, *REPEAT_WORDS, *COUNT_WORDS}
+    words.update(str(i) for i in range(19))
+    return frozenset(words | set(VARIANT_WORDS))
+
+
 def vocabulary_words() -> list[str]:
     """Every word the prompt template, the training phrasings, their slots and the answers
     contain (lower case; the held-out phrasings' new words are not among them)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,10 +28,11 @@ from tqdm.auto import tqdm
 
 from deepinsert.demo.batches import PromptEncoder, TrainBatch
 from deepinsert.demo.corpus import filler_words
-from deepinsert.demo.families import FAMILIES, Sample, make_sample
+from deepinsert.demo.families import FAMILIES, Sample, key_words, make_sample
 from deepinsert.demo.scenes import COLOURS, SHAPES, random_shapes, render_scene
 
 _STAGE_VISION, _STAGE_LM = 1, 2
+_CORE = re.compile(r"[A-Za-z0-9+\-]+")  # a word's core, without its punctuation
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class DemoTrainConfig:
     late_text_p: float = 0.5  # stage 2: chance a text-only sample has its image enter at k ~ U{1..N}
     late_image_p: float = 0.0  # stage 2: same for an image-family sample (0 and 0: plain LLaVA training)
     filler_p: float = 0.3  # stage 2: chance a question gets one random filler word inserted
+    replace_p: float = 0.0  # stage 2: chance one word of a question is replaced by a filler (never a key word)
     threads: int = 1  # torch CPU threads (1: bit-reproducible, and fastest on a busy 2-core box)
     progress: bool = True  # tqdm bars
 
@@ -57,8 +60,9 @@ class DemoTrainConfig:
             raise ValueError("vision_steps >= 0, lm_steps >= 1 and batch_size >= 1 are required")
         if not (0 < self.lr < 1) or self.warmup < 0 or self.threads < 1:
             raise ValueError("lr in (0, 1), warmup >= 0 and threads >= 1 are required")
-        if not (0 <= self.late_text_p <= 1 and 0 <= self.late_image_p <= 1 and 0 <= self.filler_p <= 1):
-            raise ValueError("late_text_p, late_image_p and filler_p must be probabilities")
+        if not (0 <= self.late_text_p <= 1 and 0 <= self.late_image_p <= 1 and 0 <= self.filler_p <= 1
+                and 0 <= self.replace_p <= 1):
+            raise ValueError("late_text_p, late_image_p, filler_p and replace_p must be probabilities")
 
 
 def _rng(seed: int, stage: int, step: int) -> np.random.Generator:
@@ -75,15 +79,36 @@ def with_filler(question: str, rng: np.random.Generator, *, at_start: bool = Fal
     return " ".join(words)
 
 
-def lm_samples(seed: int, step: int, n: int, filler_p: float = 0.0) -> list[Sample]:
+def with_replacement(question: str, rng: np.random.Generator) -> str:
+    """``question`` with one of its words replaced by a random filler word, keeping the word's
+    punctuation; key words (:func:`~deepinsert.demo.families.key_words`: slot values, answers
+    and the words that pick a variant, like "plus" or "before") are never replaced, so the
+    answer stays determined; a punctuation-only token ("?", "=") is replaced whole. Unchanged
+    when every token is a key word."""
+    fillers, keys = filler_words(), key_words()
+    words = question.split(" ")
+    free = [i for i, w in enumerate(words) if (m := _CORE.search(w)) is None or m.group(0).lower() not in keys]
+    if not free:
+        return question
+    i = free[int(rng.integers(len(free)))]
+    m = _CORE.search(words[i])
+    filler = fillers[int(rng.integers(len(fillers)))]
+    words[i] = filler if m is None else words[i][: m.start()] + filler + words[i][m.end() :]
+    return " ".join(words)
+
+
+def lm_samples(seed: int, step: int, n: int, filler_p: float = 0.0, replace_p: float = 0.0) -> list[Sample]:
     """The ``n`` training samples of stage-2 step ``step`` (uniform families, train digits,
-    augmented, training phrasings; a ``filler_p`` share with a filler word)."""
+    augmented, training phrasings; a ``filler_p`` share with a filler word inserted, then a
+    ``replace_p`` share with one word replaced by a filler)."""
     rng = _rng(seed, _STAGE_LM, step)
     out = []
     for _ in range(n):
         s = make_sample(FAMILIES[int(rng.integers(len(FAMILIES)))], rng, augment=True)
         if rng.random() < filler_p:
             s = dataclasses.replace(s, question=with_filler(s.question, rng, at_start=s.family == "repeat"))
+        if replace_p > 0 and rng.random() < replace_p:  # no draw at 0: the older recipe's samples stay the same
+            s = dataclasses.replace(s, question=with_replacement(s.question, rng))
         out.append(s)
     return out
 
@@ -184,7 +209,7 @@ def train_lm(
     losses: list[float] = []
     bar = tqdm(range(cfg.lm_steps), desc="training", disable=not cfg.progress)
     for step in bar:
-        samples = lm_samples(cfg.seed, step, cfg.batch_size, cfg.filler_p)
+        samples = lm_samples(cfg.seed, step, cfg.batch_size, cfg.filler_p, cfg.replace_p)
         if late_forward is not None:
             b = encoder.batch(samples, left_pad=True)
             k = _sample_layers(samples, cfg, model.config.text_config.num_hidden_layers, step)

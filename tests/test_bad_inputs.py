@@ -294,6 +294,7 @@ CLI_CASES: list[tuple[str, list[str], Callable | None, str]] = [
     # demo
     ("demo-build-threads-zero", ["demo", "build", "--out", T + "/d", "--threads", "0"], None, "--threads"),
     ("demo-build-p-out-of-range", ["demo", "build", "--out", T + "/d", "--late-text-p", "2"], None, "[0, 1]"),
+    ("demo-build-replace-p-nan", ["demo", "build", "--out", T + "/d", "--replace-p", "nan"], None, "[0, 1]"),
     ("demo-no-subcommand", ["demo"], None, "required"),
     ("unknown-command", ["bogus"], None, "invalid choice"),
 ]

@@ -12,7 +12,7 @@ import pytest
 from deepinsert.demo import demo_data_path, demo_model_path
 from deepinsert.demo.corpus import committed_vocab, filler_words, tokenizer_corpus
 from deepinsert.demo.processor import SPECIAL_TOKENS, VOCAB_SIZE, check_vocab, train_vocab
-from deepinsert.demo.families import FAMILIES, make_sample
+from deepinsert.demo.families import FAMILIES, VARIANT_WORDS, key_words, make_sample
 from deepinsert.demo.phrasings import (
     TRAIN,
     UNSEEN,
@@ -22,7 +22,7 @@ from deepinsert.demo.phrasings import (
     template_words,
 )
 from deepinsert.demo.splits import SPLIT_SPECS, generate_split, llava_record
-from deepinsert.demo.train import lm_samples
+from deepinsert.demo.train import lm_samples, with_replacement
 from deepinsert.env.data import load_samples
 
 _WORD = re.compile(r"[a-z]+")
@@ -66,8 +66,37 @@ def test_held_out_words_never_reach_training() -> None:
     assert not novel & {w for entry in tokenizer_corpus() for w in _WORD.findall(entry)}
     for split in ("train", "val", "test"):
         assert not novel & {w for q in _questions(split) for w in _WORD.findall(q.lower())}, split
-    trained = {w for s in lm_samples(0, 0, 512, filler_p=0.3) for w in _WORD.findall(s.question.lower())}
-    assert not novel & trained
+    for replace_p in (0.0, 0.5):
+        trained = {w for s in lm_samples(0, 0, 512, 0.3, replace_p) for w in _WORD.findall(s.question.lower())}
+        assert not novel & trained
+
+
+def test_word_replacement_keeps_key_words_and_answers() -> None:
+    """One non-key word becomes a filler; slot values, answers and variant words stay, in order."""
+    keys, fillers = key_words(), set(filler_words())
+    assert {"plus", "before", "red", "circle", "tiger", "7", "friday"} <= keys and not keys & fillers
+    assert set(VARIANT_WORDS) <= keys
+    rng = np.random.default_rng(0)
+    for s in lm_samples(3, 7, 400, 0.3):
+        r = with_replacement(s.question, rng)
+        wa, wb = s.question.split(" "), r.split(" ")
+        diff = [i for i, (x, y) in enumerate(zip(wa, wb, strict=True)) if x != y]
+        if not diff:  # only when every word is a key word ("Subtract 1 from 8.")
+            cores = [re.search(r"[A-Za-z0-9+\-]+", w) for w in wa]
+            assert all(m is not None and m.group(0).lower() in keys for m in cores), s.question
+            continue
+        assert len(diff) == 1, (s.question, r)
+        (i,) = diff
+        assert not set(_WORD.findall(wa[i].lower())) & keys, (s.question, r)
+        assert set(_WORD.findall(wb[i].lower())) <= fillers, (s.question, r)
+        if re.search(r"[A-Za-z0-9]", wa[i]):  # a word keeps its punctuation; a lone "?" is replaced whole
+            assert re.sub(r"[A-Za-z0-9+\-]", "", wa[i]) == re.sub(r"[A-Za-z0-9+\-]", "", wb[i])
+    assert with_replacement("plus 3 4", rng) == "plus 3 4"  # nothing free to replace
+    noisy = lm_samples(3, 7, 400, 0.3, 0.5)  # the training stream: answers follow the key words
+    assert sum(not set(_WORD.findall(s.question.lower())) <= set(template_words(TRAIN)) | keys for s in noisy) >= 150
+    for s in noisy:  # the words that pick the answer's variant survive
+        if s.family in ("arith", "weekday"):
+            assert set(re.findall(r"[a-z+\-]+", s.question.lower())) & set(VARIANT_WORDS), s.question
 
 
 def test_test_unseen_is_test_reworded() -> None:

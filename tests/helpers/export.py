@@ -65,6 +65,7 @@ def train_tiny_policy(algorithm: str, dim: int, n_actions: int, seed: int = 0, s
     import gymnasium as gym
     import torch
     from stable_baselines3 import A2C, DQN, PPO
+    from stable_baselines3.common.logger import Logger
 
     class RandomObsEnv(gym.Env):
         def __init__(self) -> None:
@@ -96,6 +97,7 @@ def train_tiny_policy(algorithm: str, dim: int, n_actions: int, seed: int = 0, s
                     policy_kwargs=policy_kwargs)
     else:
         raise ValueError(f"unknown algorithm {algorithm!r}")
+    model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default makes a /tmp/SB3-* folder per call
     model.learn(steps)
     return model
 
