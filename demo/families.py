@@ -152,17 +152,21 @@ def make_sample(
     augment: bool = False,
     wording: str = "train",
     phrase_rng: np.random.Generator | None = None,
+    table: dict[str, tuple[str, ...]] | None = None,
 ) -> Sample:
     """One sample of ``family``; digits come from ``digit_pool_name``; ``augment`` shifts digits.
 
-    The question is one of the family's ``wording`` phrasings, drawn with ``phrase_rng``
-    (default: ``rng`` itself); the image and answer depend on ``rng`` only.
+    The question is one of the family's ``wording`` phrasings (or, given ``table``, one of
+    ``table[variant]``: phrasings of your own, keyed like :data:`~deepinsert.demo.phrasings.TRAIN`),
+    drawn with ``phrase_rng`` (default: ``rng`` itself); the image and answer depend on ``rng`` only.
     """
     if family not in _MAKERS:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     prng = rng if phrase_rng is None else phrase_rng
 
     def ask(variant: str, **slots: str) -> str:
+        if table is not None:
+            return table[variant][int(prng.integers(len(table[variant])))].format(**slots)
         return phrase(variant, prng, wording, **slots)
 
     return _MAKERS[family](rng, digit_pool_name, augment, ask)

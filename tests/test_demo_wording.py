@@ -119,6 +119,14 @@ def test_phrasing_never_changes_image_or_answer() -> None:
                         phrase_rng=np.random.default_rng(2))
         assert a.answer == b.answer and a.rendered.image.tobytes() == b.rendered.image.tobytes()
         assert a.question != b.question
+        own = {v: (f"Q {v} {slot}?",) for v, slot in _SLOTS.items()}  # a phrasing table of your own
+        c = make_sample(f, np.random.default_rng(5), digit_pool_name="test", table=own)
+        assert c.answer == a.answer and c.rendered.image.tobytes() == a.rendered.image.tobytes()
+        assert c.question.startswith("Q ") and c.question.endswith("?"), c.question
+
+
+_SLOTS = {"colour": "{shape}", "count": "", "exists": "{thing}", "position": "{shape}", "digit": "",
+          "plus": "{a} {b}", "minus": "{a} {b}", "after": "{day}", "before": "{day}", "repeat": "{word}"}
 
 
 def test_plain_english_never_maps_to_unk(tokenizer) -> None:  # type: ignore[no-untyped-def]
