@@ -40,8 +40,8 @@ class DemoTrainConfig:
     """Recipe of the demo model (defaults = the shipped build)."""
 
     seed: int = 0  # drives the init and every generated training sample
-    vision_steps: int = 250  # stage 1 steps
-    lm_steps: int = 1600  # stage 2 steps
+    vision_steps: int = 500  # stage 1 steps
+    lm_steps: int = 2000  # stage 2 steps
     batch_size: int = 64  # samples per step (both stages)
     lr: float = 2e-3  # AdamW peak learning rate (both stages)
     betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas
@@ -51,7 +51,7 @@ class DemoTrainConfig:
     late_text_p: float = 0.5  # stage 2: chance a text-only sample has its image enter at k ~ U{1..N}
     late_image_p: float = 0.0  # stage 2: same for an image-family sample (0 and 0: plain LLaVA training)
     filler_p: float = 0.3  # stage 2: chance a question gets one random filler word inserted
-    replace_p: float = 0.0  # stage 2: chance one word of a question is replaced by a filler (never a key word)
+    replace_p: float = 0.5  # stage 2: chance one word of a question is replaced by a filler (never a key word)
     threads: int = 1  # torch CPU threads (1: bit-reproducible, and fastest on a busy 2-core box)
     progress: bool = True  # tqdm bars
 

