@@ -185,19 +185,20 @@ VARIANT_WORDS: tuple[str, ...] = (
 )  # fmt: skip
 
 
-def key_words() -> frozenset[str]:
-    """Words a wording augmentation must never drop or replace: every slot value and answer
-    (shapes, colours, digits, weekdays, words to repeat) and :data:`VARIANT_WORDS`."""
+def _slot_and_answer_words() -> set[str]:
+    """Every slot value and answer: shapes, colours, numbers 0–18, weekdays, words to repeat."""
     words = {"shape", "yes", "no", "left", "right", *COLOURS, *SHAPES, *WEEKDAYS, *REPEAT_WORDS, *COUNT_WORDS}
     words.update(str(i) for i in range(19))
-    return frozenset(words | set(VARIANT_WORDS))
+    return words
+
+
+def key_words() -> frozenset[str]:
+    """Words a wording augmentation must never drop or replace: every slot value and answer
+    and :data:`VARIANT_WORDS`."""
+    return frozenset(_slot_and_answer_words() | set(VARIANT_WORDS))
 
 
 def vocabulary_words() -> list[str]:
     """Every word the prompt template, the training phrasings, their slots and the answers
     contain (lower case; the held-out phrasings' new words are not among them)."""
-    words = {"user", "assistant", "shape", "yes", "no", "left", "right"}
-    words.update(template_words(TRAIN))
-    words.update(COLOURS, SHAPES, WEEKDAYS, REPEAT_WORDS, COUNT_WORDS)
-    words.update(str(i) for i in range(19))
-    return sorted(words)
+    return sorted({"user", "assistant"} | template_words(TRAIN) | _slot_and_answer_words())

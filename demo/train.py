@@ -11,7 +11,9 @@ answer under late insertion, while late insertion stays training-free for image 
 Training data is generated on the fly from the build seed, asked with the training
 phrasings; a share (``filler_p``) of the questions gets one random English word inserted
 (:func:`deepinsert.demo.corpus.filler_words`), so the model learns to look past words it
-does not need and every sub-word piece's embedding is trained.
+does not need and every sub-word piece's embedding is trained; then a share (``replace_p``)
+gets one word that does not decide the answer replaced by such a word (wording noise), so a
+synonym it never saw does not derail it.
 """
 
 from __future__ import annotations
