@@ -11,9 +11,9 @@ exact match, per family and overall:
 - ``test_unseen``: the same images and answers asked with the held-out phrasings (some
   with words the build never saw);
 - ``reworded``: the same images and answers asked with :data:`REWORDED`, a third set of
-  phrasings written for this benchmark after the demo's recipe was fixed (new synonyms such
-  as "hue", new word orders such as "After {day}, which day comes?"), used by no build and
-  by no design choice of the project's routers.
+  phrasings written for this benchmark (new synonyms such as "hue", new word orders such as
+  "After {day}, which day comes?"); no build trains on them and no router setting was
+  chosen on them (the demo recipe was compared on them beside ``test_unseen``).
 
 and the late-insertion shape on ``test`` (image-family mean at every k, text-family mean at
 k = 0 and k = N), with each model's recipe from its ``build_info.json``. The gap to
