@@ -89,12 +89,12 @@ def with_replacement(question: str, rng: np.random.Generator) -> str:
     when every token is a key word."""
     fillers, keys = filler_words(), key_words()
     words = question.split(" ")
-    free = [i for i, w in enumerate(words) if (m := _CORE.search(w)) is None or m.group(0).lower() not in keys]
+    cores = [_CORE.search(w) for w in words]
+    free = [i for i, m in enumerate(cores) if m is None or m.group(0).lower() not in keys]
     if not free:
         return question
     i = free[int(rng.integers(len(free)))]
-    m = _CORE.search(words[i])
-    filler = fillers[int(rng.integers(len(fillers)))]
+    m, filler = cores[i], fillers[int(rng.integers(len(fillers)))]
     words[i] = filler if m is None else words[i][: m.start()] + filler + words[i][m.end() :]
     return " ".join(words)
 
