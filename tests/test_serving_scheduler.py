@@ -51,14 +51,15 @@ async def _collect(job: Job) -> tuple[str, object]:
             return kind, (text, payload)
 
 
-def _run(vlm, cfg: SchedulerConfig, jobs: list[Job], watch=None):
-    sched = Scheduler(vlm, StubBuilder(), cfg, eos_token_ids=[])
-    sched.start()
+def _run(vlm, cfg: SchedulerConfig, jobs: list[Job], watch=None, metrics=None):
+    """Submit every job, then start the worker (its first admission sees them all), run to the end."""
+    sched = Scheduler(vlm, StubBuilder(), cfg, metrics, eos_token_ids=[])
 
     async def main():
         loop = asyncio.get_running_loop()
         for j in jobs:
             sched.submit(j, loop)
+        sched.start()
         if watch is not None:
             await watch(sched, jobs)
         return await asyncio.gather(*(_collect(j) for j in jobs))
@@ -86,6 +87,25 @@ def test_reservation_is_the_real_cache_size(vlm):
     assert sched.batch.kv_bytes() + per * N == sched.reservation(2, job.n_text, N_IMG, 5)
 
 
+class _BatchRecorder:
+    """The scheduler's metrics hook, keeping every running-batch size and reservation it reports."""
+
+    def __init__(self):
+        from deepinsert.serving.metrics import ServerMetrics
+
+        self._m = ServerMetrics()
+        self.rows: list[int] = []
+        self.reserved: list[int] = []
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+    def set_running(self, info, reserved, queued):
+        self.rows.append(info["rows"])
+        self.reserved.append(reserved)
+        self._m.set_running(info, reserved, queued)
+
+
 def test_kv_budget_admits_more_late_insertion_requests_and_answers_match_alone(vlm):
     probe = Scheduler(vlm, StubBuilder(), SchedulerConfig(), eos_token_ids=[])
     n_text = 8
@@ -94,19 +114,18 @@ def test_kv_budget_admits_more_late_insertion_requests_and_answers_match_alone(v
     peaks = {}
 
     async def watch(sched, jobs):
-        peak = 0
         while any(j.id in sched._running or j in sched._pending for j in jobs):
-            st = sched.state()
-            assert st["kv_reserved_bytes"] <= budget
-            peak = max(peak, st["running"])
+            assert sched.state()["kv_reserved_bytes"] <= budget
             await asyncio.sleep(0.001)
-        peaks[jobs[0].layer] = peak
 
     alone = {}
     for layer in (0, vlm.num_layers):
         jobs = [_job(vlm, s, layer, 6) for s in range(6)]
         cfg = SchedulerConfig(max_batch=16, kv_budget_bytes=budget, batch_window_s=0.0)
-        results, sched = _run(vlm, cfg, jobs, watch)
+        seen = _BatchRecorder()  # every batch state the worker reports, not a sample of them
+        results, sched = _run(vlm, cfg, jobs, watch, seen)
+        assert max(seen.reserved) <= budget
+        peaks[layer] = max(seen.rows)
         assert all(kind == "done" for kind, _ in results)
         assert sched.state()["kv_reserved_bytes"] == 0 and sched.state()["kv_bytes"] == 0
         for s, (_, (text, info)) in enumerate(results):
