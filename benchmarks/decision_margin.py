@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         safe = b.safe
         test = b.tables["test"]
         k0_acc = float(test.correct[:, safe].mean())
-        guard = fit_config_guard(cfg, b.train.observations, b.splits["val"].observations, ws.embedding_weight)
-        fb = {n: guard.trips(t.observations) for n, t in b.tables.items()}
+        guard = fit_config_guard(cfg, b.train.router_inputs, b.splits["val"].router_inputs, ws.embedding_weight,
+                                 obs_dim=b.train.observations.shape[1])
+        fb = {n: guard.trips(t.router_inputs) for n, t in b.tables.items()}
         preds = []
         for s in range(args.seeds):
             net = b.fit(b.train.observations, cfg.seed + s)

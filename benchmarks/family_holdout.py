@@ -52,11 +52,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         vkeep = val_fam != family
         x = b.train.observations[keep]
         net = dataclasses.replace(b, losses=b.losses[keep]).fit(x, cfg.seed + seed)
-        guard = (fit_config_guard(cfg, x, b.splits["val"].observations[vkeep], ws.embedding_weight)
-                 if cfg.guard else None)
+        guard = (fit_config_guard(cfg, b.train.router_inputs[keep], b.splits["val"].router_inputs[vkeep],
+                                  ws.embedding_weight, obs_dim=x.shape[1]) if cfg.guard else None)
         with torch.no_grad():
             preds = {n: net(torch.from_numpy(t.observations)).numpy() for n, t in held.items()}
-        fb = {n: guard.trips(t.observations) if guard is not None else np.zeros(len(t.losses), bool)
+        fb = {n: guard.trips(t.router_inputs) if guard is not None else np.zeros(len(t.losses), bool)
               for n, t in held.items()}
         out = dataclasses.replace(b, tables=held).captured(preds, fb)
         for n, t in held.items():

@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for q in QUANTILES:
         fb = None
         if q is not None:
-            g = fit_config_guard(dataclasses.replace(cfg, guard_quantile=q), train.observations,
-                                 b.splits["val"].observations, b.ws.embedding_weight)
-            fb = {n: g.trips(t.observations) for n, t in b.tables.items()}
+            g = fit_config_guard(dataclasses.replace(cfg, guard_quantile=q), train.router_inputs,
+                                 b.splits["val"].router_inputs, b.ws.embedding_weight, obs_dim=train.observations.shape[1])
+            fb = {n: g.trips(t.router_inputs) for n, t in b.tables.items()}
         key = "off" if q is None else f"{q:g}"
         res["guard"][key] = {"captured": summarise([b.captured(curves([n]), fb) for n in nets[wd0]]),
                              "trip_rate": {n: float(v.mean()) for n, v in fb.items()} if fb else None}

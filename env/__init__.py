@@ -22,6 +22,7 @@ _LAZY: dict[str, str] = {
     "VLMLossProvider": "deepinsert.env.losses",
     "prompt_observation": "deepinsert.env.observation",
     "prompt_observations": "deepinsert.env.observation",
+    "prompt_guard_observations": "deepinsert.env.observation",
     "question_token_ids": "deepinsert.env.observation",
     "OBS_MAX_TOKENS": "deepinsert.env.observation",
 }

@@ -5,6 +5,15 @@ of the question text alone: ``tokenizer(q, add_special_tokens=False)["input_ids"
 No image tokens, no answer, no chat template. The exported router recomputes it from
 ``tokenizer.json`` (``Tokenizer.encode(q, add_special_tokens=False).ids``) and the saved
 embedding matrix, so nothing here may depend on torch or on the model's forward.
+
+The out-of-distribution guard also reads word order, which the mean cannot see ("Which day
+comes after friday?" and "After friday, which day comes?" have the same mean):
+
+order(q) = (1/T) Σ_t w_t · E[id_t] with w_t = (2t − (T − 1)) / max(T − 1, 1), t = 0..T−1,
+
+the same ids position-signed from −1 (first token) to +1 (last); w sums to 0, and a
+one-token question has order 0. The guard's input is ``[observation | order]`` ``(2D,)``
+(:func:`prompt_guard_observations`); the policy reads the observation alone.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from deepinsert.errors import InputError
 
 OBS_MAX_TOKENS = 256
 OBS_KIND = "mean_input_embedding"
+ORDER_KIND = "position_signed_mean_input_embedding"
 
 
 def question_token_ids(tokenizer: Any, question: str) -> list[int]:
@@ -69,4 +79,33 @@ def prompt_observations(
     out = np.empty((len(questions), emb.shape[1]), dtype=np.float32)
     for i, q in enumerate(questions):
         out[i] = mean_embedding(emb, question_token_ids(tokenizer, q))
+    return out
+
+
+def position_weights(n: int) -> np.ndarray:
+    """The order weights ``w_t = (2t − (n − 1)) / max(n − 1, 1)`` of ``n`` tokens: float32 ``(n,)``
+    from −1 to +1, summing to 0 (``[0.]`` for one token)."""
+    t = np.arange(int(n), dtype=np.float64)
+    return ((2.0 * t - (n - 1)) / max(n - 1, 1)).astype(np.float32)
+
+
+def order_embedding(embedding: np.ndarray, ids: Sequence[int]) -> np.ndarray:
+    """Float32 position-signed mean ``(1/T) Σ_t w_t E[id_t]`` of ``embedding`` rows ``ids`` -> ``(D,)``."""
+    if len(ids) == 0:
+        raise InputError("cannot embed an empty token sequence")
+    rows = embedding[np.asarray(ids, dtype=np.int64)]
+    return (position_weights(len(ids)) @ rows / np.float32(len(ids))).astype(np.float32)
+
+
+def prompt_guard_observations(
+    tokenizer: Any, embedding_weight: Any, questions: Sequence[str]
+) -> np.ndarray:
+    """The guard's inputs ``[observation | order]`` of many questions: float32 ``(B, 2D)``."""
+    emb = embedding_matrix(embedding_weight)
+    D = emb.shape[1]
+    out = np.empty((len(questions), 2 * D), dtype=np.float32)
+    for i, q in enumerate(questions):
+        ids = question_token_ids(tokenizer, q)
+        out[i, :D] = mean_embedding(emb, ids)
+        out[i, D:] = order_embedding(emb, ids)
     return out

@@ -169,8 +169,8 @@ def export_bundle(
     V, D = int(weight.shape[0]), int(weight.shape[1])
     if obs_shape != (D,):
         raise InputError(f"the policy observes shape {obs_shape} but the embedding width is {D}")
-    if guard is not None and guard.mean.shape != (D,):
-        raise InputError(f"the guard observes width {guard.mean.shape} but the embedding width is {D}")
+    if guard is not None and guard.obs_dim != D:
+        raise InputError(f"the guard observes width {guard.obs_dim} but the embedding width is {D}")
     fb = None
     if guard is not None:
         fb = min(layers) if fallback_layer is None else int(fallback_layer)

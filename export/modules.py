@@ -12,7 +12,9 @@ every candidate layer (loss-curve).
   The mean of embedding rows commutes with every linear map after it, so the table it
   gathers from is ``E · (W1 · diag(a))ᵀ`` (V x h) beside the guard's ``E · diag(1/σ) · G``
   (V x g), not the model's (V x D) embedding table: ``mean_t P[id_t] + c = W1 (a ⊙ mean_t
-  E[id_t] + b) + b1``. Rows with no unmasked token give the bias alone (never sent).
+  E[id_t] + b) + b1``. A guard that reads word order adds its order block's ``E · diag(1/σₒ) · Gₒ``
+  (V x g), pooled with the position weights instead of the mean. Rows with no unmasked
+  token give the bias alone (never sent).
 - :class:`EmbeddingRouter`: the unfolded variant (``fold=False``) that gathers the (V, D)
   table and also outputs the observation.
 - :class:`ImageStageHead`: the optional image-aware second stage (``image_stage.onnx``).
@@ -84,6 +86,16 @@ def elementwise_affine(features: Callable[[torch.Tensor], torch.Tensor], dim: in
     return a, b
 
 
+def position_weights(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, T) -> (B, T, 1)`` float32: ``w_t = (2t − (n − 1)) / max(n − 1, 1)`` over each row's
+    unmasked tokens (t counts them, n = their number; ``deepinsert.env.observation.position_weights``),
+    0 on masked positions, whichever side the padding is on."""
+    m = attention_mask.to(torch.float32)
+    t = torch.cumsum(m, dim=1) - 1.0
+    n = m.sum(dim=1, keepdim=True)
+    return ((2.0 * t - (n - 1.0)) / (n - 1.0).clamp_min(1.0) * m).unsqueeze(-1)
+
+
 class GuardHead(nn.Module):
     """``z (B, g) -> score (B,)``: distance to the nearest of the training points ``(M, g)``."""
 
@@ -138,23 +150,36 @@ class PolicyHead(nn.Module):
         margin, safe = (policy.margin, policy.safe_index) if self.kind == "losscurve" else (0.0, 0)
         self.decision = _Decision(self.kind, candidate_layers, num_layers, margin, safe)
         self.has_guard = guard is not None
+        self.guard_order = bool(guard is not None and guard.order)
         if guard is not None:
-            self.register_buffer("g_mean", torch.as_tensor(guard.mean))
-            self.register_buffer("g_std", torch.as_tensor(guard.std))
-            self.register_buffer("g_proj", torch.as_tensor(guard.proj))
+            D = guard.obs_dim
+            # the observation block and (a mean+order guard) the word-order block of the projection
+            self.register_buffer("g_mean", torch.as_tensor(guard.mean[:D]))
+            self.register_buffer("g_std", torch.as_tensor(guard.std[:D]))
+            self.register_buffer("g_proj", torch.as_tensor(guard.proj[:D]))
+            if self.guard_order:
+                self.register_buffer("o_mean", torch.as_tensor(guard.mean[D:]))
+                self.register_buffer("o_std", torch.as_tensor(guard.std[D:]))
+                self.register_buffer("o_proj", torch.as_tensor(guard.proj[D:]))
             self.guard = GuardHead(guard.points)
 
     def scores(self, obs: torch.Tensor) -> torch.Tensor:
         return self._rest(self._first(self._features(obs)))
 
-    def ood(self, obs: torch.Tensor) -> torch.Tensor:
+    def ood(self, obs: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+        """The guard's score ``(B,)``; ``order (B, D)`` the word-order block (None: at its training
+        mean, i.e. no order evidence: what ``policy.onnx`` does with a bare observation)."""
         if not self.has_guard:
             return torch.zeros(obs.shape[0], dtype=torch.float32)
-        return self.guard(((obs - self.g_mean) / self.g_std) @ self.g_proj)
+        z = ((obs - self.g_mean) / self.g_std) @ self.g_proj
+        if self.guard_order and order is not None:
+            z = z + ((order - self.o_mean) / self.o_std) @ self.o_proj
+        return self.guard(z)
 
-    def forward(self, obs: torch.Tensor, lam: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    def forward(self, obs: torch.Tensor, lam: torch.Tensor | None = None,
+                order: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         out = self.decision(self.scores(obs), lam)
-        return (*out[:2], self.ood(obs), *out[2:])
+        return (*out[:2], self.ood(obs, order), *out[2:])
 
 
 def _store(t: torch.Tensor) -> torch.Tensor:
@@ -187,13 +212,18 @@ class FoldedRouter(nn.Module):
         bias = [c1]
         self.h = int(W1.shape[0])
         self.g = 0
+        self.guard_order = head.guard_order
         if head.has_guard:
             G = head.g_proj.double() / head.g_std.double()[:, None]  # (D, g)
             parts.append(E @ G)
             bias.append(-(head.g_mean.double() / head.g_std.double()) @ head.g_proj.double())
             self.g = int(G.shape[1])
             self.guard = head.guard
-        self.register_buffer("table", _store(torch.cat(parts, dim=1).float()))  # (V, h + g)
+            if self.guard_order:  # the order block, pooled with position weights (its bias joins the mean's)
+                O = head.o_proj.double() / head.o_std.double()[:, None]  # (D, g)
+                parts.append(E @ O)
+                bias[-1] = bias[-1] - (head.o_mean.double() / head.o_std.double()) @ head.o_proj.double()
+        self.register_buffer("table", _store(torch.cat(parts, dim=1).float()))  # (V, h + g [+ g])
         self.register_buffer("bias", torch.cat(bias).float())  # (h + g,)
         self.head = head  # registers the policy's modules that _rest uses (unused ones are not traced)
         self._rest = head._rest
@@ -206,12 +236,17 @@ class FoldedRouter(nn.Module):
         return "float16" if self.table.dtype == torch.float16 else "float32"
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lam: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        rows = nn.functional.embedding(input_ids, self.table).float()  # (B, T, h + g)
+        rows = nn.functional.embedding(input_ids, self.table).float()  # (B, T, h + g [+ g])
         m = attention_mask.to(torch.float32).unsqueeze(-1)  # (B, T, 1)
-        pooled = (rows * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0) + self.bias  # (B, h + g)
+        n = m.sum(dim=1).clamp_min(1.0)  # (B, 1)
+        hg = self.h + self.g
+        pooled = (rows[..., :hg] * m).sum(dim=1) / n + self.bias  # (B, h + g)
         out = self.decision(self._rest(pooled[:, : self.h]), lam)
         if self.has_guard:
-            ood = self.guard(pooled[:, self.h:])
+            z = pooled[:, self.h:]
+            if self.guard_order:
+                z = z + (rows[..., hg:] * position_weights(attention_mask)).sum(dim=1) / n
+            ood = self.guard(z)
         else:
             ood = torch.zeros(input_ids.shape[0], dtype=torch.float32)
         return (*out[:2], ood, *out[2:])
@@ -238,8 +273,10 @@ class EmbeddingRouter(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lam: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         emb = nn.functional.embedding(input_ids, self.weight).float()  # (B, T, D)
         m = attention_mask.to(torch.float32).unsqueeze(-1)  # (B, T, 1)
-        obs = (emb * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)  # (B, D)
-        return (*self.head(obs, lam), obs)
+        n = m.sum(dim=1).clamp_min(1.0)  # (B, 1)
+        obs = (emb * m).sum(dim=1) / n  # (B, D)
+        order = (emb * position_weights(attention_mask)).sum(dim=1) / n if self.head.guard_order else None
+        return (*self.head(obs, lam, order), obs)
 
 
 class ImageStageHead(nn.Module):

@@ -19,6 +19,7 @@ from deepinsert.env.observation import (
     OBS_MAX_TOKENS,
     embedding_matrix,
     mean_embedding,
+    order_embedding,
     question_token_ids,
 )
 from deepinsert.errors import BundleError, InputError
@@ -149,10 +150,15 @@ def validate_bundle(
     lams = sorted({0.0, float(info.lam), 0.05, 0.2, 1.0}) if lc else [float(info.lam)]
     report: dict[str, Any] = {"max_abs_prob_diff_prompts": 0.0, "max_abs_prob_diff_embeddings": 0.0}
     obs_diff = None
-    ood_ref = guard.score(ref_obs) if guard is not None else None
-    ood_ref2 = guard.score(emb) if guard is not None else None
+    ref_in, emb_in = ref_obs, emb
+    if guard is not None and guard.order:
+        # prompts: their word-order block; bare embeddings (policy.onnx): the block at its training mean
+        ref_in = np.concatenate([ref_obs, np.stack([order_embedding(weight, ids) for ids in ref_ids])], axis=1)
+        emb_in = np.concatenate([emb, np.broadcast_to(guard.mean[guard.obs_dim:], emb.shape)], axis=1)
+    ood_ref = guard.score(ref_in) if guard is not None else None
+    ood_ref2 = guard.score(emb_in) if guard is not None else None
     # the graph computes |z - p|^2 as |z|^2 - 2 z.p + |p|^2: compare squared scores relative to |z|^2
-    zsq = {what: (guard.project(x).astype(np.float64) ** 2).sum(-1) for what, x in (("prompts", ref_obs), ("embeddings", emb))} \
+    zsq = {what: (guard.project(x).astype(np.float64) ** 2).sum(-1) for what, x in (("prompts", ref_in), ("embeddings", emb_in))} \
         if guard is not None else {}
     for lam in lams:
         # 2. prompts through router.onnx

@@ -184,6 +184,9 @@ class TrainConfig:
     """Algorithm hyper-parameters."""
     guard: bool = True
     """Fit the out-of-distribution guard (distance to the training observations) with the router."""
+    guard_order: bool = True
+    """The guard also reads word order (``[observation | order]``, env/observation.py): a question of
+    known words in an order no training question used trips it. False: the mean embedding only."""
     guard_dim: int = 32
     """Width g of the guard's whitened PCA projection (folded into the bundle's table)."""
     guard_quantile: float = 0.97
@@ -229,8 +232,9 @@ class TrainConfig:
             _positive_int("net_arch entries", n)
         self.net_arch = [int(n) for n in self.net_arch]
         _positive_int("checkpoint_every", self.checkpoint_every, allow_zero=True)
-        if not isinstance(self.guard, bool):
-            raise ConfigError(f"guard must be true or false, got {self.guard!r}")
+        for name in ("guard", "guard_order"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _positive_int("guard_dim", self.guard_dim)
         _finite("guard_quantile", self.guard_quantile, lo=0.5)
         if self.guard_quantile >= 1.0:

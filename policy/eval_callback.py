@@ -72,7 +72,7 @@ class HeldOutEvalCallback(BaseCallback):
         obs = np.asarray(split.observations, dtype=np.float32)
         actions, _ = self.model.predict(obs, deterministic=True)
         actions = np.asarray(actions, dtype=np.int64).reshape(-1)
-        fb = self.guard.trips(obs) if self.guard is not None else None
+        fb = self.guard.trips(split.router_inputs) if self.guard is not None else None
         if fb is not None:
             actions = np.where(fb, self.fallback_index, actions)
         m = compare(self._tables, self.lam, actions, fb)

@@ -37,6 +37,8 @@ class EvalTables:
         needs_image: ``(S,)`` bool or None.
         families: ``S`` family labels (None entries when unknown).
         observations: ``(S, D)``.
+        router_inputs: ``(S, 2D)`` ``[observation | order]`` (the split's ``router_inputs``: what
+            a trained router and its guard route on), or ``(S, D)`` without an order block.
     """
 
     split: str
@@ -48,6 +50,11 @@ class EvalTables:
     needs_image: np.ndarray | None
     families: list[str | None]
     observations: np.ndarray
+    router_inputs: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.router_inputs is None:
+            self.router_inputs = self.observations
 
     def rewards(self, lam: float) -> np.ndarray:
         """``(S, K)`` reward = -loss + λ·k/N."""
@@ -109,6 +116,7 @@ def build_tables(
         needs_image=split.needs_image,
         families=[getattr(s, "family", None) for s in split.samples],
         observations=split.observations,
+        router_inputs=split.router_inputs,
     )
 
 
@@ -298,7 +306,7 @@ def evaluate_run_dir(
     split = eval_split(ws, run.config, spec)
     tables = build_tables(ws, split, accuracy=accuracy, progress=progress, candidate_layers=run.candidate_layers)
     two = run.image_stage is not None
-    metrics = run_metrics(run, tables, split.observations, heuristic=heuristic,
+    metrics = run_metrics(run, tables, split.router_inputs, heuristic=heuristic,
                           summaries=ws.summaries(split, progress=progress) if two else None)
     metrics["split"] = spec
     metrics["run_dir"] = str(run_dir)
@@ -306,7 +314,7 @@ def evaluate_run_dir(
     if u is not None:
         us = eval_split(ws, run.config, u)
         ut = build_tables(ws, us, accuracy=accuracy, progress=progress, candidate_layers=run.candidate_layers)
-        metrics["unseen"] = {**run_metrics(run, ut, us.observations, heuristic=heuristic,
+        metrics["unseen"] = {**run_metrics(run, ut, us.router_inputs, heuristic=heuristic,
                                            summaries=ws.summaries(us, progress=progress) if two else None), "split": u}
     return metrics
 

@@ -284,15 +284,19 @@ class TrainedRun:
         return layers.index(int(k)) if _is_int(k) and k in layers else int(np.argmin(layers))
 
     def _check(self, obs: np.ndarray) -> np.ndarray:
+        """Router inputs ``(B, D)`` or ``(B, 2D)`` (``[observation | order]``) as a 2-D float32 array."""
         x = np.asarray(obs, dtype=np.float32)
         if x.ndim == 1:
             x = x[None]
-        if x.ndim != 2 or x.shape[1] != int(self.info["obs_dim"]):
-            raise InputError(f"observations must have shape (B, {self.info['obs_dim']}), got {x.shape}")
+        D = int(self.info["obs_dim"])
+        if x.ndim != 2 or x.shape[1] not in (D, 2 * D):
+            raise InputError(f"observations must have shape (B, {D}) or, with their word-order block, "
+                             f"(B, {2 * D}), got {x.shape}")
         return x
 
     def fallback(self, obs: np.ndarray) -> np.ndarray:
-        """``(B,)`` bool: the guard trips (always False without a guard)."""
+        """``(B,)`` bool: the guard trips (always False without a guard). ``obs``: a split's
+        ``router_inputs`` (a guard that reads word order needs the ``(B, 2D)`` form)."""
         x = self._check(obs)
         if self.guard is None:
             return np.zeros(len(x), dtype=bool)
@@ -300,7 +304,7 @@ class TrainedRun:
 
     def predict_raw(self, obs: np.ndarray, lam: float | None = None) -> np.ndarray:
         """The policy's own action indices ``(B,)`` (no guard); ``lam`` for loss-curve routers only."""
-        x = self._check(obs)
+        x = self._check(obs)[:, : int(self.info["obs_dim"])]
         if self.supports_lam:
             from deepinsert.policy.losscurve import LossCurveRouter
 
@@ -336,7 +340,7 @@ class TrainedRun:
         first = self.predict(x, lam_)
         rows = np.flatnonzero(np.asarray(has_image, dtype=bool) & ~self.fallback(x))
         if len(rows):
-            curves = LossCurveRouter(self.policy, self.candidate_layers, int(self.info["num_layers"]), lam_).predict_losses(x[rows])
+            curves = LossCurveRouter(self.policy, self.candidate_layers, int(self.info["num_layers"]), lam_).predict_losses(x[rows, : int(self.info["obs_dim"])])
             first[rows] = self.image_stage.refine(curves, np.asarray(summaries)[rows], first[rows], lam_)
         return first
 

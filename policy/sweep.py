@@ -150,13 +150,13 @@ def run_sweep(
                 summ = ({n: ws.summaries(sp, progress=progress) for n, sp in splits.items()}
                         if run.image_stage is not None else {})
                 for lam_e in (all_lams if lam is None else [lam]):
-                    m = run_metrics(run, tables["test"], tables["test"].observations, lam_e if lam is None else None,
+                    m = run_metrics(run, tables["test"], tables["test"].router_inputs, lam_e if lam is None else None,
                                     summaries=summ.get("test"))
                     m["split"] = cfg.data.eval
                     m["run_dir"] = str(run_dir)
                     m["algorithm"], m["seed"] = alg, seed
                     if "test_unseen" in tables:
-                        um = run_metrics(run, tables["test_unseen"], tables["test_unseen"].observations,
+                        um = run_metrics(run, tables["test_unseen"], tables["test_unseen"].router_inputs,
                                          lam_e if lam is None else None, summaries=summ.get("test_unseen"))
                         m["unseen"] = {**um, "split": u}
                     per[alg][lam_e].append(m)
@@ -221,7 +221,7 @@ def _lam_curve(run: Any, tables: dict[str, EvalTables], n: int = 40) -> list[dic
     for lam in np.concatenate([[0.0], np.logspace(-2.5, 0.5, n - 1)]):
         point: dict[str, Any] = {"lam": float(lam)}
         for name, t in tables.items():
-            m = run_metrics(run, t, t.observations, float(lam))
+            m = run_metrics(run, t, t.router_inputs, float(lam))
             point[name] = {"accuracy": m["router"]["accuracy"], "flops_fraction": m["router"]["flops_fraction"],
                            "captured_gain": m["captured_gain"]}
         out.append(point)

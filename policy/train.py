@@ -219,31 +219,45 @@ def validation_split(ws: Workspace, cfg: TrainConfig) -> Any:
         return None
 
 
-def fit_config_guard(cfg: TrainConfig, train_obs: np.ndarray, val_obs: np.ndarray | None,
-                     embedding_weight: Any = None) -> Any:
+def fit_config_guard(cfg: TrainConfig, train_x: np.ndarray, val_x: np.ndarray | None,
+                     embedding_weight: Any = None, *, obs_dim: int | None = None) -> Any:
     """The config's out-of-distribution guard (:class:`~deepinsert.policy.guard.ObsGuard`) on
-    training observations ``(S, D)``, calibrated on ``val_obs (S', D)`` (None: on the training
-    points), standardised as the policy network standardises them; ``embedding_weight`` (the
-    model's ``(V, D)`` input embeddings, optional) picks the guard's residual directions."""
+    training inputs ``(S, W)``, calibrated on ``val_x (S', W)`` (None: on the training points).
+
+    The inputs are a split's ``router_inputs``: ``[observation | order]`` (W = 2D, with
+    ``obs_dim`` = D) or observations alone (W = D; ``obs_dim`` None or W). With ``cfg.guard_order``
+    and an order block the guard reads both, otherwise the observation only. Each block is
+    standardised by its own training statistics (the observation's as the policy network
+    standardises it); ``embedding_weight`` (the model's ``(V, D)`` input embeddings, optional)
+    picks the guard's residual directions."""
     from deepinsert.env.observation import embedding_matrix
     from deepinsert.policy.features import obs_stats
     from deepinsert.policy.guard import fit_guard
 
-    mean, std = obs_stats(train_obs)
-    std = np.maximum(std, max(float(std.max()) * 1e-3, 1e-6))
+    D = int(train_x.shape[1] if obs_dim is None else obs_dim)
+    order = bool(cfg.guard_order) and train_x.shape[1] == 2 * D
+    if not order:
+        train_x = train_x[:, :D]
+        val_x = None if val_x is None else val_x[:, :D]
+    stats = []
+    for block in ([train_x[:, :D], train_x[:, D:]] if order else [train_x]):
+        mean, std = obs_stats(block)
+        stats.append((mean, np.maximum(std, max(float(std.max()) * 1e-3, 1e-6))))
+    mean, std = (np.concatenate(v) for v in zip(*stats))
     vocab = embedding_matrix(embedding_weight) if embedding_weight is not None else None
-    return fit_guard(train_obs, val_obs, dim=cfg.guard_dim, quantile=cfg.guard_quantile, mean=mean, std=std,
-                     vocab=vocab)
+    return fit_guard(train_x, val_x, dim=cfg.guard_dim, quantile=cfg.guard_quantile, mean=mean, std=std,
+                     vocab=vocab, order=order)
 
 
 def fit_run_guard(ws: Workspace, cfg: TrainConfig, out: Path) -> dict[str, Any]:
-    """Fit the out-of-distribution guard on the training observations, calibrate it on the
+    """Fit the out-of-distribution guard on the training prompts, calibrate it on the
     validation split, save it in ``out``; returns the run.json fields it adds."""
     if not cfg.guard:
         return {"guard": None}
     val = validation_split(ws, cfg)
-    guard = fit_config_guard(cfg, ws.splits["train"].observations, None if val is None else val.observations,
-                             ws.embedding_weight)
+    train = ws.splits["train"]
+    guard = fit_config_guard(cfg, train.router_inputs, None if val is None else val.router_inputs,
+                             ws.embedding_weight, obs_dim=train.observations.shape[1])
     guard.save(out)
     return {"guard": guard.meta()}
 
@@ -317,7 +331,7 @@ def train_losscurve_router(
         tokens = ws.cache.token_counts(cal.samples)
         flops = np.array([[ws.provider.flops_fraction(k, int(t[0]), int(t[1])) for k in ws.candidate_layers]
                           for t in tokens], dtype=np.float64)
-        fb = guard.trips(cal.observations) if guard is not None else None
+        fb = guard.trips(cal.router_inputs) if guard is not None else None
         info["budget_table"] = {**budget_table(router.predict_losses(cal.observations), flops, ws.candidate_layers,
                                                ws.num_layers, fb, net.safe_index, margin=net.margin), "split": cal.name}
         atomic_write_json(out / INFO_FILE, info)

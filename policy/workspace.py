@@ -15,7 +15,7 @@ import numpy as np
 
 from deepinsert.env.cache import LossCache, default_cache_dir
 from deepinsert.env.losses import LossProvider, VLMLossProvider
-from deepinsert.env.observation import prompt_observations
+from deepinsert.env.observation import prompt_guard_observations
 from deepinsert.env.problem import InsertionProblem, resolve_layers
 from deepinsert.errors import ConfigError, DataError
 from deepinsert.policy.config import TrainConfig
@@ -42,6 +42,16 @@ class Split:
     image_summaries: tuple[np.ndarray, np.ndarray] | None = None
     """``(S, Dᵢ)`` image summaries and ``(S,)`` has-image flags for the image-aware stage
     (:meth:`Workspace.summaries` fills it once; a stand-in workspace sets it)."""
+    order: np.ndarray | None = None
+    """``(S, D)`` word-order block of the guard's input (``deepinsert.env.observation``); None
+    where the observations were given without their questions' tokens (a stand-in workspace)."""
+
+    @property
+    def router_inputs(self) -> np.ndarray:
+        """What a trained router routes on: ``[observation | order]`` ``(S, 2D)`` (the policy
+        reads the first D columns, the guard all of them), or the observations ``(S, D)`` alone
+        when there is no order block."""
+        return self.observations if self.order is None else np.concatenate([self.observations, self.order], axis=1)
 
     @property
     def needs_image(self) -> np.ndarray | None:
@@ -73,11 +83,12 @@ class Workspace:
         """Register samples under ``name`` (observations computed from the VLM if not given)."""
         if not samples:
             raise DataError(f"dataset split {name!r} is empty: no samples to train or evaluate on")
+        order = None
         if observations is None:
-            observations = prompt_observations(
-                self.tokenizer, self.embedding_weight, [s.question for s in samples]
-            )
-        split = Split(name, list(samples), np.asarray(observations, dtype=np.float32))
+            both = prompt_guard_observations(self.tokenizer, self.embedding_weight, [s.question for s in samples])
+            D = both.shape[1] // 2
+            observations, order = np.ascontiguousarray(both[:, :D]), np.ascontiguousarray(both[:, D:])
+        split = Split(name, list(samples), np.asarray(observations, dtype=np.float32), order=order)
         self.splits[name] = split
         return split
 

@@ -55,13 +55,13 @@ def test_losscurve_train_evaluate_export_route(config, tmp_path, capsys):
     assert main(["export", str(run_dir), "--out", str(bundle)]) == 0
     out = capsys.readouterr().out
     assert "any lambda per request" in out and "folded table" in out
-    from deepinsert.env.observation import prompt_observation
+    from deepinsert.env.observation import prompt_guard_observations
     from deepinsert.frozen_vlm import load_vlm
 
     router = Router.load(bundle)
     q = "What color is the circle?"
     vlm = load_vlm(str(MODEL), device="cpu", dtype="float32")
-    o = prompt_observation(vlm.tokenizer, vlm.embedding_weight, q)
+    o = prompt_guard_observations(vlm.tokenizer, vlm.embedding_weight, [q])[0]  # [observation | word order]
     for lam in (0.0, 0.3, 1.0):  # the bundle's decision = the run's at every λ
         assert router.route(q, lam=lam).layer == int(run.predict_layers(o[None], lam=lam)[0])
     assert main(["route", str(bundle), q, "--budget", "0.7", "--json"]) == 0

@@ -17,6 +17,38 @@ import pytest
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 LAMS = (0.0, 0.05, 0.1, 0.2, 0.5)
+# A third wording, written for this test and never used to choose a setting: mostly words the
+# demo knows, in orders no training question uses (the mean embedding cannot see order).
+REORDERED: dict[str, tuple[str, ...]] = {
+    "colour": ("Of what colour is the {shape}?", "The {shape} is which color?", "Name the colour of the {shape}."),
+    "count": ("Count how many shapes there are.", "Shapes in the image: how many?", "What is the number of shapes?"),
+    "exists": ("Is a {thing} present?", "A {thing}: is there one in the image?", "Can I find a {thing} in the image?"),
+    "position": ("On which side is the {shape}, left or right?", "The {shape} is on the left or the right?",
+                 "Where is the {shape}: left or right?"),
+    "digit": ("The digit shown is what?", "Read the digit in the image.", "Which number is written here?"),
+    "plus": ("{a} plus {b} is what?", "Compute {a} plus {b}."),
+    "minus": ("{a} minus {b} is what?", "Compute {a} minus {b}."),
+    "after": ("Which day is after {day}?", "The day after {day}, which is it?"),
+    "before": ("Which day is before {day}?", "The day before {day}, which is it?"),
+    "repeat": ("Please say {word}.", "The word {word}: repeat it.", "Repeat back the word {word}."),
+}
+
+
+def _reordered_samples(folder: Path, n: int = 400) -> list:
+    """``n`` demo samples (new images, seed 7) asked with :data:`REORDERED`, images written to ``folder``."""
+    import numpy as np
+
+    from deepinsert.demo.families import balanced_families, make_sample
+    from deepinsert.env.data import VQASample
+
+    rng, prng = np.random.default_rng(7), np.random.default_rng([7, 2])
+    out = []
+    for i, fam in enumerate(balanced_families(n, rng)):
+        s = make_sample(fam, rng, digit_pool_name="test", phrase_rng=prng, table=REORDERED)
+        path = folder / f"r{i}.png"
+        s.rendered.image.save(path)
+        out.append(VQASample(f"reordered{i}", path, s.question, s.answer, s.family))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -36,25 +68,35 @@ def captured(tmp_path_factory) -> dict[str, dict[float, float]]:
     ws = open_workspace(cfg, train=True, eval_spec=cfg.data.eval)
     train_router(cfg, d / "run", workspace=ws, evaluate=False, progress=False)
     run = load_run(d / "run")
-    splits = {"test": ws.splits["eval"], "test_unseen": eval_split(ws, cfg, unseen_spec(cfg.data.eval))}
+    (d / "img").mkdir()
+    splits = {"test": ws.splits["eval"], "test_unseen": eval_split(ws, cfg, unseen_spec(cfg.data.eval)),
+              "reordered": ws.add_split("reordered", _reordered_samples(d / "img"))}
     out: dict[str, dict[float, float]] = {}
     for name, split in splits.items():
         t = build_tables(ws, split, accuracy=False, progress=False)
-        out[name] = {lam: run_metrics(run, t, t.observations, lam)["captured_gain"] for lam in LAMS}
+        out[name] = {lam: run_metrics(run, t, t.router_inputs, lam)["captured_gain"] for lam in LAMS}
     return out
 
 
 def test_never_worse_than_the_best_fixed_layer_on_unseen_phrasings(captured):
-    # measured (3 seeds, margin 0.05): −1 ± 0 / 2 ± 0 / 4 ± 1 / 10 ± 1 / 21 ± 1 %; λ = 0 in the test below
+    # measured (3 seeds, margin 0.05, guard reading word order): −0 / 1 / 2 / 5–6 / 20 %; λ = 0 in the test below
     for lam, c in captured["test_unseen"].items():
         if lam > 0:
             assert c >= -0.005, (lam, c)
-    assert captured["test_unseen"][0.0] >= -0.02, captured["test_unseen"]  # today: −1.1%
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 goal not met on today's demo: −1.1% captured at λ = 0 on test_unseen")
 def test_at_the_best_fixed_layer_at_lam_0_on_unseen_phrasings(captured):
     assert captured["test_unseen"][0.0] >= -0.005, captured["test_unseen"]
+
+
+def test_reordered_questions(captured):
+    # known words in new orders (docs/routers.md section 10), measured over 3 seeds:
+    # seeds 0/1/2 with the order-reading guard: λ = 0: −3/−7/−10 %, λ = 0.05: 13/7/8 %, λ = 0.1:
+    # 22/18/18 % (the mean-only guard: −7/−7/−10 % at λ = 0); λ = 0 stays below the best fixed
+    # layer here (issue 11, open)
+    c = captured["reordered"]
+    assert all(c[lam] >= 0.05 for lam in LAMS if lam > 0), c
+    assert c[0.0] >= -0.12, c
 
 
 def test_beats_the_best_fixed_layer_on_test(captured):
