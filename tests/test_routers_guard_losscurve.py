@@ -438,3 +438,60 @@ def test_overwrite_export_keeps_a_bundle_in_place_and_modes_are_shareable(tmp_pa
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
     for p in out.iterdir():
         assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask, p
+
+
+# ---------------------------------------------------------------------------- word order
+
+
+def test_order_embedding_closed_form_and_graph_weights(weight):
+    from deepinsert.env.observation import order_embedding, position_weights
+    from deepinsert.export.modules import position_weights as graph_weights
+
+    E = weight.numpy()
+    np.testing.assert_allclose(order_embedding(E, [3, 5, 7]), (E[7] - E[3]) / 3, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(order_embedding(E, [9]), np.zeros(E.shape[1], np.float32))
+    np.testing.assert_allclose(position_weights(5), [-1, -0.5, 0, 0.5, 1])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 1]])  # left, right padding, one token
+    w = graph_weights(mask)[..., 0].numpy()
+    np.testing.assert_allclose(w[0, 2:], position_weights(4), atol=1e-7)
+    np.testing.assert_allclose(w[1, :3], position_weights(3), atol=1e-7)
+    assert not w[0, :2].any() and not w[1, 3:].any() and not w[2].any()
+
+
+def _ordered(words_first, words_last, n, seed):
+    rng = np.random.default_rng(seed)
+    return [" ".join([*rng.choice(words_first, 3), *rng.choice(words_last, 3)]) for _ in range(n)]
+
+
+def test_order_guard_trips_on_known_words_in_a_new_order(tok, weight, tmp_path):
+    from deepinsert.env.observation import prompt_guard_observations
+    from deepinsert.policy.guard import ObsGuard
+
+    a, b = KNOWN[:10], KNOWN[10:20]  # training prompts: three words of a, then three of b
+    train, val = (prompt_guard_observations(tok, weight, _ordered(a, b, n, s)) for n, s in ((400, 0), (200, 1)))
+    swapped = prompt_guard_observations(tok, weight, _ordered(b, a, 200, 2))  # the same words, b first
+    fresh = prompt_guard_observations(tok, weight, _ordered(a, b, 200, 3))
+    mean_only = fit_guard(train[:, :64], val[:, :64], dim=16, quantile=0.97, vocab=weight.numpy())
+    both = fit_guard(train, val, dim=16, quantile=0.97, vocab=weight.numpy(), order=True)
+    assert mean_only.trips(swapped).mean() <= 0.1  # the mean cannot see the order (it reads the first 64 columns)
+    assert both.trips(swapped).mean() >= 0.9 and both.trips(fresh).mean() <= 0.06
+    with pytest.raises(InputError, match="order"):
+        both.trips(train[:, :64])  # an order guard needs the order block
+    both.save(tmp_path / "g")
+    back = ObsGuard.load(tmp_path / "g")
+    assert back.order and json.loads((tmp_path / "g" / "guard.json").read_text())["features"] == "mean+order"
+    np.testing.assert_array_equal(back.score(swapped), both.score(swapped))
+    mean_only.save(tmp_path / "old")  # a guard saved before word order (no "features"): the observation alone
+    old = json.loads((tmp_path / "old" / "guard.json").read_text())
+    del old["features"]
+    (tmp_path / "old" / "guard.json").write_text(json.dumps(old))
+    assert not ObsGuard.load(tmp_path / "old").order
+
+    # the bundle computes the order block in router.onnx and trips exactly where NumPy does
+    net = _lc_net(train[:, :64])
+    _export(tmp_path / "bundle", net, "losscurve", tok, weight, guard=both)
+    router = Router.load(tmp_path / "bundle")
+    prompts = _ordered(b, a, 50, 4) + _ordered(a, b, 50, 5)
+    got = np.array([d.fallback for d in router.route_batch(prompts)])
+    want = both.trips(prompt_guard_observations(tok, weight, prompts))
+    assert want[:50].mean() >= 0.9 and (got == want).all()
