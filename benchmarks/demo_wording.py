@@ -10,7 +10,7 @@ exact match, per family and overall:
 - ``test``: the committed test split (training phrasings, new images);
 - ``test_unseen``: the same images and answers asked with the held-out phrasings (some
   with words the build never saw);
-- ``reworded``: the same images and answers asked with :data:`REWORDED`, a third set of
+- ``reworded``: the same images and answers asked with ``deepinsert.demo.phrasings.REWORDED``, a third set of
   phrasings written for this benchmark (new synonyms such as "hue", new word orders such as
   "After {day}, which day comes?"); no build trains on them and no router setting was
   chosen on them (the demo recipe was compared on them beside ``test_unseen``).
@@ -29,31 +29,15 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results" / "demo_wording.json"
 
-REWORDED: dict[str, tuple[str, ...]] = {
-    "colour": ("What hue is the {shape}?", "Tell me what colour the {shape} has.",
-               "Which colour would you call the {shape}?", "The {shape}: what color is it?"),
-    "count": ("How many shapes does the picture contain?", "What number of objects can be seen?",
-              "Give the count of shapes.", "How many shapes are drawn?"),
-    "exists": ("Is any {thing} visible?", "Do I see a {thing} in this picture?",
-               "Is there at least one {thing}?", "Does a {thing} appear here?"),
-    "position": ("Which half holds the {shape}, left or right?", "Is the {shape} placed left or right?",
-                 "Say whether the {shape} sits on the left or the right.", "Left side or right side: the {shape}?"),
-    "digit": ("Which digit has been written?", "Name the number in this image.", "What figure is shown here?",
-              "Tell me which digit you see."),
-    "plus": ("What does {a} plus {b} equal?", "Add up {a} and {b}, please."),
-    "minus": ("What does {a} minus {b} equal?", "Please work out {a} - {b}."),
-    "after": ("Tell me which day follows {day}.", "After {day}, which day comes?"),
-    "before": ("Tell me which day precedes {day}.", "Before {day}, which day comes?"),
-    "repeat": ("Kindly repeat {word}.", "Say the word {word} once more.", "Echo back {word}.", "Repeat this: {word}"),
-}
 
 
 def reworded_items() -> list[Any]:
-    """``test``'s images and answers asked with :data:`REWORDED` (drawn like ``test_unseen``)."""
+    """``test``'s images and answers asked with ``REWORDED`` (drawn like ``test_unseen``)."""
     import numpy as np
 
     from deepinsert.demo.evaluate import EvalItem
     from deepinsert.demo.families import balanced_families, make_sample
+    from deepinsert.demo.phrasings import REWORDED
     from deepinsert.demo.splits import SPLIT_SPECS
 
     spec = next(s for s in SPLIT_SPECS if s.name == "test")

@@ -7,6 +7,13 @@ held-out phrasings contain English words that occur nowhere in training (:func:`
 the build keeps those words out of the tokenizer's corpus and out of the training fillers
 too, so they reach the model as pieces it has seen, never as whole tokens.
 
+Two more wordings exist for robustness checks only, in no committed split and never trained
+on: ``reworded`` (:data:`REWORDED`, new synonyms and word orders: ``benchmarks/demo_wording.py``)
+and ``reordered`` (:data:`REORDERED`, mostly known words in orders no training phrasing uses:
+``tests/test_router_unseen.py`` and ``benchmarks/guard_order.py``). Build such a split with
+``write_split(SplitSpec("test", n, seed, wording="reordered"), folder)`` (``deepinsert.demo.splits``;
+"test" picks the test digits, which the demo never trained on; write into a folder of your own).
+
 Slots: ``{shape}`` (square/circle/triangle), ``{thing}`` ("red shape" or a shape),
 ``{a}``/``{b}`` (digits), ``{day}`` (a weekday), ``{word}`` (the word to repeat).
 Phrasings are keyed by the sample's *variant* (``plus``/``minus``, ``after``/``before``,
@@ -19,7 +26,7 @@ import re
 
 import numpy as np
 
-WORDINGS: tuple[str, ...] = ("train", "unseen")
+WORDINGS: tuple[str, ...] = ("train", "unseen", "reworded", "reordered")
 
 TRAIN: dict[str, tuple[str, ...]] = {
     "colour": (
@@ -202,6 +209,40 @@ UNSEEN: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# Evaluation-only wordings (module doc): written for the robustness checks, never trained on.
+REWORDED: dict[str, tuple[str, ...]] = {
+    "colour": ("What hue is the {shape}?", "Tell me what colour the {shape} has.",
+               "Which colour would you call the {shape}?", "The {shape}: what color is it?"),
+    "count": ("How many shapes does the picture contain?", "What number of objects can be seen?",
+              "Give the count of shapes.", "How many shapes are drawn?"),
+    "exists": ("Is any {thing} visible?", "Do I see a {thing} in this picture?",
+               "Is there at least one {thing}?", "Does a {thing} appear here?"),
+    "position": ("Which half holds the {shape}, left or right?", "Is the {shape} placed left or right?",
+                 "Say whether the {shape} sits on the left or the right.", "Left side or right side: the {shape}?"),
+    "digit": ("Which digit has been written?", "Name the number in this image.", "What figure is shown here?",
+              "Tell me which digit you see."),
+    "plus": ("What does {a} plus {b} equal?", "Add up {a} and {b}, please."),
+    "minus": ("What does {a} minus {b} equal?", "Please work out {a} - {b}."),
+    "after": ("Tell me which day follows {day}.", "After {day}, which day comes?"),
+    "before": ("Tell me which day precedes {day}.", "Before {day}, which day comes?"),
+    "repeat": ("Kindly repeat {word}.", "Say the word {word} once more.", "Echo back {word}.", "Repeat this: {word}"),
+}
+
+REORDERED: dict[str, tuple[str, ...]] = {
+    "colour": ("Of what colour is the {shape}?", "The {shape} is which color?", "Colour of the {shape}: which is it?"),
+    "count": ("Count how many shapes there are.", "Shapes in the image: how many?", "The number of shapes is what?"),
+    "exists": ("Present in the image: a {thing}?", "A {thing}: is there one in the image?", "Can I find a {thing} in the image?"),
+    "position": ("On which side is the {shape}, left or right?", "The {shape} is on the left or the right?",
+                 "The {shape}: on the left or on the right?"),
+    "digit": ("The digit shown is what?", "Read the digit in the image.", "Which number is written here?"),
+    "plus": ("{a} plus {b} is what?", "Take {a} plus {b}: what is it?"),
+    "minus": ("{a} minus {b} is what?", "Take {a} minus {b}: what is it?"),
+    "after": ("Which day is after {day}?", "The day after {day}, which is it?"),
+    "before": ("Which day is before {day}?", "The day before {day}, which is it?"),
+    "repeat": ("Please say {word}.", "The word {word}: repeat it.", "Repeat back the word {word}."),
+}
+
+
 # Which variants make up each family (the answer depends on the variant, never the phrasing).
 FAMILY_VARIANTS: dict[str, tuple[str, ...]] = {
     "colour": ("colour",),
@@ -218,10 +259,10 @@ _WORD = re.compile(r"[a-z]+")
 
 
 def phrasings(variant: str, wording: str = "train") -> tuple[str, ...]:
-    """The phrasings of ``variant`` for ``wording`` (``"train"`` or ``"unseen"``)."""
+    """The phrasings of ``variant`` for ``wording`` (one of :data:`WORDINGS`)."""
     if wording not in WORDINGS:
         raise ValueError(f"wording must be one of {WORDINGS}, got {wording!r}")
-    table = TRAIN if wording == "train" else UNSEEN
+    table = {"train": TRAIN, "unseen": UNSEEN, "reworded": REWORDED, "reordered": REORDERED}[wording]
     if variant not in table:
         raise ValueError(f"unknown question variant {variant!r}")
     return table[variant]

@@ -28,7 +28,7 @@ class SplitSpec:
     name: str
     size: int
     seed: int  # content seed (families, images, answers); phrasings use [seed, 1]
-    wording: str = "train"  # "train": training phrasings; "unseen": held-out phrasings
+    wording: str = "train"  # "train": training phrasings; "unseen": held-out phrasings (demo.phrasings.WORDINGS)
     images_of: str = ""  # digits pool and image files of this split ("": the split's own)
 
     @property

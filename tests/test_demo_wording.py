@@ -57,6 +57,18 @@ def test_no_test_unseen_question_occurs_in_train() -> None:
     assert not masked & {normalise_phrasing(re.sub(r"\{\w+\}", "X", p)) for ps in UNSEEN.values() for p in ps}
 
 
+def test_evaluation_wordings_are_new_phrasings_of_every_variant() -> None:
+    from deepinsert.demo.phrasings import REORDERED, REWORDED
+
+    def masked(table: dict) -> set[str]:
+        return {normalise_phrasing(re.sub(r"\{\w+\}", "X", p)) for ps in table.values() for p in ps}
+
+    for table in (REWORDED, REORDERED):
+        assert set(table) == set(TRAIN)  # every variant, so a split of it asks every family
+        assert not masked(table) & (masked(TRAIN) | masked(UNSEEN))
+    assert not masked(REWORDED) & masked(REORDERED)
+
+
 def test_held_out_words_never_reach_training() -> None:
     novel = novel_words()
     assert {"shade", "numeral", "written", "figures"} <= novel
