@@ -27,7 +27,6 @@ from deepinsert.errors import InputError
 
 OBS_MAX_TOKENS = 256
 OBS_KIND = "mean_input_embedding"
-ORDER_KIND = "position_signed_mean_input_embedding"
 
 
 def question_token_ids(tokenizer: Any, question: str) -> list[int]:
