@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             lam = lam_for_budget(table, budget)
             row: dict[str, Any] = {"run": rd.name, "budget": budget, "lam": lam}
             for n, t in b.tables.items():
-                a = run.predict(t.observations, lam)
+                a = run.predict(t.router_inputs, lam)
                 r = np.arange(len(a))
                 fl = float(t.flops[r, a].mean())
                 row[n] = {"flops_fraction": fl, "error": fl - budget, "accuracy": float(t.correct[r, a].mean()),

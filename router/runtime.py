@@ -486,7 +486,9 @@ class Router:
 
     def route_embedding(self, vec: np.ndarray | Sequence[float], *, lam: float | None = None,
                         budget: float | None = None) -> RouteDecision:
-        """Route from a ready observation vector (D,) (e.g. your own mean input embedding)."""
+        """Route from a ready observation vector (D,) (e.g. your own mean input embedding). A guard
+        that reads word order sees none here (its order block is held at the training mean):
+        route the text with :meth:`route` where you have it."""
         lam_ = self.lam_for(lam, budget)
         return self._decisions(self._run_policy(self._embeddings(vec, True), lam_), lam_, None)[0]
 
