@@ -42,16 +42,17 @@ class Split:
     image_summaries: tuple[np.ndarray, np.ndarray] | None = None
     """``(S, Dᵢ)`` image summaries and ``(S,)`` has-image flags for the image-aware stage
     (:meth:`Workspace.summaries` fills it once; a stand-in workspace sets it)."""
-    order: np.ndarray | None = None
-    """``(S, D)`` word-order block of the guard's input (``deepinsert.env.observation``); None
-    where the observations were given without their questions' tokens (a stand-in workspace)."""
+    with_order: np.ndarray | None = None
+    """``(S, 2D)`` ``[observation | order]``: the observations with their word-order block
+    (``deepinsert.env.observation.prompt_guard_observations``); None where the observations were
+    given without their questions' tokens (a stand-in workspace)."""
 
     @property
     def router_inputs(self) -> np.ndarray:
         """What a trained router routes on: ``[observation | order]`` ``(S, 2D)`` (the policy
         reads the first D columns, the guard all of them), or the observations ``(S, D)`` alone
         when there is no order block."""
-        return self.observations if self.order is None else np.concatenate([self.observations, self.order], axis=1)
+        return self.observations if self.with_order is None else self.with_order
 
     @property
     def needs_image(self) -> np.ndarray | None:
@@ -83,12 +84,11 @@ class Workspace:
         """Register samples under ``name`` (observations computed from the VLM if not given)."""
         if not samples:
             raise DataError(f"dataset split {name!r} is empty: no samples to train or evaluate on")
-        order = None
+        both = None
         if observations is None:
             both = prompt_guard_observations(self.tokenizer, self.embedding_weight, [s.question for s in samples])
-            D = both.shape[1] // 2
-            observations, order = np.ascontiguousarray(both[:, :D]), np.ascontiguousarray(both[:, D:])
-        split = Split(name, list(samples), np.asarray(observations, dtype=np.float32), order=order)
+            observations = np.ascontiguousarray(both[:, : both.shape[1] // 2])
+        split = Split(name, list(samples), np.asarray(observations, dtype=np.float32), with_order=both)
         self.splits[name] = split
         return split
 
