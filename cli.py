@@ -764,7 +764,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _args_demo(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="demo_command", metavar="{build,evaluate}", required=True)
+    sub = parser.add_subparsers(dest="demo_command", metavar="{build,data,evaluate}", required=True)
     b = sub.add_parser("build", help="generate the data and train the demo VLM (deterministic)")
     b.add_argument("--out", type=Path, default=DEMO_BUILD_DIR,
                    help=f"write OUT/model and OUT/data (default ./{DEMO_BUILD_DIR}; the installed demo is never replaced)")
@@ -778,6 +778,19 @@ def _args_demo(parser: argparse.ArgumentParser) -> None:
                    help="override: chance one non-key word of a question is replaced by a filler (wording noise)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(_demo_run=_cmd_demo_build)
+    d = sub.add_parser("data", help="write a fresh demo split (LLaVA-Instruct JSON + PNGs) from a seed",
+                       description="Write OUT/<split>.json and OUT/images/: SIZE demo records generated from SEED "
+                                   "(families balanced, deterministic), e.g. fine-tuning data beyond the committed "
+                                   "1,200 training records, or new evaluation samples asked in another wording.")
+    d.add_argument("--out", type=Path, required=True, help="folder to write (created; files in it are replaced)")
+    d.add_argument("--split", default="train", help="train | val | test: the file name and the digit pool "
+                   "(the demo model trained on the train pool's digits only); default train")
+    d.add_argument("--size", type=int, default=1200, help="records; default 1200")
+    d.add_argument("--seed", type=int, required=True,
+                   help="content seed (the committed splits use 101 / 102 / 103: pick another for new samples)")
+    d.add_argument("--wording", default="train", help="phrasings: train (default), unseen, reworded, reordered "
+                   "(deepinsert.demo.phrasings; only train is ever trained on)")
+    d.set_defaults(_demo_run=_cmd_demo_data)
     e = sub.add_parser("evaluate", help="accuracy by family and insertion layer on a split")
     e.add_argument("--model", default="demo", help="model folder or 'demo' (the shipped one)")
     e.add_argument("--data", type=Path, default=None, help="data file (default: the demo split)")
@@ -812,6 +825,22 @@ def _cmd_demo_build(args: argparse.Namespace) -> int:
     if result.test_table is not None:
         print(result.test_table.to_markdown())
     print(f"use it with load_vlm({str(result.model_dir)!r}), or `model: {result.model_dir}` in a train config")
+    return 0
+
+
+def _cmd_demo_data(args: argparse.Namespace) -> int:
+    from deepinsert.demo.splits import SplitSpec, write_split
+    from deepinsert.utils.sources import demo_data_dir
+
+    spec = SplitSpec(args.split, args.size, args.seed, wording=args.wording)
+    out = Path(args.out)
+    if out.resolve() == demo_data_dir().resolve():
+        raise InputError(f"--out {out} is the installed demo's data; write into a new folder")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a folder")
+    path = write_split(spec, out)
+    print(f"wrote {spec.size} records to {path} (images in {out / 'images'}); use it as `train: {path}` "
+          f"in a finetune or train config, or `--data {path}` for `deepinsert demo evaluate`")
     return 0
 
 

@@ -18,18 +18,40 @@ from typing import Any
 import numpy as np
 
 from deepinsert.demo.families import Sample, balanced_families, make_sample
+from deepinsert.errors import InputError
 from deepinsert.utils.atomic import atomic_write_bytes, atomic_write_text
+
+
+MAX_SPLIT_SIZE = 1_000_000
+"""The most records one generated split may hold."""
 
 
 @dataclass(frozen=True)
 class SplitSpec:
-    """One committed split: its size, generator seed and phrasings."""
+    """One demo split (a committed one, or a fresh one of ``deepinsert demo data``): its size,
+    generator seed and phrasings; invalid values raise :class:`~deepinsert.errors.InputError`."""
 
     name: str
+    """File name (``<name>.json``); also the digit pool (train / val / test) unless ``images_of``."""
     size: int
+    """Records, 1 .. :data:`MAX_SPLIT_SIZE`; families balanced."""
     seed: int  # content seed (families, images, answers); phrasings use [seed, 1]
     wording: str = "train"  # "train": training phrasings; "unseen": held-out phrasings (demo.phrasings.WORDINGS)
     images_of: str = ""  # digits pool and image files of this split ("": the split's own)
+
+    def __post_init__(self) -> None:
+        from deepinsert.demo.phrasings import WORDINGS
+        from deepinsert.demo.scenes import DIGIT_POOL_SIZES
+
+        if self.image_split not in DIGIT_POOL_SIZES:
+            raise InputError(f"a demo split draws its digits from one of {', '.join(DIGIT_POOL_SIZES)}, "
+                             f"got {self.image_split!r}")
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or not 1 <= self.size <= MAX_SPLIT_SIZE:
+            raise InputError(f"a demo split's size must be an integer in 1..{MAX_SPLIT_SIZE}, got {self.size!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise InputError(f"a demo split's seed must be an integer >= 0, got {self.seed!r}")
+        if self.wording not in WORDINGS:
+            raise InputError(f"a demo split's wording must be one of {', '.join(WORDINGS)}, got {self.wording!r}")
 
     @property
     def image_split(self) -> str:

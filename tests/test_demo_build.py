@@ -166,3 +166,45 @@ def test_demo_cli_module_is_light() -> None:
     code = "import sys, deepinsert.demo, deepinsert.cli; print('torch' in sys.modules or 'numpy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_demo_data_cli_writes_a_fresh_split_deterministically(tmp_path: Path) -> None:
+    """``deepinsert demo data``: the generator's records (the committed split's own rule), balanced
+    families, same seed -> same bytes, another seed -> other samples; the loader reads it."""
+    from collections import Counter
+
+    from deepinsert.demo.splits import SplitSpec
+    from deepinsert.env.data import load_samples
+
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for out, seed in ((a, 201), (b, 201), (c, 202)):
+        assert main(["demo", "data", "--out", str(out), "--size", "24", "--seed", str(seed), "--split", "val"]) == 0
+    records = json.loads((a / "val.json").read_text(encoding="utf-8"))
+    generated = generate_split(SplitSpec("val", 24, 201))
+    assert records == [llava_record(f"val-{i:05d}", f"images/val-{i:05d}.png", s) for i, s in enumerate(generated)]
+    assert (a / "val.json").read_bytes() == (b / "val.json").read_bytes()
+    assert all((a / r["image"]).read_bytes() == (b / r["image"]).read_bytes() for r in records)
+    assert (a / "val.json").read_bytes() != (c / "val.json").read_bytes()
+    counts = Counter(r["family"] for r in records)
+    assert max(counts.values()) - min(counts.values()) <= 1 and len(counts) == 8
+    samples = load_samples(a / "val.json")
+    assert len(samples) == 24 and samples[0].load_image().size == generated[0].rendered.image.size
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--size", "0"], "size"), (["--seed", "-1"], "seed"), (["--split", "test_unseen"], "digits"),
+    (["--wording", "poetic"], "wording"),
+])
+def test_demo_data_cli_refuses_bad_input(argv: list[str], words: str, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    base = {"--out": str(tmp_path / "x"), "--seed": "3", "--size": "2"}
+    base.update(dict(zip(argv[::2], argv[1::2], strict=True)))
+    assert main(["demo", "data", *[t for kv in base.items() for t in kv]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_demo_data_cli_never_writes_into_the_installed_demo(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "data", "--out", str(demo_data_path("train").parent), "--seed", "3", "--size", "2"]) == 2
+    assert "installed demo" in capsys.readouterr().err
