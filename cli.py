@@ -782,7 +782,7 @@ def _args_demo(parser: argparse.ArgumentParser) -> None:
                        description="Write OUT/<split>.json and OUT/images/: SIZE demo records generated from SEED "
                                    "(families balanced, deterministic), e.g. fine-tuning data beyond the committed "
                                    "1,200 training records, or new evaluation samples asked in another wording.")
-    d.add_argument("--out", type=Path, required=True, help="folder to write (created; files in it are replaced)")
+    d.add_argument("--out", required=True, help="folder to write (created; files in it are replaced)")
     d.add_argument("--split", default="train", help="train | val | test: the file name and the digit pool "
                    "(the demo model trained on the train pool's digits only); default train")
     d.add_argument("--size", type=int, default=1200, help="records; default 1200")
@@ -830,15 +830,19 @@ def _cmd_demo_build(args: argparse.Namespace) -> int:
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from deepinsert.demo.splits import SplitSpec, write_split
+    from deepinsert.utils.atomic import check_output_dir
     from deepinsert.utils.sources import demo_data_dir
 
     spec = SplitSpec(args.split, args.size, args.seed, wording=args.wording)
-    out = Path(args.out)
+    if not str(args.out).strip():
+        raise InputError("--out is empty; give the folder to write")
+    out = check_output_dir(args.out, "--out")
     if out.resolve() == demo_data_dir().resolve():
         raise InputError(f"--out {out} is the installed demo's data; write into a new folder")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} exists and is not a folder")
-    path = write_split(spec, out)
+    try:
+        path = write_split(spec, out)
+    except OSError as e:
+        raise InputError(f"cannot write the split into --out {out}: {e.strerror or e}") from None
     print(f"wrote {spec.size} records to {path} (images in {out / 'images'}); use it as `train: {path}` "
           f"in a finetune or train config, or `--data {path}` for `deepinsert demo evaluate`")
     return 0

@@ -208,3 +208,12 @@ def test_demo_data_cli_refuses_bad_input(argv: list[str], words: str, tmp_path: 
 def test_demo_data_cli_never_writes_into_the_installed_demo(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "data", "--out", str(demo_data_path("train").parent), "--seed", "3", "--size", "2"]) == 2
     assert "installed demo" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out, words", [("", "empty"), ("{tmp}/file.txt", "existing file")])
+def test_demo_data_cli_refuses_an_unusable_out(out: str, words: str, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file.txt").write_text("x")
+    assert main(["demo", "data", "--out", out.format(tmp=tmp_path), "--seed", "3", "--size", "2"]) == 2
+    assert words in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
