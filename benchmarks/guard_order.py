@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from router_bench import ACC_LAM, arg_parser, ms, open_bench, summarise, write
+from router_bench import ACC_LAM, add_wording_splits, arg_parser, ms, open_bench, summarise, write
 
 RESULTS = Path(__file__).resolve().parent / "results" / "guard_order.json"
 NONSENSE = ("zyxw quorble frandish plinketh vorpal snicker-snack", "日本語のテキスト 🙂 ¿¡",
             "0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0", "!!! ??? ;;; ::: ### $$$ %%% &&&",
             "What is the capital of France?", "Write a poem about the sea.")
-EXTRA = {"reworded": 11, "reordered": 12}  # evaluation-only wording -> sample seed (test digits)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -37,20 +36,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from deepinsert.demo.splits import SplitSpec, write_split
-    from deepinsert.env.data import load_samples
     from deepinsert.env.observation import prompt_guard_observations
-    from deepinsert.policy.evaluate import build_tables, compare
+    from deepinsert.policy.evaluate import compare
     from deepinsert.policy.run import load_run
     from deepinsert.policy.train import fit_config_guard, train_router
 
     b = open_bench(args.config, val=True, accuracy=True, margin=args.margin)
     cfg, ws = b.cfg, b.ws
     tmp = Path(tempfile.mkdtemp(prefix="guard_order-"))
-    for name, seed in EXTRA.items():
-        path = write_split(SplitSpec("test", 800, seed, wording=name), tmp / name)
-        b.splits[name] = ws.add_split(name, list(load_samples(path)))
-        b.tables[name] = build_tables(ws, b.splits[name], accuracy=True, progress=False)
+    add_wording_splits(b, tmp)
     D = b.train.observations.shape[1]
     guards = {feat: fit_config_guard(dataclasses.replace(cfg, guard_order=feat == "mean+order"), b.train.router_inputs,
                                      b.splits["val"].router_inputs, ws.embedding_weight, obs_dim=D)

@@ -142,6 +142,23 @@ def open_bench(config: str, *, val: bool = False, accuracy: bool = True, margin:
     return Bench(cfg, ws, train, losses, splits, tables, cfg.algo.margin if margin is None else float(margin))
 
 
+EXTRA_WORDINGS = {"reworded": 11, "reordered": 12}
+"""Evaluation-only wordings (``deepinsert.demo.phrasings``) -> sample seed of their 800 new demo prompts."""
+
+
+def add_wording_splits(b: Bench, folder: Path, wordings: dict[str, int] = EXTRA_WORDINGS) -> None:
+    """Add 800 new demo prompts per evaluation-only wording (test digits, written under ``folder``)
+    to ``b.splits`` and ``b.tables``."""
+    from deepinsert.demo.splits import SplitSpec, write_split
+    from deepinsert.env.data import load_samples
+    from deepinsert.policy.evaluate import build_tables
+
+    for name, seed in wordings.items():
+        path = write_split(SplitSpec("test", 800, seed, wording=name), folder / name)
+        b.splits[name] = b.ws.add_split(name, list(load_samples(path)))
+        b.tables[name] = build_tables(b.ws, b.splits[name], accuracy=True, progress=False)
+
+
 def write(path: Path, obj: dict[str, Any]) -> Path:
     """The results JSON, atomically."""
     from deepinsert.utils.atomic import atomic_write_json

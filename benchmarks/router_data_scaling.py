@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from router_bench import ACC_LAM, arg_parser, ms, open_bench, summarise, write
+from router_bench import ACC_LAM, add_wording_splits, arg_parser, ms, open_bench, summarise, write
 
 RESULTS = Path(__file__).resolve().parent / "results" / "router_data_scaling.json"
-EXTRA = {"reworded": 11, "reordered": 12}  # evaluation-only wording -> sample seed (test digits)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from deepinsert.demo.splits import SplitSpec, write_split
     from deepinsert.env.data import load_samples
-    from deepinsert.policy.evaluate import build_tables, compare
+    from deepinsert.policy.evaluate import compare
     from deepinsert.policy.losscurve import train_losscurve
     from deepinsert.policy.run import load_run
     from deepinsert.policy.train import fit_config_guard, train_router
@@ -53,10 +52,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     b = open_bench(args.config, val=True, accuracy=True, margin=args.margin)
     cfg, ws = b.cfg, b.ws
     tmp = Path(tempfile.mkdtemp(prefix="router_data_scaling-"))
-    for name, seed in EXTRA.items():
-        path = write_split(SplitSpec("test", 800, seed, wording=name), tmp / name)
-        b.splits[name] = ws.add_split(name, list(load_samples(path)))
-        b.tables[name] = build_tables(ws, b.splits[name], accuracy=True, progress=False)
+    add_wording_splits(b, tmp)
     fresh = list(load_samples(write_split(SplitSpec("train", max(sizes), args.data_seed), tmp / "fresh")))
     pool = ws.add_split("fresh", fresh)
     pool_losses = ws.cache.table(fresh, ws.candidate_layers, progress="loss table (fresh prompts)")
