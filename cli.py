@@ -790,6 +790,7 @@ def _args_demo(parser: argparse.ArgumentParser) -> None:
                    help="content seed (the committed splits use 101 / 102 / 103: pick another for new samples)")
     d.add_argument("--wording", default="train", help="phrasings: train (default), unseen, reworded, reordered "
                    "(deepinsert.demo.phrasings; only train is ever trained on)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(_demo_run=_cmd_demo_data)
     e = sub.add_parser("evaluate", help="accuracy by family and insertion layer on a split")
     e.add_argument("--model", default="demo", help="model folder or 'demo' (the shipped one)")
@@ -840,7 +841,7 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
     if out.resolve() == demo_data_dir().resolve():
         raise InputError(f"--out {out} is the installed demo's data; write into a new folder")
     try:
-        path = write_split(spec, out)
+        path = write_split(spec, out, progress=not args.no_progress)
     except OSError as e:
         raise InputError(f"cannot write the split into --out {out}: {e.strerror or e}") from None
     print(f"wrote {spec.size} records to {path} (images in {out / 'images'}); use it as `train: {path}` "

@@ -22,8 +22,8 @@ from deepinsert.errors import InputError
 from deepinsert.utils.atomic import atomic_write_bytes, atomic_write_text
 
 
-MAX_SPLIT_SIZE = 1_000_000
-"""The most records one generated split may hold."""
+MAX_SPLIT_SIZE = 200_000
+"""The most records one generated split may hold (they are generated in memory: ~1 GB at the limit)."""
 
 
 @dataclass(frozen=True)
@@ -96,14 +96,17 @@ def _png(image: Any) -> bytes:
     return buf.getvalue()
 
 
-def write_split(spec: SplitSpec, data_dir: Path) -> Path:
+def write_split(spec: SplitSpec, data_dir: Path, *, progress: bool = False) -> Path:
     """Write ``data_dir/<name>.json`` and its images under ``data_dir/images/``; returns the JSON path.
 
     Image paths in the records are relative to ``data_dir`` (the JSON file's folder), so
-    ``load_samples(path)`` needs no ``image_folder``.
+    ``load_samples(path)`` needs no ``image_folder``. ``progress``: a bar over the records.
     """
+    from tqdm.auto import tqdm
+
     records = []
-    for i, s in enumerate(generate_split(spec)):
+    samples = generate_split(spec)
+    for i, s in enumerate(tqdm(samples, desc=f"writing {spec.name}", unit="record", disable=not progress)):
         sid, image = f"{spec.name}-{i:05d}", f"{spec.image_split}-{i:05d}"
         if not spec.images_of:
             atomic_write_bytes(data_dir / "images" / f"{image}.png", _png(s.rendered.image))
