@@ -54,12 +54,14 @@ class Bench:
     tables: dict[str, Any]
     margin: float = 0.0
 
-    def fit(self, x: np.ndarray, seed: int, weight_decay: float | None = None) -> Any:
-        """The config's loss-curve regression on training inputs ``x (S, D')`` (weight decay overridable)."""
+    def fit(self, x: np.ndarray, seed: int, weight_decay: float | None = None, losses: np.ndarray | None = None) -> Any:
+        """The config's loss-curve regression on training inputs ``x (S, D')`` (weight decay overridable;
+        ``losses (S, K)``: another training loss table than the bench's)."""
         from deepinsert.policy.losscurve import train_losscurve
 
         a = self.cfg.algo
-        return train_losscurve(x, self.losses, net_arch=self.cfg.net_arch, normalize_obs=self.cfg.normalize_obs,
+        return train_losscurve(x, self.losses if losses is None else losses, net_arch=self.cfg.net_arch,
+                               normalize_obs=self.cfg.normalize_obs,
                                epochs=a.epochs, learning_rate=a.regression_lr, batch_size=a.batch_size, seed=seed,
                                weight_decay=a.weight_decay if weight_decay is None else weight_decay)
 

@@ -45,7 +45,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from deepinsert.demo.splits import SplitSpec, write_split
     from deepinsert.env.data import load_samples
     from deepinsert.policy.evaluate import compare
-    from deepinsert.policy.losscurve import train_losscurve
     from deepinsert.policy.run import load_run
     from deepinsert.policy.train import fit_config_guard, train_router
 
@@ -59,16 +58,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     committed = ws.splits["train"]
     D = committed.observations.shape[1]
     val_x = b.splits["val"].router_inputs
-    a = cfg.algo
 
     def measure(label: str, samples: list[Any], x: np.ndarray, inputs: np.ndarray, losses: np.ndarray) -> dict:
         guard = fit_config_guard(cfg, inputs, val_x, ws.embedding_weight, obs_dim=D)
         fb = {n: guard.trips(t.router_inputs) for n, t in b.tables.items()}
         preds = []
         for s in range(args.seeds):
-            net = train_losscurve(x, losses, net_arch=cfg.net_arch, normalize_obs=cfg.normalize_obs, epochs=a.epochs,
-                                  learning_rate=a.regression_lr, batch_size=a.batch_size, seed=cfg.seed + s,
-                                  weight_decay=a.weight_decay)
+            net = b.fit(x, cfg.seed + s, losses=losses)
             with torch.no_grad():
                 preds.append({n: net(torch.from_numpy(t.observations)).numpy() for n, t in b.tables.items()})
         row: dict[str, Any] = {"n": len(samples), "trip_rate": {n: float(v.mean()) for n, v in fb.items()},
