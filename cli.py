@@ -844,8 +844,8 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
         path = write_split(spec, out, progress=not args.no_progress)
     except OSError as e:
         raise InputError(f"cannot write the split into --out {out}: {e.strerror or e}") from None
-    print(f"wrote {spec.size} records to {path} (images in {out / 'images'}); use it as `train: {path}` "
-          f"in a finetune or train config, or `--data {path}` for `deepinsert demo evaluate`")
+    print(f"wrote {spec.size} records to {path} (images in {out / 'images'}); use it as `train:` / `eval:` data "
+          f"in a config, `--split {path}` for `deepinsert evaluate`, or `--data {path}` for `deepinsert demo evaluate`")
     return 0
 
 
