@@ -31,7 +31,8 @@ DEFAULT_CONFIG = "demo"
 DEFAULT_LAMS = "0,0.05,0.1,0.2,0.5"
 DEFAULT_SEEDS = 3
 DEFAULT_RL_SEEDS = 1
-ALGORITHMS = ("ppo", "a2c", "dqn", "losscurve")
+ALGORITHMS = ("ppo", "a2c", "dqn", "losscurve", "fullinfo")
+"""``--algorithm`` choices: ``deepinsert.policy.config.ALGORITHMS`` (not imported: this module stays light)."""
 MIN_VALIDATION = 1000
 """A bundle is validated on at least this many prompts and random embeddings."""
 DEMO_BUILD_DIR = Path("demo-build")

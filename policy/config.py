@@ -15,7 +15,7 @@ from typing import Any
 from deepinsert.env.problem import check_lam, check_layer_spec
 from deepinsert.errors import ConfigError
 
-ALGORITHMS: tuple[str, ...] = ("ppo", "a2c", "dqn", "losscurve")
+ALGORITHMS: tuple[str, ...] = ("ppo", "a2c", "dqn", "losscurve", "fullinfo")
 RL_ALGORITHMS: tuple[str, ...] = ("ppo", "a2c", "dqn")
 
 
@@ -85,11 +85,11 @@ class AlgoConfig:
     """Hyper-parameters of the SB3 algorithm (each used only by the algorithms named)."""
 
     learning_rate: float = 1e-3
-    """Adam / RMSprop learning rate (all)."""
+    """Adam / RMSprop learning rate (ppo, a2c, dqn, fullinfo)."""
     n_steps: int = 16
     """Steps per env per rollout (ppo, a2c); rollout size = n_steps * n_envs."""
     batch_size: int = 256
-    """Minibatch size (ppo, dqn)."""
+    """Minibatch size (ppo, dqn, losscurve, fullinfo)."""
     n_epochs: int = 10
     """Optimisation epochs per rollout (ppo)."""
     ent_coef: float = 0.0
@@ -120,6 +120,11 @@ class AlgoConfig:
     when the best layer's predicted reward beats the safe layer's by more than this. Guards
     against near-ties decided by regression noise and against wordings the model itself
     struggles with (docs/routers.md, "Decision margin"); 0 = plain argmax."""
+    fullinfo_epochs: int = 100
+    """Passes over the training loss table (fullinfo: the exact expected reward of the softmax
+    policy, docs/routers.md section 12)."""
+    fullinfo_weight_decay: float = 1e-3
+    """Adam weight decay of the full-information policy (fullinfo)."""
     image_stage: bool = False
     """Also fit the image-aware second stage (losscurve only): a residual correction of the
     predicted loss curve from a pooled summary of the image's projected features, applied where
@@ -141,7 +146,9 @@ class AlgoConfig:
         _finite("algo.regression_lr", self.regression_lr, lo=0.0)
         if self.regression_lr <= 0:
             raise ConfigError(f"algo.regression_lr must be > 0, got {self.regression_lr}")
-        for name in ("n_steps", "batch_size", "n_epochs", "buffer_size", "target_update_interval", "epochs"):
+        _finite("algo.fullinfo_weight_decay", self.fullinfo_weight_decay, lo=0.0)
+        for name in ("n_steps", "batch_size", "n_epochs", "buffer_size", "target_update_interval", "epochs",
+                     "fullinfo_epochs"):
             _positive_int(f"algo.{name}", getattr(self, name))
         _positive_int("algo.learning_starts", self.learning_starts, allow_zero=True)
         _finite("algo.ent_coef", self.ent_coef, lo=0.0)

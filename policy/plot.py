@@ -15,7 +15,7 @@ import numpy as np
 
 from deepinsert.utils.extras import require
 
-_MARKERS = {"ppo": "*", "a2c": "P", "dqn": "X", "losscurve": "o"}
+_MARKERS = {"ppo": "*", "a2c": "P", "dqn": "X", "losscurve": "o", "fullinfo": "D"}
 
 
 def pareto_plot(static: list[dict[str, Any]], runs: list[dict[str, Any]], path: str | Path,
@@ -45,7 +45,8 @@ def pareto_plot(static: list[dict[str, Any]], runs: list[dict[str, Any]], path: 
         cy = [p["test"]["accuracy"] for p in curve]
         ax.plot(cx, cy, "-", color="tab:blue", lw=1.5, label="loss-curve router (λ from 0 to 3)")
     groups = per if per is not None else {"router": {m["lam"]: [m] for m in runs}}
-    colors = {"ppo": "tab:orange", "a2c": "tab:green", "dqn": "tab:red", "losscurve": "tab:blue", "router": "tab:orange"}
+    colors = {"ppo": "tab:orange", "a2c": "tab:green", "dqn": "tab:red", "losscurve": "tab:blue", "fullinfo": "tab:purple",
+              "router": "tab:orange"}
     oracle_pts: dict[float, tuple[float, float]] = {}
     for alg, by_lam in groups.items():
         pts = []

@@ -51,10 +51,10 @@ _CKPT = re.compile(r"^model_(\d+)_steps\.zip$")
 
 
 def algorithm_class(name: str) -> Any:
-    """SB3 class of ``ppo`` / ``a2c`` / ``dqn``."""
+    """SB3 class of ``ppo`` / ``a2c`` / ``dqn`` (``fullinfo``: PPO's, whose actor it trains)."""
     from stable_baselines3 import A2C, DQN, PPO
 
-    table = {"ppo": PPO, "a2c": A2C, "dqn": DQN}
+    table = {"ppo": PPO, "a2c": A2C, "dqn": DQN, "fullinfo": PPO}
     try:
         return table[name]
     except KeyError:

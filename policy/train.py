@@ -1,5 +1,6 @@
-"""Train one router: at one λ with stable-baselines3 on the batched insertion-layer env, or a
-loss-curve router (every λ) by regression on the cached loss table; both with the guard."""
+"""Train one router: at one λ with stable-baselines3 on the batched insertion-layer env, at one λ
+with the full-information policy gradient on the cached loss table, or a loss-curve router (every
+λ) by regression on that table; all with the guard."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def build_algorithm(cfg: TrainConfig, venv: InsertionLayerVecEnv, tb_dir: Path |
     }
     cls = algorithm_class(cfg.algorithm)
     rollout = a.n_steps * cfg.n_envs
-    if cfg.algorithm == "ppo":
+    if cfg.algorithm in ("ppo", "fullinfo"):  # fullinfo trains the actor of PPO's policy (policy/fullinfo.py)
         algo = cls("MlpPolicy", venv, n_steps=a.n_steps, batch_size=min(a.batch_size, rollout),
                    n_epochs=a.n_epochs, ent_coef=a.ent_coef, clip_range=a.clip_range,
                    gamma=0.0, gae_lambda=1.0, **common)
@@ -116,6 +117,9 @@ def train_router(
     if cfg.algorithm == "losscurve":
         return train_losscurve_router(cfg, out, workspace=workspace, resume=resume, evaluate=evaluate,
                                       progress=progress)
+    if cfg.algorithm == "fullinfo":
+        return train_fullinfo_router(cfg, out, workspace=workspace, resume=resume, evaluate=evaluate,
+                                     progress=progress)
     if ((out / MODEL_FILE).exists() or (out / WEIGHTS_FILE).exists()) and not resume:
         raise ConfigError(f"{out} already holds a trained run; pass --resume to continue it or choose another --out")
     if resume and (out / CONFIG_FILE).is_file():
@@ -190,6 +194,58 @@ def train_router(
     atomic_write_json(out / INFO_FILE, info)
     ws.cache.save()
 
+    if evaluate:
+        _evaluate(out, cfg, ws, progress)
+    return out
+
+
+def train_fullinfo_router(
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    workspace: Workspace | None = None,
+    resume: bool = False,
+    evaluate: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Fit the full-information policy at ``cfg.lam`` on the cached train loss table; write its run
+    folder (PPO's ``model.zip`` / ``policy.safetensors`` layout, ``run.json`` algorithm ``fullinfo``).
+
+    ``resume`` keeps a finished run (the fit has no partial state worth resuming).
+    """
+    from deepinsert.policy.fullinfo import fit_fullinfo
+
+    if ((out / MODEL_FILE).exists() or (out / WEIGHTS_FILE).exists()) and not resume:
+        raise ConfigError(f"{out} already holds a trained run; pass --resume to continue it or choose another --out")
+    if resume and (out / CONFIG_FILE).is_file():
+        _check_resumable(out, cfg)
+    if cfg.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
+    ws = workspace or open_workspace(cfg, train=True, eval_spec=cfg.data.eval if evaluate else None)
+    train = ws.splits["train"]
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out, older_than_s=0)
+    write_config(out, cfg)
+    info = run_info(cfg, ws.candidate_layers, ws.num_layers, train.observations.shape[1])
+    if not (resume and (out / WEIGHTS_FILE).is_file() and (out / INFO_FILE).is_file()):
+        (out / METRICS_FILE).unlink(missing_ok=True)
+        losses = ws.cache.table(train.samples, ws.candidate_layers, progress="loss table (train)" if progress else False)
+        info.update(fit_run_guard(ws, cfg, out))
+        venv = InsertionLayerVecEnv(ws.problem("train", cfg.lam), cfg.n_envs, seed=cfg.seed)
+        algo = build_algorithm(cfg, venv, None)
+        a = cfg.algo
+        info["train_expected_reward"] = fit_fullinfo(
+            algo.policy, train.observations, losses, ws.candidate_layers, ws.num_layers, cfg.lam,
+            epochs=a.fullinfo_epochs, learning_rate=a.learning_rate, batch_size=a.batch_size,
+            weight_decay=a.fullinfo_weight_decay, seed=cfg.seed)
+        save_model_atomic(algo, out / MODEL_FILE, run_dir=out)
+        save_policy_weights(algo.policy, out / WEIGHTS_FILE)
+        info["trained_timesteps"] = 0
+        info["trained_samples"] = len(train.samples)
+        atomic_write_json(out / INFO_FILE, info)
+        ws.cache.save()
     if evaluate:
         _evaluate(out, cfg, ws, progress)
     return out
