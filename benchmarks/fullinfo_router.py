@@ -1,4 +1,4 @@
-"""A full-information policy learner beside the loss-curve router, on several draws of training prompts.
+"""The full-information learner (``algorithm: fullinfo``) vs the loss-curve router, on several training draws.
 
     python benchmarks/fullinfo_router.py [--config configs/demo.yaml] [--seeds 3] [--draws 301,302,303]
 
@@ -6,14 +6,14 @@ PPO (DeepInsert App. D) maximises the expected reward E_{k ~ π(·|x)} [−L(x, 
 sampled rewards. The loss table holds every prompt's reward at every candidate layer, so the
 expectation can be computed exactly: this trains the same MLP policy (the config's ``net_arch``,
 standardised observation) by Adam on ``−mean_x Σ_k softmax(f(x))_k · R_λ(x, k)`` over the whole
-table (no sampling, no value function), one network per λ, and decides ``argmax_k f(x)_k``
-(a *full-information* policy gradient). It is compared with the config's loss-curve router (same
+table (no sampling, no value function; ``deepinsert.policy.fullinfo``), one network per λ, and decides
+``argmax_k f(x)_k``. Each run is ``deepinsert train`` with ``algorithm: fullinfo`` (the config's
+``algo.fullinfo_*`` settings). It is compared with the config's loss-curve router (same
 prompts, same guard: fitted on the training prompts, calibrated on the validation split) on the
 committed training prompts and on fresh draws of 1,200 demo training prompts (seeds ``--draws``,
 the generator of ``deepinsert demo data``). Reports the captured gain at λ = 0, 0.05, 0.1, 0.2,
 0.5 on the validation split, ``test``, ``test_unseen`` and the evaluation-only ``reworded`` /
-``reordered`` wordings. Not a shipped learner (measured here only: docs/routers.md section 12).
-Writes ``benchmarks/results/fullinfo_router.json``.
+``reordered`` wordings (docs/routers.md section 12). Writes ``benchmarks/results/fullinfo_router.json``.
 """
 
 from __future__ import annotations
@@ -26,41 +26,6 @@ import numpy as np
 from router_bench import LAMS, add_wording_splits, arg_parser, open_bench, summarise, write
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fullinfo_router.json"
-WEIGHT_DECAY = 1e-3
-EPOCHS = 100
-LR = 3e-3
-BATCH = 256
-
-
-def fit_fullinfo(x: np.ndarray, losses: np.ndarray, ks: list[int], num_layers: int, lam: float, net_arch: list[int],
-                 seed: int) -> Any:
-    """Policy ``(S, D) -> action indices`` maximising the exact expected reward over ``losses (S, K)`` at ``lam``."""
-    import torch
-
-    from deepinsert.policy.losscurve import relu_mlp
-
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    xt = torch.as_tensor(np.asarray(x, dtype=np.float32))
-    mean, std = xt.mean(0), xt.std(0).clamp_min(1e-3)
-    reward = -torch.as_tensor(np.asarray(losses, dtype=np.float32)) + lam * torch.tensor(ks, dtype=torch.float32) / num_layers
-    net = relu_mlp(xt.shape[1], net_arch, len(ks))
-    opt = torch.optim.Adam(net.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    for _ in range(EPOCHS):
-        perm = torch.randperm(len(xt), generator=g)
-        for s in range(0, len(xt), BATCH):
-            idx = perm[s:s + BATCH]
-            p = torch.softmax(net((xt[idx] - mean) / std), dim=-1)
-            loss = -(p * reward[idx]).sum(-1).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
-    def act(obs: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return net((torch.as_tensor(np.asarray(obs, dtype=np.float32)) - mean) / std).argmax(-1).numpy()
-
-    return act
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -69,6 +34,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     draws = [int(s) for s in args.draws.split(",") if s.strip()]
 
+    import dataclasses
     import json
 
     import torch
@@ -76,25 +42,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from deepinsert.demo.splits import SplitSpec, write_split
     from deepinsert.env.data import load_samples
     from deepinsert.policy.evaluate import compare
-    from deepinsert.policy.train import fit_config_guard
+    from deepinsert.policy.run import load_run
+    from deepinsert.policy.train import fit_config_guard, train_router
 
     b = open_bench(args.config, val=True, accuracy=True, margin=args.margin)
     cfg, ws = b.cfg, b.ws
     tmp = Path(tempfile.mkdtemp(prefix="fullinfo_router-"))
     add_wording_splits(b, tmp)
-    ks, N = list(ws.candidate_layers), ws.num_layers
+    ks = list(ws.candidate_layers)
+    committed = ws.splits["train"]
     res: dict[str, Any] = {"config": args.config, "seeds": args.seeds, "lams": list(LAMS), "margin": b.margin,
-                           "fullinfo": {"weight_decay": WEIGHT_DECAY, "epochs": EPOCHS, "lr": LR, "batch": BATCH},
+                           "fullinfo": {"epochs": cfg.algo.fullinfo_epochs, "weight_decay": cfg.algo.fullinfo_weight_decay,
+                                        "learning_rate": cfg.algo.learning_rate, "batch_size": cfg.algo.batch_size},
                            "draws": {}}
     sources: list[tuple[str, Any]] = [("committed", None), *[(f"fresh{d}", d) for d in draws]]
     for label, draw in sources:
         if draw is None:
-            x, inputs, losses = b.train.observations, b.train.router_inputs, b.losses
+            split, losses = committed, b.losses
         else:
             fresh = list(load_samples(write_split(SplitSpec("train", 1200, draw), tmp / label)))
             split = ws.add_split(label, fresh)
-            x, inputs = split.observations, split.router_inputs
             losses = ws.cache.table(fresh, ks, progress=f"loss table ({label})")
+        x, inputs = split.observations, split.router_inputs
+        ws.splits["train"] = split
         guard = fit_config_guard(cfg, inputs, b.splits["val"].router_inputs, ws.embedding_weight, obs_dim=x.shape[1])
         fb = {n: guard.trips(t.router_inputs) for n, t in b.tables.items()}
         lc_runs, fi_runs = [], []
@@ -102,15 +72,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             net = b.fit(x, cfg.seed + s, losses=losses)
             with torch.no_grad():
                 lc_runs.append(b.captured({n: net(torch.from_numpy(t.observations)).numpy() for n, t in b.tables.items()}, fb))
-            pols = {lam: fit_fullinfo(x, losses, ks, N, lam, cfg.net_arch, cfg.seed + s) for lam in LAMS}
+            pols = {}
+            for lam in LAMS:
+                out = tmp / f"fullinfo-{label}-{lam:g}-{s}"
+                train_router(dataclasses.replace(cfg, algorithm="fullinfo", lam=lam, seed=cfg.seed + s, guard=False),
+                             out, workspace=ws, evaluate=False, progress=False)
+                pols[lam] = load_run(out)
             run: dict[str, dict[str, float]] = {}
             for n, t in b.tables.items():
-                run[n] = {f"{lam:g}": float(compare(t, lam, np.where(fb[n], b.safe, pols[lam](t.observations)),
+                run[n] = {f"{lam:g}": float(compare(t, lam, np.where(fb[n], b.safe, pols[lam].predict_raw(t.observations)),
                                                     fb[n])["captured_gain"]) for lam in LAMS}
             fi_runs.append(run)
         res["draws"][label] = {"losscurve": summarise(lc_runs), "fullinfo": summarise(fi_runs),
                                "trip_rate": {n: float(v.mean()) for n, v in fb.items()}}
         print(label, json.dumps({k: res["draws"][label][k] for k in ("losscurve", "fullinfo")}), flush=True)
+    ws.splits["train"] = committed
     write(args.out, res)
     _print_table(res)
     return res
