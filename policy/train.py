@@ -199,6 +199,27 @@ def train_router(
     return out
 
 
+def _start_table_run(cfg: TrainConfig, out: Path, workspace: Workspace | None, resume: bool, evaluate: bool,
+                     trained_files: tuple[str, ...]) -> tuple[Workspace, Any, dict[str, Any]]:
+    """The start shared by the routers fitted on the cached loss table (losscurve, fullinfo):
+    refuse an ``out`` that holds ``trained_files`` unless ``resume``, set the torch threads, open
+    the workspace, write ``config.yaml``. Returns (workspace, train split, run.json content)."""
+    if any((out / f).exists() for f in trained_files) and not resume:
+        raise ConfigError(f"{out} already holds a trained run; pass --resume to continue it or choose another --out")
+    if resume and (out / CONFIG_FILE).is_file():
+        _check_resumable(out, cfg)
+    if cfg.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
+    ws = workspace or open_workspace(cfg, train=True, eval_spec=cfg.data.eval if evaluate else None)
+    train = ws.splits["train"]
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out, older_than_s=0)  # one writer per run folder: leftovers are a killed run's
+    write_config(out, cfg)
+    return ws, train, run_info(cfg, ws.candidate_layers, ws.num_layers, train.observations.shape[1])
+
+
 def train_fullinfo_router(
     cfg: TrainConfig,
     out: Path,
@@ -215,20 +236,7 @@ def train_fullinfo_router(
     """
     from deepinsert.policy.fullinfo import fit_fullinfo
 
-    if ((out / MODEL_FILE).exists() or (out / WEIGHTS_FILE).exists()) and not resume:
-        raise ConfigError(f"{out} already holds a trained run; pass --resume to continue it or choose another --out")
-    if resume and (out / CONFIG_FILE).is_file():
-        _check_resumable(out, cfg)
-    if cfg.torch_threads is not None:
-        import torch
-
-        torch.set_num_threads(cfg.torch_threads)
-    ws = workspace or open_workspace(cfg, train=True, eval_spec=cfg.data.eval if evaluate else None)
-    train = ws.splits["train"]
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out, older_than_s=0)
-    write_config(out, cfg)
-    info = run_info(cfg, ws.candidate_layers, ws.num_layers, train.observations.shape[1])
+    ws, train, info = _start_table_run(cfg, out, workspace, resume, evaluate, (MODEL_FILE, WEIGHTS_FILE))
     if not (resume and (out / WEIGHTS_FILE).is_file() and (out / INFO_FILE).is_file()):
         (out / METRICS_FILE).unlink(missing_ok=True)
         losses = ws.cache.table(train.samples, ws.candidate_layers, progress="loss table (train)" if progress else False)
@@ -353,19 +361,7 @@ def train_losscurve_router(
     """
     from deepinsert.policy.losscurve import LossCurveRouter, budget_table, train_losscurve
 
-    if (out / WEIGHTS_FILE).exists() and not resume:
-        raise ConfigError(f"{out} already holds a trained run; pass --resume to continue it or choose another --out")
-    if resume and (out / CONFIG_FILE).is_file():
-        _check_resumable(out, cfg)
-    if cfg.torch_threads is not None:
-        import torch
-
-        torch.set_num_threads(cfg.torch_threads)
-    ws = workspace or open_workspace(cfg, train=True, eval_spec=cfg.data.eval if evaluate else None)
-    train = ws.splits["train"]
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(out, cfg)
-    info = run_info(cfg, ws.candidate_layers, ws.num_layers, train.observations.shape[1])
+    ws, train, info = _start_table_run(cfg, out, workspace, resume, evaluate, (WEIGHTS_FILE,))
     if not (resume and (out / WEIGHTS_FILE).is_file() and (out / INFO_FILE).is_file()):
         losses = ws.cache.table(train.samples, ws.candidate_layers, progress="loss table (train)" if progress else False)
         net = train_losscurve(train.observations, losses, net_arch=cfg.net_arch, normalize_obs=cfg.normalize_obs,
