@@ -176,7 +176,8 @@ class TrainConfig:
     lam: float = 0.1
     """λ ≥ 0: weight of the efficiency term λ·k/N in the reward."""
     algorithm: str = "ppo"
-    """``ppo``, ``a2c``, ``dqn`` (stable-baselines3, one λ) or ``losscurve`` (loss regression, every λ)."""
+    """``ppo``, ``a2c``, ``dqn`` (stable-baselines3, one λ), ``fullinfo`` (PPO's network on the exact
+    expected reward over the loss table, one λ) or ``losscurve`` (loss regression, every λ)."""
     total_timesteps: int = 20_000
     """Prompts the router sees in training (one step per episode)."""
     n_envs: int = 16
