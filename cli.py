@@ -178,7 +178,7 @@ def _args_sweep(p: argparse.ArgumentParser) -> None:
                    help="resume runs in --out whose checkpoints fail the integrity check (unpickled: trusted folders only)")
     p.add_argument("--algorithms", default=None,
                    help="comma-separated algorithms to compare at every λ (default: the config's algorithm and "
-                        "losscurve, or ppo when the config's is losscurve), e.g. ppo,a2c,dqn,losscurve")
+                        "losscurve, or ppo when the config's is losscurve), e.g. losscurve,fullinfo,ppo,a2c,dqn")
     p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
                    help=f"seeds of the loss-curve router (config seed, seed+1, ...; default {DEFAULT_SEEDS}, seconds each): "
                         "sweep.json reports mean ± spread")
