@@ -183,7 +183,7 @@ def _args_sweep(p: argparse.ArgumentParser) -> None:
                    help=f"seeds of the loss-curve router (config seed, seed+1, ...; default {DEFAULT_SEEDS}, seconds each): "
                         "sweep.json reports mean ± spread")
     p.add_argument("--rl-seeds", type=int, default=DEFAULT_RL_SEEDS,
-                   help=f"seeds of each RL algorithm (default {DEFAULT_RL_SEEDS}: one PPO run per λ keeps the main job "
+                   help=f"seeds of each per-λ algorithm: RL and fullinfo (default {DEFAULT_RL_SEEDS}: one PPO run per λ keeps the main job "
                         "within minutes; use 3 to measure their spread)")
 
 
