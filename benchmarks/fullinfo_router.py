@@ -22,7 +22,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from router_bench import LAMS, add_wording_splits, arg_parser, open_bench, summarise, write
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fullinfo_router.json"
@@ -34,16 +33,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     draws = [int(s) for s in args.draws.split(",") if s.strip()]
 
-    import dataclasses
     import json
 
     import torch
 
     from deepinsert.demo.splits import SplitSpec, write_split
     from deepinsert.env.data import load_samples
-    from deepinsert.policy.evaluate import compare
-    from deepinsert.policy.run import load_run
-    from deepinsert.policy.train import fit_config_guard, train_router
+    from deepinsert.policy.train import fit_config_guard
 
     b = open_bench(args.config, val=True, accuracy=True, margin=args.margin)
     cfg, ws = b.cfg, b.ws
@@ -64,7 +60,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             split = ws.add_split(label, fresh)
             losses = ws.cache.table(fresh, ks, progress=f"loss table ({label})")
         x, inputs = split.observations, split.router_inputs
-        ws.splits["train"] = split
         guard = fit_config_guard(cfg, inputs, b.splits["val"].router_inputs, ws.embedding_weight, obs_dim=x.shape[1])
         fb = {n: guard.trips(t.router_inputs) for n, t in b.tables.items()}
         lc_runs, fi_runs = [], []
@@ -72,21 +67,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             net = b.fit(x, cfg.seed + s, losses=losses)
             with torch.no_grad():
                 lc_runs.append(b.captured({n: net(torch.from_numpy(t.observations)).numpy() for n, t in b.tables.items()}, fb))
-            pols = {}
-            for lam in LAMS:
-                out = tmp / f"fullinfo-{label}-{lam:g}-{s}"
-                train_router(dataclasses.replace(cfg, algorithm="fullinfo", lam=lam, seed=cfg.seed + s, guard=False),
-                             out, workspace=ws, evaluate=False, progress=False)
-                pols[lam] = load_run(out)
-            run: dict[str, dict[str, float]] = {}
-            for n, t in b.tables.items():
-                run[n] = {f"{lam:g}": float(compare(t, lam, np.where(fb[n], b.safe, pols[lam].predict_raw(t.observations)),
-                                                    fb[n])["captured_gain"]) for lam in LAMS}
-            fi_runs.append(run)
+            caps = {lam: b.fixed_captured(b.train_fixed("fullinfo", lam, cfg.seed + s,
+                                                        tmp / f"fullinfo-{label}-{lam:g}-{s}", split), lam, fb)
+                    for lam in LAMS}
+            fi_runs.append({n: {f"{lam:g}": caps[lam][n] for lam in LAMS} for n in b.tables})
         res["draws"][label] = {"losscurve": summarise(lc_runs), "fullinfo": summarise(fi_runs),
                                "trip_rate": {n: float(v.mean()) for n, v in fb.items()}}
         print(label, json.dumps({k: res["draws"][label][k] for k in ("losscurve", "fullinfo")}), flush=True)
-    ws.splits["train"] = committed
     write(args.out, res)
     _print_table(res)
     return res

@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from router_bench import ACC_LAM, add_wording_splits, arg_parser, ms, open_bench, summarise, write
 
 RESULTS = Path(__file__).resolve().parent / "results" / "guard_order.json"
@@ -37,9 +36,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     from deepinsert.env.observation import prompt_guard_observations
-    from deepinsert.policy.evaluate import compare
-    from deepinsert.policy.run import load_run
-    from deepinsert.policy.train import fit_config_guard, train_router
+    from deepinsert.policy.train import fit_config_guard
 
     b = open_bench(args.config, val=True, accuracy=True, margin=args.margin)
     cfg, ws = b.cfg, b.ws
@@ -53,17 +50,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     nets = [b.fit(b.train.observations, cfg.seed + s) for s in range(args.seeds)]
     with torch.no_grad():
         preds = [{n: m(torch.from_numpy(t.observations)).numpy() for n, t in b.tables.items()} for m in nets]
-    ppo = []
-    for s in range(args.seeds):
-        out = tmp / f"ppo{s}"
-        train_router(dataclasses.replace(cfg, algorithm="ppo", lam=ACC_LAM, seed=cfg.seed + s, guard=False), out,
-                     workspace=ws, evaluate=False, progress=False)
-        ppo.append(load_run(out))
+    ppo = [b.train_fixed("ppo", ACC_LAM, cfg.seed + s, tmp / f"ppo{s}") for s in range(args.seeds)]
     res: dict[str, Any] = {}
     for feat, g in guards.items():
         fb = {n: g.trips(t.router_inputs) for n, t in b.tables.items()}
-        ppo_c = {n: ms([float(compare(t, ACC_LAM, np.where(fb[n], b.safe, r.predict_raw(t.observations)), fb[n])
-                              ["captured_gain"]) for r in ppo]) for n, t in b.tables.items()}
+        caps = [b.fixed_captured(r, ACC_LAM, fb) for r in ppo]
+        ppo_c = {n: ms([c[n] for c in caps]) for n in b.tables}
         res[feat] = {"trip_rate": {n: float(v.mean()) for n, v in fb.items()},
                      "nonsense_trips": int(g.trips(odd).sum()),
                      "losscurve": summarise([b.captured(p, fb) for p in preds]),

@@ -9,6 +9,7 @@ puts ``benchmarks/`` on the path).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,32 @@ class Bench:
         a = decide(pred, self.ws.candidate_layers, lam, self.ws.num_layers,
                    margin=self.margin if margin is None else margin, safe_index=self.safe)
         return a if fallback is None else np.where(fallback, self.safe, a)
+
+    def train_fixed(self, algorithm: str, lam: float, seed: int, folder: Path, train: Any = None) -> Any:
+        """A fixed-λ router (``ppo``, ``fullinfo``, ...) trained by ``deepinsert train``'s code into
+        ``folder`` on the workspace's training split, or on ``train`` (a workspace ``Split``) put in
+        its place for the run; guard off (the caller applies its own). Returns its ``TrainedRun``."""
+        from deepinsert.policy.run import load_run
+        from deepinsert.policy.train import train_router
+
+        splits = self.ws.splits
+        committed = splits["train"]
+        if train is not None:
+            splits["train"] = train
+        try:
+            train_router(dataclasses.replace(self.cfg, algorithm=algorithm, lam=lam, seed=seed, guard=False), folder,
+                         workspace=self.ws, evaluate=False, progress=False)
+        finally:
+            splits["train"] = committed
+        return load_run(folder)
+
+    def fixed_captured(self, run: Any, lam: float, fallback: dict[str, np.ndarray]) -> dict[str, float]:
+        """Captured gain per split of the fixed-λ ``run`` at ``lam``; ``fallback[split] (S,)`` rows
+        go to the safe layer."""
+        from deepinsert.policy.evaluate import compare
+
+        return {n: float(compare(t, lam, np.where(fallback[n], self.safe, run.predict_raw(t.observations)),
+                                 fallback[n])["captured_gain"]) for n, t in self.tables.items()}
 
     def captured(self, preds: dict[str, np.ndarray],
                  fallback: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:

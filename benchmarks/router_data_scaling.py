@@ -16,7 +16,6 @@ committed 1,200 prompts as a reference row. Writes ``benchmarks/results/router_d
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -44,9 +43,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from deepinsert.demo.splits import SplitSpec, write_split
     from deepinsert.env.data import load_samples
-    from deepinsert.policy.evaluate import compare
-    from deepinsert.policy.run import load_run
-    from deepinsert.policy.train import fit_config_guard, train_router
+    from deepinsert.policy.train import fit_config_guard
 
     b = open_bench(args.config, val=True, accuracy=True, margin=args.margin)
     cfg, ws = b.cfg, b.ws
@@ -69,19 +66,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 preds.append({n: net(torch.from_numpy(t.observations)).numpy() for n, t in b.tables.items()})
         row: dict[str, Any] = {"n": len(samples), "trip_rate": {n: float(v.mean()) for n, v in fb.items()},
                                "losscurve": summarise([b.captured(p, fb) for p in preds])}
-        ws.splits["train"] = ws.add_split("train", samples, observations=x)
+        train = None if samples is committed.samples else ws.add_split(label, samples, observations=x)
         for lam in ppo_lams:
-            caps: dict[str, list[float]] = {n: [] for n in b.tables}
-            for s in range(args.seeds):
-                out = tmp / f"ppo-{label}-{lam:g}-{s}"
-                train_router(dataclasses.replace(cfg, algorithm="ppo", lam=lam, seed=cfg.seed + s, guard=False), out,
-                             workspace=ws, evaluate=False, progress=False)
-                r = load_run(out)
-                for n, t in b.tables.items():
-                    act = np.where(fb[n], b.safe, r.predict_raw(t.observations))
-                    caps[n].append(float(compare(t, lam, act, fb[n])["captured_gain"]))
-            row[f"ppo_lam{lam:g}"] = {n: ms(v) for n, v in caps.items()}
-        ws.splits["train"] = committed
+            caps = [b.fixed_captured(b.train_fixed("ppo", lam, cfg.seed + s, tmp / f"ppo-{label}-{lam:g}-{s}", train),
+                                     lam, fb) for s in range(args.seeds)]
+            row[f"ppo_lam{lam:g}"] = {n: ms([c[n] for c in caps]) for n in b.tables}
         print(label, json.dumps({k: v for k, v in row.items() if k != "trip_rate"}), flush=True)
         return row
 
