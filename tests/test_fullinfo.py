@@ -4,22 +4,18 @@ synthetic table, and train -> evaluate -> export -> route through the CLI on the
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from deepinsert.demo import demo_data_root, demo_model_path
+from helpers.demo_config import MODEL, write_demo_config
 from deepinsert.errors import InputError
 from deepinsert.policy.features import NormalizedObsExtractor, set_obs_stats
 from deepinsert.policy.fullinfo import fit_fullinfo, policy_logits
 
-MODEL = Path(os.environ.get("DEEPINSERT_TEST_MODEL", demo_model_path()))
-DATA = Path(os.environ.get("DEEPINSERT_TEST_DATA", demo_data_root()))
 
 
 def _policy(dim: int, n_actions: int, obs: np.ndarray):  # type: ignore[no-untyped-def]
@@ -79,15 +75,8 @@ def test_fullinfo_refuses_mismatched_tables() -> None:
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("fi")
-    cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "demo.yaml").read_text())
-    cfg.update(model=str(MODEL), algorithm="fullinfo", cache_dir=str(d / "cache"), device="cpu", dtype="float32")
-    cfg["algo"]["fullinfo_epochs"] = 200
-    cfg["data"] = {"train": str(DATA / "train.json"), "eval": str(DATA / "test.json"),
-                   "max_train_samples": 48, "max_eval_samples": 24}
-    path = d / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_demo_config(tmp_path_factory.mktemp("fi"), max_train=48, max_eval=24, algorithm="fullinfo",
+                             algo={"fullinfo_epochs": 200})
 
 
 def test_fullinfo_train_evaluate_export_route(config, tmp_path, capsys):

@@ -4,29 +4,17 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from deepinsert.demo import demo_data_root, demo_model_path
-
-MODEL = Path(os.environ.get("DEEPINSERT_TEST_MODEL", demo_model_path()))
-DATA = Path(os.environ.get("DEEPINSERT_TEST_DATA", demo_data_root()))
+from helpers.demo_config import MODEL, write_demo_config
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("lc")
-    cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "demo.yaml").read_text())
-    cfg.update(model=str(MODEL), algorithm="losscurve", cache_dir=str(d / "cache"), device="cpu", dtype="float32")
-    cfg["algo"]["epochs"] = 50
-    cfg["data"] = {"train": str(DATA / "train.json"), "eval": str(DATA / "test.json"),
-                   "max_train_samples": 48, "max_eval_samples": 24}
-    path = d / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_demo_config(tmp_path_factory.mktemp("lc"), max_train=48, max_eval=24, algorithm="losscurve",
+                             algo={"epochs": 50})
 
 
 def test_losscurve_train_evaluate_export_route(config, tmp_path, capsys):

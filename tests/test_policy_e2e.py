@@ -3,31 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from deepinsert.demo import demo_data_root, demo_model_path
-
-MODEL = Path(os.environ.get("DEEPINSERT_TEST_MODEL", demo_model_path()))
-DATA = Path(os.environ.get("DEEPINSERT_TEST_DATA", demo_data_root()))
-
+from helpers.demo_config import DATA, write_demo_config
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("e2e")
-    cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "demo.yaml").read_text())
-    cfg.update(algorithm="ppo", model=str(MODEL), total_timesteps=512, n_envs=16, checkpoint_every=256,
-               cache_dir=str(d / "cache"), device="cpu", dtype="float32")
-    cfg["data"] = {"train": str(DATA / "train.json"), "eval": str(DATA / "test.json"),
-                   "max_train_samples": 40, "max_eval_samples": 24}
-    path = d / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_demo_config(tmp_path_factory.mktemp("e2e"), max_train=40, max_eval=24, algorithm="ppo",
+                             total_timesteps=512, n_envs=16, checkpoint_every=256)
 
 
 def test_train_evaluate_sweep_cli(config, tmp_path, capsys):
