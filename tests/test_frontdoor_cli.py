@@ -227,3 +227,11 @@ def test_info_reads_json_only(run_dir, make_tiny_bundle):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_cli_algorithm_choices_are_the_config_schemas() -> None:
+    """``cli.ALGORITHMS`` is a literal (the CLI module stays light); it must not drift from the schema."""
+    from deepinsert import cli
+    from deepinsert.policy.config import ALGORITHMS
+
+    assert cli.ALGORITHMS == ALGORITHMS
