@@ -57,14 +57,16 @@ class Bench:
 
     def fit(self, x: np.ndarray, seed: int, weight_decay: float | None = None, losses: np.ndarray | None = None) -> Any:
         """The config's loss-curve regression on training inputs ``x (S, D')`` (weight decay overridable;
-        ``losses (S, K)``: another training loss table than the bench's)."""
+        ``losses (S, K)``: another training loss table than the bench's); monotone when the config's
+        ``algo.monotone`` is (the network's projection, not the bench's margin)."""
         from deepinsert.policy.losscurve import train_losscurve
 
         a = self.cfg.algo
         return train_losscurve(x, self.losses if losses is None else losses, net_arch=self.cfg.net_arch,
                                normalize_obs=self.cfg.normalize_obs,
                                epochs=a.epochs, learning_rate=a.regression_lr, batch_size=a.batch_size, seed=seed,
-                               weight_decay=a.weight_decay if weight_decay is None else weight_decay)
+                               weight_decay=a.weight_decay if weight_decay is None else weight_decay,
+                               monotone_layers=self.ws.candidate_layers if a.monotone else None)
 
     @property
     def safe(self) -> int:

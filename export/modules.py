@@ -61,7 +61,7 @@ def router_parts(policy: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor], n
         tail = nn.Sequential(*list(mlp)[1:])
 
         def rest(h: torch.Tensor) -> torch.Tensor:
-            return tail(h) * policy.loss_std + policy.loss_mean
+            return policy.project(tail(h) * policy.loss_std + policy.loss_mean)
 
         return policy.normalize, mlp[0], rest
     from deepinsert.policy.sb3_access import policy_parts

@@ -8,7 +8,11 @@ predicted losses::
     action(x, λ) = argmax_k  -L̂(x)[k] + λ · k / N      (deepinsert.env.problem.reward)
 
 unless that layer's predicted reward beats the safe layer's (the guard's fallback layer) by
-no more than the decision margin δ, in which case the prompt stays at the safe layer. One
+no more than the decision margin δ, in which case the prompt stays at the safe layer. With a
+*monotone* network (the default) the predicted curve is first made non-decreasing in k, each
+layer's predicted loss being the largest predicted at it or at any shallower candidate: a
+later insertion is never predicted to beat an earlier one, so a dip in the fitted curve
+(regression noise on a few training prompts) cannot move a prompt deeper. One
 trained router serves every λ, and a request can pick λ (or a compute budget,
 through a calibration table) at routing time. Observation normalisation lives inside the
 network (buffers), like the RL policies'. Saved without pickle: ``policy.safetensors``
@@ -62,14 +66,16 @@ class LossCurveNet(nn.Module):
     """``obs (B, D) -> predicted losses (B, K)``.
 
     ``mlp((obs - obs_mean) / obs_std) * loss_std + loss_mean`` with ReLU hidden layers; the
-    four statistics are buffers (saved with the weights, folded by the export). ``margin`` and
-    ``safe_index`` are its decision rule's (:func:`decide`), kept with the network so every
-    consumer (evaluation, budget table, export) decides alike; ``run.json`` stores them in the
-    architecture block.
+    four statistics are buffers (saved with the weights, folded by the export). With
+    ``monotone_layers`` (the candidate layer of each output) the curve is then passed through
+    :meth:`project`, the running maximum from the shallowest layer down (non-decreasing in k).
+    ``margin`` and ``safe_index`` are its decision rule's (:func:`decide`). All three are kept
+    with the network so every consumer (evaluation, budget table, export) decides alike;
+    ``run.json`` stores them in the architecture block.
     """
 
     def __init__(self, obs_dim: int, n_outputs: int, net_arch: Sequence[int], *, margin: float = 0.0,
-                 safe_index: int = 0) -> None:
+                 safe_index: int = 0, monotone_layers: Sequence[int] | None = None) -> None:
         super().__init__()
         self.obs_dim, self.n_outputs, self.net_arch = int(obs_dim), int(n_outputs), [int(h) for h in net_arch]
         if not (np.isfinite(margin) and margin >= 0):
@@ -77,6 +83,16 @@ class LossCurveNet(nn.Module):
         if not 0 <= int(safe_index) < self.n_outputs:
             raise ModelLoadError(f"safe_index {safe_index} is not one of the {self.n_outputs} outputs")
         self.margin, self.safe_index = float(margin), int(safe_index)
+        self.monotone_layers = None if monotone_layers is None else [int(k) for k in monotone_layers]
+        ks = torch.arange(self.n_outputs)
+        if self.monotone_layers is not None:
+            if len(self.monotone_layers) != self.n_outputs or len(set(self.monotone_layers)) != self.n_outputs:
+                raise ModelLoadError(f"monotone_layers must be {self.n_outputs} distinct layers, got {monotone_layers!r}")
+            ks = torch.tensor(self.monotone_layers)
+        # (K, K): 0 where output j's layer is no deeper than output k's, -inf elsewhere (project's mask);
+        # derived from the architecture, so not part of the saved state
+        self.register_buffer("no_deeper", torch.where(ks[None, :] <= ks[:, None], 0.0, float("-inf")),
+                             persistent=False)
         self.register_buffer("obs_mean", torch.zeros(obs_dim))
         self.register_buffer("obs_std", torch.ones(obs_dim))
         self.register_buffer("loss_mean", torch.zeros(n_outputs))
@@ -87,7 +103,7 @@ class LossCurveNet(nn.Module):
         """What ``run.json`` stores to rebuild the network without pickle."""
         return {"kind": ARCH_KIND, "obs_dim": self.obs_dim, "n_outputs": self.n_outputs,
                 "net_arch": list(self.net_arch), "activation": "relu", "margin": self.margin,
-                "safe_index": self.safe_index}
+                "safe_index": self.safe_index, "monotone_layers": self.monotone_layers}
 
     @classmethod
     def from_architecture(cls, arch: dict[str, Any]) -> LossCurveNet:
@@ -95,15 +111,23 @@ class LossCurveNet(nn.Module):
             raise ModelLoadError(f"run.json: architecture must be a {ARCH_KIND!r} block, got {arch!r}")
         try:
             return cls(int(arch["obs_dim"]), int(arch["n_outputs"]), [int(h) for h in arch["net_arch"]],
-                       margin=float(arch.get("margin", 0.0)), safe_index=int(arch.get("safe_index", 0)))
+                       margin=float(arch.get("margin", 0.0)), safe_index=int(arch.get("safe_index", 0)),
+                       monotone_layers=arch.get("monotone_layers"))
         except (KeyError, TypeError, ValueError) as e:
             raise ModelLoadError(f"run.json: bad loss-curve architecture {arch!r}: {e}") from e
 
     def normalize(self, obs: torch.Tensor) -> torch.Tensor:
         return (obs - self.obs_mean) / self.obs_std
 
+    def project(self, losses: torch.Tensor) -> torch.Tensor:
+        """``(B, K) -> (B, K)``: with ``monotone_layers``, each output's value becomes the largest
+        of the outputs at its layer or shallower (non-decreasing in k); else unchanged."""
+        if self.monotone_layers is None:
+            return losses
+        return torch.amax(losses.unsqueeze(1) + self.no_deeper, dim=-1)
+
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.normalize(obs)) * self.loss_std + self.loss_mean
+        return self.project(self.mlp(self.normalize(obs)) * self.loss_std + self.loss_mean)
 
 
 def decide(pred_losses: np.ndarray, candidate_layers: Sequence[int], lam: float, num_layers: int, *,
@@ -194,15 +218,19 @@ def train_losscurve(
     weight_decay: float,
     margin: float = 0.0,
     safe_index: int = 0,
+    monotone_layers: Sequence[int] | None = None,
 ) -> LossCurveNet:
     """Fit a :class:`LossCurveNet` to ``losses (S, K)`` from ``obs (S, D)`` (MSE on standardised losses);
     ``weight_decay``: Adam's (the config's ``algo.weight_decay``, whose doc says why it is strong);
-    ``margin`` / ``safe_index``: the network's decision rule (:func:`decide`), not used in fitting."""
+    ``margin`` / ``safe_index`` / ``monotone_layers``: the network's decision rule (:func:`decide`)
+    and curve projection (:meth:`LossCurveNet.project`), not used in fitting (the MLP is fitted
+    to the raw curves; the projection applies to its predictions)."""
     g = torch.Generator().manual_seed(int(seed))
     torch.manual_seed(int(seed))
     x = torch.as_tensor(np.asarray(obs, dtype=np.float32))
     y = torch.as_tensor(np.asarray(losses, dtype=np.float32))
-    net = LossCurveNet(x.shape[1], y.shape[1], net_arch, margin=margin, safe_index=safe_index)
+    net = LossCurveNet(x.shape[1], y.shape[1], net_arch, margin=margin, safe_index=safe_index,
+                       monotone_layers=monotone_layers)
     with torch.no_grad():
         if normalize_obs:
             sd = x.double().std(0, unbiased=False).float()

@@ -367,7 +367,8 @@ def train_losscurve_router(
         net = train_losscurve(train.observations, losses, net_arch=cfg.net_arch, normalize_obs=cfg.normalize_obs,
                               epochs=cfg.algo.epochs, learning_rate=cfg.algo.regression_lr,
                               batch_size=cfg.algo.batch_size, seed=cfg.seed, weight_decay=cfg.algo.weight_decay,
-                              margin=cfg.algo.margin, safe_index=ws.candidate_layers.index(info["fallback_layer"]))
+                              margin=cfg.algo.margin, safe_index=ws.candidate_layers.index(info["fallback_layer"]),
+                              monotone_layers=ws.candidate_layers if cfg.algo.monotone else None)
         router = LossCurveRouter(net, ws.candidate_layers, ws.num_layers, cfg.lam)
         router.save(out / WEIGHTS_FILE)
         info["architecture"] = net.architecture()

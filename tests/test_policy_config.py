@@ -89,4 +89,4 @@ def test_margin_flag_overrides_the_config_and_keeps_the_algo_block(tmp_path):
     cfg = _load_config(args)
     assert cfg.algo.margin == 0.0
     assert cfg.algo.weight_decay == 0.01 and cfg.algo.epochs == 1000  # the YAML's other algo values stay
-    assert load_train_config(str(CONFIGS / "demo.yaml")).algo.margin == 0.05
+    assert load_train_config(str(CONFIGS / "demo.yaml")).algo.margin == 0.02

@@ -160,6 +160,60 @@ def test_margin_survives_run_json_and_rejects_bad_values():
         AlgoConfig(margin=float("nan"))
 
 
+def test_monotone_curve_is_the_running_max_in_layer_order_and_survives_run_json():
+    layers = [4, 0, 8, 2, 6]  # outputs in no particular layer order
+    net = LossCurveNet(3, len(layers), [8], monotone_layers=layers)
+    with torch.no_grad():
+        x = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+        raw = (net.mlp(net.normalize(x)) * net.loss_std + net.loss_mean).numpy()
+        got = net(x).numpy()
+    order = np.argsort(layers)  # NumPy reference: running maximum along the sorted layers
+    want = np.empty_like(raw)
+    want[:, order] = np.maximum.accumulate(raw[:, order], axis=1)
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, raw)  # the projection changed something, so the check can fail
+    assert np.all(np.diff(got[:, order], axis=1) >= 0)
+    back = LossCurveNet.from_architecture(json.loads(json.dumps(net.architecture())))
+    assert back.monotone_layers == layers
+    back.load_state_dict(net.state_dict())  # the mask is derived, not saved: old and new states load alike
+    with torch.no_grad():
+        np.testing.assert_array_equal(back(x).numpy(), got)
+    old = {k: v for k, v in net.architecture().items() if k != "monotone_layers"}
+    assert LossCurveNet.from_architecture(old).monotone_layers is None  # runs saved before: raw curve
+    from deepinsert.errors import ConfigError, ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="monotone_layers"):
+        LossCurveNet(3, len(layers), [8], monotone_layers=[0, 0, 2, 4, 6])
+    with pytest.raises(ConfigError, match="algo.monotone"):
+        AlgoConfig(monotone="yes")
+
+
+def test_monotone_router_stays_home_at_lam0_and_onnx_equals_torch(tmp_path, tok, weight, obs):
+    """A curve whose fit dips at a deep layer moves prompts there at λ = 0 unless it is
+    monotone; the exported graph carries the projection (losses and layers equal torch's)."""
+    from deepinsert.policy.losscurve import LossCurveRouter
+
+    x = np.asarray(obs[0])
+    ks = np.asarray(LAYERS)[None, :]
+    dip = x[:, 0] > np.median(x[:, 0])  # half the prompts: loss lower at k = 6 than at k = 0
+    losses = 0.5 + 0.4 * (ks >= 2) - np.where(dip[:, None] & (ks == 6), 0.6, 0.0)
+    fit = dict(net_arch=[32, 32], normalize_obs=True, epochs=60, learning_rate=3e-3, batch_size=64, seed=0,
+               weight_decay=AlgoConfig().weight_decay)
+    raw = LossCurveRouter(train_losscurve(x, losses, **fit), LAYERS, 8, 0.0)
+    mono = LossCurveRouter(train_losscurve(x, losses, monotone_layers=LAYERS, **fit), LAYERS, 8, 0.0)
+    assert (raw.predict(x, lam=0.0)[0] != 0).mean() > 0.3  # the raw curve follows the dip
+    assert np.all(mono.predict(x, lam=0.0)[0] == 0)  # a deeper layer never predicted better
+    _export(tmp_path / "m", mono.net, "losscurve", tok, weight)
+    router = Router.load(tmp_path / "m")
+    prompts = _prompts(KNOWN, 200, 22)
+    px = prompt_observations(tok, weight, prompts)
+    for lam in (0.0, 0.1, 1.0):
+        decs = router.route_batch(prompts, lam=lam)
+        want = mono.predict_losses(px)
+        np.testing.assert_allclose(np.array([d.losses for d in decs]), want, atol=1e-4, rtol=1e-4)
+        np.testing.assert_array_equal([d.layer for d in decs], np.asarray(LAYERS)[mono.predict(px, lam=lam)[0]])
+
+
 def test_onnx_margin_decisions_equal_torch(tmp_path, tok, weight, obs, guard):
     """Export validation checks the margin rule on 1000 prompts; here the runtime's layers are
     compared with the torch router's own decisions on fresh prompts at several λ."""
