@@ -4,9 +4,10 @@
 
 For every loss-curve run of a sweep folder (``SWEEP/losscurve/seed*``, as the main job writes
 them) and every budget 0.45, 0.50, …, 0.95 (target mean FLOPs fraction, Eq. 5, relative to
-k = 0), the λ a request with that budget gets (``deepinsert.router.bundle.lam_for_budget`` on
-the run's calibration table, fitted on the validation split), then the router's decisions at
-that λ on ``test`` and ``test_unseen`` (guard included, as served): the achieved mean FLOPs
+k = 0), the λ each request with that budget gets (``deepinsert.router.bundle.lam_for_budget`` on
+the run's calibration table, fitted on the validation split: one of the two λ around the budget,
+by the prompt's text, as the runtime does), then the router's decisions at those λ on ``test``
+and ``test_unseen`` (guard included, as served): the achieved mean FLOPs
 fraction, its error, the accuracy, and the accuracy of the static layers with the same FLOPs
 (linear interpolation between the two static layers around it). Writes
 ``benchmarks/results/budget_calibration.json``.
@@ -38,21 +39,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     from deepinsert.errors import InputError
     from deepinsert.policy.run import load_run
-    from deepinsert.router.bundle import lam_for_budget
+    from deepinsert.router.bundle import budget_mix, lam_for_budget, request_position
 
     run_dirs = sorted((args.sweep / "losscurve").glob("seed*"))
     if not run_dirs:
         raise InputError(f"{args.sweep}/losscurve/seed*: no loss-curve runs (run `deepinsert sweep` first)")
     b = open_bench(args.config, margin=args.margin)
+    positions = {n: np.array([request_position(smp.question.encode("utf-8", "surrogatepass"))
+                              for smp in b.splits[n].samples]) for n in b.tables}
     rows = []
     for rd in run_dirs:
         run = load_run(rd)
         table = run.info["budget_table"]
         for budget in BUDGETS:
-            lam = lam_for_budget(table, budget)
-            row: dict[str, Any] = {"run": rd.name, "budget": budget, "lam": lam}
+            lo, hi, share = budget_mix(table, budget)
+            row: dict[str, Any] = {"run": rd.name, "budget": budget, "lam": [lo, hi], "share_at_hi": share}
             for n, t in b.tables.items():
-                a = run.predict(t.router_inputs, lam)
+                lams = np.array([lam_for_budget(table, budget, q) for q in positions[n]])
+                a = np.where(lams == hi, run.predict(t.router_inputs, hi), run.predict(t.router_inputs, lo))
                 r = np.arange(len(a))
                 fl = float(t.flops[r, a].mean())
                 row[n] = {"flops_fraction": fl, "error": fl - budget, "accuracy": float(t.correct[r, a].mean()),

@@ -56,17 +56,17 @@ class Bench:
     margin: float = 0.0
 
     def fit(self, x: np.ndarray, seed: int, weight_decay: float | None = None, losses: np.ndarray | None = None) -> Any:
-        """The config's loss-curve regression on training inputs ``x (S, D')`` (weight decay overridable;
-        ``losses (S, K)``: another training loss table than the bench's); monotone when the config's
-        ``algo.monotone`` is (the network's projection, not the bench's margin)."""
+        """The config's loss-curve network (its objective, settings and monotone projection:
+        ``deepinsert.policy.train.losscurve_fit_settings``) fitted on training inputs ``x (S, D')``
+        (weight decay overridable; ``losses (S, K)``: another training loss table than the
+        bench's); decisions use the bench's margin, not the network's."""
         from deepinsert.policy.losscurve import train_losscurve
+        from deepinsert.policy.train import losscurve_fit_settings
 
-        a = self.cfg.algo
-        return train_losscurve(x, self.losses if losses is None else losses, net_arch=self.cfg.net_arch,
-                               normalize_obs=self.cfg.normalize_obs,
-                               epochs=a.epochs, learning_rate=a.regression_lr, batch_size=a.batch_size, seed=seed,
-                               weight_decay=a.weight_decay if weight_decay is None else weight_decay,
-                               monotone_layers=self.ws.candidate_layers if a.monotone else None)
+        kw = losscurve_fit_settings(self.cfg, self.ws.candidate_layers, self.ws.num_layers)
+        if weight_decay is not None:
+            kw["weight_decay"] = weight_decay
+        return train_losscurve(x, self.losses if losses is None else losses, seed=seed, **kw)
 
     @property
     def safe(self) -> int:

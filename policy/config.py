@@ -16,6 +16,8 @@ from deepinsert.env.problem import check_lam, check_layer_spec
 from deepinsert.errors import ConfigError
 
 ALGORITHMS: tuple[str, ...] = ("ppo", "a2c", "dqn", "losscurve", "fullinfo")
+OBJECTIVES: tuple[str, ...] = ("expected_reward", "regression")
+"""How a loss-curve network is fitted (``algo.objective``)."""
 RL_ALGORITHMS: tuple[str, ...] = ("ppo", "a2c", "dqn")
 
 
@@ -106,12 +108,28 @@ class AlgoConfig:
     """Final epsilon (dqn)."""
     target_update_interval: int = 500
     """Target network update period in steps (dqn)."""
+    objective: str = "expected_reward"
+    """How the loss-curve network is fitted (losscurve). ``expected_reward``: on the reward of
+    its own decisions (a softmax at ``decision_temperature``) for λ drawn from
+    ``[0, decision_lam_max]``, exactly over the loss table, with ``fullinfo_epochs``,
+    ``learning_rate`` and ``fullinfo_weight_decay`` (docs/routers.md, "Decision-aware
+    training"); ``regression``: mean squared error to the loss table, with ``epochs``,
+    ``regression_lr`` and ``weight_decay``."""
+    decision_temperature: float = 0.01
+    """Softmax temperature of the ``expected_reward`` objective, in nats (losscurve)."""
+    decision_lam_max: float = 0.5
+    """λ is drawn uniformly from ``[0, decision_lam_max]`` per prompt in the ``expected_reward``
+    objective (losscurve): the range of λ the router is meant for; larger requests extrapolate."""
+    regression_weight: float = 0.01
+    """Weight of the squared error (standardised losses) in the ``expected_reward`` objective
+    (losscurve): keeps the predicted curve in nats, so budgets and margins mean what they say."""
     epochs: int = 1000
-    """Regression epochs over the training loss table (losscurve)."""
+    """Regression epochs over the training loss table (losscurve, ``objective: regression``)."""
     regression_lr: float = 1e-3
-    """Adam learning rate of the loss regression (losscurve; ``learning_rate`` is the RL one)."""
+    """Adam learning rate of the loss regression (losscurve, ``objective: regression``;
+    ``learning_rate`` is the RL and full-information one)."""
     weight_decay: float = 1e-2
-    """Adam weight decay of the regression (losscurve). Strong on purpose: it shrinks the predicted
+    """Adam weight decay of the regression (losscurve, ``objective: regression``). Strong on purpose: it shrinks the predicted
     curves toward the training mean, so a prompt unlike the training ones gets the best static
     layer's decision instead of a confident wrong one (docs/routers.md, "Regularisation")."""
     margin: float = 0.02
@@ -130,10 +148,12 @@ class AlgoConfig:
     safe layer for a deeper one. Measured across four draws of training prompts in
     docs/routers.md, "A monotone loss curve"; false = the raw regression curve."""
     fullinfo_epochs: int = 100
-    """Passes over the training loss table (fullinfo: the exact expected reward of the softmax
-    policy, docs/routers.md section 12)."""
+    """Passes over the training loss table of the full-information objectives: fullinfo (the
+    exact expected reward of the softmax policy, docs/routers.md section 12) and losscurve with
+    ``objective: expected_reward``."""
     fullinfo_weight_decay: float = 1e-3
-    """Adam weight decay of the full-information policy (fullinfo)."""
+    """Adam weight decay of the full-information objectives (fullinfo; losscurve with
+    ``objective: expected_reward``)."""
     image_stage: bool = False
     """Also fit the image-aware second stage (losscurve only): a residual correction of the
     predicted loss curve from a pooled summary of the image's projected features, applied where
@@ -149,6 +169,13 @@ class AlgoConfig:
             raise ConfigError(f"algo.learning_rate must be > 0, got {self.learning_rate}")
         _finite("algo.weight_decay", self.weight_decay, lo=0.0)
         _finite("algo.margin", self.margin, lo=0.0)
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"algo.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        for name in ("decision_temperature", "decision_lam_max"):
+            _finite(f"algo.{name}", getattr(self, name), lo=0.0)
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"algo.{name} must be > 0, got {getattr(self, name)}")
+        _finite("algo.regression_weight", self.regression_weight, lo=0.0)
         if not isinstance(self.monotone, bool):
             raise ConfigError(f"algo.monotone must be true or false, got {self.monotone!r}")
         if not isinstance(self.image_stage, bool):

@@ -1,9 +1,17 @@
 """The loss-curve router: an MLP that predicts the answer loss at every candidate layer.
 
 A full-information learner: every training prompt's loss at every candidate layer is in the
-cached loss table anyway, so the network is fitted by regression on it (mean squared error
-of standardised losses). Its decision for any λ is the reward-maximising layer under the
-predicted losses::
+cached loss table anyway, so the network is fitted on all of it, in one of two ways:
+
+- ``regression``: mean squared error of the standardised losses;
+- ``expected_reward`` (the default, :class:`DecisionObjective`): the reward of the network's own
+  decisions, softened into a softmax at a low temperature, averaged over λ drawn uniformly per
+  prompt from ``[0, lam_max]`` and computed exactly over the table (the full-information
+  objective of ``deepinsert.policy.fullinfo``, for every λ at once), plus a small regression
+  term that keeps the predicted curve in nats. It spends the network's capacity where
+  decisions change, not on the exact height of curves that are far apart.
+
+Its decision for any λ is the reward-maximising layer under the predicted losses::
 
     action(x, λ) = argmax_k  -L̂(x)[k] + λ · k / N      (deepinsert.env.problem.reward)
 
@@ -23,6 +31,7 @@ network (buffers), like the RL policies'. Saved without pickle: ``policy.safeten
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +214,31 @@ def load_losscurve(path: Path, arch: dict[str, Any], candidate_layers: Sequence[
     return LossCurveRouter(net, candidate_layers, num_layers, lam)
 
 
+@dataclass(frozen=True)
+class DecisionObjective:
+    """The ``expected_reward`` objective of :func:`train_losscurve`. Per minibatch of prompts
+    ``x`` with losses ``L (B, K)`` and one ``λ ~ U[0, lam_max]`` per prompt it minimises::
+
+        −mean_x Σ_k softmax((−L̂(x) + λ·k/N) / temperature)_k · (−L(x, k) + λ·k/N)
+            + regression_weight · mean((standardised L̂ − standardised L)²)
+
+    with ``L̂`` the network's (projected, if monotone) curve.
+
+    Attributes:
+        candidate_layers: the K layers of the outputs (k in λ·k/N).
+        num_layers: N.
+        temperature: softmax temperature in nats (small: close to the argmax decision).
+        lam_max: the largest λ trained on; decisions at larger λ are extrapolated.
+        regression_weight: weight of the squared error that keeps ``L̂`` in nats.
+    """
+
+    candidate_layers: Sequence[int]
+    num_layers: int
+    temperature: float = 0.01
+    lam_max: float = 0.5
+    regression_weight: float = 0.01
+
+
 def train_losscurve(
     obs: np.ndarray,
     losses: np.ndarray,
@@ -219,12 +253,14 @@ def train_losscurve(
     margin: float = 0.0,
     safe_index: int = 0,
     monotone_layers: Sequence[int] | None = None,
+    decision: DecisionObjective | None = None,
 ) -> LossCurveNet:
     """Fit a :class:`LossCurveNet` to ``losses (S, K)`` from ``obs (S, D)`` (MSE on standardised losses);
     ``weight_decay``: Adam's (the config's ``algo.weight_decay``, whose doc says why it is strong);
     ``margin`` / ``safe_index`` / ``monotone_layers``: the network's decision rule (:func:`decide`)
     and curve projection (:meth:`LossCurveNet.project`), not used in fitting (the MLP is fitted
-    to the raw curves; the projection applies to its predictions)."""
+    to the raw curves; the projection applies to its predictions); ``decision``: fit the
+    ``expected_reward`` objective instead of plain regression (through the projection)."""
     g = torch.Generator().manual_seed(int(seed))
     torch.manual_seed(int(seed))
     x = torch.as_tensor(np.asarray(obs, dtype=np.float32))
@@ -241,9 +277,41 @@ def train_losscurve(
         net.loss_std.copy_(torch.clamp(ls, min=1e-3))
     target = (y - net.loss_mean) / net.loss_std
     net.train()
-    fit_regression(net.parameters(), lambda idx: net.mlp(net.normalize(x[idx])), target, epochs=epochs,
-                   learning_rate=learning_rate, batch_size=batch_size, weight_decay=weight_decay, generator=g)
+    if decision is None:
+        fit_regression(net.parameters(), lambda idx: net.mlp(net.normalize(x[idx])), target, epochs=epochs,
+                       learning_rate=learning_rate, batch_size=batch_size, weight_decay=weight_decay, generator=g)
+    else:
+        _fit_decisions(net, x, y, target, decision, epochs=epochs, learning_rate=learning_rate,
+                       batch_size=batch_size, weight_decay=weight_decay, generator=g)
     return net.eval()
+
+
+def _fit_decisions(net: LossCurveNet, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor, obj: DecisionObjective,
+                   *, epochs: int, learning_rate: float, batch_size: int, weight_decay: float,
+                   generator: torch.Generator) -> None:
+    """Adam on :class:`DecisionObjective` over shuffled minibatches (``x (S, D)``, losses ``y``
+    and their standardised ``target``, both ``(S, K)``)."""
+    from deepinsert.policy.fullinfo import expected_reward
+
+    if len(obj.candidate_layers) != y.shape[1]:
+        raise ModelLoadError(f"the decision objective has {len(obj.candidate_layers)} layers for {y.shape[1]} outputs")
+    kfrac = torch.tensor([k / obj.num_layers for k in obj.candidate_layers], dtype=torch.float32)[None, :]
+    opt = torch.optim.Adam(net.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    n = len(y)
+    bs = min(int(batch_size), n)
+    for _ in range(int(epochs)):
+        perm = torch.randperm(n, generator=generator)
+        for s in range(0, n, bs):
+            idx = perm[s:s + bs]
+            z = net.mlp(net.normalize(x[idx]))
+            lam = torch.rand(len(idx), 1, generator=generator) * obj.lam_max
+            pred = net.project(z * net.loss_std + net.loss_mean)
+            loss = -expected_reward((-pred + lam * kfrac) / obj.temperature, -y[idx] + lam * kfrac)
+            if obj.regression_weight > 0:
+                loss = loss + obj.regression_weight * torch.mean((z - target[idx]) ** 2)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
 
 
 def budget_table(pred_losses: np.ndarray, flops: np.ndarray, candidate_layers: Sequence[int], num_layers: int,

@@ -345,6 +345,23 @@ def fit_run_image_stage(ws: Workspace, cfg: TrainConfig, router: Any, losses: np
     return {**net.architecture(), "trained_samples": int(has.sum())}
 
 
+def losscurve_fit_settings(cfg: TrainConfig, candidate_layers: list[int], num_layers: int) -> dict[str, Any]:
+    """:func:`~deepinsert.policy.losscurve.train_losscurve`'s keyword arguments from the config,
+    except ``seed`` and the decision rule (``margin``, ``safe_index``): the objective and its
+    epochs / learning rate / weight decay, the network shape and the monotone projection."""
+    from deepinsert.policy.losscurve import DecisionObjective
+
+    a = cfg.algo
+    common = {"net_arch": cfg.net_arch, "normalize_obs": cfg.normalize_obs, "batch_size": a.batch_size,
+              "monotone_layers": list(candidate_layers) if a.monotone else None}
+    if a.objective == "regression":
+        return {**common, "epochs": a.epochs, "learning_rate": a.regression_lr, "weight_decay": a.weight_decay}
+    return {**common, "epochs": a.fullinfo_epochs, "learning_rate": a.learning_rate,
+            "weight_decay": a.fullinfo_weight_decay,
+            "decision": DecisionObjective(list(candidate_layers), num_layers, a.decision_temperature,
+                                          a.decision_lam_max, a.regression_weight)}
+
+
 def train_losscurve_router(
     cfg: TrainConfig,
     out: Path,
@@ -364,11 +381,9 @@ def train_losscurve_router(
     ws, train, info = _start_table_run(cfg, out, workspace, resume, evaluate, (WEIGHTS_FILE,))
     if not (resume and (out / WEIGHTS_FILE).is_file() and (out / INFO_FILE).is_file()):
         losses = ws.cache.table(train.samples, ws.candidate_layers, progress="loss table (train)" if progress else False)
-        net = train_losscurve(train.observations, losses, net_arch=cfg.net_arch, normalize_obs=cfg.normalize_obs,
-                              epochs=cfg.algo.epochs, learning_rate=cfg.algo.regression_lr,
-                              batch_size=cfg.algo.batch_size, seed=cfg.seed, weight_decay=cfg.algo.weight_decay,
-                              margin=cfg.algo.margin, safe_index=ws.candidate_layers.index(info["fallback_layer"]),
-                              monotone_layers=ws.candidate_layers if cfg.algo.monotone else None)
+        net = train_losscurve(train.observations, losses, **losscurve_fit_settings(cfg, ws.candidate_layers, ws.num_layers),
+                              seed=cfg.seed, margin=cfg.algo.margin,
+                              safe_index=ws.candidate_layers.index(info["fallback_layer"]))
         router = LossCurveRouter(net, ws.candidate_layers, ws.num_layers, cfg.lam)
         router.save(out / WEIGHTS_FILE)
         info["architecture"] = net.architecture()

@@ -90,23 +90,44 @@ def graph_metadata(info: BundleInfo) -> dict[str, str]:
     }
 
 
-def lam_for_budget(table: dict[str, Any], budget: float) -> float:
-    """The smallest λ whose calibrated mean FLOPs fraction is <= ``budget`` (linear interpolation
-    between grid points); the table's largest λ when no λ reaches it, λ = 0 when every λ does.
+def budget_mix(table: dict[str, Any], budget: float) -> tuple[float, float, float]:
+    """``(lam_lo, lam_hi, share)``: a budget's two neighbouring λ on the calibration table and
+    the share of requests that decide at ``lam_hi`` so the calibrated mean FLOPs fraction is
+    ``budget``: ``share · f(lam_hi) + (1 − share) · f(lam_lo) = budget``.
 
+    A budget is honoured on average over requests. Mixing two λ (rather than one λ
+    interpolated between them) also reaches the budgets inside a *jump* of the table, where
+    many prompts share a decision boundary (e.g. text-only prompts whose predicted curves are
+    all flat move to k = N at the same λ) and no single λ lands near the budget.
+    ``(λ₀, λ₀, 0)`` when every λ is within the budget, ``(λ_max, λ_max, 0)`` when none is.
     ``table`` = ``{"lam": [...increasing], "flops_fraction": [...non-increasing]}``.
     """
     lams = [float(v) for v in table["lam"]]
     fr = [float(v) for v in table["flops_fraction"]]
     if budget >= fr[0]:
-        return lams[0]
+        return lams[0], lams[0], 0.0
     for j in range(1, len(fr)):
         if fr[j] <= budget:
-            f0, f1, l0, l1 = fr[j - 1], fr[j], lams[j - 1], lams[j]
-            if f0 == f1:
-                return l1
-            return l0 + (f0 - budget) / (f0 - f1) * (l1 - l0)
-    return lams[-1]
+            f0, f1 = fr[j - 1], fr[j]
+            return lams[j - 1], lams[j], (f0 - budget) / (f0 - f1)
+    return lams[-1], lams[-1], 0.0
+
+
+def request_position(key: bytes) -> float:
+    """A request's place in ``[0, 1)`` for :func:`lam_for_budget`: CRC-32 of ``key`` (the prompt's
+    UTF-8 text, or an observation's float32 bytes) over 2³², so the same prompt always gets the
+    same λ and distinct prompts spread uniformly."""
+    import zlib
+
+    return zlib.crc32(key) / 2.0**32
+
+
+def lam_for_budget(table: dict[str, Any], budget: float, position: float) -> float:
+    """The λ a request at ``position`` (:func:`request_position`) decides at under ``budget``:
+    ``lam_hi`` of :func:`budget_mix` when ``position < share``, else ``lam_lo``."""
+    lo, hi, share = budget_mix(table, budget)
+    return hi if position < share else lo
+
 
 @dataclass(frozen=True)
 class ObservationSpec:

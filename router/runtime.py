@@ -28,7 +28,7 @@ calibration table in ``router.json``. Other bundles were trained for one λ and 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from deepinsert.router.bundle import (
     graph_metadata,
     lam_for_budget,
     read_bundle_info,
+    request_position,
     verify_checksums,
 )
 from deepinsert.utils.extras import require
@@ -268,8 +269,11 @@ class Router:
         """Dᵢ, the width of the image summaries :meth:`refine` takes (0 without an image stage)."""
         return int(self.info.image_stage["summary_dim"]) if self.info.image_stage else 0
 
-    def lam_for(self, lam: float | None = None, budget: float | None = None) -> float:
-        """The λ a request decides at: ``lam``, the calibrated λ of ``budget``, or the bundle's λ.
+    def lam_for(self, lam: float | None = None, budget: float | None = None, key: bytes = b"") -> float:
+        """The λ a request decides at: ``lam``, the bundle's λ, or for a ``budget`` one of the two
+        calibrated λ around it, picked by the request's ``key`` (its prompt's UTF-8 text, or an
+        observation's float32 bytes: ``deepinsert.router.bundle.lam_for_budget``), so that over
+        many prompts the mean FLOPs fraction is the budget and one prompt always gets one λ.
 
         InputError for a fixed-λ bundle given either, for both at once, or out-of-range values.
         """
@@ -291,7 +295,17 @@ class Router:
         table = self.info.budget_table
         if table is None:
             raise InputError("this bundle has no budget calibration table; pass lam instead")
-        return float(lam_for_budget(table, float(budget)))
+        return float(lam_for_budget(table, float(budget), request_position(key)))
+
+    @staticmethod
+    def _per_lam(lams: list[float], decide: Callable[[list[int], float], list[RouteDecision]]) -> list[RouteDecision]:
+        """Row ``i``'s decision at ``lams[i]``: ``decide(rows, λ)`` once per distinct λ."""
+        out: list[Any] = [None] * len(lams)
+        for lam_ in sorted(set(lams)):
+            idx = [i for i, v in enumerate(lams) if v == lam_]
+            for i, d in zip(idx, decide(idx, lam_)):
+                out[i] = d
+        return out
 
     # ------------------------------------------------------------------ raw graph calls
     def _run_router(self, ids: np.ndarray, mask: np.ndarray, lam: float) -> dict[str, np.ndarray]:
@@ -435,15 +449,18 @@ class Router:
         ``lam`` / ``budget`` (loss-curve bundles): decide at this λ, or at the λ calibrated to
         reach this mean FLOPs fraction (vs k = 0) on the validation split.
         """
-        lam_ = self.lam_for(lam, budget)
+        lam_ = self.lam_for(lam, budget, _text_key(prompt))
         toks = self._token_ids_batch([prompt])  # the one tokenise/truncate path
         arr = np.array([toks[0][0]], dtype=np.int64)  # (1, T)
         return self._decisions(self._run_router(arr, np.ones_like(arr), lam_), lam_, toks)[0]
 
     def route_batch(self, prompts: Sequence[str], *, lam: float | None = None, budget: float | None = None) -> list[RouteDecision]:
-        """:meth:`route` for many prompts at once (one graph call per memory-bounded chunk)."""
-        lam_ = self.lam_for(lam, budget)
-        return self._route_ids(self._token_ids_batch(prompts), lam_)[0]
+        """:meth:`route` for many prompts at once (one graph call per memory-bounded chunk; with a
+        ``budget``, per λ of the mix)."""
+        self.lam_for(lam, budget)  # validates even an empty batch
+        toks = self._token_ids_batch(prompts)
+        return self._per_lam([self.lam_for(lam, budget, _text_key(p)) for p in prompts],
+                             lambda idx, lam_: self._route_ids([toks[i] for i in idx], lam_)[0])
 
     def observation(self, prompts: str | Sequence[str]) -> np.ndarray:
         """The policy's observation (the mean input embedding), (D,) for a str or (B, D) for a list.
@@ -489,16 +506,25 @@ class Router:
         """Route from a ready observation vector (D,) (e.g. your own mean input embedding). A guard
         that reads word order sees none here (its order block is held at the training mean):
         route the text with :meth:`route` where you have it."""
-        lam_ = self.lam_for(lam, budget)
-        return self._decisions(self._run_policy(self._embeddings(vec, True), lam_), lam_, None)[0]
+        arr = self._embeddings(vec, True)
+        lam_ = self.lam_for(lam, budget, arr.tobytes())
+        return self._decisions(self._run_policy(arr, lam_), lam_, None)[0]
 
     def route_embeddings(self, mat: np.ndarray, *, lam: float | None = None, budget: float | None = None) -> list[RouteDecision]:
-        """Route a batch of observation vectors (B, D)."""
-        lam_ = self.lam_for(lam, budget)
-        return self._decisions(self._run_policy(self._embeddings(mat, False), lam_), lam_, None)
+        """Route a batch of observation vectors (B, D) (with a ``budget``, one pass per λ of the mix)."""
+        self.lam_for(lam, budget)
+        arr = self._embeddings(mat, False)
+        return self._per_lam([self.lam_for(lam, budget, row.tobytes()) for row in arr],
+                             lambda idx, lam_: self._decisions(self._run_policy(np.ascontiguousarray(arr[idx]), lam_),
+                                                               lam_, None))
 
     def __repr__(self) -> str:
         return (
             f"Router(bundle={str(self.bundle_dir)!r}, algorithm={self.info.algorithm!r}, lam={self.lam}, "
             f"candidate_layers={list(self.candidate_layers)}, model_source={self.info.model_source!r})"
         )
+
+
+def _text_key(prompt: Any) -> bytes:
+    """A prompt's key for the budget mix (its UTF-8 text; anything else is left to the tokeniser's checks)."""
+    return prompt.encode("utf-8", "surrogatepass") if isinstance(prompt, str) else b""

@@ -189,14 +189,13 @@ def create_chat_app(
             raise APIError(f"the model {req.model!r} does not exist; this server serves {config.model_name!r}",
                            404, type="not_found_error", param="model", code="model_not_found")
         req.check_supported()
-        lam = None
         if req.lam is not None or req.budget is not None:
             param = "lam" if req.lam is not None else "budget"
             if not router.supports_lam:
                 raise APIError("this router bundle was trained at one lambda; lam / budget are not supported by it",
                                param=param)
             try:
-                lam = router.lam_for(req.lam, req.budget)
+                router.lam_for(req.lam, req.budget)  # validate before parsing the conversation
             except InputError as e:
                 raise APIError(str(e), param=param) from None
         if req.insert_layer is not None and req.insert_layer > N:
@@ -218,7 +217,7 @@ def create_chat_app(
         else:
             t0 = time.perf_counter()
             try:
-                decision = router.route(conv.question, lam=lam)
+                decision = router.route(conv.question, lam=req.lam, budget=req.budget)
                 routed = True
             except InputError:  # nothing the router can read (e.g. no known token): the stock model
                 layer, fallback = 0, True

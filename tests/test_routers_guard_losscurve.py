@@ -27,7 +27,7 @@ from deepinsert.policy.losscurve import (
     decide,
     train_losscurve,
 )
-from deepinsert.router.bundle import ROUTER_JSON, ROUTER_ONNX, lam_for_budget
+from deepinsert.router.bundle import ROUTER_JSON, ROUTER_ONNX, budget_mix, lam_for_budget, request_position
 from deepinsert.router.runtime import Router
 from helpers.export import WORDS, tiny_embedding, tiny_tokenizer, train_tiny_policy
 
@@ -160,6 +160,43 @@ def test_margin_survives_run_json_and_rejects_bad_values():
         AlgoConfig(margin=float("nan"))
 
 
+def test_expected_reward_objective_recovers_standin_best_layers_at_several_lams():
+    """One decision-aware fit (λ drawn per prompt) serves every λ in its range: each cluster's
+    best layer, known in closed form from the stand-in's loss table, at several λ."""
+    from deepinsert.policy.losscurve import DecisionObjective
+    from helpers.standin import clustered_standin
+
+    st = clustered_standin(n_samples=300, breaking_layers=(1, 3, 8), seed=0)
+    ks = list(range(9))
+    losses = np.array([[st.provider.loss_fn(s, k) for k in ks] for s in st.samples])
+    for monotone in (None, ks):
+        net = train_losscurve(st.observations, losses, net_arch=[64, 64], normalize_obs=True, epochs=100,
+                              learning_rate=3e-3, batch_size=64, seed=0, weight_decay=1e-3, monotone_layers=monotone,
+                              decision=DecisionObjective(ks, 8, temperature=0.01, lam_max=2.5))
+        with torch.no_grad():
+            pred = net(torch.from_numpy(st.observations)).numpy()
+        for lam in (0.4, 1.0, 2.0):
+            layers = np.asarray(ks)[decide(pred, ks, lam, 8)]
+            assert (layers == st.best_k(lam)).mean() >= 0.97, (monotone, lam)
+    with pytest.raises(Exception, match="decision objective has 3 layers"):
+        train_losscurve(st.observations, losses, net_arch=[8], normalize_obs=True, epochs=1, learning_rate=1e-3,
+                        batch_size=64, seed=0, weight_decay=0.0, decision=DecisionObjective([0, 4, 8], 8))
+
+
+def test_losscurve_objective_config_is_validated():
+    from deepinsert.errors import ConfigError
+
+    assert AlgoConfig().objective == "expected_reward"
+    with pytest.raises(ConfigError, match="algo.objective"):
+        AlgoConfig(objective="mse")
+    with pytest.raises(ConfigError, match="algo.decision_temperature"):
+        AlgoConfig(decision_temperature=0.0)
+    with pytest.raises(ConfigError, match="algo.decision_lam_max"):
+        AlgoConfig(decision_lam_max=float("inf"))
+    with pytest.raises(ConfigError, match="algo.regression_weight"):
+        AlgoConfig(regression_weight=-1.0)
+
+
 def test_monotone_curve_is_the_running_max_in_layer_order_and_survives_run_json():
     layers = [4, 0, 8, 2, 6]  # outputs in no particular layer order
     net = LossCurveNet(3, len(layers), [8], monotone_layers=layers)
@@ -262,11 +299,22 @@ def test_budget_table_is_monotone_and_inverted(obs):
     fr = np.asarray(table["flops_fraction"])
     assert np.all(np.diff(fr) <= 0) and np.all(np.diff(table["lam"]) > 0)
     budgets = np.linspace(fr[-1] + 1e-3, fr[0] - 1e-3, 25)
-    lams = [lam_for_budget(table, b) for b in budgets]
-    assert np.all(np.diff(lams) <= 1e-12)  # more budget -> smaller λ
-    for b, lam in zip(budgets, lams):  # the chosen λ's calibrated FLOPs are within the budget
-        a = decide(L, LAYERS, lam + 1e-9, 8)
-        assert flops[np.arange(len(L)), a].mean() <= b + 0.05
+    mixes = [budget_mix(table, b) for b in budgets]
+    lo, hi, share = (np.array(v) for v in zip(*mixes))
+    assert np.all(np.diff(lo) <= 1e-12) and np.all(np.diff(hi) <= 1e-12)  # more budget -> smaller λ
+    assert np.all((share > 0) & (share <= 1)) and np.all(lo < hi)
+    grid = dict(zip(table["lam"], fr))
+    for b, (l0, l1, w) in zip(budgets, mixes):  # the mix's calibrated mean is the budget (closed form)
+        assert w * grid[l1] + (1 - w) * grid[l0] == pytest.approx(b)
+    pos = np.array([request_position(f"prompt {i}".encode()) for i in range(len(L))])
+    assert abs(pos.mean() - 0.5) < 0.06 and 0 <= pos.min() and pos.max() < 1  # positions spread over [0, 1)
+    rows = np.arange(len(L))
+    for b in budgets[::4]:  # each prompt at its own λ of the mix: the mean FLOPs lands near the budget
+        lam = np.array([lam_for_budget(table, b, q) for q in pos])
+        a = np.array([decide(L[i:i + 1], LAYERS, lam[i], 8)[0] for i in rows])
+        assert abs(flops[rows, a].mean() - b) <= 0.06, b
+    assert budget_mix(table, 1.0) == (table["lam"][0], table["lam"][0], 0.0)
+    assert budget_mix(table, fr[-1] / 2) == (table["lam"][-1], table["lam"][-1], 0.0)
 
 
 def test_losscurve_run_saves_without_pickle(tmp_path, obs):
@@ -357,13 +405,37 @@ def test_losscurve_bundle_equals_torch_at_several_lams(lc_bundle, tok, weight):
     assert len(v["lams_checked"]) >= 3
 
 
+def test_budget_batch_mixes_two_lams_in_the_calibrated_share(lc_bundle):
+    """A batch under a budget: each prompt decides at its own λ of the mix (the same as routing it
+    alone), and the share at the larger λ follows the table."""
+    out, _, table = lc_bundle
+    router = Router.load(out)
+    prompts = _prompts(KNOWN, 400, 31)
+    fr = np.asarray(table["flops_fraction"])
+    j = int(np.argmax(fr[:-1] - fr[1:])) + 1  # the table's largest step: a budget in its middle
+    b = float(fr[j - 1] + fr[j]) / 2
+    lo, hi, share = budget_mix(table, b)
+    assert (lo, hi) == (table["lam"][j - 1], table["lam"][j]) and share == pytest.approx(0.5)
+    decs = router.route_batch(prompts, budget=b)
+    assert [d.lam for d in decs] == [lam_for_budget(table, b, request_position(q.encode())) for q in prompts]
+    for q, d in list(zip(prompts, decs))[:40]:  # alone or in a batch: the same λ and layer
+        one = router.route(q, budget=b)
+        assert (one.lam, one.layer, one.fallback) == (d.lam, d.layer, d.fallback)
+    at_hi = np.mean([d.lam == hi for d in decs])
+    assert abs(at_hi - share) < 0.1, (at_hi, share)
+    emb = router.observation(prompts[:50]) if not router.info.folded else None
+    if emb is not None:
+        assert [d.lam for d in router.route_embeddings(emb, budget=b)] == \
+            [lam_for_budget(table, b, request_position(np.ascontiguousarray(e, dtype=np.float32).tobytes())) for e in emb]
+
+
 def test_budget_request_uses_the_calibration_table(lc_bundle):
     out, _, table = lc_bundle
     router = Router.load(out)
     p = "what colour is the square"
     for b in (0.5, 0.7, 0.9):
-        lam = lam_for_budget(table, b)
-        assert router.lam_for(budget=b) == pytest.approx(lam)
+        lam = lam_for_budget(table, b, request_position(p.encode()))
+        assert router.lam_for(budget=b, key=p.encode()) == pytest.approx(lam)
         d = router.route(p, budget=b)  # the table's λ may be negative (a budget above the λ = 0 spend)
         assert d.lam == pytest.approx(lam)
         assert d.index == int(np.argmax(reward(np.array(d.losses), np.asarray(LAYERS), lam, 8)))
