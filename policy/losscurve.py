@@ -54,21 +54,28 @@ def relu_mlp(width: int, net_arch: Sequence[int], n_outputs: int) -> nn.Sequenti
     return nn.Sequential(*layers)
 
 
-def fit_regression(params: Any, predict: Any, target: torch.Tensor, *, epochs: int, learning_rate: float,
-                   batch_size: int, weight_decay: float, generator: torch.Generator) -> None:
-    """Adam on the mean squared error of ``predict(idx)`` vs ``target[idx] (S, K)``, shuffled
-    minibatches of ``batch_size`` rows (order from ``generator``), ``epochs`` passes."""
+def adam_minibatches(params: Any, n: int, batch_loss: Any, *, epochs: int, learning_rate: float, batch_size: int,
+                     weight_decay: float, generator: torch.Generator) -> None:
+    """Adam on ``batch_loss(idx)`` (a scalar) over shuffled minibatches of ``batch_size`` of the
+    ``n`` rows (order from ``generator``, drawn before each batch's loss), ``epochs`` passes."""
     opt = torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay)
-    n = len(target)
     bs = min(int(batch_size), n)
     for _ in range(int(epochs)):
         perm = torch.randperm(n, generator=generator)
         for s in range(0, n, bs):
-            idx = perm[s:s + bs]
-            loss = torch.mean((predict(idx) - target[idx]) ** 2)
+            loss = batch_loss(perm[s:s + bs])
             opt.zero_grad()
             loss.backward()
             opt.step()
+
+
+def fit_regression(params: Any, predict: Any, target: torch.Tensor, *, epochs: int, learning_rate: float,
+                   batch_size: int, weight_decay: float, generator: torch.Generator) -> None:
+    """Adam on the mean squared error of ``predict(idx)`` vs ``target[idx] (S, K)``
+    (:func:`adam_minibatches`)."""
+    adam_minibatches(params, len(target), lambda idx: torch.mean((predict(idx) - target[idx]) ** 2), epochs=epochs,
+                     learning_rate=learning_rate, batch_size=batch_size, weight_decay=weight_decay,
+                     generator=generator)
 
 
 class LossCurveNet(nn.Module):
@@ -296,22 +303,18 @@ def _fit_decisions(net: LossCurveNet, x: torch.Tensor, y: torch.Tensor, target: 
     if len(obj.candidate_layers) != y.shape[1]:
         raise ModelLoadError(f"the decision objective has {len(obj.candidate_layers)} layers for {y.shape[1]} outputs")
     kfrac = torch.tensor([k / obj.num_layers for k in obj.candidate_layers], dtype=torch.float32)[None, :]
-    opt = torch.optim.Adam(net.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    n = len(y)
-    bs = min(int(batch_size), n)
-    for _ in range(int(epochs)):
-        perm = torch.randperm(n, generator=generator)
-        for s in range(0, n, bs):
-            idx = perm[s:s + bs]
-            z = net.mlp(net.normalize(x[idx]))
-            lam = torch.rand(len(idx), 1, generator=generator) * obj.lam_max
-            pred = net.project(z * net.loss_std + net.loss_mean)
-            loss = -expected_reward((-pred + lam * kfrac) / obj.temperature, -y[idx] + lam * kfrac)
-            if obj.regression_weight > 0:
-                loss = loss + obj.regression_weight * torch.mean((z - target[idx]) ** 2)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        z = net.mlp(net.normalize(x[idx]))
+        lam = torch.rand(len(idx), 1, generator=generator) * obj.lam_max
+        pred = net.project(z * net.loss_std + net.loss_mean)
+        loss = -expected_reward((-pred + lam * kfrac) / obj.temperature, -y[idx] + lam * kfrac)
+        if obj.regression_weight > 0:
+            loss = loss + obj.regression_weight * torch.mean((z - target[idx]) ** 2)
+        return loss
+
+    adam_minibatches(net.parameters(), len(y), batch_loss, epochs=epochs, learning_rate=learning_rate,
+                     batch_size=batch_size, weight_decay=weight_decay, generator=generator)
 
 
 def budget_table(pred_losses: np.ndarray, flops: np.ndarray, candidate_layers: Sequence[int], num_layers: int,
