@@ -1,17 +1,19 @@
-"""How the loss-curve router is fitted and decides: objective, monotone curve and margin, on four draws of training prompts.
+"""How the loss-curve router is fitted and decides: objective, monotone curve, ensemble and margin, on four training draws.
 
     python benchmarks/losscurve_variants.py [--config configs/demo.yaml] [--seeds 3]
         [--data-seeds 301,302,303]
 
-Variants (``objective``, ``monotone``, decision margin):
+Variants (``objective``, ``monotone``, decision margin; one network unless ``×3``):
 
 - ``regression/raw@0.05``: mean squared error to the loss table, the raw fitted curve, margin
   0.05 (the default until 2026-12-05);
 - ``regression/monotone@δ`` for δ = 0.01, 0.02, 0.03: the same networks, their predicted curve
   made non-decreasing in k (``algo.monotone``: the running maximum from the shallowest layer);
-- ``expected_reward/raw@0.02`` and ``expected_reward/monotone@δ`` for δ = 0, 0.02 (the
-  default): fitted on the reward of their own decisions over λ ∈ [0, ``algo.decision_lam_max``]
-  (``algo.objective: expected_reward``), the projection inside the fit when monotone.
+- ``expected_reward/raw@0.02`` and ``expected_reward/monotone@δ`` for δ = 0, 0.02: fitted on the
+  reward of their own decisions over λ ∈ [0, ``algo.decision_lam_max``]
+  (``algo.objective: expected_reward``), the projection inside the fit when monotone;
+- ``expected_reward/monotone×3@0.02`` (the default): three such networks averaged
+  (``algo.ensemble: 3``).
 
 Every other setting is the config's. Each is fitted on the committed 1,200 training prompts
 and on fresh draws of 1,200 (``deepinsert demo data``'s generator, seeds ``--data-seeds``),
@@ -36,12 +38,14 @@ from router_bench import ACC_LAM, LAMS, add_wording_splits, arg_parser, ms, open
 RESULTS = Path(__file__).resolve().parent / "results" / "losscurve_variants.json"
 SAVE_LAMS = np.round(np.concatenate([np.arange(0, 0.3, 0.01), np.arange(0.3, 1.01, 0.05)]), 3)
 """The λ grid along which the most FLOPs saved within 1.5 points of k = 0 is searched."""
-FITS = (("regression", True), ("expected_reward", False), ("expected_reward", True))
-"""(objective, monotone) of the networks fitted. The projection takes no part in regression, so
-one regression network gives both its raw curve and its projected (monotone) one."""
-VARIANTS = (("regression", "raw", 0.05), ("regression", "monotone", 0.01), ("regression", "monotone", 0.02),
-            ("regression", "monotone", 0.03), ("expected_reward", "raw", 0.02), ("expected_reward", "monotone", 0.0),
-            ("expected_reward", "monotone", 0.02))
+FITS = (("regression", True, 1), ("expected_reward", False, 1), ("expected_reward", True, 1),
+        ("expected_reward", True, 3))
+"""(objective, monotone, ensemble) of the networks fitted. The projection takes no part in
+regression, so one regression network gives both its raw curve and its projected one."""
+VARIANTS = (("regression", "raw", 0.05, 1), ("regression", "monotone", 0.01, 1), ("regression", "monotone", 0.02, 1),
+            ("regression", "monotone", 0.03, 1), ("expected_reward", "raw", 0.02, 1),
+            ("expected_reward", "monotone", 0.0, 1), ("expected_reward", "monotone", 0.02, 1),
+            ("expected_reward", "monotone", 0.02, 3))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         draws[f"fresh{ds}"] = (sp.observations, sp.router_inputs,
                                ws.cache.table(fresh, ws.candidate_layers, progress=f"loss table (draw {ds})"))
     bench = {fit: dataclasses.replace(b, cfg=dataclasses.replace(
-        cfg, algo=dataclasses.replace(cfg.algo, objective=fit[0], monotone=fit[1])))
+        cfg, algo=dataclasses.replace(cfg.algo, objective=fit[0], monotone=fit[1], ensemble=fit[2])))
         for fit in FITS}
 
     def score(t: Any, pred: np.ndarray, fb: np.ndarray, margin: float, name: str) -> dict[str, Any]:
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 out[n] = (net.project(raw) if projected else raw).numpy()
             return out
 
-    names = [f"{o}/{c}@{m:g}" for o, c, m in VARIANTS]
+    names = [f"{o}/{c}{'×%d' % e if e > 1 else ''}@{m:g}" for o, c, m, e in VARIANTS]
     res: dict[str, Any] = {"config": args.config, "seeds": args.seeds, "data_seeds": data_seeds, "variants": names,
                            "rows": {}}
     for label, (x, inputs, losses) in draws.items():
@@ -110,12 +114,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs: dict[str, list[dict[str, Any]]] = {v: [] for v in names}
         for s in range(args.seeds):
             nets = {fit: bench[fit].fit(x, cfg.seed + s, losses=losses) for fit in FITS}
-            for (objective, curve, margin), v in zip(VARIANTS, names):
+            for (objective, curve, margin, members), v in zip(VARIANTS, names):
                 if objective == "regression":
-                    preds = curves(nets[("regression", True)], curve == "monotone")
+                    preds = curves(nets[("regression", True, 1)], curve == "monotone")
                 else:
                     mono = curve == "monotone"
-                    preds = curves(nets[(objective, mono)], mono)
+                    preds = curves(nets[(objective, mono, members)], mono)
                 runs[v].append({n: score(t, preds[n], fb[n], margin, n) for n, t in b.tables.items()})
         res["rows"][label] = {v: {n: {q: ms([r[n][q] for r in rs]) for q in rs[0][n]} for n in rs[0]}
                               for v, rs in runs.items()}
@@ -134,7 +138,7 @@ def _print_table(res: dict[str, Any]) -> None:
             cells = [f"{n}: " + " / ".join(f"{100 * row[v][n][f'{lam:g}']['mean']:.0f}" for lam in LAMS)
                      for n in row[v]]
             save = row[v]["test"]["saved_within_1.5"]
-            print(f"{label:>10s} {v:>28s} | " + " | ".join(cells)
+            print(f"{label:>10s} {v:>31s} | " + " | ".join(cells)
                   + f" | saved {100 * save['mean']:.1f} ± {100 * save['std']:.1f}%")
 
 

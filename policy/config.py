@@ -140,6 +140,11 @@ class AlgoConfig:
     struggles with (docs/routers.md, "Decision margin"); 0 = plain argmax. With ``monotone``
     the predicted gain of a deeper layer at λ is at most λ · Δk / N, so a margin above
     λ · (N − k_safe) / N keeps every prompt at the safe layer at that λ: keep it small."""
+    ensemble: int = 3
+    """Loss-curve networks fitted independently (other seeds) and averaged into the router
+    (losscurve): one wider network in the bundle. Averaging removes most of the seed-to-seed
+    swings of the ``expected_reward`` fit on prompts unlike the training ones (docs/routers.md,
+    "A monotone curve and decision-aware training"); 1 = a single network."""
     monotone: bool = True
     """Make the loss-curve router's predicted curve non-decreasing in k (each layer's predicted
     loss is the largest predicted at it or at any shallower candidate layer): a later insertion
@@ -176,6 +181,7 @@ class AlgoConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"algo.{name} must be > 0, got {getattr(self, name)}")
         _finite("algo.regression_weight", self.regression_weight, lo=0.0)
+        _positive_int("algo.ensemble", self.ensemble)
         if not isinstance(self.monotone, bool):
             raise ConfigError(f"algo.monotone must be true or false, got {self.monotone!r}")
         if not isinstance(self.image_stage, bool):

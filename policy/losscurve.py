@@ -91,7 +91,7 @@ class LossCurveNet(nn.Module):
     """
 
     def __init__(self, obs_dim: int, n_outputs: int, net_arch: Sequence[int], *, margin: float = 0.0,
-                 safe_index: int = 0, monotone_layers: Sequence[int] | None = None) -> None:
+                 safe_index: int = 0, monotone_layers: Sequence[int] | None = None, members: int = 1) -> None:
         super().__init__()
         self.obs_dim, self.n_outputs, self.net_arch = int(obs_dim), int(n_outputs), [int(h) for h in net_arch]
         if not (np.isfinite(margin) and margin >= 0):
@@ -99,6 +99,7 @@ class LossCurveNet(nn.Module):
         if not 0 <= int(safe_index) < self.n_outputs:
             raise ModelLoadError(f"safe_index {safe_index} is not one of the {self.n_outputs} outputs")
         self.margin, self.safe_index = float(margin), int(safe_index)
+        self.members = int(members)  # networks averaged into this one (stack_members); documentation only
         self.monotone_layers = None if monotone_layers is None else [int(k) for k in monotone_layers]
         ks = torch.arange(self.n_outputs)
         if self.monotone_layers is not None:
@@ -119,7 +120,7 @@ class LossCurveNet(nn.Module):
         """What ``run.json`` stores to rebuild the network without pickle."""
         return {"kind": ARCH_KIND, "obs_dim": self.obs_dim, "n_outputs": self.n_outputs,
                 "net_arch": list(self.net_arch), "activation": "relu", "margin": self.margin,
-                "safe_index": self.safe_index, "monotone_layers": self.monotone_layers}
+                "safe_index": self.safe_index, "monotone_layers": self.monotone_layers, "members": self.members}
 
     @classmethod
     def from_architecture(cls, arch: dict[str, Any]) -> LossCurveNet:
@@ -128,7 +129,7 @@ class LossCurveNet(nn.Module):
         try:
             return cls(int(arch["obs_dim"]), int(arch["n_outputs"]), [int(h) for h in arch["net_arch"]],
                        margin=float(arch.get("margin", 0.0)), safe_index=int(arch.get("safe_index", 0)),
-                       monotone_layers=arch.get("monotone_layers"))
+                       monotone_layers=arch.get("monotone_layers"), members=int(arch.get("members", 1)))
         except (KeyError, TypeError, ValueError) as e:
             raise ModelLoadError(f"run.json: bad loss-curve architecture {arch!r}: {e}") from e
 
@@ -261,13 +262,26 @@ def train_losscurve(
     safe_index: int = 0,
     monotone_layers: Sequence[int] | None = None,
     decision: DecisionObjective | None = None,
+    members: int = 1,
 ) -> LossCurveNet:
     """Fit a :class:`LossCurveNet` to ``losses (S, K)`` from ``obs (S, D)`` (MSE on standardised losses);
+    ``members`` > 1: that many networks fitted independently (seeds ``seed + MEMBER_SEED_STRIDE · m``)
+    and averaged (:func:`stack_members`: one wider network, so the bundle, export and runtime are
+    unchanged);
     ``weight_decay``: Adam's (the config's ``algo.weight_decay``, whose doc says why it is strong);
     ``margin`` / ``safe_index`` / ``monotone_layers``: the network's decision rule (:func:`decide`)
     and curve projection (:meth:`LossCurveNet.project`), not used in fitting (the MLP is fitted
     to the raw curves; the projection applies to its predictions); ``decision``: fit the
     ``expected_reward`` objective instead of plain regression (through the projection)."""
+    if int(members) < 1:
+        raise ModelLoadError(f"members must be >= 1, got {members!r}")
+    if int(members) > 1:
+        nets = [train_losscurve(obs, losses, net_arch=net_arch, normalize_obs=normalize_obs, epochs=epochs,
+                                learning_rate=learning_rate, batch_size=batch_size,
+                                seed=int(seed) + MEMBER_SEED_STRIDE * m, weight_decay=weight_decay, margin=margin,
+                                safe_index=safe_index, monotone_layers=monotone_layers, decision=decision)
+                for m in range(int(members))]
+        return stack_members(nets)
     g = torch.Generator().manual_seed(int(seed))
     torch.manual_seed(int(seed))
     x = torch.as_tensor(np.asarray(obs, dtype=np.float32))
@@ -291,6 +305,48 @@ def train_losscurve(
         _fit_decisions(net, x, y, target, decision, epochs=epochs, learning_rate=learning_rate,
                        batch_size=batch_size, weight_decay=weight_decay, generator=g)
     return net.eval()
+
+
+MEMBER_SEED_STRIDE = 10_007
+"""Member ``m`` of an ensemble trained with ``seed`` uses ``seed + MEMBER_SEED_STRIDE · m``, so the
+members of nearby seeds (a sweep's 0, 1, 2) never coincide."""
+
+
+def stack_members(nets: Sequence[LossCurveNet]) -> LossCurveNet:
+    """One :class:`LossCurveNet` whose raw curve is the mean of the members' raw curves.
+
+    The members (same input, outputs, hidden sizes, normalisation statistics and decision rule,
+    as :func:`train_losscurve` fits them) become one ReLU MLP with hidden sizes ``M · h``: the
+    first layers stacked, the hidden layers block-diagonal and the output layers side by side,
+    each scaled by ``1 / M``. It is an ordinary network to every consumer (run.json, export,
+    folding, the runtime); ``members`` in its architecture records ``M``.
+    """
+    first = nets[0]
+    M = len(nets)
+    for n in nets[1:]:
+        same = (n.obs_dim, n.n_outputs, n.net_arch, n.margin, n.safe_index, n.monotone_layers) == \
+            (first.obs_dim, first.n_outputs, first.net_arch, first.margin, first.safe_index, first.monotone_layers)
+        stats = all(torch.equal(getattr(n, b), getattr(first, b)) for b in ("obs_mean", "obs_std", "loss_mean", "loss_std"))
+        if not (same and stats):
+            raise ModelLoadError("ensemble members must share their architecture, statistics and decision rule")
+    wide = LossCurveNet(first.obs_dim, first.n_outputs, [M * h for h in first.net_arch], margin=first.margin,
+                        safe_index=first.safe_index, monotone_layers=first.monotone_layers, members=M)
+    linears = [[m for m in n.mlp if isinstance(m, nn.Linear)] for n in nets]
+    with torch.no_grad():
+        for name in ("obs_mean", "obs_std", "loss_mean", "loss_std"):
+            getattr(wide, name).copy_(getattr(first, name))
+        for i, lin in enumerate(m for m in wide.mlp if isinstance(m, nn.Linear)):
+            parts = [ls[i] for ls in linears]
+            if i == len(first.net_arch):  # output (K, M·h): side by side, averaged
+                lin.weight.copy_(torch.cat([q.weight for q in parts], 1) / M)
+                lin.bias.copy_(torch.stack([q.bias for q in parts]).mean(0))
+            elif i == 0:  # first (M·h, D): stacked
+                lin.weight.copy_(torch.cat([q.weight for q in parts], 0))
+                lin.bias.copy_(torch.cat([q.bias for q in parts], 0))
+            else:  # hidden (M·h, M·h): block-diagonal
+                lin.weight.copy_(torch.block_diag(*[q.weight for q in parts]))
+                lin.bias.copy_(torch.cat([q.bias for q in parts], 0))
+    return wide.eval()
 
 
 def _fit_decisions(net: LossCurveNet, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor, obj: DecisionObjective,

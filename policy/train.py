@@ -348,12 +348,12 @@ def fit_run_image_stage(ws: Workspace, cfg: TrainConfig, router: Any, losses: np
 def losscurve_fit_settings(cfg: TrainConfig, candidate_layers: list[int], num_layers: int) -> dict[str, Any]:
     """:func:`~deepinsert.policy.losscurve.train_losscurve`'s keyword arguments from the config,
     except ``seed`` and the decision rule (``margin``, ``safe_index``): the objective and its
-    epochs / learning rate / weight decay, the network shape and the monotone projection."""
+    epochs / learning rate / weight decay, the network shape, the ensemble and the monotone projection."""
     from deepinsert.policy.losscurve import DecisionObjective
 
     a = cfg.algo
     common = {"net_arch": cfg.net_arch, "normalize_obs": cfg.normalize_obs, "batch_size": a.batch_size,
-              "monotone_layers": list(candidate_layers) if a.monotone else None}
+              "monotone_layers": list(candidate_layers) if a.monotone else None, "members": a.ensemble}
     if a.objective == "regression":
         return {**common, "epochs": a.epochs, "learning_rate": a.regression_lr, "weight_decay": a.weight_decay}
     return {**common, "epochs": a.fullinfo_epochs, "learning_rate": a.learning_rate,

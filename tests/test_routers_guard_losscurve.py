@@ -183,6 +183,44 @@ def test_expected_reward_objective_recovers_standin_best_layers_at_several_lams(
                         batch_size=64, seed=0, weight_decay=0.0, decision=DecisionObjective([0, 4, 8], 8))
 
 
+def test_ensemble_is_one_network_whose_raw_curve_is_the_members_mean(tmp_path, tok, weight, obs):
+    """``members`` networks fitted with their own seeds and stacked into one wider MLP: its raw
+    curve equals the mean of the members' (a second computation), the projection applies
+    after, run.json rebuilds it, and the exported graph equals torch."""
+    from deepinsert.policy.losscurve import MEMBER_SEED_STRIDE, LossCurveRouter, stack_members
+
+    x = np.asarray(obs[0])
+    ks = np.asarray(LAYERS)[None, :]
+    losses = 0.3 + 0.5 * (ks >= np.where(x[:, :1] > 0, 2, 6)) + 0.05 * np.sin(x[:, 1:2] * ks)
+    fit = dict(net_arch=[16, 8], normalize_obs=True, epochs=30, learning_rate=3e-3, batch_size=64,
+               weight_decay=1e-3, monotone_layers=LAYERS)
+    members = [train_losscurve(x, losses, seed=5 + MEMBER_SEED_STRIDE * m, **fit) for m in range(3)]
+    ens = train_losscurve(x, losses, seed=5, members=3, **fit)
+    assert ens.net_arch == [48, 24] and ens.architecture()["members"] == 3
+    xt = torch.from_numpy(np.asarray(obs[1]))
+    with torch.no_grad():
+        def raw(n):
+            return n.mlp(n.normalize(xt)) * n.loss_std + n.loss_mean
+        want = torch.stack([raw(n) for n in members]).mean(0)
+        np.testing.assert_allclose(raw(ens).numpy(), want.numpy(), atol=1e-5)
+        np.testing.assert_allclose(ens(xt).numpy(), ens.project(want).numpy(), atol=1e-5)
+        assert not torch.allclose(raw(members[0]), want, atol=1e-3)  # the members differ: a real average
+    back = LossCurveNet.from_architecture(json.loads(json.dumps(ens.architecture())))
+    back.load_state_dict(ens.state_dict())
+    with torch.no_grad():
+        np.testing.assert_array_equal(back(xt).numpy(), ens(xt).numpy())
+    _export(tmp_path / "e", ens, "losscurve", tok, weight)
+    router = Router.load(tmp_path / "e")
+    prompts = _prompts(KNOWN, 100, 23)
+    px = prompt_observations(tok, weight, prompts)
+    ref = LossCurveRouter(ens, LAYERS, 8, 0.1)
+    decs = router.route_batch(prompts, lam=0.1)
+    np.testing.assert_allclose(np.array([d.losses for d in decs]), ref.predict_losses(px), atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal([d.layer for d in decs], np.asarray(LAYERS)[ref.predict(px, lam=0.1)[0]])
+    with pytest.raises(Exception, match="share their architecture"):
+        stack_members([members[0], train_losscurve(x, losses, seed=1, **{**fit, "net_arch": [8, 8]})])
+
+
 def test_losscurve_objective_config_is_validated():
     from deepinsert.errors import ConfigError
 
@@ -195,6 +233,8 @@ def test_losscurve_objective_config_is_validated():
         AlgoConfig(decision_lam_max=float("inf"))
     with pytest.raises(ConfigError, match="algo.regression_weight"):
         AlgoConfig(regression_weight=-1.0)
+    with pytest.raises(ConfigError, match="algo.ensemble"):
+        AlgoConfig(ensemble=0)
 
 
 def test_monotone_curve_is_the_running_max_in_layer_order_and_survives_run_json():
