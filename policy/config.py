@@ -112,8 +112,8 @@ class AlgoConfig:
     """How the loss-curve network is fitted (losscurve). ``expected_reward``: on the reward of
     its own decisions (a softmax at ``decision_temperature``) for λ drawn from
     ``[0, decision_lam_max]``, exactly over the loss table, with ``fullinfo_epochs``,
-    ``learning_rate`` and ``fullinfo_weight_decay`` (docs/routers.md, "Decision-aware
-    training"); ``regression``: mean squared error to the loss table, with ``epochs``,
+    ``learning_rate`` and ``fullinfo_weight_decay`` (docs/routers.md section 13);
+    ``regression``: mean squared error to the loss table, with ``epochs``,
     ``regression_lr`` and ``weight_decay``."""
     decision_temperature: float = 0.01
     """Softmax temperature of the ``expected_reward`` objective, in nats (losscurve)."""
@@ -129,8 +129,8 @@ class AlgoConfig:
     """Adam learning rate of the loss regression (losscurve, ``objective: regression``;
     ``learning_rate`` is the RL and full-information one)."""
     weight_decay: float = 1e-2
-    """Adam weight decay of the regression (losscurve, ``objective: regression``). Strong on purpose: it shrinks the predicted
-    curves toward the training mean, so a prompt unlike the training ones gets the best static
+    """Adam weight decay of the regression (losscurve, ``objective: regression``). Strong on
+    purpose: it shrinks the predicted curves toward the training mean, so a prompt unlike the training ones gets the best static
     layer's decision instead of a confident wrong one (docs/routers.md, "Regularisation")."""
     margin: float = 0.02
     """Decision margin of the loss-curve router, in reward units (answer-loss nats): a prompt
@@ -143,15 +143,15 @@ class AlgoConfig:
     ensemble: int = 3
     """Loss-curve networks fitted independently (other seeds) and averaged into the router
     (losscurve): one wider network in the bundle. Averaging removes most of the seed-to-seed
-    swings of the ``expected_reward`` fit on prompts unlike the training ones (docs/routers.md,
-    "A monotone curve and decision-aware training"); 1 = a single network."""
+    swings of the ``expected_reward`` fit on prompts unlike the training ones (docs/routers.md
+    section 13); 1 = a single network."""
     monotone: bool = True
     """Make the loss-curve router's predicted curve non-decreasing in k (each layer's predicted
     loss is the largest predicted at it or at any shallower candidate layer): a later insertion
     is never predicted to beat an earlier one, so dips in the fitted curve (regression noise on a
     few training prompts) cannot move prompts deeper. At λ = 0 the router then never leaves the
     safe layer for a deeper one. Measured across four draws of training prompts in
-    docs/routers.md, "A monotone loss curve"; false = the raw regression curve."""
+    docs/routers.md section 13; false = the raw fitted curve."""
     fullinfo_epochs: int = 100
     """Passes over the training loss table of the full-information objectives: fullinfo (the
     exact expected reward of the softmax policy, docs/routers.md section 12) and losscurve with
