@@ -112,7 +112,7 @@ class AlgoConfig:
     """How the loss-curve network is fitted (losscurve). ``expected_reward``: on the reward of
     its own decisions (a softmax at ``decision_temperature``) for λ drawn from
     ``[0, decision_lam_max]``, exactly over the loss table, with ``fullinfo_epochs``,
-    ``learning_rate`` and ``fullinfo_weight_decay`` (docs/routers.md section 13);
+    ``fullinfo_lr`` and ``fullinfo_weight_decay`` (docs/routers.md section 13);
     ``regression``: mean squared error to the loss table, with ``epochs``,
     ``regression_lr`` and ``weight_decay``."""
     decision_temperature: float = 0.01
@@ -127,7 +127,7 @@ class AlgoConfig:
     """Regression epochs over the training loss table (losscurve, ``objective: regression``)."""
     regression_lr: float = 1e-3
     """Adam learning rate of the loss regression (losscurve, ``objective: regression``;
-    ``learning_rate`` is the RL and full-information one)."""
+    ``learning_rate`` is the RL one, ``fullinfo_lr`` the full-information one)."""
     weight_decay: float = 1e-2
     """Adam weight decay of the regression (losscurve, ``objective: regression``). Strong on
     purpose: it shrinks the predicted curves toward the training mean, so a prompt unlike the training ones gets the best static
@@ -156,6 +156,9 @@ class AlgoConfig:
     """Passes over the training loss table of the full-information objectives: fullinfo (the
     exact expected reward of the softmax policy, docs/routers.md section 12) and losscurve with
     ``objective: expected_reward``."""
+    fullinfo_lr: float = 3e-3
+    """Adam learning rate of the full-information objectives (fullinfo; losscurve with
+    ``objective: expected_reward``); ``learning_rate`` is the RL algorithms'."""
     fullinfo_weight_decay: float = 1e-3
     """Adam weight decay of the full-information objectives (fullinfo; losscurve with
     ``objective: expected_reward``)."""
@@ -191,6 +194,9 @@ class AlgoConfig:
         if self.regression_lr <= 0:
             raise ConfigError(f"algo.regression_lr must be > 0, got {self.regression_lr}")
         _finite("algo.fullinfo_weight_decay", self.fullinfo_weight_decay, lo=0.0)
+        _finite("algo.fullinfo_lr", self.fullinfo_lr, lo=0.0)
+        if self.fullinfo_lr <= 0:
+            raise ConfigError(f"algo.fullinfo_lr must be > 0, got {self.fullinfo_lr}")
         for name in ("n_steps", "batch_size", "n_epochs", "buffer_size", "target_update_interval", "epochs",
                      "fullinfo_epochs"):
             _positive_int(f"algo.{name}", getattr(self, name))

@@ -246,7 +246,7 @@ def train_fullinfo_router(
         a = cfg.algo
         info["train_expected_reward"] = fit_fullinfo(
             algo.policy, train.observations, losses, ws.candidate_layers, ws.num_layers, cfg.lam,
-            epochs=a.fullinfo_epochs, learning_rate=a.learning_rate, batch_size=a.batch_size,
+            epochs=a.fullinfo_epochs, learning_rate=a.fullinfo_lr, batch_size=a.batch_size,
             weight_decay=a.fullinfo_weight_decay, seed=cfg.seed)
         save_model_atomic(algo, out / MODEL_FILE, run_dir=out)
         save_policy_weights(algo.policy, out / WEIGHTS_FILE)
@@ -356,7 +356,7 @@ def losscurve_fit_settings(cfg: TrainConfig, candidate_layers: list[int], num_la
               "monotone_layers": list(candidate_layers) if a.monotone else None, "members": a.ensemble}
     if a.objective == "regression":
         return {**common, "epochs": a.epochs, "learning_rate": a.regression_lr, "weight_decay": a.weight_decay}
-    return {**common, "epochs": a.fullinfo_epochs, "learning_rate": a.learning_rate,
+    return {**common, "epochs": a.fullinfo_epochs, "learning_rate": a.fullinfo_lr,
             "weight_decay": a.fullinfo_weight_decay,
             "decision": DecisionObjective(list(candidate_layers), num_layers, a.decision_temperature,
                                           a.decision_lam_max, a.regression_weight)}

@@ -235,6 +235,9 @@ def test_losscurve_objective_config_is_validated():
         AlgoConfig(regression_weight=-1.0)
     with pytest.raises(ConfigError, match="algo.ensemble"):
         AlgoConfig(ensemble=0)
+    with pytest.raises(ConfigError, match="algo.fullinfo_lr"):
+        AlgoConfig(fullinfo_lr=0.0)
+    assert AlgoConfig(learning_rate=3e-4).fullinfo_lr == 3e-3  # the RL rate no longer sets the fit's
 
 
 def test_monotone_curve_is_the_running_max_in_layer_order_and_survives_run_json():
