@@ -4,7 +4,7 @@
 
 For every loss-curve run of a sweep folder (``SWEEP/losscurve/seed*``, as the main job writes
 them) and every budget 0.45, 0.50, …, 0.95 (target mean FLOPs fraction, Eq. 5, relative to
-k = 0), the λ each request with that budget gets (``deepinsert.router.bundle.lam_for_budget`` on
+k = 0), the λ each request with that budget gets (``deepinsert.router.bundle.lams_for_budget`` on
 the run's calibration table, fitted on the validation split: one of the two λ around the budget,
 by the prompt's text, as the runtime does), then the router's decisions at those λ on ``test``
 and ``test_unseen`` (guard included, as served): the achieved mean FLOPs
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     from deepinsert.errors import InputError
     from deepinsert.policy.run import load_run
-    from deepinsert.router.bundle import budget_mix, lam_for_budget, request_position
+    from deepinsert.router.bundle import budget_mix, lams_for_budget, request_position
 
     run_dirs = sorted((args.sweep / "losscurve").glob("seed*"))
     if not run_dirs:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             lo, hi, share = budget_mix(table, budget)
             row: dict[str, Any] = {"run": rd.name, "budget": budget, "lam": [lo, hi], "share_at_hi": share}
             for n, t in b.tables.items():
-                lams = np.array([lam_for_budget(table, budget, q) for q in positions[n]])
+                lams = np.array(lams_for_budget(table, budget, positions[n]))
                 a = np.where(lams == hi, run.predict(t.router_inputs, hi), run.predict(t.router_inputs, lo))
                 r = np.arange(len(a))
                 fl = float(t.flops[r, a].mean())

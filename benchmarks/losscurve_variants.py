@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with torch.no_grad():
             out = {}
             for n, t in b.tables.items():
-                raw = net.mlp(net.normalize(torch.from_numpy(t.observations))) * net.loss_std + net.loss_mean
+                raw = net.raw(torch.from_numpy(t.observations))
                 out[n] = (net.project(raw) if projected else raw).numpy()
             return out
 

@@ -143,8 +143,12 @@ class LossCurveNet(nn.Module):
             return losses
         return torch.amax(losses.unsqueeze(1) + self.no_deeper, dim=-1)
 
+    def raw(self, obs: torch.Tensor) -> torch.Tensor:
+        """``obs (B, D) -> (B, K)``: the predicted curve before :meth:`project`."""
+        return self.mlp(self.normalize(obs)) * self.loss_std + self.loss_mean
+
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.project(self.mlp(self.normalize(obs)) * self.loss_std + self.loss_mean)
+        return self.project(self.raw(obs))
 
 
 def decide(pred_losses: np.ndarray, candidate_layers: Sequence[int], lam: float, num_layers: int, *,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,11 +123,16 @@ def request_position(key: bytes) -> float:
     return zlib.crc32(key) / 2.0**32
 
 
-def lam_for_budget(table: dict[str, Any], budget: float, position: float) -> float:
-    """The λ a request at ``position`` (:func:`request_position`) decides at under ``budget``:
-    ``lam_hi`` of :func:`budget_mix` when ``position < share``, else ``lam_lo``."""
+def lams_for_budget(table: dict[str, Any], budget: float, positions: Sequence[float]) -> list[float]:
+    """The λ each request at ``positions`` (:func:`request_position`) decides at under ``budget``:
+    ``lam_hi`` of :func:`budget_mix` where ``position < share``, else ``lam_lo`` (the mix found once)."""
     lo, hi, share = budget_mix(table, budget)
-    return hi if position < share else lo
+    return [hi if p < share else lo for p in positions]
+
+
+def lam_for_budget(table: dict[str, Any], budget: float, position: float) -> float:
+    """:func:`lams_for_budget` for one request."""
+    return lams_for_budget(table, budget, [position])[0]
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ from deepinsert.router.bundle import (
     graph_io,
     graph_metadata,
     lam_for_budget,
+    lams_for_budget,
     read_bundle_info,
     request_position,
     verify_checksums,
@@ -297,6 +298,13 @@ class Router:
             raise InputError("this bundle has no budget calibration table; pass lam instead")
         return float(lam_for_budget(table, float(budget), request_position(key)))
 
+    def _lams(self, lam: float | None, budget: float | None, keys: Sequence[bytes]) -> list[float]:
+        """:meth:`lam_for` for each of many requests (``keys``), a budget's mix found once per batch."""
+        lam_ = self.lam_for(lam, budget)
+        if budget is None:
+            return [lam_] * len(keys)
+        return lams_for_budget(self.info.budget_table, float(budget), [request_position(k) for k in keys])
+
     @staticmethod
     def _per_lam(lams: list[float], decide: Callable[[list[int], float], list[RouteDecision]]) -> list[RouteDecision]:
         """Row ``i``'s decision at ``lams[i]``: ``decide(rows, λ)`` once per distinct λ."""
@@ -457,9 +465,9 @@ class Router:
     def route_batch(self, prompts: Sequence[str], *, lam: float | None = None, budget: float | None = None) -> list[RouteDecision]:
         """:meth:`route` for many prompts at once (one graph call per memory-bounded chunk; with a
         ``budget``, per λ of the mix)."""
-        self.lam_for(lam, budget)  # validates even an empty batch
+        self.lam_for(lam, budget)  # λ / budget errors first, as for one prompt, even for an empty batch
         toks = self._token_ids_batch(prompts)
-        return self._per_lam([self.lam_for(lam, budget, _text_key(p)) for p in prompts],
+        return self._per_lam(self._lams(lam, budget, [_text_key(p) for p in prompts]),
                              lambda idx, lam_: self._route_ids([toks[i] for i in idx], lam_)[0])
 
     def observation(self, prompts: str | Sequence[str]) -> np.ndarray:
@@ -512,9 +520,9 @@ class Router:
 
     def route_embeddings(self, mat: np.ndarray, *, lam: float | None = None, budget: float | None = None) -> list[RouteDecision]:
         """Route a batch of observation vectors (B, D) (with a ``budget``, one pass per λ of the mix)."""
-        self.lam_for(lam, budget)
+        self.lam_for(lam, budget)  # λ / budget errors first
         arr = self._embeddings(mat, False)
-        return self._per_lam([self.lam_for(lam, budget, row.tobytes()) for row in arr],
+        return self._per_lam(self._lams(lam, budget, [row.tobytes() for row in arr]),
                              lambda idx, lam_: self._decisions(self._run_policy(np.ascontiguousarray(arr[idx]), lam_),
                                                                lam_, None))
 
