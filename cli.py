@@ -388,7 +388,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"wrote {result.bundle_dir}: {info.algorithm} router, {lam_note}, layers {list(info.candidate_layers)}")
     g = info.guard
     if g is not None:
-        print(f"guard: falls back to layer {g['fallback_layer']} above score {g['threshold']:.4g} "
+        fbl = g.get("fallback_by_lam")
+        where = (f"layer {g['fallback_layer']}" if fbl is None else "the best fixed layer at the request's lambda ("
+                 + ", ".join(f"{k} from {v:.3g}" if i else f"{k}" for i, (k, v) in enumerate(zip(fbl["layers"], [0.0, *fbl["from_lam"]])))
+                 + ")")
+        print(f"guard: falls back to {where} above score {g['threshold']:.4g} "
               f"(trips on {100 * (g.get('val_trip_rate') or 0):.1f}% of the validation split)")
     sz = info.size
     print(f"size: {sz['total_bytes'] / 1e6:.2f} MB ({'folded' if info.folded else 'unfolded'} table "
@@ -657,7 +661,7 @@ def describe_path(path: Path) -> dict[str, Any]:
                 "checksums_checked": sorted(info.checksums), "problems": problems,
                 "folded": info.folded, "size_mb": round(info.size.get("total_bytes", 0) / 1e6, 3),
                 "table_shape": info.size.get("table_shape"),
-                "guard": None if info.guard is None else {k: info.guard[k] for k in ("threshold", "fallback_layer")},
+                "guard": None if info.guard is None else {k: info.guard.get(k) for k in ("threshold", "fallback_layer", "fallback_by_lam")},
                 "decision_margin": (info.run or {}).get("decision_margin", 0.0) if info.supports_lam else None,
                 "request_lam": info.supports_lam,
                 "image_stage": None if not info.image_stage else {k: info.image_stage[k] for k in ("summary", "summary_dim")}}

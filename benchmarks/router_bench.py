@@ -54,6 +54,16 @@ class Bench:
     splits: dict[str, Any]
     tables: dict[str, Any]
     margin: float = 0.0
+    fallback_by_lam: dict[str, Any] | None = None  # the config's ``fallback_layer: auto`` table, else None
+
+    def fallback_index(self, lam: float) -> int:
+        """Index of the guard's fallback layer at ``lam``: the λ-following table's layer
+        (``fallback_layer: auto``), else the safe layer."""
+        if self.fallback_by_lam is None:
+            return self.safe
+        from deepinsert.router.bundle import fallback_at
+
+        return list(self.ws.candidate_layers).index(fallback_at(self.fallback_by_lam, lam))
 
     def fit(self, x: np.ndarray, seed: int, weight_decay: float | None = None, losses: np.ndarray | None = None) -> Any:
         """The config's loss-curve network (its objective, settings and monotone projection:
@@ -76,12 +86,13 @@ class Bench:
     def actions(self, pred: np.ndarray, lam: float, fallback: np.ndarray | None = None,
                 margin: float | None = None) -> np.ndarray:
         """Action indices ``(S,)`` for predicted curves ``pred (S, K)`` at ``lam``: the loss-curve
-        decision with ``margin`` (default: the bench's), ``fallback (S,)`` rows at the safe layer."""
+        decision with ``margin`` (default: the bench's), ``fallback (S,)`` rows at the guard's
+        fallback layer (:meth:`fallback_index`)."""
         from deepinsert.policy.losscurve import decide
 
         a = decide(pred, self.ws.candidate_layers, lam, self.ws.num_layers,
                    margin=self.margin if margin is None else margin, safe_index=self.safe)
-        return a if fallback is None else np.where(fallback, self.safe, a)
+        return a if fallback is None else np.where(fallback, self.fallback_index(lam), a)
 
     def train_fixed(self, algorithm: str, lam: float, seed: int, folder: Path, train: Any = None) -> Any:
         """A fixed-λ router (``ppo``, ``fullinfo``, ...) trained by ``deepinsert train``'s code into
@@ -103,16 +114,17 @@ class Bench:
 
     def fixed_captured(self, run: Any, lam: float, fallback: dict[str, np.ndarray]) -> dict[str, float]:
         """Captured gain per split of the fixed-λ ``run`` at ``lam``; ``fallback[split] (S,)`` rows
-        go to the safe layer."""
+        go to the guard's fallback layer at ``lam``."""
         from deepinsert.policy.evaluate import compare
 
-        return {n: float(compare(t, lam, np.where(fallback[n], self.safe, run.predict_raw(t.observations)),
+        return {n: float(compare(t, lam, np.where(fallback[n], self.fallback_index(lam), run.predict_raw(t.observations)),
                                  fallback[n])["captured_gain"]) for n, t in self.tables.items()}
 
     def captured(self, preds: dict[str, np.ndarray],
                  fallback: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
         """Per split: captured gain at each λ of ``LAMS`` and ``accuracy@0.1`` for predicted curves
-        ``preds[split] (S, K)``; ``fallback[split] (S,)`` sends those prompts to the lowest layer."""
+        ``preds[split] (S, K)``; ``fallback[split] (S,)`` sends those prompts to the guard's
+        fallback layer."""
         from deepinsert.policy.evaluate import compare
 
         out: dict[str, dict[str, float]] = {}
@@ -170,7 +182,14 @@ def open_bench(config: str, *, val: bool = False, accuracy: bool = True, margin:
     train = ws.splits["train"]
     losses = ws.cache.table(train.samples, ws.candidate_layers, progress=False)
     tables = {n: build_tables(ws, s, accuracy=accuracy, progress=False) for n, s in splits.items()}
-    return Bench(cfg, ws, train, losses, splits, tables, cfg.algo.margin if margin is None else float(margin))
+    fb_table = None
+    if cfg.fallback_layer == "auto":  # as `deepinsert train` calibrates it: on validation, else train
+        from deepinsert.policy.fallback import static_envelope
+
+        cal = splits.get("val") or validation_split(ws, cfg) or train
+        cal_losses = ws.cache.table(cal.samples, ws.candidate_layers, progress=False)
+        fb_table = static_envelope(cal_losses.mean(0), ws.candidate_layers, ws.num_layers)
+    return Bench(cfg, ws, train, losses, splits, tables, cfg.algo.margin if margin is None else float(margin), fb_table)
 
 
 EXTRA_WORDINGS = {"reworded": 11, "reordered": 12}

@@ -93,6 +93,7 @@ def export_bundle(
     model_architecture: str | None = None,
     guard: Any = None,
     fallback_layer: int | None = None,
+    fallback_by_lam: dict[str, Any] | None = None,
     budget_table: dict[str, Any] | None = None,
     image_stage: Any = None,
     fold: bool = True,
@@ -116,7 +117,10 @@ def export_bundle(
         model_architecture: the model's class name (``type(vlm.model).__name__``), recorded
             and checked the same way.
         guard: the run's :class:`~deepinsert.policy.guard.ObsGuard` (None: no guard).
-        fallback_layer: where a tripped guard routes (default: the lowest candidate layer).
+        fallback_layer: where a tripped guard routes (default: the lowest candidate layer); with
+            ``fallback_by_lam``, the layer at the bundle's ``lam``.
+        fallback_by_lam: loss-curve only: a λ-following fallback (``fallback_layer: auto``;
+            :func:`deepinsert.router.bundle.fallback_at`), applied at each request's λ.
         budget_table: loss-curve only: the λ -> mean FLOPs fraction calibration table.
         image_stage: loss-curve only: the run's image-aware second stage
             (:class:`~deepinsert.policy.image_stage.ImageStage`), exported as ``image_stage.onnx``.
@@ -176,11 +180,19 @@ def export_bundle(
         fb = min(layers) if fallback_layer is None else int(fallback_layer)
         if fb not in layers:
             raise InputError(f"fallback_layer {fb} is not one of the candidate layers {layers}")
+        if fallback_by_lam is not None:
+            from deepinsert.router.bundle import check_fallback_table, fallback_at
+
+            if kind != "losscurve":
+                raise InputError("fallback_by_lam needs a loss-curve router (a fixed-λ policy has one fallback layer)")
+            check_fallback_table(fallback_by_lam, layers, InputError, "fallback_by_lam")
+            if fallback_at(fallback_by_lam, float(lam)) != fb:
+                raise InputError(f"fallback_layer {fb} is not fallback_by_lam's layer at λ={lam:g}")
 
     decision = {}
     if kind == "losscurve" and policy.margin > 0:
         safe = layers[policy.safe_index]
-        if fb is not None and safe != fb:
+        if fb is not None and fallback_by_lam is None and safe != fb:
             raise InputError(f"the loss-curve router's safe layer {safe} (decision margin) is not the guard's "
                              f"fallback layer {fb}")
         decision = {"decision_margin": float(policy.margin), "safe_layer": int(safe)}
@@ -198,6 +210,9 @@ def export_bundle(
     guard_block = None
     if guard is not None:
         guard_block = {**guard.meta(), "fallback_layer": fb}
+        if fallback_by_lam is not None:
+            guard_block["fallback_by_lam"] = {"layers": [int(k) for k in fallback_by_lam["layers"]],
+                                              "from_lam": [float(v) for v in fallback_by_lam["from_lam"]]}
     info = BundleInfo(
         algorithm=str(algorithm),
         lam=float(lam),
@@ -301,6 +316,7 @@ def export_run(
         algorithm=info["algorithm"],
         guard=run.guard,
         fallback_layer=info.get("fallback_layer"),
+        fallback_by_lam=info.get("fallback_by_lam"),
         budget_table=info.get("budget_table"),
         image_stage=run.image_stage,
         fold=fold,

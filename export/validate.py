@@ -201,6 +201,12 @@ def validate_bundle(
                 bad = np.flatnonzero(clear & (want_fb != got_fb))
                 if bad.size:
                     raise BundleError(f"the bundle's guard trips differently from the NumPy guard on {bad.size} {what}")
+                fb_layer = info.fallback_layer_at(lam)  # the guard's layer at this λ (λ-following or fixed)
+                wrong = [i for i, d in enumerate(decs)
+                         if d.layer != (fb_layer if d.fallback else info.candidate_layers[d.index])]
+                if wrong:
+                    raise BundleError(f"the bundle routes {len(wrong)} {what} to another layer than its decision "
+                                      f"(guard fallback {fb_layer} at λ={lam:g}), e.g. #{wrong[0]}")
                 report[f"max_rel_ood_diff_{what}"] = max(report.get(f"max_rel_ood_diff_{what}", 0.0), float(odiff.max()))
                 report[f"fallback_rate_{what}"] = float(want_fb.mean())
         if image_stage is not None:

@@ -134,7 +134,7 @@ class AlgoConfig:
     layer's decision instead of a confident wrong one (docs/routers.md, "Regularisation")."""
     margin: float = 0.02
     """Decision margin of the loss-curve router, in reward units (answer-loss nats): a prompt
-    leaves the safe layer (the guard's fallback layer, by default the stock model's k = 0) only
+    leaves the safe layer (a fixed ``fallback_layer``; else the stock model's k = 0) only
     when the best layer's predicted reward beats the safe layer's by more than this. Guards
     against near-ties decided by regression noise and against wordings the model itself
     struggles with (docs/routers.md, "Decision margin"); 0 = plain argmax. With ``monotone``
@@ -249,8 +249,12 @@ class TrainConfig:
     """Width g of the guard's whitened PCA projection (folded into the bundle's table)."""
     guard_quantile: float = 0.97
     """The guard trips above this quantile of the validation split's scores."""
-    fallback_layer: int | None = None
-    """Layer a tripped guard routes to (None: the lowest candidate layer, the stock model)."""
+    fallback_layer: int | str | None = None
+    """Layer a tripped guard routes to (None: the lowest candidate layer, the stock model), or
+    ``auto``: the best fixed layer at the request's λ on the validation split (a step function
+    of λ stored in the run and the bundle; deepinsert/policy/fallback.py). ``auto`` is the one
+    to use on a DeepInsert-adapted model, whose best fixed layer moves deep as λ grows
+    (docs/finetune.md); on the base demo it is k = 0 up to λ = 0.5."""
     checkpoint_every: int = 10_000
     """Save a checkpoint every this many timesteps (0: never)."""
     loss_batch_size: int = 64
@@ -297,7 +301,9 @@ class TrainConfig:
         _finite("guard_quantile", self.guard_quantile, lo=0.5)
         if self.guard_quantile >= 1.0:
             raise ConfigError(f"guard_quantile must be < 1, got {self.guard_quantile}")
-        if self.fallback_layer is not None:
+        if self.fallback_layer is not None and self.fallback_layer != "auto":
+            if isinstance(self.fallback_layer, str):
+                raise ConfigError(f"fallback_layer must be a layer number or 'auto', got {self.fallback_layer!r}")
             _positive_int("fallback_layer", self.fallback_layer, allow_zero=True)
         _positive_int("loss_batch_size", self.loss_batch_size)
         _positive_int("max_new_tokens", self.max_new_tokens)

@@ -379,22 +379,28 @@ def _fit_decisions(net: LossCurveNet, x: torch.Tensor, y: torch.Tensor, target: 
 
 def budget_table(pred_losses: np.ndarray, flops: np.ndarray, candidate_layers: Sequence[int], num_layers: int,
                  fallback: np.ndarray | None = None, fallback_index: int = 0,
-                 lams: Sequence[float] | None = None, margin: float = 0.0) -> dict[str, list[float]]:
+                 lams: Sequence[float] | None = None, margin: float = 0.0,
+                 fallback_by_lam: dict[str, Any] | None = None) -> dict[str, list[float]]:
     """The monotone λ -> mean FLOPs fraction table of a calibration split.
 
     ``pred_losses`` ``(S, K)`` predicted losses, ``flops`` ``(S, K)`` each prompt's FLOPs
     fraction per candidate layer, ``fallback`` ``(S,)`` the guard's trips (those prompts
     stay at the fallback layer whatever λ), ``margin`` the router's decision margin (its safe
-    layer is the fallback layer). The FLOPs column is made non-increasing in λ
-    (a running minimum), so a budget maps to one λ.
+    layer is ``fallback_index``). ``fallback_by_lam``: a λ-following fallback
+    (:func:`deepinsert.router.bundle.fallback_at`) for the tripped prompts instead of
+    ``fallback_index``. The FLOPs column is made non-increasing in λ (a running minimum), so a
+    budget maps to one λ.
     """
+    from deepinsert.router.bundle import fallback_at
+
     grid = np.asarray(lams if lams is not None else default_lam_grid(), dtype=np.float64)
     rows = np.arange(len(pred_losses))
     fr = []
     for lam in grid:
         a = decide(pred_losses, candidate_layers, float(lam), num_layers, margin=margin, safe_index=fallback_index)
         if fallback is not None:
-            a = np.where(fallback, fallback_index, a)
+            fi = fallback_index if fallback_by_lam is None else list(candidate_layers).index(fallback_at(fallback_by_lam, lam))
+            a = np.where(fallback, fi, a)
         fr.append(float(flops[rows, a].mean()))
     mono = np.minimum.accumulate(np.asarray(fr))
     return {"lam": [float(v) for v in grid], "flops_fraction": [float(v) for v in mono]}

@@ -83,12 +83,26 @@ def run_info(cfg: TrainConfig, candidate_layers: list[int], num_layers: int, obs
 
 
 def fallback_layer(cfg: TrainConfig, candidate_layers: list[int]) -> int:
-    """The guard's fallback layer: ``cfg.fallback_layer`` (must be a candidate) or the lowest candidate."""
-    if cfg.fallback_layer is None:
+    """The router's *safe layer*: ``cfg.fallback_layer`` (must be a candidate) or the lowest
+    candidate (also for ``auto``, whose λ-following guard fallback :func:`fill_fallback` adds
+    once the calibration losses are known; the decision margin stays relative to this one)."""
+    if cfg.fallback_layer is None or cfg.fallback_layer == "auto":
         return int(min(candidate_layers))
     if int(cfg.fallback_layer) not in candidate_layers:
         raise ConfigError(f"fallback_layer {cfg.fallback_layer} is not one of the candidate layers {candidate_layers}")
     return int(cfg.fallback_layer)
+
+
+def fill_fallback(info: dict[str, Any], cfg: TrainConfig, ws: Any, cal: Any) -> None:
+    """With ``fallback_layer: auto``: set ``info["fallback_layer"]`` to the best fixed layer at
+    the config's λ and, for a loss-curve run, ``info["fallback_by_lam"]`` to the whole step
+    function, from the loss table of ``cal`` (a workspace split: validation, else train)."""
+    if cfg.fallback_layer != "auto":
+        return
+    from deepinsert.policy.fallback import fallback_info
+
+    losses = ws.cache.table(cal.samples, ws.candidate_layers, progress=False)
+    info.update(fallback_info(cfg, ws.candidate_layers, ws.num_layers, losses, cfg.algorithm == "losscurve"))
 
 
 def _is_int(v: Any, lo: int = 0) -> bool:
@@ -124,6 +138,10 @@ def check_run_info(info: Any, where: str) -> dict[str, Any]:
             raise bad("'policy' must hold net_arch (positive integers), normalize_obs and n_actions = len(candidate_layers)")
     if info.get("image_stage") is not None and info.get("algorithm") != "losscurve":
         raise bad("'image_stage' needs algorithm 'losscurve'")
+    if info.get("fallback_by_lam") is not None:
+        from deepinsert.router.bundle import check_fallback_table
+
+        check_fallback_table(info["fallback_by_lam"], layers, ModelLoadError, f"{where}: 'fallback_by_lam'")
     if "trained_timesteps" in info and not _is_int(info["trained_timesteps"]):
         raise bad(f"'trained_timesteps' must be an integer >= 0, got {info['trained_timesteps']!r}")
     return info
@@ -278,10 +296,20 @@ class TrainedRun:
 
     @property
     def fallback_index(self) -> int:
-        """Action index of the guard's fallback layer (default: the lowest candidate)."""
+        """Action index of the guard's fallback layer at the run's λ (default: the lowest candidate)."""
         k = self.info.get("fallback_layer")
         layers = self.candidate_layers
         return layers.index(int(k)) if _is_int(k) and k in layers else int(np.argmin(layers))
+
+    def fallback_index_at(self, lam: float | None) -> int:
+        """Action index of the guard's fallback layer for decisions at ``lam`` (None: the run's λ):
+        the λ-following table's layer (``fallback_layer: auto``), else :attr:`fallback_index`."""
+        table = self.info.get("fallback_by_lam")
+        if table is None or lam is None:
+            return self.fallback_index
+        from deepinsert.router.bundle import fallback_at
+
+        return self.candidate_layers.index(fallback_at(table, float(lam)))
 
     def _check(self, obs: np.ndarray) -> np.ndarray:
         """Router inputs ``(B, D)`` or ``(B, 2D)`` (``[observation | order]``) as a 2-D float32 array."""
@@ -324,7 +352,7 @@ class TrainedRun:
         ``lam`` (loss-curve routers only): decide at this λ instead of the run's.
         """
         a = self.predict_raw(obs, lam)
-        return np.where(self.fallback(obs), self.fallback_index, a)
+        return np.where(self.fallback(obs), self.fallback_index_at(lam), a)
 
     def predict_two_stage(self, obs: np.ndarray, summaries: np.ndarray, has_image: np.ndarray,
                           lam: float | None = None) -> np.ndarray:

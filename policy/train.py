@@ -22,6 +22,7 @@ from deepinsert.policy.run import (
     MODEL_FILE,
     WEIGHTS_FILE,
     algorithm_class,
+    fill_fallback,
     load_for_resume,
     read_run_info,
     run_info,
@@ -151,6 +152,7 @@ def train_router(
     write_config(out, cfg)
     info = run_info(cfg, ws.candidate_layers, ws.num_layers, problem.obs_dim)
     info.update(fit_run_guard(ws, cfg, out))  # depends on the observations only: before training
+    fill_fallback(info, cfg, ws, validation_split(ws, cfg) or train_split)
     tb_dir = out / "tb"
 
     algo = None
@@ -241,6 +243,7 @@ def train_fullinfo_router(
         (out / METRICS_FILE).unlink(missing_ok=True)
         losses = ws.cache.table(train.samples, ws.candidate_layers, progress="loss table (train)" if progress else False)
         info.update(fit_run_guard(ws, cfg, out))
+        fill_fallback(info, cfg, ws, validation_split(ws, cfg) or train)
         venv = InsertionLayerVecEnv(ws.problem("train", cfg.lam), cfg.n_envs, seed=cfg.seed)
         algo = build_algorithm(cfg, venv, None)
         a = cfg.algo
@@ -390,9 +393,10 @@ def train_losscurve_router(
         info["trained_timesteps"] = 0
         info["trained_samples"] = len(train.samples)
         info.update(fit_run_guard(ws, cfg, out))
+        cal = validation_split(ws, cfg) or train  # calibrates the fallback and the budget table
+        fill_fallback(info, cfg, ws, cal)
         info["image_stage"] = fit_run_image_stage(ws, cfg, router, losses, out, progress=progress) if cfg.algo.image_stage else None
         # the budget -> λ calibration table, on the validation split (train if there is none)
-        cal = validation_split(ws, cfg) or train
         from deepinsert.policy.guard import ObsGuard
 
         guard = ObsGuard.load(out)
@@ -401,7 +405,8 @@ def train_losscurve_router(
                           for t in tokens], dtype=np.float64)
         fb = guard.trips(cal.router_inputs) if guard is not None else None
         info["budget_table"] = {**budget_table(router.predict_losses(cal.observations), flops, ws.candidate_layers,
-                                               ws.num_layers, fb, net.safe_index, margin=net.margin), "split": cal.name}
+                                               ws.num_layers, fb, net.safe_index, margin=net.margin,
+                                               fallback_by_lam=info.get("fallback_by_lam")), "split": cal.name}
         atomic_write_json(out / INFO_FILE, info)
         ws.cache.save()
     if evaluate:

@@ -114,6 +114,34 @@ def budget_mix(table: dict[str, Any], budget: float) -> tuple[float, float, floa
     return lams[-1], lams[-1], 0.0
 
 
+def fallback_at(table: dict[str, Any], lam: float) -> int:
+    """The layer a tripped guard routes to at ``lam`` under a λ-following fallback
+    (``fallback_layer: auto``): ``table = {"layers": [k₀, k₁, ...], "from_lam": [λ₁, λ₂, ...]}``,
+    the best fixed layer on the calibration split as a step function of λ — ``k₀`` below ``λ₁``,
+    ``kᵢ`` on ``(λᵢ, λᵢ₊₁]`` (at a breakpoint both layers score the same; the shallower is used)."""
+    import bisect
+
+    return int(table["layers"][bisect.bisect_left([float(v) for v in table["from_lam"]], float(lam))])
+
+
+def check_fallback_table(table: Any, candidate_layers: Sequence[int], error: type[Exception], where: str) -> None:
+    """Raise ``error`` unless ``table`` is a :func:`fallback_at` table over ``candidate_layers``:
+    layers strictly increasing candidates, one fewer finite, strictly increasing breakpoints."""
+    import math
+
+    ok = isinstance(table, dict) and isinstance(table.get("layers"), list) and isinstance(table.get("from_lam"), list)
+    if ok:
+        layers, lams = table["layers"], table["from_lam"]
+        ok = (len(layers) >= 1 and len(lams) == len(layers) - 1
+              and all(isinstance(k, int) and not isinstance(k, bool) and k in candidate_layers for k in layers)
+              and all(b > a for a, b in zip(layers, layers[1:]))
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in lams)
+              and all(b > a for a, b in zip(lams, lams[1:])))
+    if not ok:
+        raise error(f"{where} must be {{'layers': [increasing candidate layers], 'from_lam': [one fewer "
+                    f"increasing finite λ]}}, got {table!r}"[:300])
+
+
 def request_position(key: bytes) -> float:
     """A request's place in ``[0, 1)`` for :func:`lam_for_budget`: CRC-32 of ``key`` (the prompt's
     UTF-8 text, or an observation's float32 bytes) over 2³², so the same prompt always gets the
@@ -193,7 +221,16 @@ class BundleInfo:
 
     @property
     def fallback_layer(self) -> int | None:
+        """The guard's fallback layer at the bundle's own λ (None: no guard)."""
         return None if self.guard is None else int(self.guard["fallback_layer"])
+
+    def fallback_layer_at(self, lam: float) -> int | None:
+        """The guard's fallback layer for a request at ``lam``: the λ-following table's layer
+        when the bundle has one (``guard.fallback_by_lam``), else :attr:`fallback_layer`."""
+        if self.guard is None:
+            return None
+        table = self.guard.get("fallback_by_lam")
+        return int(self.guard["fallback_layer"]) if table is None else fallback_at(table, lam)
 
     def __post_init__(self) -> None:
         if self.format != BUNDLE_FORMAT:
@@ -223,6 +260,8 @@ class BundleInfo:
                 raise BundleError("router.json: guard must be an object with a numeric threshold")
             if not (g["threshold"] >= 0) or g.get("fallback_layer") not in self.candidate_layers:
                 raise BundleError(f"router.json: guard threshold must be >= 0 and fallback_layer one of {list(self.candidate_layers)}")
+            if g.get("fallback_by_lam") is not None:
+                check_fallback_table(g["fallback_by_lam"], self.candidate_layers, BundleError, "router.json: guard.fallback_by_lam")
         if self.budget_table is not None:
             t = self.budget_table
             try:

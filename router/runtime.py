@@ -14,7 +14,8 @@ default) is routed on its first ``max_tokens`` tokens, exactly like the training
 environment; the decision then has ``truncated=True``.
 
 Guard: a prompt whose ``ood_score`` exceeds ``info.guard["threshold"]`` (it looks like no
-training prompt) goes to ``info.guard["fallback_layer"]`` with ``fallback=True``.
+training prompt) goes to ``info.guard["fallback_layer"]`` (with a λ-following fallback,
+``info.guard["fallback_by_lam"]``'s layer at the request's λ) with ``fallback=True``.
 
 Image-aware stage: a bundle exported with one (``info.image_stage``) refines a decision
 from a summary of the image (:meth:`Router.refine`, called where the image features are:
@@ -138,7 +139,6 @@ class Router:
         self._policy_in, self._policy_out = graph_io("policy", with_lam=info.supports_lam, folded=info.folded)
         g = info.guard
         self._threshold = None if g is None else float(g["threshold"])
-        self._fallback_index = None if g is None else info.candidate_layers.index(int(g["fallback_layer"]))
         self._guard_points = int(g.get("n_points", 1)) * int(g.get("dim", 1)) if g is not None else 0
 
     # ------------------------------------------------------------------ loading
@@ -381,9 +381,10 @@ class Router:
         ood = out["ood_score"].tolist()
         losses = out["losses"].tolist() if "losses" in out else None
         res = []
+        fb_layer = self.info.fallback_layer_at(lam)  # the guard's layer at this λ (None: no guard)
         for r, a in enumerate(acts):
             fb = self._threshold is not None and not (ood[r] <= self._threshold)  # NaN trips too
-            k = int(self._layers[self._fallback_index if fb else a])
+            k = int(fb_layer) if fb else int(self._layers[a])
             res.append(RouteDecision(
                 k, int(a), tuple(probs[r]),
                 None if toks is None else len(toks[r][0]), False if toks is None else toks[r][1],

@@ -56,3 +56,45 @@ def test_losscurve_train_evaluate_export_route(config, tmp_path, capsys):
     line = json.loads(capsys.readouterr().out.strip())
     assert line["lam"] == pytest.approx(router.lam_for(budget=0.7, key=q.encode())) and len(line["losses"]) == len(run.candidate_layers)
     assert np.isfinite(line["ood_score"])
+
+
+def test_auto_fallback_follows_the_best_fixed_layer_on_validation(config, tmp_path, capsys):
+    """``fallback_layer: auto`` through `deepinsert train` and `export`: a tripped prompt goes to
+    the layer with the best mean reward on the validation split at the request's λ (brute force
+    over the cached loss table), in the run and in the bundle; the margin stays at k = 0."""
+    import yaml
+    from deepinsert.cli import main
+    from deepinsert.policy import load_run
+    from deepinsert.policy.config import load_train_config
+    from deepinsert.policy.train import validation_split
+    from deepinsert.policy.workspace import open_workspace
+    from deepinsert.router import Router
+
+    raw = yaml.safe_load(config.read_text())
+    raw["fallback_layer"] = "auto"
+    path = tmp_path / "auto.yaml"
+    path.write_text(yaml.safe_dump(raw))  # same data and loss cache as the fixture's config
+    run_dir = tmp_path / "lc"
+    assert main(["train", "--config", str(path), "--out", str(run_dir), "--no-progress", "--no-eval"]) == 0
+    run = load_run(run_dir)
+    cfg = load_train_config(str(path))
+    ws = open_workspace(cfg, train=True, eval_spec=None)
+    val = validation_split(ws, cfg)
+    mean = ws.cache.table(val.samples, ws.candidate_layers, progress=False).mean(0)
+    ks = np.asarray(run.candidate_layers)
+    assert run.policy.safe_index == 0  # the decision margin stays relative to the stock model
+    assert run.info["fallback_layer"] == int(ks[np.argmax(-mean + cfg.lam * ks / ws.num_layers)])
+    capsys.readouterr()
+    bundle = tmp_path / "b"
+    assert main(["export", str(run_dir), "--out", str(bundle)]) == 0
+    assert "best fixed layer at the request's lambda" in capsys.readouterr().out
+    router = Router.load(bundle)
+    x = run.guard.mean + 1e3 * run.guard.std  # far from every training observation: trips
+    seen = set()
+    for lam in (0.0, 0.1, 1.0, 2.0, 5.0, 50.0):
+        want = int(ks[np.argmax(-mean + lam * ks / ws.num_layers)])
+        seen.add(want)
+        assert run.fallback(x[None])[0] and run.predict_layers(x[None], lam=lam)[0] == want
+        d = router.route_embedding(x[: run.guard.obs_dim], lam=lam)
+        assert d.fallback and d.layer == want
+    assert len(seen) >= 2  # the demo's best fixed layer moves from k = 0 to deeper ones as λ grows
