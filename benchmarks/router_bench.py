@@ -61,7 +61,7 @@ class Bench:
         (``fallback_layer: auto``), else the safe layer."""
         if self.fallback_by_lam is None:
             return self.safe
-        from deepinsert.router.bundle import fallback_at
+        from deepinsert.utils.fallback_table import fallback_at
 
         return list(self.ws.candidate_layers).index(fallback_at(self.fallback_by_lam, lam))
 
@@ -184,7 +184,7 @@ def open_bench(config: str, *, val: bool = False, accuracy: bool = True, margin:
     tables = {n: build_tables(ws, s, accuracy=accuracy, progress=False) for n, s in splits.items()}
     fb_table = None
     if cfg.fallback_layer == "auto":  # as `deepinsert train` calibrates it: on validation, else train
-        from deepinsert.policy.fallback import static_envelope
+        from deepinsert.utils.fallback_table import static_envelope
 
         cal = splits.get("val") or validation_split(ws, cfg) or train
         cal_losses = ws.cache.table(cal.samples, ws.candidate_layers, progress=False)

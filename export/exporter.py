@@ -120,7 +120,7 @@ def export_bundle(
         fallback_layer: where a tripped guard routes (default: the lowest candidate layer); with
             ``fallback_by_lam``, the layer at the bundle's ``lam``.
         fallback_by_lam: loss-curve only: a λ-following fallback (``fallback_layer: auto``;
-            :func:`deepinsert.router.bundle.fallback_at`), applied at each request's λ.
+            :func:`deepinsert.utils.fallback_table.fallback_at`), applied at each request's λ.
         budget_table: loss-curve only: the λ -> mean FLOPs fraction calibration table.
         image_stage: loss-curve only: the run's image-aware second stage
             (:class:`~deepinsert.policy.image_stage.ImageStage`), exported as ``image_stage.onnx``.
@@ -181,7 +181,7 @@ def export_bundle(
         if fb not in layers:
             raise InputError(f"fallback_layer {fb} is not one of the candidate layers {layers}")
         if fallback_by_lam is not None:
-            from deepinsert.router.bundle import check_fallback_table, fallback_at
+            from deepinsert.utils.fallback_table import check_fallback_table, fallback_at
 
             if kind != "losscurve":
                 raise InputError("fallback_by_lam needs a loss-curve router (a fixed-λ policy has one fallback layer)")

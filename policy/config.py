@@ -252,7 +252,7 @@ class TrainConfig:
     fallback_layer: int | str | None = None
     """Layer a tripped guard routes to (None: the lowest candidate layer, the stock model), or
     ``auto``: the best fixed layer at the request's λ on the validation split (a step function
-    of λ stored in the run and the bundle; deepinsert/policy/fallback.py). ``auto`` is the one
+    of λ stored in the run and the bundle; deepinsert/utils/fallback_table.py). ``auto`` is the one
     to use on a DeepInsert-adapted model, whose best fixed layer moves deep as λ grows
     (docs/finetune.md); on the base demo it is k = 0 up to λ = 0.5."""
     checkpoint_every: int = 10_000

@@ -387,11 +387,11 @@ def budget_table(pred_losses: np.ndarray, flops: np.ndarray, candidate_layers: S
     fraction per candidate layer, ``fallback`` ``(S,)`` the guard's trips (those prompts
     stay at the fallback layer whatever λ), ``margin`` the router's decision margin (its safe
     layer is ``fallback_index``). ``fallback_by_lam``: a λ-following fallback
-    (:func:`deepinsert.router.bundle.fallback_at`) for the tripped prompts instead of
+    (:func:`deepinsert.utils.fallback_table.fallback_at`) for the tripped prompts instead of
     ``fallback_index``. The FLOPs column is made non-increasing in λ (a running minimum), so a
     budget maps to one λ.
     """
-    from deepinsert.router.bundle import fallback_at
+    from deepinsert.utils.fallback_table import fallback_at
 
     grid = np.asarray(lams if lams is not None else default_lam_grid(), dtype=np.float64)
     rows = np.arange(len(pred_losses))

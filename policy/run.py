@@ -99,10 +99,12 @@ def fill_fallback(info: dict[str, Any], cfg: TrainConfig, ws: Any, cal: Any) -> 
     function, from the loss table of ``cal`` (a workspace split: validation, else train)."""
     if cfg.fallback_layer != "auto":
         return
-    from deepinsert.policy.fallback import fallback_info
+    from deepinsert.utils.fallback_table import fallback_at, static_envelope
 
     losses = ws.cache.table(cal.samples, ws.candidate_layers, progress=False)
-    info.update(fallback_info(cfg, ws.candidate_layers, ws.num_layers, losses, cfg.algorithm == "losscurve"))
+    table = static_envelope(np.asarray(losses).mean(0), ws.candidate_layers, ws.num_layers)
+    info["fallback_layer"] = fallback_at(table, float(cfg.lam))
+    info["fallback_by_lam"] = table if cfg.algorithm == "losscurve" else None
 
 
 def _is_int(v: Any, lo: int = 0) -> bool:
@@ -139,7 +141,7 @@ def check_run_info(info: Any, where: str) -> dict[str, Any]:
     if info.get("image_stage") is not None and info.get("algorithm") != "losscurve":
         raise bad("'image_stage' needs algorithm 'losscurve'")
     if info.get("fallback_by_lam") is not None:
-        from deepinsert.router.bundle import check_fallback_table
+        from deepinsert.utils.fallback_table import check_fallback_table
 
         check_fallback_table(info["fallback_by_lam"], layers, ModelLoadError, f"{where}: 'fallback_by_lam'")
     if "trained_timesteps" in info and not _is_int(info["trained_timesteps"]):
@@ -307,7 +309,7 @@ class TrainedRun:
         table = self.info.get("fallback_by_lam")
         if table is None or lam is None:
             return self.fallback_index
-        from deepinsert.router.bundle import fallback_at
+        from deepinsert.utils.fallback_table import fallback_at
 
         return self.candidate_layers.index(fallback_at(table, float(lam)))
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from deepinsert.errors import BundleError
+from deepinsert.utils.fallback_table import check_fallback_table, fallback_at
 
 BUNDLE_FORMAT = "deepinsert-router"
 BUNDLE_FORMAT_VERSION = 2
@@ -112,34 +113,6 @@ def budget_mix(table: dict[str, Any], budget: float) -> tuple[float, float, floa
             f0, f1 = fr[j - 1], fr[j]
             return lams[j - 1], lams[j], (f0 - budget) / (f0 - f1)
     return lams[-1], lams[-1], 0.0
-
-
-def fallback_at(table: dict[str, Any], lam: float) -> int:
-    """The layer a tripped guard routes to at ``lam`` under a λ-following fallback
-    (``fallback_layer: auto``): ``table = {"layers": [k₀, k₁, ...], "from_lam": [λ₁, λ₂, ...]}``,
-    the best fixed layer on the calibration split as a step function of λ — ``k₀`` below ``λ₁``,
-    ``kᵢ`` on ``(λᵢ, λᵢ₊₁]`` (at a breakpoint both layers score the same; the shallower is used)."""
-    import bisect
-
-    return int(table["layers"][bisect.bisect_left([float(v) for v in table["from_lam"]], float(lam))])
-
-
-def check_fallback_table(table: Any, candidate_layers: Sequence[int], error: type[Exception], where: str) -> None:
-    """Raise ``error`` unless ``table`` is a :func:`fallback_at` table over ``candidate_layers``:
-    layers strictly increasing candidates, one fewer finite, strictly increasing breakpoints."""
-    import math
-
-    ok = isinstance(table, dict) and isinstance(table.get("layers"), list) and isinstance(table.get("from_lam"), list)
-    if ok:
-        layers, lams = table["layers"], table["from_lam"]
-        ok = (len(layers) >= 1 and len(lams) == len(layers) - 1
-              and all(isinstance(k, int) and not isinstance(k, bool) and k in candidate_layers for k in layers)
-              and all(b > a for a, b in zip(layers, layers[1:]))
-              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in lams)
-              and all(b > a for a, b in zip(lams, lams[1:])))
-    if not ok:
-        raise error(f"{where} must be {{'layers': [increasing candidate layers], 'from_lam': [one fewer "
-                    f"increasing finite λ]}}, got {table!r}"[:300])
 
 
 def request_position(key: bytes) -> float:

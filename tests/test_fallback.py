@@ -14,11 +14,10 @@ from deepinsert.env.observation import prompt_observations
 from deepinsert.errors import BundleError, ConfigError, InputError
 from deepinsert.export.exporter import export_bundle
 from deepinsert.policy.config import TrainConfig
-from deepinsert.policy.fallback import static_envelope
 from deepinsert.policy.guard import fit_guard
 from deepinsert.policy.losscurve import budget_table, decide, train_losscurve
-from deepinsert.router.bundle import check_fallback_table, fallback_at
 from deepinsert.router.runtime import Router
+from deepinsert.utils.fallback_table import check_fallback_table, fallback_at, static_envelope
 from helpers.export import WORDS, tiny_embedding, tiny_tokenizer, train_tiny_policy
 
 LAYERS = [0, 2, 4, 6, 8]

@@ -11,16 +11,19 @@ calibration split (validation; train when there is none),
 Each fixed layer's mean reward is a line in λ (intercept −mean loss, slope k / N), so k*(λ) is
 the upper envelope of those lines: a step function that only moves to deeper layers as λ grows,
 stored exactly as its breakpoints (``{"layers": [...], "from_lam": [...]}``, looked up by
-:func:`deepinsert.router.bundle.fallback_at`). On the base demo it is k = 0 for every λ up to
-0.5; on a DeepInsert-adapted model it moves to k = 3–6 as λ grows, where a k = 0 fallback costs
-the router more than it captures (docs/finetune.md).
+:func:`fallback_at`, checked by :func:`check_fallback_table`). On the base demo it is k = 0 up
+to λ = 0.93; on the DeepInsert-adapted demo models it moves to k = 4–6 from λ ≈ 0.05, where a
+k = 0 fallback costs the router more than it captures (docs/finetune.md).
 
-Runs, bundles and the torch-free runtime all apply the same table; a fixed-λ router (RL) keeps
-one layer, the table's at its λ.
+Runs (``run.json``: ``fallback_by_lam``), bundles (``router.json``: ``guard.fallback_by_lam``),
+the torch-free runtime and the budget calibration all apply the same table; a fixed-λ router
+(RL) keeps one layer, the table's at its λ. Shared by training and the runtime, so it lives here.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,12 +67,26 @@ def static_envelope(mean_losses: np.ndarray, candidate_layers: Sequence[int], nu
     return {"layers": out_layers, "from_lam": out_lams}
 
 
-def fallback_info(cfg: Any, candidate_layers: Sequence[int], num_layers: int, cal_losses: np.ndarray,
-                  supports_lam: bool) -> dict[str, Any]:
-    """The run.json fields of ``fallback_layer: auto``: ``fallback_layer`` (the best fixed layer
-    at the config's λ) and, for routers that take λ at request time, ``fallback_by_lam`` (the
-    whole :func:`static_envelope` of the calibration split's loss table ``cal_losses (S, K)``)."""
-    from deepinsert.router.bundle import fallback_at
+def fallback_at(table: dict[str, Any], lam: float) -> int:
+    """The layer a tripped guard routes to at ``lam`` under a λ-following fallback
+    (``fallback_layer: auto``): ``table = {"layers": [k₀, k₁, ...], "from_lam": [λ₁, λ₂, ...]}``,
+    the best fixed layer on the calibration split as a step function of λ — ``k₀`` below ``λ₁``,
+    ``kᵢ`` on ``(λᵢ, λᵢ₊₁]`` (at a breakpoint both layers score the same; the shallower is used)."""
+    return int(table["layers"][bisect.bisect_left([float(v) for v in table["from_lam"]], float(lam))])
 
-    table = static_envelope(np.asarray(cal_losses).mean(0), candidate_layers, num_layers)
-    return {"fallback_layer": fallback_at(table, float(cfg.lam)), "fallback_by_lam": table if supports_lam else None}
+
+
+def check_fallback_table(table: Any, candidate_layers: Sequence[int], error: type[Exception], where: str) -> None:
+    """Raise ``error`` unless ``table`` is a :func:`fallback_at` table over ``candidate_layers``:
+    layers strictly increasing candidates, one fewer finite, strictly increasing breakpoints."""
+    ok = isinstance(table, dict) and isinstance(table.get("layers"), list) and isinstance(table.get("from_lam"), list)
+    if ok:
+        layers, lams = table["layers"], table["from_lam"]
+        ok = (len(layers) >= 1 and len(lams) == len(layers) - 1
+              and all(isinstance(k, int) and not isinstance(k, bool) and k in candidate_layers for k in layers)
+              and all(b > a for a, b in zip(layers, layers[1:]))
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in lams)
+              and all(b > a for a, b in zip(lams, lams[1:])))
+    if not ok:
+        raise error(f"{where} must be {{'layers': [increasing candidate layers], 'from_lam': [one fewer "
+                    f"increasing finite λ]}}, got {table!r}"[:300])
