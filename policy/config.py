@@ -254,7 +254,7 @@ class TrainConfig:
     ``auto``: the best fixed layer at the request's λ on the validation split (a step function
     of λ stored in the run and the bundle; deepinsert/utils/fallback_table.py). ``auto`` is the one
     to use on a DeepInsert-adapted model, whose best fixed layer moves deep as λ grows
-    (docs/finetune.md); on the base demo it is k = 0 up to λ = 0.5."""
+    (docs/finetune.md); on the base demo it is k = 0 up to λ = 0.93."""
     checkpoint_every: int = 10_000
     """Save a checkpoint every this many timesteps (0: never)."""
     loss_batch_size: int = 64
