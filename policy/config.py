@@ -117,9 +117,10 @@ class AlgoConfig:
     ``regression_lr`` and ``weight_decay``."""
     decision_temperature: float = 0.01
     """Softmax temperature of the ``expected_reward`` objective, in nats (losscurve)."""
-    decision_lam_max: float = 0.5
+    decision_lam_max: float = 0.75
     """λ is drawn uniformly from ``[0, decision_lam_max]`` per prompt in the ``expected_reward``
-    objective (losscurve): the range of λ the router is meant for; larger requests extrapolate."""
+    objective (losscurve): the range of λ the router is meant for; larger requests extrapolate.
+    0.75 was chosen on four training draws over 0.5 and 1.0 (docs/routers.md section 14)."""
     regression_weight: float = 0.01
     """Weight of the squared error (standardised losses) in the ``expected_reward`` objective
     (losscurve): keeps the predicted curve in nats, so budgets and margins mean what they say."""

@@ -247,7 +247,7 @@ class DecisionObjective:
     candidate_layers: Sequence[int]
     num_layers: int
     temperature: float = 0.01
-    lam_max: float = 0.5
+    lam_max: float = 0.75
     regression_weight: float = 0.01
 
 
