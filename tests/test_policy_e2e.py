@@ -84,3 +84,32 @@ def test_candidate_layer_beyond_the_models_n_is_a_clear_cli_error(config, tmp_pa
     err = capsys.readouterr().err
     assert "candidate layer 9 out of range [0, 8]" in err and "N = 8" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_fixed_lambda_router_with_auto_fallback_keeps_one_layer(config, tmp_path):
+    """``fallback_layer: auto`` on a fixed-λ (PPO) run: the guard's layer is the best fixed layer
+    at the run's λ on the validation split (brute force over the cached losses), one layer, no
+    λ table; the run routes a far-out observation there."""
+    from deepinsert.cli import main
+    from deepinsert.policy import load_run
+    from deepinsert.policy.config import load_train_config
+    from deepinsert.policy.train import validation_split
+    from deepinsert.policy.workspace import open_workspace
+
+    raw = yaml.safe_load(config.read_text())
+    raw["fallback_layer"] = "auto"
+    path = tmp_path / "auto.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    lam = 5.0  # large enough that the demo's best fixed layer is not k = 0
+    run_dir = tmp_path / "ppo"
+    assert main(["train", "--config", str(path), "--lam", str(lam), "--out", str(run_dir), "--no-progress",
+                 "--no-eval"]) == 0
+    run = load_run(run_dir)
+    cfg = load_train_config(str(path))
+    ws = open_workspace(cfg, train=True, eval_spec=None)
+    mean = ws.cache.table(validation_split(ws, cfg).samples, ws.candidate_layers, progress=False).mean(0)
+    ks = np.asarray(run.candidate_layers)
+    want = int(ks[np.argmax(-mean + lam * ks / ws.num_layers)])
+    assert want != 0 and run.info["fallback_layer"] == want and run.info.get("fallback_by_lam") is None
+    x = run.guard.mean + 1e3 * run.guard.std
+    assert run.fallback(x[None])[0] and run.predict_layers(x[None])[0] == want
