@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 from router_bench import ACC_LAM, LAMS, arg_parser, ms, open_bench, write
 
+from deepinsert.policy.sweep import FRONT_DROP, FRONT_LAMS  # the main job's front: the same grid and bound
+
 RESULTS = Path(__file__).resolve().parent / "results" / "decision_margin.json"
 MARGINS = (0.0, 0.02, 0.03, 0.05, 0.08, 0.12)
-FRONT_LAMS = tuple(float(x) for x in np.round(np.concatenate([np.arange(0, 0.3, 0.01), np.arange(0.3, 1.01, 0.05)]), 3))
-FRONT_DROP = 0.015  # accuracy points below k = 0 allowed on the front
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

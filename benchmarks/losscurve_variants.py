@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 from router_bench import ACC_LAM, LAMS, add_wording_splits, arg_parser, ms, open_bench, write
 
+from deepinsert.policy.sweep import FRONT_DROP, FRONT_LAMS  # the main job's front: the same grid and bound
+
 RESULTS = Path(__file__).resolve().parent / "results" / "losscurve_variants.json"
-SAVE_LAMS = np.round(np.concatenate([np.arange(0, 0.3, 0.01), np.arange(0.3, 1.01, 0.05)]), 3)
-"""The λ grid along which the most FLOPs saved within 1.5 points of k = 0 is searched."""
 FITS = (("regression", True, 1), ("expected_reward", False, 1), ("expected_reward", True, 1),
         ("expected_reward", True, 3))
 """(objective, monotone, ensemble) of the networks fitted. The projection takes no part in
@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if name == "test":
             k0 = compare(t, 0.0, np.full(len(pred), b.safe, dtype=np.int64), None)["router"]["accuracy"]
             best = 0.0
-            for lam in SAVE_LAMS:
+            for lam in FRONT_LAMS:
                 r = compare(t, float(lam), b.actions(pred, float(lam), fb, margin=margin), fb)["router"]
-                if r["accuracy"] >= k0 - 0.015 - 1e-9:
+                if r["accuracy"] >= k0 - FRONT_DROP - 1e-9:
                     best = max(best, 1.0 - float(r["flops_fraction"]))
             out["saved_within_1.5"] = best
         return out

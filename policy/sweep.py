@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 SWEEP_FILE = "sweep.json"
 
 
+FRONT_DROP = 0.015
+"""Accuracy points below k = 0's allowed on the loss-curve router's front (issue 11's 1.5 points)."""
+FRONT_LAMS = tuple(float(x) for x in np.round(np.concatenate([np.arange(0, 0.3, 0.01), np.arange(0.3, 1.01, 0.05)]), 3))
+"""The request-time λ grid along which the most FLOPs saved within ``FRONT_DROP`` is searched."""
+
 IMAGE_STAGE_ROW = "lc+image"
 """``sweep.json`` summary key of the loss-curve router with its image-aware stage (``algo.image_stage``)."""
 
@@ -132,6 +137,8 @@ def run_sweep(
     per: dict[str, dict[float, list[dict[str, Any]]]] = {a: {lam: [] for lam in all_lams} for a in algorithms}
     runs: list[dict[str, Any]] = []
     curve: list[dict[str, Any]] = []
+    fronts: list[dict[str, Any]] = []
+    static = static_curve(tables["test"])
     for alg in algorithms:
         for seed in seed_list[: seeds if alg == "losscurve" else rl_seeds]:
             scfg = dataclasses.replace(cfg, algorithm=alg, seed=seed)
@@ -168,6 +175,8 @@ def run_sweep(
                         write_metrics(run_dir, m)
                 if alg == "losscurve" and seed == seed_list[0]:
                     curve = _lam_curve(run, tables)
+                if alg == "losscurve" and static[0]["accuracy"] is not None:
+                    fronts.append({"seed": seed, **most_saved_within(run, tables["test"], static[0]["accuracy"])})
     runs.sort(key=lambda m: m["lam"])
     summary: dict[str, list[dict[str, Any]]] = {}
     for alg in per:
@@ -180,7 +189,6 @@ def run_sweep(
             if "test_unseen" in tables:
                 entry["test_unseen"] = _summary([m["unseen"] for m in ms])
             summary[alg].append(entry)
-    static = static_curve(tables["test"])
     result: dict[str, Any] = {
         "model_source": cfg.model,
         "adapter": cfg.adapter,
@@ -201,6 +209,9 @@ def run_sweep(
         "runs": runs,
         "summary": summary,
         "losscurve_curve": curve,
+        "losscurve_front": None if not fronts else {
+            "drop": FRONT_DROP, "lams": list(FRONT_LAMS), "seeds": fronts,
+            "saving": _stats([f["saving"] for f in fronts])},
         "loss_cache": {"path": str(ws.cache.path) if ws.cache.path else None,
                        "hits": ws.cache.hits, "misses": ws.cache.misses, "vlm_calls": ws.provider.calls},
         "timing_s": {"load": round(t_load, 2), "tables": round(t_tables, 2), "train": train_s,
@@ -213,6 +224,20 @@ def run_sweep(
     result["timing_s"]["total"] = round(time.perf_counter() - t0, 2)
     atomic_write_json(out / SWEEP_FILE, result)
     return result
+
+
+def most_saved_within(run: Any, t: EvalTables, accuracy_k0: float, drop: float = FRONT_DROP,
+                      lams: tuple[float, ...] = FRONT_LAMS) -> dict[str, float]:
+    """A loss-curve router's best trade-off along request-time λ on tables ``t``: the largest
+    decoder-FLOPs saving (1 − mean FLOPs fraction, Eq. 5) among the λ of ``lams`` whose accuracy
+    is at least ``accuracy_k0 − drop`` (k = 0's; guard included). ``{"saving", "accuracy",
+    "lam"}``; saving 0 at λ = 0 when no λ qualifies."""
+    best = {"saving": 0.0, "accuracy": float(accuracy_k0), "lam": 0.0}
+    for lam in lams:
+        r = run_metrics(run, t, t.router_inputs, float(lam))["router"]
+        if r["accuracy"] is not None and r["accuracy"] >= accuracy_k0 - drop - 1e-9 and 1 - r["flops_fraction"] > best["saving"]:
+            best = {"saving": float(1 - r["flops_fraction"]), "accuracy": float(r["accuracy"]), "lam": float(lam)}
+    return best
 
 
 def _lam_curve(run: Any, tables: dict[str, EvalTables], n: int = 40) -> list[dict[str, Any]]:
@@ -319,6 +344,14 @@ def format_sweep(result: dict[str, Any]) -> str:
             lines.append(f"  {label:<16}" + "".join(
                 f"{m['router']['per_family'][f]['mean_k']:>8.2f}" for m in runs))
     lines += _format_summary(result)
+    fr = result.get("losscurve_front")
+    if fr:
+        st_ = fr["saving"]
+        spread = f" (± {st_['std']:.1%} over {st_['n']} seeds)" if st_["n"] > 1 else ""
+        lines.append("")
+        lines.append(f"loss-curve router along request-time λ in [0, 1] on test: saves up to {st_['mean']:.1%} of the "
+                     f"decoder FLOPs{spread} within {100 * fr['drop']:g} points of k=0's accuracy; per seed "
+                     + "; ".join(f"{f['saving']:.1%} at λ={f['lam']:g} (accuracy {f['accuracy']:.3f})" for f in fr["seeds"]))
     t = result["timing_s"]
     lines.append("")
     lines.append(f"{result['n_train']} training / {result['n_eval']} held-out prompts, "

@@ -60,6 +60,28 @@ def test_train_evaluate_sweep_cli(config, tmp_path, capsys):
             assert r["static"][str(p["k"])]["accuracy"] == p["accuracy"]
     # λ = 0.5 pays for late insertion: its oracle uses later layers than λ = 0's
     assert res["runs"][1]["oracle"]["mean_k"] >= res["runs"][0]["oracle"]["mean_k"]
+    # the loss-curve router's front along request-time λ: recomputed from the tables by hand
+    from deepinsert.policy.config import load_train_config
+    from deepinsert.policy.evaluate import build_tables
+    from deepinsert.policy.workspace import open_workspace
+
+    fr = res["losscurve_front"]
+    assert fr["drop"] == 0.015 and [f["seed"] for f in fr["seeds"]] == [0, 1, 2]
+    cfg = load_train_config(str(config))
+    ws = open_workspace(cfg, train=True, eval_spec=cfg.data.eval)
+    t = build_tables(ws, ws.splits["eval"], progress=False)
+    rows = np.arange(len(t.losses))
+    k0 = float(t.correct[:, 0].mean())
+    for f in fr["seeds"]:
+        lc = load_run(sweep / "losscurve" / f"seed{f['seed']}")
+        best = 0.0
+        for lam in fr["lams"]:
+            a = lc.predict(t.router_inputs, lam)
+            if t.correct[rows, a].mean() >= k0 - 0.015 - 1e-9:
+                best = max(best, 1.0 - float(t.flops[rows, a].mean()))
+        assert f["saving"] == pytest.approx(best, abs=1e-9)
+    assert fr["saving"]["mean"] == pytest.approx(np.mean([f["saving"] for f in fr["seeds"]]))
+    assert "within 1.5 points of k=0's accuracy" in text
     # repeating the sweep reuses runs and the loss cache: no VLM calls at all
     assert main(["sweep", "--config", str(config), "--lams", "0,0.5", "--out", str(sweep), "--no-progress"]) == 0
     again = json.loads((sweep / "sweep.json").read_text())
