@@ -390,7 +390,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if g is not None:
         fbl = g.get("fallback_by_lam")
         where = (f"layer {g['fallback_layer']}" if fbl is None else "the best fixed layer at the request's lambda ("
-                 + ", ".join(f"{k} from {v:.3g}" if i else f"{k}" for i, (k, v) in enumerate(zip(fbl["layers"], [0.0, *fbl["from_lam"]])))
+                 + ", ".join([str(fbl["layers"][0])] + [f"{k} from {v:.3g}" for k, v in zip(fbl["layers"][1:], fbl["from_lam"])])
                  + ")")
         print(f"guard: falls back to {where} above score {g['threshold']:.4g} "
               f"(trips on {100 * (g.get('val_trip_rate') or 0):.1f}% of the validation split)")

@@ -61,9 +61,9 @@ class Bench:
         (``fallback_layer: auto``), else the safe layer."""
         if self.fallback_by_lam is None:
             return self.safe
-        from deepinsert.utils.fallback_table import fallback_at
+        from deepinsert.utils.fallback_table import fallback_index
 
-        return list(self.ws.candidate_layers).index(fallback_at(self.fallback_by_lam, lam))
+        return fallback_index(self.fallback_by_lam, self.ws.candidate_layers, lam)
 
     def fit(self, x: np.ndarray, seed: int, weight_decay: float | None = None, losses: np.ndarray | None = None) -> Any:
         """The config's loss-curve network (its objective, settings and monotone projection:
@@ -167,7 +167,7 @@ def open_bench(config: str, *, val: bool = False, accuracy: bool = True, margin:
     torch.set_num_threads(1)
     from deepinsert.policy.config import load_train_config
     from deepinsert.policy.evaluate import build_tables, eval_split, unseen_spec
-    from deepinsert.policy.train import validation_split
+    from deepinsert.policy.train import auto_fallback_table, validation_split
     from deepinsert.policy.workspace import open_workspace
 
     cfg = load_train_config(config)
@@ -182,13 +182,7 @@ def open_bench(config: str, *, val: bool = False, accuracy: bool = True, margin:
     train = ws.splits["train"]
     losses = ws.cache.table(train.samples, ws.candidate_layers, progress=False)
     tables = {n: build_tables(ws, s, accuracy=accuracy, progress=False) for n, s in splits.items()}
-    fb_table = None
-    if cfg.fallback_layer == "auto":  # as `deepinsert train` calibrates it: on validation, else train
-        from deepinsert.utils.fallback_table import static_envelope
-
-        cal = splits.get("val") or validation_split(ws, cfg) or train
-        cal_losses = ws.cache.table(cal.samples, ws.candidate_layers, progress=False)
-        fb_table = static_envelope(cal_losses.mean(0), ws.candidate_layers, ws.num_layers)
+    fb_table = auto_fallback_table(ws, cfg, train) if cfg.fallback_layer == "auto" else None  # as `deepinsert train`
     return Bench(cfg, ws, train, losses, splits, tables, cfg.algo.margin if margin is None else float(margin), fb_table)
 
 

@@ -387,11 +387,11 @@ def budget_table(pred_losses: np.ndarray, flops: np.ndarray, candidate_layers: S
     fraction per candidate layer, ``fallback`` ``(S,)`` the guard's trips (those prompts
     stay at the fallback layer whatever λ), ``margin`` the router's decision margin (its safe
     layer is ``fallback_index``). ``fallback_by_lam``: a λ-following fallback
-    (:func:`deepinsert.utils.fallback_table.fallback_at`) for the tripped prompts instead of
+    (:func:`deepinsert.utils.fallback_table.fallback_index`) for the tripped prompts instead of
     ``fallback_index``. The FLOPs column is made non-increasing in λ (a running minimum), so a
     budget maps to one λ.
     """
-    from deepinsert.utils.fallback_table import fallback_at
+    from deepinsert.utils.fallback_table import fallback_index as table_index
 
     grid = np.asarray(lams if lams is not None else default_lam_grid(), dtype=np.float64)
     rows = np.arange(len(pred_losses))
@@ -399,7 +399,7 @@ def budget_table(pred_losses: np.ndarray, flops: np.ndarray, candidate_layers: S
     for lam in grid:
         a = decide(pred_losses, candidate_layers, float(lam), num_layers, margin=margin, safe_index=fallback_index)
         if fallback is not None:
-            fi = fallback_index if fallback_by_lam is None else list(candidate_layers).index(fallback_at(fallback_by_lam, lam))
+            fi = fallback_index if fallback_by_lam is None else table_index(fallback_by_lam, candidate_layers, lam)
             a = np.where(fallback, fi, a)
         fr.append(float(flops[rows, a].mean()))
     mono = np.minimum.accumulate(np.asarray(fr))

@@ -84,27 +84,13 @@ def run_info(cfg: TrainConfig, candidate_layers: list[int], num_layers: int, obs
 
 def fallback_layer(cfg: TrainConfig, candidate_layers: list[int]) -> int:
     """The router's *safe layer*: ``cfg.fallback_layer`` (must be a candidate) or the lowest
-    candidate (also for ``auto``, whose λ-following guard fallback :func:`fill_fallback` adds
+    candidate (also for ``auto``, whose λ-following guard fallback ``policy.train.fill_fallback`` adds
     once the calibration losses are known; the decision margin stays relative to this one)."""
     if cfg.fallback_layer is None or cfg.fallback_layer == "auto":
         return int(min(candidate_layers))
     if int(cfg.fallback_layer) not in candidate_layers:
         raise ConfigError(f"fallback_layer {cfg.fallback_layer} is not one of the candidate layers {candidate_layers}")
     return int(cfg.fallback_layer)
-
-
-def fill_fallback(info: dict[str, Any], cfg: TrainConfig, ws: Any, cal: Any) -> None:
-    """With ``fallback_layer: auto``: set ``info["fallback_layer"]`` to the best fixed layer at
-    the config's λ and, for a loss-curve run, ``info["fallback_by_lam"]`` to the whole step
-    function, from the loss table of ``cal`` (a workspace split: validation, else train)."""
-    if cfg.fallback_layer != "auto":
-        return
-    from deepinsert.utils.fallback_table import fallback_at, static_envelope
-
-    losses = ws.cache.table(cal.samples, ws.candidate_layers, progress=False)
-    table = static_envelope(np.asarray(losses).mean(0), ws.candidate_layers, ws.num_layers)
-    info["fallback_layer"] = fallback_at(table, float(cfg.lam))
-    info["fallback_by_lam"] = table if cfg.algorithm == "losscurve" else None
 
 
 def _is_int(v: Any, lo: int = 0) -> bool:
@@ -309,9 +295,9 @@ class TrainedRun:
         table = self.info.get("fallback_by_lam")
         if table is None or lam is None:
             return self.fallback_index
-        from deepinsert.utils.fallback_table import fallback_at
+        from deepinsert.utils.fallback_table import fallback_index
 
-        return self.candidate_layers.index(fallback_at(table, float(lam)))
+        return fallback_index(table, self.candidate_layers, float(lam))
 
     def _check(self, obs: np.ndarray) -> np.ndarray:
         """Router inputs ``(B, D)`` or ``(B, 2D)`` (``[observation | order]``) as a 2-D float32 array."""

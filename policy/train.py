@@ -22,7 +22,6 @@ from deepinsert.policy.run import (
     MODEL_FILE,
     WEIGHTS_FILE,
     algorithm_class,
-    fill_fallback,
     load_for_resume,
     read_run_info,
     run_info,
@@ -152,7 +151,7 @@ def train_router(
     write_config(out, cfg)
     info = run_info(cfg, ws.candidate_layers, ws.num_layers, problem.obs_dim)
     info.update(fit_run_guard(ws, cfg, out))  # depends on the observations only: before training
-    fill_fallback(info, cfg, ws, validation_split(ws, cfg) or train_split)
+    fill_fallback(info, cfg, ws, train_split)
     tb_dir = out / "tb"
 
     algo = None
@@ -243,7 +242,7 @@ def train_fullinfo_router(
         (out / METRICS_FILE).unlink(missing_ok=True)
         losses = ws.cache.table(train.samples, ws.candidate_layers, progress="loss table (train)" if progress else False)
         info.update(fit_run_guard(ws, cfg, out))
-        fill_fallback(info, cfg, ws, validation_split(ws, cfg) or train)
+        fill_fallback(info, cfg, ws, train)
         venv = InsertionLayerVecEnv(ws.problem("train", cfg.lam), cfg.n_envs, seed=cfg.seed)
         algo = build_algorithm(cfg, venv, None)
         a = cfg.algo
@@ -284,6 +283,30 @@ def validation_split(ws: Workspace, cfg: TrainConfig) -> Any:
     except DeepInsertError as e:
         log.warning("no validation split (%s): the guard is calibrated on the training points", e)
         return None
+
+
+def auto_fallback_table(ws: Workspace, cfg: TrainConfig, train: Any) -> dict[str, list]:
+    """``fallback_layer: auto``'s step function (``deepinsert.utils.fallback_table``): the best
+    fixed layer at every λ on the validation split's loss table (``train``, a workspace split,
+    when there is no validation split)."""
+    from deepinsert.utils.fallback_table import static_envelope
+
+    cal = validation_split(ws, cfg) or train
+    losses = ws.cache.table(cal.samples, ws.candidate_layers, progress=False)
+    return static_envelope(np.asarray(losses).mean(0), ws.candidate_layers, ws.num_layers)
+
+
+def fill_fallback(info: dict[str, Any], cfg: TrainConfig, ws: Workspace, train: Any) -> None:
+    """With ``fallback_layer: auto``: set ``info["fallback_layer"]`` to the best fixed layer at
+    the config's λ and, for a loss-curve run, ``info["fallback_by_lam"]`` to the whole step
+    function (:func:`auto_fallback_table`). Otherwise nothing (no split is loaded)."""
+    if cfg.fallback_layer != "auto":
+        return
+    from deepinsert.utils.fallback_table import fallback_at
+
+    table = auto_fallback_table(ws, cfg, train)
+    info["fallback_layer"] = fallback_at(table, float(cfg.lam))
+    info["fallback_by_lam"] = table if cfg.algorithm == "losscurve" else None
 
 
 def fit_config_guard(cfg: TrainConfig, train_x: np.ndarray, val_x: np.ndarray | None,
@@ -393,10 +416,10 @@ def train_losscurve_router(
         info["trained_timesteps"] = 0
         info["trained_samples"] = len(train.samples)
         info.update(fit_run_guard(ws, cfg, out))
-        cal = validation_split(ws, cfg) or train  # calibrates the fallback and the budget table
-        fill_fallback(info, cfg, ws, cal)
+        fill_fallback(info, cfg, ws, train)
         info["image_stage"] = fit_run_image_stage(ws, cfg, router, losses, out, progress=progress) if cfg.algo.image_stage else None
         # the budget -> λ calibration table, on the validation split (train if there is none)
+        cal = validation_split(ws, cfg) or train
         from deepinsert.policy.guard import ObsGuard
 
         guard = ObsGuard.load(out)

@@ -75,6 +75,11 @@ def fallback_at(table: dict[str, Any], lam: float) -> int:
     return int(table["layers"][bisect.bisect_left([float(v) for v in table["from_lam"]], float(lam))])
 
 
+def fallback_index(table: dict[str, Any], candidate_layers: Sequence[int], lam: float) -> int:
+    """:func:`fallback_at` as an action index into ``candidate_layers``."""
+    return [int(k) for k in candidate_layers].index(fallback_at(table, lam))
+
+
 def check_fallback_table(table: Any, candidate_layers: Sequence[int], error: type[Exception], where: str) -> None:
     """Raise ``error`` unless ``table`` is a :func:`fallback_at` table over ``candidate_layers``:
     layers strictly increasing candidates, one fewer finite, strictly increasing breakpoints."""
