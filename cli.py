@@ -536,6 +536,9 @@ def _args_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-running", type=int, default=32, help="with --model: most sequences decoded together (default 32)")
     p.add_argument("--kv-budget-mib", type=float, default=2048, help="with --model: KV-cache memory to fill (default 2048)")
     p.add_argument("--max-queue", type=int, default=64, help="with --model: waiting requests before 429 (default 64)")
+    p.add_argument("--max-bypass", type=int, default=8,
+                   help="with --model: later requests that may start ahead of a waiting one whose KV reservation "
+                        "does not fit yet (backfill; 0 = strict arrival order; default 8)")
     p.add_argument("--generation-timeout", type=float, default=600,
                    help="with --model: seconds a chat request may run, queue included (default 600)")
     p.add_argument("--allow-remote-images", action="store_true", help="with --model: fetch http(s) image URLs")
@@ -590,7 +593,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config=ServerConfig(model_name=name, max_body_bytes=args.max_body_bytes,
                                 allow_remote_images=args.allow_remote_images),
             scheduler_config=SchedulerConfig(max_batch=args.max_running, kv_budget_bytes=int(args.kv_budget_mib * 2**20),
-                                             max_queue=args.max_queue, request_timeout_s=args.generation_timeout),
+                                             max_queue=args.max_queue, request_timeout_s=args.generation_timeout,
+                                             max_bypass=args.max_bypass),
         )
         what = f"model {name!r}: POST /v1/chat/completions, GET /v1/models, /route, /health, /info, /metrics"
     sock = bind_socket(args.host, args.port)  # a busy port fails here, in one line

@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--demo-max-tokens", type=int, default=8, help="demo: max_tokens per request")
     p.add_argument("--demo-budget-k0", type=float, default=8.0,
                    help="demo: KV budget = this many k = 0 requests' reservations")
+    p.add_argument("--max-bypass", type=int, default=8,
+                   help="demo: the server's --max-bypass (backfill bound; 0 = strict arrival order)")
     p.add_argument("--max-seconds", type=float, default=60.0, help="stop issuing requests of a setting after this")
     p.add_argument("--repeats", type=int, default=3,
                    help="demo: rounds; each round runs every (concurrency, mode) once, in turn (drift hits all alike)")
@@ -242,7 +244,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.server_threads), "TOKENIZERS_PARALLELISM": "false"}
     serve = ["serve", str(args.bundle), "--model", "demo", "--served-model-name", "demo", "--port", str(port),
-             "--kv-budget-mib", repr(budget_mib), "--max-running", "64", "--max-queue", "256", "--log-level", "warning"]
+             "--kv-budget-mib", repr(budget_mib), "--max-running", "64", "--max-queue", "256", "--max-bypass", str(args.max_bypass),
+             "--log-level", "warning"]
     cmd = [sys.executable, "-c", (f"import torch; torch.set_num_threads({args.server_threads}); "
                                   f"from deepinsert.cli import main; raise SystemExit(main({serve!r}))")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -284,7 +287,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             proc.kill()
     _speedups(rows)
     return {"model": "demo", "num_layers": N, "image_tokens": n_img, "router_lam": info.lam,
-            "kv_budget_bytes": int(budget_mib * 2**20), "kv_budget_k0_requests": args.demo_budget_k0,
+            "kv_budget_bytes": int(budget_mib * 2**20), "kv_budget_k0_requests": args.demo_budget_k0, "max_bypass": args.max_bypass,
             "max_tokens": args.demo_max_tokens, "requests_per_setting": args.demo_requests, "rounds": args.repeats,
             "server_torch_threads": args.server_threads, "rows": rows}
 

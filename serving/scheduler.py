@@ -7,8 +7,11 @@ The HTTP side calls :meth:`Scheduler.submit` (never blocks: a full queue raises 
 1. **admit** waiting jobs in arrival order while the running batch has rows left
    (``max_batch``) and KV memory left: a job reserves what its cache will really hold
    at the end, ``bytes_per_token_layer · (k·n_text + (N−k)·(n_text + n_image) + N·max_tokens)``
-   (text only below its k, text + image from k on); admission stops at the first job
-   that does not fit, so large requests are not starved. When the model is idle it waits
+   (text only below its k, text + image from k on). A job that does not fit may be
+   overtaken by later, smaller ones that do (backfill: late-inserted requests fill the
+   memory a waiting k = 0 request cannot use yet), but by at most ``max_bypass`` of them;
+   then admission waits until it fits, so large requests are not starved
+   (``max_bypass = 0``: strict arrival order). When the model is idle it waits
    ``batch_window_s`` first so that requests arriving together are prefilled together;
 2. **prefill** the admitted jobs grouped by layer k and they join the running batch. Each
    call is a run of consecutive k's (sorted): one call per k saves the most compute, one
@@ -53,6 +56,7 @@ class SchedulerConfig:
     request_timeout_s: float = 600.0  # a request still running after this is stopped (408)
     retry_after_s: int = 1  # the Retry-After header of a 429
     prefill_grouping: str = "auto"  # "layer": one prefill per k; "merged": one per round; "auto": cost model
+    max_bypass: int = 8  # later jobs that may be admitted ahead of the oldest waiting one that does not fit (0: FIFO)
 
     def __post_init__(self) -> None:
         if self.prefill_grouping not in ("auto", "layer", "merged"):
@@ -61,6 +65,8 @@ class SchedulerConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive int, got {v!r}")
+        if isinstance(self.max_bypass, bool) or not isinstance(self.max_bypass, int) or self.max_bypass < 0:
+            raise ConfigError(f"max_bypass must be an int >= 0, got {self.max_bypass!r}")
         if not 0 <= self.batch_window_s <= 1:
             raise ConfigError(f"batch_window_s must be in [0, 1], got {self.batch_window_s}")
         if not self.request_timeout_s > 0:
@@ -91,6 +97,7 @@ class Job:
     sent: int = 0  # characters of the answer already emitted
     last: int = 0
     generator: Any = None
+    bypassed: int = 0  # later jobs admitted ahead of this one while it did not fit
 
     def cancel(self) -> None:
         """Ask the worker to drop this job (client disconnected, timed out)."""
@@ -253,9 +260,18 @@ class Scheduler:
             self._finish(job, None, error=err)
 
     def _admit(self) -> list[Job]:
+        """Take the waiting jobs that fit now, in arrival order, with bounded backfill.
+
+        Scans the queue while rows are left (``max_batch``): expired or cancelled jobs leave it;
+        a job that fits in the KV memory left is admitted; one that does not stays queued and
+        may be overtaken by later jobs that fit, each waiting job at most ``max_bypass`` times
+        in all (:attr:`Job.bypassed`); once one has used them up, nothing passes it.
+        """
         now = time.perf_counter()
         out: list[Job] = []
         with self._cond:
+            keep: list[tuple[Job, int]] = []  # jobs left waiting, with len(out) when they were passed over
+            limit = None  # admissions after which some waiting job would exceed max_bypass
             while self._pending:
                 job = self._pending[0]
                 if job.cancelled or now > job.deadline:
@@ -264,12 +280,19 @@ class Scheduler:
                         self._reject("timeout")
                         job.emit("error", APIError("the request timed out while waiting", 408, type="timeout"))
                     continue
-                rows = len(self._running) + len(out)
-                if rows >= self.config.max_batch or self._reserved + job.reserve > self.config.kv_budget_bytes:
+                if len(self._running) + len(out) >= self.config.max_batch or (limit is not None and len(out) >= limit):
                     break
                 self._pending.popleft()
+                if self._reserved + job.reserve > self.config.kv_budget_bytes:
+                    keep.append((job, len(out)))
+                    room = len(out) + self.config.max_bypass - job.bypassed
+                    limit = room if limit is None else min(limit, room)
+                    continue
                 self._reserved += job.reserve
                 out.append(job)
+            for job, seen in keep:
+                job.bypassed += len(out) - seen
+            self._pending.extendleft(job for job, _ in reversed(keep))
             if self.metrics is not None:
                 self.metrics.queue_depth.set(len(self._pending))
         return out

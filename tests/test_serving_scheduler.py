@@ -188,3 +188,37 @@ def test_cancel_and_timeout_free_the_batch(vlm):
         assert set(kinds) <= {"delta"}  # the cancelled request got neither "done" nor an error
     finally:
         sched.stop()
+
+
+@pytest.mark.parametrize("max_bypass", [0, 1, 8])
+def test_backfill_lets_small_requests_pass_a_blocked_one_a_bounded_number_of_times(vlm, max_bypass):
+    """Budget = one k = 0 request + one k = N request. Queue A(k=0) B(k=0) C(k=N) D(k=N): A runs,
+    B does not fit; C may pass B (backfill) unless max_bypass = 0; when C is done, D may pass B
+    again only if B has been passed fewer than max_bypass times. Nothing ever passes more than
+    the bound, and the reserved bytes never exceed the budget."""
+    N = vlm.num_layers
+    probe = Scheduler(vlm, StubBuilder(), SchedulerConfig(), eos_token_ids=[])
+    a, b, c, d = _job(vlm, 0, 0, 4), _job(vlm, 1, 0, 4), _job(vlm, 2, N, 4), _job(vlm, 3, N, 4)
+    for j in (a, b, c, d):
+        j.n_text = 8  # same sizes for all (the reservation reads these)
+    r0, rN = probe.reservation(0, 8, N_IMG, 4), probe.reservation(N, 8, N_IMG, 4)
+    assert rN < r0
+    sched = Scheduler(vlm, StubBuilder(), SchedulerConfig(kv_budget_bytes=r0 + rN, max_bypass=max_bypass),
+                      eos_token_ids=[])
+    loop = asyncio.new_event_loop()
+    try:
+        for j in (a, b, c, d):
+            sched.submit(j, loop)  # not started: _admit is driven by hand
+        first = sched._admit()
+        assert first == ([a] if max_bypass == 0 else [a, c])
+        assert b.bypassed == len(first) - 1 and sched._reserved == sum(j.reserve for j in first) <= r0 + rN
+        for j in first[1:]:  # C finishes and frees its reservation; A keeps running
+            sched._reserved -= j.reserve
+        second = sched._admit()
+        assert second == {0: [], 1: [], 8: [d]}[max_bypass]
+        assert b.bypassed == (len(first) - 1) + len(second)
+        assert b.bypassed <= max_bypass and list(sched._pending)[0] is b
+    finally:
+        loop.close()
+    with pytest.raises(Exception, match="max_bypass"):
+        SchedulerConfig(max_bypass=-1)
