@@ -566,6 +566,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     ("--threads", args.threads)):
         if v < 1:
             raise InputError(f"{flag} must be >= 1, got {v}")
+    if args.max_bypass < 0:
+        raise InputError(f"--max-bypass must be >= 0, got {args.max_bypass}")
     if not 0 < args.request_timeout <= 3600:  # also rejects nan
         raise InputError(f"--request-timeout must be in (0, 3600] seconds, got {args.request_timeout}")
     from deepinsert.utils.extras import require
