@@ -16,6 +16,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -277,14 +278,12 @@ def _check_output_file(path: str | None, what: str) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """The router vs every static layer and the per-prompt oracle."""
     _setup_logging()
-    import dataclasses
-
     _require_train_extra()
     _check_output_file(args.json, "--json")
     _check_output_file(args.plot, "--plot")
     from deepinsert.policy.evaluate import evaluate_run_dir, format_comparison, resolve_split_spec
     from deepinsert.policy.run import load_run, write_metrics
-    from deepinsert.policy.workspace import open_workspace
+    from deepinsert.policy.workspace import open_run_workspace
     from deepinsert.utils.atomic import atomic_write_json
 
     if args.per_prompt and Path(args.per_prompt).is_dir():
@@ -295,7 +294,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run_ = load_run(args.run_dir)
     spec = resolve_split_spec(run_.config, args.split)
     overrides = {k: getattr(args, k) for k in ("device", "dtype") if getattr(args, k, None) is not None}
-    ws = open_workspace(dataclasses.replace(run_.config, **overrides), train=False)
+    ws = open_run_workspace(run_, **overrides)
     heuristic = _evaluate_heuristic(args, run_, ws)
     metrics = evaluate_run_dir(args.run_dir, workspace=ws, split_spec=spec, accuracy=not args.no_accuracy,
                                progress=not args.no_progress, heuristic=heuristic)
@@ -667,6 +666,8 @@ def describe_path(path: Path) -> dict[str, Any]:
                 "checksums_checked": sorted(info.checksums), "problems": problems,
                 "folded": info.folded, "size_mb": round(info.size.get("total_bytes", 0) / 1e6, 3),
                 "table_shape": info.size.get("table_shape"),
+                "observation_tokens": info.observation.tokens if info.observation.tokens == "all"
+                else f"seen ({info.observation.seen_tokens} token ids of the training questions)",
                 "guard": None if info.guard is None else {k: info.guard.get(k) for k in ("threshold", "fallback_layer", "fallback_by_lam")},
                 "decision_margin": (info.run or {}).get("decision_margin", 0.0) if info.supports_lam else None,
                 "request_lam": info.supports_lam,
@@ -992,6 +993,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `deepinsert info ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -50,12 +50,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         """Train without ``family`` (None: with every family), route the held-out splits."""
         keep = train_fam != family
         vkeep = val_fam != family
-        x = b.train.observations[keep]
+        obs = b.policy_observations(keep)  # with seen tokens: only the kept questions' tokens count
+        x = obs["train"][keep]
         net = dataclasses.replace(b, losses=b.losses[keep]).fit(x, cfg.seed + seed)
         guard = (fit_config_guard(cfg, b.train.router_inputs[keep], b.splits["val"].router_inputs[vkeep],
                                   ws.embedding_weight, obs_dim=x.shape[1]) if cfg.guard else None)
         with torch.no_grad():
-            preds = {n: net(torch.from_numpy(t.observations)).numpy() for n, t in held.items()}
+            preds = {n: net(torch.from_numpy(obs[n])).numpy() for n in held}
         fb = {n: guard.trips(t.router_inputs) if guard is not None else np.zeros(len(t.losses), bool)
               for n, t in held.items()}
         out = dataclasses.replace(b, tables=held).captured(preds, fb)

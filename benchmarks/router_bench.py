@@ -78,6 +78,23 @@ class Bench:
             kw["weight_decay"] = weight_decay
         return train_losscurve(x, self.losses if losses is None else losses, seed=seed, **kw)
 
+    def policy_observations(self, train_rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Policy observations ``(S, D)`` of ``"train"`` and every split. With seen tokens (the
+        config's ``observation_tokens: seen``) the mask comes from the training questions at
+        ``train_rows`` (bool ``(S,)``; None: all), as a router trained on those alone computes it."""
+        splits = {"train": self.train, **self.splits}
+        if self.ws.seen_tokens is None:
+            return {n: s.observations for n, s in splits.items()}
+        from deepinsert.env.observation import prompt_router_inputs, seen_token_mask
+
+        tok, emb = self.ws.tokenizer, self.ws.embedding_weight
+        qs = [s.question for s in self.train.samples]
+        rows = np.ones(len(qs), bool) if train_rows is None else np.asarray(train_rows, bool)
+        seen = seen_token_mask(tok, int(emb.shape[0]), [q for q, k in zip(qs, rows) if k])
+        D = int(emb.shape[1])
+        return {n: prompt_router_inputs(tok, emb, [x.question for x in s.samples], seen)[:, :D]
+                for n, s in splits.items()}
+
     @property
     def safe(self) -> int:
         """Index of the safe layer: the lowest candidate (the guard's default fallback)."""

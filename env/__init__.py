@@ -23,6 +23,8 @@ _LAZY: dict[str, str] = {
     "prompt_observation": "deepinsert.env.observation",
     "prompt_observations": "deepinsert.env.observation",
     "prompt_guard_observations": "deepinsert.env.observation",
+    "prompt_router_inputs": "deepinsert.env.observation",
+    "seen_token_mask": "deepinsert.env.observation",
     "question_token_ids": "deepinsert.env.observation",
     "OBS_MAX_TOKENS": "deepinsert.env.observation",
 }

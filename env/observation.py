@@ -14,6 +14,18 @@ order(q) = (1/T) Σ_t w_t · E[id_t] with w_t = (2t − (T − 1)) / max(T − 1
 the same ids position-signed from −1 (first token) to +1 (last); w sums to 0, and a
 one-token question has order 0. The guard's input is ``[observation | order]`` ``(2D,)``
 (:func:`prompt_guard_observations`); the policy reads the observation alone.
+
+**Seen tokens** (``observation_tokens: seen``, the default of ``deepinsert train``): a router
+can only have learned what the tokens of its training questions mean, so its policy reads
+
+seen(q) = mean of E[id] over the question's ids that occur in the training questions
+(every id when none does),
+
+while the guard still reads every token (``[mean | order]`` above: a question with many words
+no training question used still trips it). A split's *router inputs* are then
+``[seen | mean | order]`` ``(3D,)`` (:func:`prompt_router_inputs`); in every layout the policy
+reads the first D columns and the guard the last 2D (or, a mean-only guard, the D after the
+policy's block when there are 3D). The exported graph holds the seen-token mask as a constant.
 """
 
 from __future__ import annotations
@@ -94,6 +106,40 @@ def order_embedding(embedding: np.ndarray, ids: Sequence[int]) -> np.ndarray:
         raise InputError("cannot embed an empty token sequence")
     rows = embedding[np.asarray(ids, dtype=np.int64)]
     return (position_weights(len(ids)) @ rows / np.float32(len(ids))).astype(np.float32)
+
+
+def seen_token_mask(tokenizer: Any, vocab_size: int, questions: Sequence[str]) -> np.ndarray:
+    """``(V,)`` bool: the token ids that occur in ``questions`` (the training questions)."""
+    mask = np.zeros(int(vocab_size), dtype=bool)
+    for q in questions:
+        ids = np.asarray(question_token_ids(tokenizer, q), dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= mask.size):
+            raise InputError(f"token ids of {q!r} fall outside the embedding table's {mask.size} rows")
+        mask[ids] = True
+    return mask
+
+
+def seen_token_ids(ids: Sequence[int], seen: np.ndarray) -> np.ndarray:
+    """The ids of ``ids`` that ``seen (V,)`` marks, or all of them when it marks none ``(T',)``."""
+    a = np.asarray(ids, dtype=np.int64)
+    keep = a[seen[a]]
+    return keep if keep.size else a
+
+
+def prompt_router_inputs(
+    tokenizer: Any, embedding_weight: Any, questions: Sequence[str], seen: np.ndarray | None = None
+) -> np.ndarray:
+    """A split's router inputs: ``[mean | order]`` float32 ``(B, 2D)`` without ``seen``, else
+    ``[seen mean | mean | order]`` ``(B, 3D)`` (module doc); the policy reads the first D columns."""
+    both = prompt_guard_observations(tokenizer, embedding_weight, questions)
+    if seen is None:
+        return both
+    emb = embedding_matrix(embedding_weight)
+    if seen.shape != (emb.shape[0],):
+        raise InputError(f"the seen-token mask has shape {seen.shape}, the embedding table {emb.shape[0]} rows")
+    first = np.stack([mean_embedding(emb, seen_token_ids(question_token_ids(tokenizer, q), seen)) for q in questions]) \
+        if len(questions) else np.zeros((0, emb.shape[1]), dtype=np.float32)
+    return np.concatenate([first.astype(np.float32), both], axis=1)
 
 
 def prompt_guard_observations(

@@ -92,6 +92,7 @@ def export_bundle(
     model_adapter: str | None = None,
     model_architecture: str | None = None,
     guard: Any = None,
+    seen_ids: Sequence[int] | None = None,
     fallback_layer: int | None = None,
     fallback_by_lam: dict[str, Any] | None = None,
     budget_table: dict[str, Any] | None = None,
@@ -117,6 +118,8 @@ def export_bundle(
         model_architecture: the model's class name (``type(vlm.model).__name__``), recorded
             and checked the same way.
         guard: the run's :class:`~deepinsert.policy.guard.ObsGuard` (None: no guard).
+        seen_ids: the token ids of the training questions when the policy's observation averages
+            those only (``observation_tokens: seen``; run.json's ``observation.seen_ids``); None: all.
         fallback_layer: where a tripped guard routes (default: the lowest candidate layer); with
             ``fallback_by_lam``, the layer at the bundle's ``lam``.
         fallback_by_lam: loss-curve only: a λ-following fallback (``fallback_layer: auto``;
@@ -204,7 +207,7 @@ def export_bundle(
         stage_block = {"summary": image_stage.net.architecture()["summary"], "summary_dim": int(image_stage.summary_dim),
                        "margin": float(image_stage.net.margin), "digest": _digest(image_stage.net)}
     head = PolicyHead(policy, guard, layers, int(num_layers)).eval()
-    graph = (FoldedRouter(head, weight) if fold else EmbeddingRouter(head, weight)).eval()
+    graph = (FoldedRouter(head, weight, seen_ids) if fold else EmbeddingRouter(head, weight, seen_ids)).eval()
     val_prompts = validation_prompts(tokenizer, n_prompts, seed, extra=prompts)
     width = int(graph.table.shape[1]) if fold else D
     guard_block = None
@@ -221,7 +224,9 @@ def export_bundle(
         model_source=str(model_source),
         model_adapter=model_adapter,
         model_architecture=model_architecture,
-        observation=ObservationSpec(kind=OBSERVATION_KIND, max_tokens=int(max_tokens), dim=D, vocab_size=V),
+        observation=ObservationSpec(kind=OBSERVATION_KIND, max_tokens=int(max_tokens), dim=D, vocab_size=V,
+                                    tokens="all" if seen_ids is None else "seen",
+                                    seen_tokens=0 if seen_ids is None else len(set(int(i) for i in seen_ids))),
         probs_definition=PROBS_DEFINITION[kind],
         guard=guard_block,
         budget_table=budget_table,
@@ -259,7 +264,7 @@ def export_bundle(
         log.info("validating on %d prompts and %d random embeddings", len(val_prompts), n_embeddings)
         runtime = Router.load(tmp)
         report = validate_bundle(runtime, policy, tokenizer, weight, val_prompts, n_embeddings, seed, guard=guard,
-                                 image_stage=image_stage)
+                                 image_stage=image_stage, seen_ids=seen_ids)
         size = {**size, "total_bytes": int(sum(sizes.values())) + len(json.dumps(info.sealed(), indent=2))}
         info = dataclasses.replace(info, validation=report, size=size)
         info = dataclasses.replace(info, info_sha256=info.sealed()["info_sha256"])
@@ -315,6 +320,7 @@ def export_run(
         policy=policy,
         algorithm=info["algorithm"],
         guard=run.guard,
+        seen_ids=run.seen_ids,
         fallback_layer=info.get("fallback_layer"),
         fallback_by_lam=info.get("fallback_by_lam"),
         budget_table=info.get("budget_table"),

@@ -177,9 +177,11 @@ class PolicyHead(nn.Module):
         return self.guard(z)
 
     def forward(self, obs: torch.Tensor, lam: torch.Tensor | None = None,
-                order: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                order: torch.Tensor | None = None, guard_obs: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """``guard_obs (B, D)``: the guard's mean block when it is not the policy's observation
+        (seen tokens: the policy averages the seen tokens, the guard every token); None: ``obs``."""
         out = self.decision(self.scores(obs), lam)
-        return (*out[:2], self.ood(obs, order), *out[2:])
+        return (*out[:2], self.ood(obs if guard_obs is None else guard_obs, order), *out[2:])
 
 
 def _store(t: torch.Tensor) -> torch.Tensor:
@@ -190,14 +192,37 @@ def _store(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+def seen_weights(seen: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, T, 1)`` pooling weights of the policy's observation: the mask's tokens that ``seen (V,)``
+    marks, or all of the mask's tokens in a row where it marks none (``seen`` None: the mask)."""
+    m = attention_mask.to(torch.float32)
+    if seen is not None:
+        s = nn.functional.embedding(input_ids, seen.unsqueeze(-1)).squeeze(-1) * m  # (B, T)
+        m = torch.where(s.sum(dim=1, keepdim=True) > 0, s, m)
+    return m.unsqueeze(-1)
+
+
+def seen_buffer(seen_ids: Any, vocab_size: int) -> torch.Tensor | None:
+    """``(V,)`` float32 0/1 of the seen token ids (None: every token counts)."""
+    if seen_ids is None:
+        return None
+    ids = torch.as_tensor(np.asarray(seen_ids, dtype=np.int64))
+    if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        raise InputError(f"seen token ids must be a non-empty set of rows of the {vocab_size}-row embedding table")
+    out = torch.zeros(vocab_size, dtype=torch.float32)
+    out[ids] = 1.0
+    return out
+
+
 class FoldedRouter(nn.Module):
     """``input_ids, attention_mask (B, T) int64 [, lam (1,)]`` -> ``action, probs, ood_score[, losses]``.
 
     Gathers from the folded table ``(V, h + g)``: the first layer's pre-activation (h) and
-    the guard's projection (g) of every vocabulary row (module doc).
+    the guard's projection (g) of every vocabulary row (module doc). With ``seen_ids`` the
+    policy's block is pooled over the seen tokens only (:func:`seen_weights`), the guard's over all.
     """
 
-    def __init__(self, head: PolicyHead, embedding_weight: torch.Tensor) -> None:
+    def __init__(self, head: PolicyHead, embedding_weight: torch.Tensor, seen_ids: Any = None) -> None:
         super().__init__()
         E = embedding_weight.detach().to("cpu", torch.float64)
         if E.ndim != 2:
@@ -225,6 +250,7 @@ class FoldedRouter(nn.Module):
                 bias[-1] = bias[-1] - (head.o_mean.double() / head.o_std.double()) @ head.o_proj.double()
         self.register_buffer("table", _store(torch.cat(parts, dim=1).float()))  # (V, h + g [+ g])
         self.register_buffer("bias", torch.cat(bias).float())  # (h + g,)
+        self.register_buffer("seen", seen_buffer(seen_ids, int(E.shape[0])))  # (V,) or None
         self.head = head  # registers the policy's modules that _rest uses (unused ones are not traced)
         self._rest = head._rest
         self.decision = head.decision
@@ -241,7 +267,11 @@ class FoldedRouter(nn.Module):
         n = m.sum(dim=1).clamp_min(1.0)  # (B, 1)
         hg = self.h + self.g
         pooled = (rows[..., :hg] * m).sum(dim=1) / n + self.bias  # (B, h + g)
-        out = self.decision(self._rest(pooled[:, : self.h]), lam)
+        first = pooled[:, : self.h]
+        if self.seen is not None:
+            w = seen_weights(self.seen, input_ids, attention_mask)
+            first = (rows[..., : self.h] * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0) + self.bias[: self.h]
+        out = self.decision(self._rest(first), lam)
         if self.has_guard:
             z = pooled[:, self.h:]
             if self.guard_order:
@@ -258,12 +288,13 @@ class EmbeddingRouter(nn.Module):
     Gathers the model's (V, D) table (float16 when lossless); ``fold=False`` exports only.
     """
 
-    def __init__(self, head: PolicyHead, embedding_weight: torch.Tensor) -> None:
+    def __init__(self, head: PolicyHead, embedding_weight: torch.Tensor, seen_ids: Any = None) -> None:
         super().__init__()
         w = embedding_weight.detach().to("cpu", torch.float32)
         if w.ndim != 2:
             raise InputError(f"embedding weight must be (V, D), got shape {tuple(w.shape)}")
         self.register_buffer("weight", _store(w.clone()))  # (V, D)
+        self.register_buffer("seen", seen_buffer(seen_ids, int(w.shape[0])))  # (V,) or None
         self.head = head
 
     @property
@@ -276,7 +307,11 @@ class EmbeddingRouter(nn.Module):
         n = m.sum(dim=1).clamp_min(1.0)  # (B, 1)
         obs = (emb * m).sum(dim=1) / n  # (B, D)
         order = (emb * position_weights(attention_mask)).sum(dim=1) / n if self.head.guard_order else None
-        return (*self.head(obs, lam, order), obs)
+        if self.seen is None:
+            return (*self.head(obs, lam, order), obs)
+        w = seen_weights(self.seen, input_ids, attention_mask)
+        seen_obs = (emb * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)  # (B, D): the policy's observation
+        return (*self.head(seen_obs, lam, order, guard_obs=obs), seen_obs)
 
 
 class ImageStageHead(nn.Module):

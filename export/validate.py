@@ -21,6 +21,7 @@ from deepinsert.env.observation import (
     mean_embedding,
     order_embedding,
     question_token_ids,
+    seen_token_ids,
 )
 from deepinsert.errors import BundleError, InputError
 from deepinsert.router.runtime import Router
@@ -114,6 +115,7 @@ def validate_bundle(
     guard: Any = None,
     ood_rtol: float = 1e-4,
     image_stage: Any = None,
+    seen_ids: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Compare the loaded bundle with the unfolded torch reference; BundleError on any mismatch.
 
@@ -126,7 +128,8 @@ def validate_bundle(
     :class:`~deepinsert.policy.image_stage.ImageStage`), ``image_stage.onnx`` on every prompt's
     curve (random first actions) and ``Router.refine`` on the prompts' decisions must give the
     torch stage's refined losses and actions at every λ checked, with random image summaries
-    drawn around the training ones. Returns the
+    drawn around the training ones. With ``seen_ids`` the policy's reference observation averages
+    those ids only (``deepinsert.env.observation.seen_ids``), the guard's every id. Returns the
     numbers that go into ``router.json``'s ``validation`` block.
     """
     from deepinsert.policy.losscurve import decide, decision_gain
@@ -142,18 +145,26 @@ def validate_bundle(
                 f"tokenizer.json does not reproduce the model's tokenizer on {p[:80]!r}: {r[:12]} vs {g[:12]}"
             )
     n_truncated = sum(t for _, t in got)
-    ref_obs = np.stack([mean_embedding(weight, ids) for ids in ref_ids])  # (B, D)
+    full_obs = np.stack([mean_embedding(weight, ids) for ids in ref_ids])  # (B, D): the guard's mean
+    ref_obs = full_obs  # (B, D): the policy's observation
+    if seen_ids is not None:
+        seen = np.zeros(len(weight), dtype=bool)
+        seen[np.asarray(seen_ids, dtype=np.int64)] = True
+        ref_obs = np.stack([mean_embedding(weight, seen_token_ids(ids, seen)) for ids in ref_ids])
+        report_seen = {"prompts_with_unseen_tokens": int(sum(not seen[ids].all() for ids in ref_ids))}
+    else:
+        report_seen = {}
     emb = random_embeddings(weight, n_embeddings, seed)
     ref_a, ref_s = reference_scores(policy, ref_obs)
     ref_a2, ref_s2 = reference_scores(policy, emb)
     lc = info.supports_lam
     lams = sorted({0.0, float(info.lam), 0.05, 0.2, 1.0}) if lc else [float(info.lam)]
-    report: dict[str, Any] = {"max_abs_prob_diff_prompts": 0.0, "max_abs_prob_diff_embeddings": 0.0}
+    report: dict[str, Any] = {"max_abs_prob_diff_prompts": 0.0, "max_abs_prob_diff_embeddings": 0.0, **report_seen}
     obs_diff = None
-    ref_in, emb_in = ref_obs, emb
+    ref_in, emb_in = full_obs, emb
     if guard is not None and guard.order:
         # prompts: their word-order block; bare embeddings (policy.onnx): the block at its training mean
-        ref_in = np.concatenate([ref_obs, np.stack([order_embedding(weight, ids) for ids in ref_ids])], axis=1)
+        ref_in = np.concatenate([full_obs, np.stack([order_embedding(weight, ids) for ids in ref_ids])], axis=1)
         emb_in = np.concatenate([emb, np.broadcast_to(guard.mean[guard.obs_dim:], emb.shape)], axis=1)
     ood_ref = guard.score(ref_in) if guard is not None else None
     ood_ref2 = guard.score(emb_in) if guard is not None else None

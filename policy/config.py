@@ -241,6 +241,12 @@ class TrainConfig:
     """Standardise observations inside the policy (buffers from training observations)."""
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     """Algorithm hyper-parameters."""
+    observation_tokens: str = "seen"
+    """Which of a question's tokens the policy's observation averages: ``seen`` (the ones that occur
+    in the training questions; all of them when none does) or ``all``. A router has learned nothing
+    about a word no training question used (on the demo its embedding was never trained), so
+    ``seen`` keeps such words from moving its decision; the guard reads every token either way
+    (env/observation.py; measured in docs/routers.md section 15)."""
     guard: bool = True
     """Fit the out-of-distribution guard (distance to the training observations) with the router."""
     guard_order: bool = True
@@ -295,6 +301,8 @@ class TrainConfig:
             _positive_int("net_arch entries", n)
         self.net_arch = [int(n) for n in self.net_arch]
         _positive_int("checkpoint_every", self.checkpoint_every, allow_zero=True)
+        if self.observation_tokens not in ("seen", "all"):
+            raise ConfigError(f"observation_tokens must be 'seen' or 'all', got {self.observation_tokens!r}")
         for name in ("guard", "guard_order"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -298,11 +298,11 @@ def evaluate_run_dir(
     metrics gain a ``"heuristic"`` row.
     """
     from deepinsert.policy.run import load_run
-    from deepinsert.policy.workspace import open_workspace
+    from deepinsert.policy.workspace import open_run_workspace
 
     run = load_run(run_dir)
     spec = split_spec or run.config.data.eval
-    ws = workspace or open_workspace(run.config, train=False)
+    ws = workspace or open_run_workspace(run)
     split = eval_split(ws, run.config, spec)
     tables = build_tables(ws, split, accuracy=accuracy, progress=progress, candidate_layers=run.candidate_layers)
     two = run.image_stage is not None

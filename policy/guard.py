@@ -84,11 +84,15 @@ class ObsGuard:
 
     def inputs(self, obs: np.ndarray) -> np.ndarray:
         """``(B, W)`` float32 guard inputs from ``[observation | order]`` ``(B, 2D)`` (a ``"mean"``
-        guard reads the first D columns of it) or, for a ``"mean"`` guard, observations ``(B, D)``."""
+        guard reads the first D columns of it), from ``[seen-token observation | observation |
+        order]`` ``(B, 3D)`` (the guard reads the last 2D; deepinsert.env.observation) or, for a
+        ``"mean"`` guard, observations ``(B, D)``."""
         x = np.asarray(obs, dtype=np.float32)
         if x.ndim == 1:
             x = x[None]
         W = len(self.mean)
+        if x.ndim == 2 and x.shape[1] == 3 * self.obs_dim:
+            x = x[:, self.obs_dim:]
         if x.ndim == 2 and x.shape[1] == 2 * W and not self.order:
             x = x[:, :W]
         if x.ndim != 2 or x.shape[1] != W:

@@ -61,8 +61,13 @@ def algorithm_class(name: str) -> Any:
         raise ConfigError(f"unknown algorithm {name!r}; choose one of {', '.join(table)}") from None
 
 
-def run_info(cfg: TrainConfig, candidate_layers: list[int], num_layers: int, obs_dim: int) -> dict[str, Any]:
-    """The run.json content (``trained_timesteps`` is added once training is saved)."""
+def run_info(cfg: TrainConfig, candidate_layers: list[int], num_layers: int, obs_dim: int,
+             seen_tokens: np.ndarray | None = None) -> dict[str, Any]:
+    """The run.json content (``trained_timesteps`` is added once training is saved); ``seen_tokens``
+    ``(V,)`` bool: the training questions' token ids the observation averages (None: every token)."""
+    observation: dict[str, Any] = {"kind": OBS_KIND, "max_tokens": OBS_MAX_TOKENS, "tokens": "all"}
+    if seen_tokens is not None:
+        observation.update(tokens="seen", seen_ids=[int(i) for i in np.flatnonzero(seen_tokens)])
     from deepinsert import __version__
 
     return {
@@ -73,7 +78,7 @@ def run_info(cfg: TrainConfig, candidate_layers: list[int], num_layers: int, obs
         "model_source": cfg.model,
         "adapter": cfg.adapter,
         "obs_dim": int(obs_dim),
-        "observation": {"kind": OBS_KIND, "max_tokens": OBS_MAX_TOKENS},
+        "observation": observation,
         "seed": int(cfg.seed),
         "deepinsert_version": __version__,
         "policy": {"net_arch": [int(n) for n in cfg.net_arch], "normalize_obs": bool(cfg.normalize_obs),
@@ -124,6 +129,12 @@ def check_run_info(info: Any, where: str) -> dict[str, Any]:
                 or not pol["net_arch"] or not all(_is_int(n, 1) for n in pol["net_arch"])
                 or not isinstance(pol.get("normalize_obs"), bool) or pol.get("n_actions") != len(layers)):
             raise bad("'policy' must hold net_arch (positive integers), normalize_obs and n_actions = len(candidate_layers)")
+    obs = info.get("observation")
+    if isinstance(obs, dict) and obs.get("tokens", "all") != "all":
+        ids = obs.get("seen_ids")
+        if (obs.get("tokens") != "seen" or not isinstance(ids, list) or not ids
+                or not all(_is_int(i) for i in ids) or sorted(set(ids)) != ids):
+            raise bad("'observation' must have tokens 'all', or 'seen' with seen_ids: increasing token ids")
     if info.get("image_stage") is not None and info.get("algorithm") != "losscurve":
         raise bad("'image_stage' needs algorithm 'losscurve'")
     if info.get("fallback_by_lam") is not None:
@@ -278,6 +289,25 @@ class TrainedRun:
         return [int(k) for k in self.info["candidate_layers"]]
 
     @property
+    def seen_ids(self) -> list[int] | None:
+        """The token ids the policy's observation averages (``observation_tokens: seen``), or None
+        when it averages every token (also runs trained before the option existed)."""
+        obs = self.info.get("observation") or {}
+        return [int(i) for i in obs["seen_ids"]] if obs.get("tokens") == "seen" else None
+
+    def router_inputs(self, tokenizer: Any, embedding_weight: Any, questions: list[str]) -> np.ndarray:
+        """What this run routes on for raw ``questions``, from the model's tokenizer and ``(V, D)``
+        input embeddings: ``(B, 2D)`` or, with seen tokens, ``(B, 3D)``
+        (``deepinsert.env.observation.prompt_router_inputs``)."""
+        from deepinsert.env.observation import prompt_router_inputs
+
+        seen = None
+        if self.seen_ids is not None:
+            seen = np.zeros(int(embedding_weight.shape[0]), dtype=bool)
+            seen[np.asarray(self.seen_ids, dtype=np.int64)] = True
+        return prompt_router_inputs(tokenizer, embedding_weight, questions, seen)
+
+    @property
     def supports_lam(self) -> bool:
         """True for routers that decide for any λ at request time (loss-curve)."""
         return self.info.get("algorithm") == "losscurve"
@@ -305,9 +335,9 @@ class TrainedRun:
         if x.ndim == 1:
             x = x[None]
         D = int(self.info["obs_dim"])
-        if x.ndim != 2 or x.shape[1] not in (D, 2 * D):
-            raise InputError(f"observations must have shape (B, {D}) or, with their word-order block, "
-                             f"(B, {2 * D}), got {x.shape}")
+        if x.ndim != 2 or x.shape[1] not in (D, 2 * D, 3 * D):
+            raise InputError(f"observations must have shape (B, {D}) or, with the guard's inputs, (B, {2 * D}) "
+                             f"or (B, {3 * D}) (deepinsert.env.observation.prompt_router_inputs), got {x.shape}")
         return x
 
     def fallback(self, obs: np.ndarray) -> np.ndarray:

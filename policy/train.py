@@ -149,7 +149,7 @@ def train_router(
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out, older_than_s=0)  # one writer per run folder: leftovers are a killed run's
     write_config(out, cfg)
-    info = run_info(cfg, ws.candidate_layers, ws.num_layers, problem.obs_dim)
+    info = run_info(cfg, ws.candidate_layers, ws.num_layers, problem.obs_dim, ws.seen_tokens)
     info.update(fit_run_guard(ws, cfg, out))  # depends on the observations only: before training
     fill_fallback(info, cfg, ws, train_split)
     tb_dir = out / "tb"
@@ -218,7 +218,7 @@ def _start_table_run(cfg: TrainConfig, out: Path, workspace: Workspace | None, r
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out, older_than_s=0)  # one writer per run folder: leftovers are a killed run's
     write_config(out, cfg)
-    return ws, train, run_info(cfg, ws.candidate_layers, ws.num_layers, train.observations.shape[1])
+    return ws, train, run_info(cfg, ws.candidate_layers, ws.num_layers, train.observations.shape[1], ws.seen_tokens)
 
 
 def train_fullinfo_router(
@@ -315,7 +315,8 @@ def fit_config_guard(cfg: TrainConfig, train_x: np.ndarray, val_x: np.ndarray | 
     training inputs ``(S, W)``, calibrated on ``val_x (S', W)`` (None: on the training points).
 
     The inputs are a split's ``router_inputs``: ``[observation | order]`` (W = 2D, with
-    ``obs_dim`` = D) or observations alone (W = D; ``obs_dim`` None or W). With ``cfg.guard_order``
+    ``obs_dim`` = D), ``[seen-token observation | observation | order]`` (W = 3D: the guard reads
+    the last 2D) or observations alone (W = D; ``obs_dim`` None or W). With ``cfg.guard_order``
     and an order block the guard reads both, otherwise the observation only. Each block is
     standardised by its own training statistics (the observation's as the policy network
     standardises it); ``embedding_weight`` (the model's ``(V, D)`` input embeddings, optional)
@@ -325,6 +326,9 @@ def fit_config_guard(cfg: TrainConfig, train_x: np.ndarray, val_x: np.ndarray | 
     from deepinsert.policy.guard import fit_guard
 
     D = int(train_x.shape[1] if obs_dim is None else obs_dim)
+    if train_x.shape[1] == 3 * D:  # the policy's seen-token block is not the guard's
+        train_x = train_x[:, D:]
+        val_x = None if val_x is None else val_x[:, D:]
     order = bool(cfg.guard_order) and train_x.shape[1] == 2 * D
     if not order:
         train_x = train_x[:, :D]

@@ -15,7 +15,7 @@ import numpy as np
 
 from deepinsert.env.cache import LossCache, default_cache_dir
 from deepinsert.env.losses import LossProvider, VLMLossProvider
-from deepinsert.env.observation import prompt_guard_observations
+from deepinsert.env.observation import prompt_router_inputs, seen_token_mask
 from deepinsert.env.problem import InsertionProblem, resolve_layers
 from deepinsert.errors import ConfigError, DataError
 from deepinsert.policy.config import TrainConfig
@@ -43,15 +43,14 @@ class Split:
     """``(S, Dᵢ)`` image summaries and ``(S,)`` has-image flags for the image-aware stage
     (:meth:`Workspace.summaries` fills it once; a stand-in workspace sets it)."""
     with_order: np.ndarray | None = None
-    """``(S, 2D)`` ``[observation | order]``: the observations with their word-order block
-    (``deepinsert.env.observation.prompt_guard_observations``); None where the observations were
-    given without their questions' tokens (a stand-in workspace)."""
+    """``(S, 2D)`` ``[observation | order]`` or, with seen tokens, ``(S, 3D)`` ``[observation | mean |
+    order]``: the observations with the guard's inputs (``deepinsert.env.observation.prompt_router_inputs``);
+    None where the observations were given without their questions' tokens (a stand-in workspace)."""
 
     @property
     def router_inputs(self) -> np.ndarray:
-        """What a trained router routes on: ``[observation | order]`` ``(S, 2D)`` (the policy
-        reads the first D columns, the guard all of them), or the observations ``(S, D)`` alone
-        when there is no order block."""
+        """What a trained router routes on: ``with_order`` (the policy reads the first D columns,
+        the guard the last 2D), or the observations ``(S, D)`` alone when there is no order block."""
         return self.observations if self.with_order is None else self.with_order
 
     @property
@@ -75,6 +74,9 @@ class Workspace:
     embedding_weight: Any = None
     vlm: FrozenVLM | None = None
     splits: dict[str, Split] = field(default_factory=dict)
+    seen_tokens: np.ndarray | None = None
+    """``(V,)`` bool: the token ids of the training questions, which the policy's observation
+    averages (``observation_tokens: seen``); None: every token."""
 
     @property
     def num_layers(self) -> int:
@@ -86,14 +88,35 @@ class Workspace:
             raise DataError(f"dataset split {name!r} is empty: no samples to train or evaluate on")
         both = None
         if observations is None:
-            both = prompt_guard_observations(self.tokenizer, self.embedding_weight, [s.question for s in samples])
-            observations = np.ascontiguousarray(both[:, : both.shape[1] // 2])
+            both = prompt_router_inputs(self.tokenizer, self.embedding_weight, [s.question for s in samples],
+                                        self.seen_tokens)
+            observations = np.ascontiguousarray(both[:, : int(self.embedding_weight.shape[1])])
         split = Split(name, list(samples), np.asarray(observations, dtype=np.float32), with_order=both)
         self.splits[name] = split
         return split
 
     def load_split(self, name: str, spec: str, cfg: TrainConfig, limit: int | None) -> Split:
         """Load a data file (``demo:<split>`` or a path) and register it as ``name``."""
+        return self.add_split(name, self.read_samples(name, spec, cfg, limit))
+
+    def set_seen_tokens(self, questions: list[str] | None = None, ids: list[int] | None = None) -> None:
+        """Make the policy's observation average the tokens of ``questions`` (the training split's)
+        or the token ``ids`` a run recorded; before any split is added."""
+        if self.splits:
+            raise ConfigError("the seen tokens must be set before the workspace's splits are loaded")
+        V = int(self.embedding_weight.shape[0])
+        if ids is not None:
+            mask = np.zeros(V, dtype=bool)
+            a = np.asarray(ids, dtype=np.int64)
+            if a.size and (a.min() < 0 or a.max() >= V):
+                raise ConfigError(f"the run's seen token ids fall outside this model's {V} embedding rows")
+            mask[a] = True
+        else:
+            mask = seen_token_mask(self.tokenizer, V, questions or [])
+        self.seen_tokens = mask
+
+    def read_samples(self, name: str, spec: str, cfg: TrainConfig, limit: int | None) -> list[Any]:
+        """The samples of a data file (``demo:<split>`` or a path), not yet registered."""
         from deepinsert.env.data import load_samples
 
         path = resolve_data_path(spec)
@@ -107,7 +130,7 @@ class Workspace:
             samples = samples[:limit]
         if not samples:
             raise DataError(f"data.{name} ({path}) is an empty dataset split: no usable records")
-        return self.add_split(name, samples)
+        return samples
 
     def summaries(self, split: Split, *, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The split's image summaries ``(S, Dᵢ)`` and has-image flags ``(S,)`` (computed once, from
@@ -127,10 +150,24 @@ class Workspace:
         return InsertionProblem.build(s.samples, lam, self.candidate_layers, cache=self.cache, observations=s.observations)
 
 
+def open_run_workspace(run: Any, **overrides: Any) -> Workspace:
+    """The workspace a trained run is evaluated in (no training split): its config with
+    ``overrides``, and the observation tokens it was trained with (run.json)."""
+    import dataclasses
+
+    seen = run.seen_ids
+    cfg = dataclasses.replace(run.config, observation_tokens="all" if seen is None else "seen", **overrides)
+    return open_workspace(cfg, train=False, seen_ids=seen)
+
+
 def open_workspace(
-    cfg: TrainConfig, *, train: bool = True, eval_spec: str | None = None
+    cfg: TrainConfig, *, train: bool = True, eval_spec: str | None = None, seen_ids: list[int] | None = None
 ) -> Workspace:
-    """Load the VLM named by ``cfg.model``, the requested splits, and the loss cache."""
+    """Load the VLM named by ``cfg.model``, the requested splits, and the loss cache.
+
+    With ``observation_tokens: seen`` the policy's observation averages the training questions'
+    tokens: those of ``seen_ids`` (a trained run's, from its run.json) or, when None, of the
+    training split (which ``train=False`` then loads for its questions only)."""
     from deepinsert.frozen_vlm import load_vlm
 
     vlm = load_vlm(cfg.model, dtype=cfg.dtype, device=cfg.device, adapter=cfg.adapter)
@@ -152,8 +189,13 @@ def open_workspace(
         embedding_weight=vlm.embedding_weight,
         vlm=vlm,
     )
+    train_samples = None
+    if train or (cfg.observation_tokens == "seen" and seen_ids is None):
+        train_samples = ws.read_samples("train", cfg.data.train, cfg, cfg.data.max_train_samples)
+    if cfg.observation_tokens == "seen":
+        ws.set_seen_tokens([s.question for s in train_samples] if seen_ids is None else None, seen_ids)
     if train:
-        ws.load_split("train", cfg.data.train, cfg, cfg.data.max_train_samples)
+        ws.add_split("train", train_samples)
     if eval_spec is not None:
         split = ws.load_split("eval", eval_spec, cfg, cfg.data.max_eval_samples)
         ws.splits[f"eval:{eval_spec}"] = split  # the key evaluate_run_dir looks up

@@ -142,7 +142,9 @@ class ObservationSpec:
 
     The observation is the float32 mean of the model's input-embedding rows over the
     question's token ids, ``ids = tokenizer.encode(question, add_special_tokens=False)``,
-    truncated to the first ``max_tokens`` ids. No chat template, no image tokens.
+    truncated to the first ``max_tokens`` ids. No chat template, no image tokens. With
+    ``tokens == "seen"`` the policy averages only the ids its training questions used (all of
+    them when a question has none; the mask is a constant of ``router.onnx``), the guard every id.
     """
 
     kind: str  # always "mean_input_embedding"
@@ -150,6 +152,8 @@ class ObservationSpec:
     dim: int  # D, the embedding width
     vocab_size: int  # V, rows of the embedding table inside router.onnx
     add_special_tokens: bool = False
+    tokens: str = "all"  # "all" | "seen": which ids the policy's observation averages
+    seen_tokens: int = 0  # with "seen": how many distinct token ids the training questions used
 
     def __post_init__(self) -> None:
         if self.kind != OBSERVATION_KIND:
@@ -158,6 +162,13 @@ class ObservationSpec:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise BundleError(f"observation.{name} must be a positive int, got {v!r}")
+        if self.tokens not in ("all", "seen"):
+            raise BundleError(f"observation.tokens must be 'all' or 'seen', got {self.tokens!r}")
+        n = self.seen_tokens
+        if (not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= self.vocab_size
+                or (n == 0) != (self.tokens == "all")):
+            raise BundleError(f"observation.seen_tokens must count the seen token ids (1..vocab_size) exactly when "
+                              f"tokens is 'seen', got {n!r} with tokens {self.tokens!r}")
 
 
 @dataclass(frozen=True)

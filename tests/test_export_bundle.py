@@ -72,6 +72,7 @@ def test_bundle_files_and_metadata(tmp_path, tok, weight):
     assert meta["model_source"] == "tiny-test" and meta["metrics"] == {"mean_reward": -1.5}
     assert meta["observation"] == {
         "kind": "mean_input_embedding", "max_tokens": 256, "dim": 16, "vocab_size": weight.shape[0], "add_special_tokens": False,
+        "tokens": "all", "seen_tokens": 0,
     }
     for lib in ("torch", "stable-baselines3", "onnx", "onnxruntime", "tokenizers", "transformers"):
         assert meta["versions"][lib] not in ("", "not installed")

@@ -16,7 +16,6 @@ from deepinsert.cli import main as cli_main
 from deepinsert.env import LossCache
 from deepinsert.env.data import VQASample
 from deepinsert.env.losses import TableLossProvider
-from deepinsert.env.observation import prompt_guard_observations
 from deepinsert.errors import BundleError
 from deepinsert.router.runtime import Router
 from deepinsert.frozen_vlm import load_vlm
@@ -99,7 +98,7 @@ def test_cli_export_then_route_equals_trained_policy(trained_run, tmp_path, caps
 
     router = Router.load(bundle)
     qs, fams = _questions(60, seed=1)  # unseen questions
-    obs = prompt_guard_observations(vlm.tokenizer, vlm.embedding_weight, qs)
+    obs = run.router_inputs(vlm.tokenizer, vlm.embedding_weight, qs)
     with pytest.raises(BundleError, match="folded"):  # a folded bundle stores no (V, D) table
         router.observation(qs)
     want = run.predict_layers(obs)  # the guard included: same layers, fallbacks and all

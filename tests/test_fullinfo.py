@@ -81,7 +81,6 @@ def config(tmp_path_factory) -> Path:
 
 def test_fullinfo_train_evaluate_export_route(config, tmp_path, capsys):
     from deepinsert.cli import main
-    from deepinsert.env.observation import prompt_guard_observations
     from deepinsert.frozen_vlm import load_vlm
     from deepinsert.policy import load_run
     from deepinsert.router import Router
@@ -119,7 +118,7 @@ def test_fullinfo_train_evaluate_export_route(config, tmp_path, capsys):
     vlm = load_vlm(str(MODEL), device="cpu", dtype="float32")
     qs = ["What color is the circle?", "How many shapes are there?", "What day comes after monday?",
           "Repeat the word apple."]
-    o = prompt_guard_observations(vlm.tokenizer, vlm.embedding_weight, qs)
+    o = run.router_inputs(vlm.tokenizer, vlm.embedding_weight, qs)
     want = run.predict_layers(o)
     assert [router.route(q).layer for q in qs] == [int(k) for k in want]
     with pytest.raises(InputError):

@@ -179,13 +179,12 @@ def test_train_evaluate_export_generate_serve(config, tmp_path, capsys):
     # deepinsert.generate applies it, exactly as the run's two-stage decision
     import deepinsert
     from deepinsert.env.data import load_samples
-    from deepinsert.env.observation import prompt_guard_observations
 
     vlm = load_vlm(str(MODEL), device="cpu", dtype="float32")
     samples = list(load_samples(DATA / "test.json"))[:12]
     images, qs = [s.load_image() for s in samples], [s.question for s in samples]
     out = deepinsert.generate(vlm, images, qs, router=router, max_new_tokens=4)
-    obs = prompt_guard_observations(vlm.tokenizer, vlm.embedding_weight, qs)
+    obs = run.router_inputs(vlm.tokenizer, vlm.embedding_weight, qs)
     from deepinsert.frozen_vlm import image_summaries
 
     want = np.asarray(run.candidate_layers)[run.predict_two_stage(obs, image_summaries(vlm, images).numpy(),

@@ -43,15 +43,24 @@ def test_losscurve_train_evaluate_export_route(config, tmp_path, capsys):
     assert main(["export", str(run_dir), "--out", str(bundle)]) == 0
     out = capsys.readouterr().out
     assert "any lambda per request" in out and "folded table" in out
-    from deepinsert.env.observation import prompt_guard_observations
+    from deepinsert.env.observation import prompt_router_inputs, question_token_ids
     from deepinsert.frozen_vlm import load_vlm
+    from deepinsert.policy.workspace import open_workspace
 
     router = Router.load(bundle)
-    q = "What color is the circle?"
     vlm = load_vlm(str(MODEL), device="cpu", dtype="float32")
-    o = prompt_guard_observations(vlm.tokenizer, vlm.embedding_weight, [q])[0]  # [observation | word order]
+    # observation_tokens: seen (the default): the run records its training questions' token ids
+    train_qs = [s.question for s in open_workspace(run.config, train=True).splits["train"].samples]
+    assert run.seen_ids == sorted({i for q in train_qs for i in question_token_ids(vlm.tokenizer, q)})
+    assert router.info.observation.tokens == "seen" and router.info.observation.seen_tokens == len(run.seen_ids)
+    seen = np.zeros(vlm.embedding_weight.shape[0], dtype=bool)
+    seen[run.seen_ids] = True
+    qs = ["What color is the circle?", "Please echo the word river back."]
+    assert any(not seen[i] for i in question_token_ids(vlm.tokenizer, qs[1]))  # a word the 48 questions never used
+    o = prompt_router_inputs(vlm.tokenizer, vlm.embedding_weight, qs, seen)  # [seen-token obs | obs | word order]
     for lam in (0.0, 0.3, 1.0):  # the bundle's decision = the run's at every λ
-        assert router.route(q, lam=lam).layer == int(run.predict_layers(o[None], lam=lam)[0])
+        assert [d.layer for d in router.route_batch(qs, lam=lam)] == run.predict_layers(o, lam=lam).tolist()
+    q = qs[0]
     assert main(["route", str(bundle), q, "--budget", "0.7", "--json"]) == 0
     line = json.loads(capsys.readouterr().out.strip())
     assert line["lam"] == pytest.approx(router.lam_for(budget=0.7, key=q.encode())) and len(line["losses"]) == len(run.candidate_layers)

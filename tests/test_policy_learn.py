@@ -57,7 +57,7 @@ def test_run_folder_contract(trained):
     info = json.loads((out / "run.json").read_text())
     assert info["algorithm"] == "ppo" and info["lam"] == 0.1
     assert info["candidate_layers"] == list(range(9)) and info["num_layers"] == 8
-    assert info["obs_dim"] == 16 and info["observation"] == {"kind": "mean_input_embedding", "max_tokens": 256}
+    assert info["obs_dim"] == 16 and info["observation"] == {"kind": "mean_input_embedding", "max_tokens": 256, "tokens": "all"}
     assert info["trained_timesteps"] >= 8000
     assert sorted(p.name for p in (out / "checkpoints").glob("*.zip")) == ["model_4000_steps.zip",
                                                                            "model_8000_steps.zip"]
