@@ -14,7 +14,9 @@ every candidate layer (loss-curve).
   (V x g), not the model's (V x D) embedding table: ``mean_t P[id_t] + c = W1 (a ⊙ mean_t
   E[id_t] + b) + b1``. A guard that reads word order adds its order block's ``E · diag(1/σₒ) · Gₒ``
   (V x g), pooled with the position weights instead of the mean. Rows with no unmasked
-  token give the bias alone (never sent).
+  token give the bias alone (never sent). With seen tokens (``observation_tokens: seen``) a
+  ``(V,)`` 0/1 constant pools the h policy columns over the tokens the training questions
+  used (:func:`seen_weights`; all tokens of a row that has none), the guard's over all.
 - :class:`EmbeddingRouter`: the unfolded variant (``fold=False``) that gathers the (V, D)
   table and also outputs the observation.
 - :class:`ImageStageHead`: the optional image-aware second stage (``image_stage.onnx``).

@@ -18,7 +18,7 @@ from deepinsert.policy.guard import fit_guard
 from deepinsert.policy.losscurve import budget_table, decide, train_losscurve
 from deepinsert.router.runtime import Router
 from deepinsert.utils.fallback_table import check_fallback_table, fallback_at, static_envelope
-from helpers.export import WORDS, tiny_embedding, tiny_tokenizer, train_tiny_policy
+from helpers.export import WORDS, tiny_embedding, tiny_tokenizer, train_tiny_policy, word_prompts
 
 LAYERS = [0, 2, 4, 6, 8]
 N = 8
@@ -82,17 +82,12 @@ def test_config_takes_auto_or_a_layer():
 KNOWN, UNSEEN = WORDS[:20], WORDS[-12:]
 
 
-def _prompts(words, n, seed):
-    rng = np.random.default_rng(seed)
-    return [" ".join(rng.choice(words, size=int(rng.integers(3, 9)))) for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tok = tiny_tokenizer()
     weight = torch.from_numpy(tiny_embedding(len(tok), dim=64, seed=4))
-    train = prompt_observations(tok, weight, _prompts(KNOWN, 400, 0))
-    val = prompt_observations(tok, weight, _prompts(KNOWN, 200, 1))
+    train = prompt_observations(tok, weight, word_prompts(KNOWN, 400, 0))
+    val = prompt_observations(tok, weight, word_prompts(KNOWN, 200, 1))
     guard = fit_guard(train, val, dim=16, quantile=0.97, vocab=weight.numpy())
     brk = np.where(train[:, 0] > np.median(train[:, 0]), 2, 8)
     ks = np.asarray(LAYERS)[None, :]
@@ -118,7 +113,7 @@ def test_bundle_routes_tripped_prompts_to_the_best_fixed_layer_at_each_lam(setup
     res = _export(tmp_path / "b", setup)
     assert res.info.guard["fallback_by_lam"] == table and "max_rel_ood_diff_prompts" in res.validation
     router = Router.load(tmp_path / "b")
-    unseen = _prompts(UNSEEN, 30, 5)
+    unseen = word_prompts(UNSEEN, 30, 5)
     trips = guard.trips(prompt_observations(tok, weight, unseen))
     assert trips.mean() > 0.9
     seen = set()

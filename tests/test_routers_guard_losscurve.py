@@ -29,16 +29,11 @@ from deepinsert.policy.losscurve import (
 )
 from deepinsert.router.bundle import ROUTER_JSON, ROUTER_ONNX, budget_mix, lam_for_budget, request_position
 from deepinsert.router.runtime import Router
-from helpers.export import WORDS, tiny_embedding, tiny_tokenizer, train_tiny_policy
+from helpers.export import WORDS, tiny_embedding, tiny_tokenizer, train_tiny_policy, word_prompts
 
 LAYERS = [0, 2, 4, 6, 8]
 KNOWN = WORDS[:20]  # the "training" vocabulary
 UNSEEN = WORDS[-12:]  # words no training prompt uses
-
-
-def _prompts(words, n, seed):
-    rng = np.random.default_rng(seed)
-    return [" ".join(rng.choice(words, size=int(rng.integers(3, 9)))) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +48,8 @@ def weight(tok):
 
 @pytest.fixture(scope="module")
 def obs(tok, weight):
-    train = prompt_observations(tok, weight, _prompts(KNOWN, 400, 0))
-    val = prompt_observations(tok, weight, _prompts(KNOWN, 200, 1))
+    train = prompt_observations(tok, weight, word_prompts(KNOWN, 400, 0))
+    val = prompt_observations(tok, weight, word_prompts(KNOWN, 200, 1))
     return train, val
 
 
@@ -93,12 +88,12 @@ def test_guard_is_nearest_training_point_and_calibrated(obs, guard):
     np.testing.assert_allclose(guard.score(val), ref, rtol=1e-4, atol=1e-5)
     assert (guard.score(val) > guard.threshold).mean() <= 0.05  # <= 5% of in-distribution prompts trip
     fresh = prompt_observations(tiny_tokenizer(), torch.from_numpy(tiny_embedding(len(tiny_tokenizer()), 64, 4)),
-                                _prompts(KNOWN, 300, 7))
+                                word_prompts(KNOWN, 300, 7))
     assert guard.trips(fresh).mean() <= 0.05
 
 
 def test_guard_trips_on_unseen_words(tok, weight, guard):
-    unseen = prompt_observations(tok, weight, _prompts(UNSEEN, 100, 3))
+    unseen = prompt_observations(tok, weight, word_prompts(UNSEEN, 100, 3))
     assert guard.trips(unseen).mean() >= 0.9
 
 
@@ -211,7 +206,7 @@ def test_ensemble_is_one_network_whose_raw_curve_is_the_members_mean(tmp_path, t
         np.testing.assert_array_equal(back(xt).numpy(), ens(xt).numpy())
     _export(tmp_path / "e", ens, "losscurve", tok, weight)
     router = Router.load(tmp_path / "e")
-    prompts = _prompts(KNOWN, 100, 23)
+    prompts = word_prompts(KNOWN, 100, 23)
     px = prompt_observations(tok, weight, prompts)
     ref = LossCurveRouter(ens, LAYERS, 8, 0.1)
     decs = router.route_batch(prompts, lam=0.1)
@@ -285,7 +280,7 @@ def test_monotone_router_stays_home_at_lam0_and_onnx_equals_torch(tmp_path, tok,
     assert np.all(mono.predict(x, lam=0.0)[0] == 0)  # a deeper layer never predicted better
     _export(tmp_path / "m", mono.net, "losscurve", tok, weight)
     router = Router.load(tmp_path / "m")
-    prompts = _prompts(KNOWN, 200, 22)
+    prompts = word_prompts(KNOWN, 200, 22)
     px = prompt_observations(tok, weight, prompts)
     for lam in (0.0, 0.1, 1.0):
         decs = router.route_batch(prompts, lam=lam)
@@ -306,7 +301,7 @@ def test_onnx_margin_decisions_equal_torch(tmp_path, tok, weight, obs, guard):
     from deepinsert.cli import describe_path
 
     assert describe_path(tmp_path / "m")["decision_margin"] == 0.3  # `deepinsert info` shows the rule
-    prompts = _prompts(KNOWN, 300, 21)
+    prompts = word_prompts(KNOWN, 300, 21)
     x = prompt_observations(tok, weight, prompts)
     ref = LossCurveRouter(net, LAYERS, 8, 0.1)
     changed = 0
@@ -398,7 +393,7 @@ def ppo_bundle(tmp_path_factory, tok, weight, guard):
 
 def test_onnx_guard_equals_numpy_guard_on_1000_prompts(lc_bundle, tok, weight, guard):
     router = Router.load(lc_bundle[0])
-    prompts = _prompts(KNOWN, 500, 11) + _prompts(UNSEEN + KNOWN[:3], 500, 12)
+    prompts = word_prompts(KNOWN, 500, 11) + word_prompts(UNSEEN + KNOWN[:3], 500, 12)
     ref = guard.score(prompt_observations(tok, weight, prompts))
     got = np.array([d.ood_score for d in router.route_batch(prompts)])
     np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-2)  # the graph expands |z - p|^2: float32 noise near 0
@@ -410,10 +405,10 @@ def test_onnx_guard_equals_numpy_guard_on_1000_prompts(lc_bundle, tok, weight, g
 
 def test_guard_falls_back_in_router_and_http(ppo_bundle, tok, weight, guard):
     router = Router.load(ppo_bundle[0])
-    unseen = _prompts(UNSEEN, 20, 5)
+    unseen = word_prompts(UNSEEN, 20, 5)
     decs = router.route_batch(unseen)
     assert all(d.fallback and d.layer == 2 for d in decs)  # the configured fallback layer
-    known = router.route_batch(_prompts(KNOWN, 200, 6))
+    known = router.route_batch(word_prompts(KNOWN, 200, 6))
     assert np.mean([d.fallback for d in known]) <= 0.05
     # the policy's own choice is still reported (index / probs), the layer is the fallback's
     model = ppo_bundle[1]
@@ -434,7 +429,7 @@ def test_guard_falls_back_in_router_and_http(ppo_bundle, tok, weight, guard):
 def test_losscurve_bundle_equals_torch_at_several_lams(lc_bundle, tok, weight):
     out, net, _ = lc_bundle
     router = Router.load(out)
-    prompts = _prompts(KNOWN, 300, 21)
+    prompts = word_prompts(KNOWN, 300, 21)
     x = prompt_observations(tok, weight, prompts)
     with torch.no_grad():
         L = net(torch.from_numpy(x)).numpy()
@@ -453,7 +448,7 @@ def test_budget_batch_mixes_two_lams_in_the_calibrated_share(lc_bundle):
     alone), and the share at the larger λ follows the table."""
     out, _, table = lc_bundle
     router = Router.load(out)
-    prompts = _prompts(KNOWN, 400, 31)
+    prompts = word_prompts(KNOWN, 400, 31)
     fr = np.asarray(table["flops_fraction"])
     j = int(np.argmax(fr[:-1] - fr[1:])) + 1  # the table's largest step: a budget in its middle
     b = float(fr[j - 1] + fr[j]) / 2
@@ -522,7 +517,7 @@ def test_folded_equals_unfolded(tmp_path, tok, weight, obs, guard, algorithm, no
     _export(tmp_path / "f", policy, algorithm, tok, weight, guard=guard)
     _export(tmp_path / "u", policy, algorithm, tok, weight, guard=guard, fold=False)
     f, u = Router.load(tmp_path / "f"), Router.load(tmp_path / "u")
-    prompts = _prompts(KNOWN, 700, 31) + _prompts(WORDS, 300, 32)
+    prompts = word_prompts(KNOWN, 700, 31) + word_prompts(WORDS, 300, 32)
     for lam in ((0.0, 0.3) if algorithm == "losscurve" else (None,)):
         df, du = f.route_batch(prompts, lam=lam), u.route_batch(prompts, lam=lam)
         assert [d.layer for d in df] == [d.layer for d in du] and [d.fallback for d in df] == [d.fallback for d in du]

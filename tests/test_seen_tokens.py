@@ -25,15 +25,10 @@ from deepinsert.policy.guard import fit_guard
 from deepinsert.policy.losscurve import LossCurveRouter, train_losscurve
 from deepinsert.router.bundle import ROUTER_JSON
 from deepinsert.router.runtime import Router
-from helpers.export import WORDS, tiny_embedding, tiny_tokenizer
+from helpers.export import WORDS, tiny_embedding, tiny_tokenizer, word_prompts
 
 LAYERS = [0, 2, 4, 6, 8]
 TRAIN_WORDS = WORDS[:30]  # the training questions use these; the rest are unseen
-
-
-def _prompts(words, n, seed):
-    rng = np.random.default_rng(seed)
-    return [" ".join(rng.choice(words, size=int(rng.integers(3, 9)))) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +43,7 @@ def weight(tok):
 
 @pytest.fixture(scope="module")
 def train_questions():
-    return _prompts(TRAIN_WORDS, 300, 0)
+    return word_prompts(TRAIN_WORDS, 300, 0)
 
 
 def _by_hand(tok, E, q, seen):
@@ -85,10 +80,10 @@ def test_guard_reads_the_last_2d_columns_of_seen_inputs(tok, weight, train_quest
     E = weight.numpy()
     seen = seen_token_mask(tok, E.shape[0], train_questions)
     tr = prompt_router_inputs(tok, weight, train_questions, seen)
-    val = prompt_router_inputs(tok, weight, _prompts(TRAIN_WORDS, 100, 1), seen)
+    val = prompt_router_inputs(tok, weight, word_prompts(TRAIN_WORDS, 100, 1), seen)
     D = E.shape[1]
     g = fit_guard(tr[:, D:], val[:, D:], dim=8, vocab=E, order=True)
-    probe = prompt_router_inputs(tok, weight, _prompts(WORDS, 50, 2), seen)
+    probe = prompt_router_inputs(tok, weight, word_prompts(WORDS, 50, 2), seen)
     np.testing.assert_array_equal(g.score(probe), g.score(probe[:, D:]))
 
 
@@ -108,7 +103,7 @@ def test_bundle_routes_on_the_seen_tokens_like_the_torch_network(tmp_path, tok, 
     seen = seen_token_mask(tok, E.shape[0], train_questions)
     x = prompt_router_inputs(tok, weight, train_questions, seen)
     net = _net(x[:, :D])
-    guard = fit_guard(x[:, D:], prompt_router_inputs(tok, weight, _prompts(TRAIN_WORDS, 100, 1), seen)[:, D:],
+    guard = fit_guard(x[:, D:], prompt_router_inputs(tok, weight, word_prompts(TRAIN_WORDS, 100, 1), seen)[:, D:],
                       dim=8, vocab=E, order=True)
     seen_ids = np.flatnonzero(seen).tolist()
     export_bundle(tmp_path / "b", policy=net, algorithm="losscurve", embedding_weight=weight, tokenizer=tok, lam=0.1,
@@ -118,7 +113,7 @@ def test_bundle_routes_on_the_seen_tokens_like_the_torch_network(tmp_path, tok, 
     assert meta["observation"]["tokens"] == "seen" and meta["observation"]["seen_tokens"] == len(seen_ids)
     assert meta["validation"]["prompts_with_unseen_tokens"] > 500  # the validation exercised the mask
     router = Router.load(tmp_path / "b")
-    prompts = _prompts(WORDS, 300, 7)  # seen and unseen words mixed
+    prompts = word_prompts(WORDS, 300, 7)  # seen and unseen words mixed
     px = prompt_router_inputs(tok, weight, prompts, seen)
     ref = LossCurveRouter(net, LAYERS, 8, 0.1)
     want_losses = ref.predict_losses(px[:, :D])

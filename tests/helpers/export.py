@@ -32,6 +32,12 @@ def tiny_tokenizer() -> Any:
     )
 
 
+def word_prompts(words: Sequence[str], n: int, seed: int) -> list[str]:
+    """``n`` random prompts of 3–8 words drawn from ``words`` (seeded)."""
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(list(words), size=int(rng.integers(3, 9)))) for _ in range(n)]
+
+
 def tiny_embedding(vocab_size: int, dim: int = 16, seed: int = 0, extra_rows: int = 5) -> np.ndarray:
     """(vocab_size + extra_rows, dim) float32 Gaussian table (models often pad the vocabulary)."""
     rng = np.random.default_rng(seed)
