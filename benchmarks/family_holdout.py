@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         """Train without ``family`` (None: with every family), route the held-out splits."""
         keep = train_fam != family
         vkeep = val_fam != family
-        obs = b.policy_observations(keep)  # with seen tokens: only the kept questions' tokens count
+        # with seen tokens: only the kept training questions' tokens count
+        obs = b.policy_observations([s.question for s, k in zip(b.train.samples, keep) if k])
         x = obs["train"][keep]
         net = dataclasses.replace(b, losses=b.losses[keep]).fit(x, cfg.seed + seed)
         guard = (fit_config_guard(cfg, b.train.router_inputs[keep], b.splits["val"].router_inputs[vkeep],

@@ -70,12 +70,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     committed = ws.splits["train"]
     D = committed.observations.shape[1]
     val_x = b.splits["val"].router_inputs
-    draws = {"committed": (committed.observations, committed.router_inputs, b.losses)}
+    # per draw: the training inputs, the loss table and every split's policy observations (with
+    # seen tokens they depend on the draw's questions, as for a router trained on that draw)
+    draws = {"committed": (committed.router_inputs, b.losses, b.policy_observations())}
     for ds in data_seeds:
         fresh = list(load_samples(write_split(SplitSpec("train", len(committed.samples), ds), tmp / f"fresh{ds}")))
         sp = ws.add_split(f"fresh{ds}", fresh)
-        draws[f"fresh{ds}"] = (sp.observations, sp.router_inputs,
-                               ws.cache.table(fresh, ws.candidate_layers, progress=f"loss table (draw {ds})"))
+        obs = b.policy_observations([s.question for s in fresh], {"train": sp, **b.splits})
+        draws[f"fresh{ds}"] = (sp.router_inputs, ws.cache.table(fresh, ws.candidate_layers, progress=f"loss table (draw {ds})"),
+                               obs)
     bench = {fit: dataclasses.replace(b, cfg=dataclasses.replace(
         cfg, algo=dataclasses.replace(cfg.algo, objective=fit[0], monotone=fit[1], ensemble=fit[2])))
         for fit in FITS}
@@ -97,18 +100,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             out["saved_within_1.5"] = best
         return out
 
-    def curves(net: Any, projected: bool) -> dict[str, np.ndarray]:
+    def curves(net: Any, projected: bool, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.no_grad():
             out = {}
-            for n, t in b.tables.items():
-                raw = net.raw(torch.from_numpy(t.observations))
+            for n in b.tables:
+                raw = net.raw(torch.from_numpy(obs[n]))
                 out[n] = (net.project(raw) if projected else raw).numpy()
             return out
 
     names = [f"{o}/{c}{'×%d' % e if e > 1 else ''}@{m:g}" for o, c, m, e in VARIANTS]
     res: dict[str, Any] = {"config": args.config, "seeds": args.seeds, "data_seeds": data_seeds, "variants": names,
                            "rows": {}}
-    for label, (x, inputs, losses) in draws.items():
+    for label, (inputs, losses, obs) in draws.items():
+        x = obs["train"]
         guard = fit_config_guard(cfg, inputs, val_x, ws.embedding_weight, obs_dim=D)
         fb = {n: guard.trips(t.router_inputs) for n, t in b.tables.items()}
         runs: dict[str, list[dict[str, Any]]] = {v: [] for v in names}
@@ -116,10 +120,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             nets = {fit: bench[fit].fit(x, cfg.seed + s, losses=losses) for fit in FITS}
             for (objective, curve, margin, members), v in zip(VARIANTS, names):
                 if objective == "regression":
-                    preds = curves(nets[("regression", True, 1)], curve == "monotone")
+                    preds = curves(nets[("regression", True, 1)], curve == "monotone", obs)
                 else:
                     mono = curve == "monotone"
-                    preds = curves(nets[(objective, mono, members)], mono)
+                    preds = curves(nets[(objective, mono, members)], mono, obs)
                 runs[v].append({n: score(t, preds[n], fb[n], margin, n) for n, t in b.tables.items()})
         res["rows"][label] = {v: {n: {q: ms([r[n][q] for r in rs]) for q in rs[0][n]} for n in rs[0]}
                               for v, rs in runs.items()}

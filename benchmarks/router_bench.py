@@ -78,19 +78,20 @@ class Bench:
             kw["weight_decay"] = weight_decay
         return train_losscurve(x, self.losses if losses is None else losses, seed=seed, **kw)
 
-    def policy_observations(self, train_rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Policy observations ``(S, D)`` of ``"train"`` and every split. With seen tokens (the
-        config's ``observation_tokens: seen``) the mask comes from the training questions at
-        ``train_rows`` (bool ``(S,)``; None: all), as a router trained on those alone computes it."""
-        splits = {"train": self.train, **self.splits}
+    def policy_observations(self, train_questions: list[str] | None = None,
+                            splits: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """Policy observations ``(S, D)`` of ``splits`` (workspace ``Split`` objects; default:
+        ``"train"`` and every held-out split). With seen tokens (the config's
+        ``observation_tokens: seen``) the mask comes from ``train_questions`` (default: the
+        committed training questions), as a router trained on those alone computes it."""
+        splits = {"train": self.train, **self.splits} if splits is None else splits
         if self.ws.seen_tokens is None:
             return {n: s.observations for n, s in splits.items()}
         from deepinsert.env.observation import prompt_router_inputs, seen_token_mask
 
         tok, emb = self.ws.tokenizer, self.ws.embedding_weight
-        qs = [s.question for s in self.train.samples]
-        rows = np.ones(len(qs), bool) if train_rows is None else np.asarray(train_rows, bool)
-        seen = seen_token_mask(tok, int(emb.shape[0]), [q for q, k in zip(qs, rows) if k])
+        qs = [s.question for s in self.train.samples] if train_questions is None else train_questions
+        seen = seen_token_mask(tok, int(emb.shape[0]), qs)
         D = int(emb.shape[1])
         return {n: prompt_router_inputs(tok, emb, [x.question for x in s.samples], seen)[:, :D]
                 for n, s in splits.items()}
