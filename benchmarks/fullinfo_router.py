@@ -14,6 +14,10 @@ committed training prompts and on fresh draws of 1,200 demo training prompts (se
 the generator of ``deepinsert demo data``). Reports the captured gain at λ = 0, 0.05, 0.1, 0.2,
 0.5 on the validation split, ``test``, ``test_unseen`` and the evaluation-only ``reworded`` /
 ``reordered`` wordings (docs/routers.md section 12). Writes ``benchmarks/results/fullinfo_router.json``.
+
+With ``observation_tokens: seen`` (the default) every draw's policy reads the tokens of the
+committed training questions (the shared workspace's mask; every demo draw uses the same 133
+token ids); ``losscurve_variants.py`` shows the per-draw mask.
 """
 
 from __future__ import annotations

@@ -12,6 +12,11 @@ prompts and calibrated on the validation split. Reports the captured gain at λ 
 0.2, 0.5 (PPO: its λ) on the validation split, ``test``, ``test_unseen`` and the
 evaluation-only ``reworded`` / ``reordered`` wordings (800 new demo samples each), plus the
 committed 1,200 prompts as a reference row. Writes ``benchmarks/results/router_data_scaling.json``.
+
+With ``observation_tokens: seen`` (the default) every row's policy reads the tokens of the
+committed training questions, not of its own n prompts (the shared workspace's mask; on the demo
+every draw of 1,200 uses the same 133 token ids, fewer prompts may use fewer):
+``benchmarks/family_holdout.py`` and ``losscurve_variants.py`` show the per-training-set mask.
 """
 
 from __future__ import annotations
