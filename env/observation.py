@@ -119,6 +119,16 @@ def seen_token_mask(tokenizer: Any, vocab_size: int, questions: Sequence[str]) -
     return mask
 
 
+def seen_mask_from_ids(ids: Sequence[int], vocab_size: int) -> np.ndarray:
+    """``(V,)`` bool with the token ``ids`` a run recorded (``run.json`` → ``observation.seen_ids``)."""
+    a = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if a.size == 0 or a.min() < 0 or a.max() >= int(vocab_size):
+        raise InputError(f"seen token ids must be a non-empty set of rows of the {int(vocab_size)}-row embedding table")
+    mask = np.zeros(int(vocab_size), dtype=bool)
+    mask[a] = True
+    return mask
+
+
 def seen_token_ids(ids: Sequence[int], seen: np.ndarray) -> np.ndarray:
     """The ids of ``ids`` that ``seen (V,)`` marks, or all of them when it marks none ``(T',)``."""
     a = np.asarray(ids, dtype=np.int64)

@@ -208,12 +208,9 @@ def seen_buffer(seen_ids: Any, vocab_size: int) -> torch.Tensor | None:
     """``(V,)`` float32 0/1 of the seen token ids (None: every token counts)."""
     if seen_ids is None:
         return None
-    ids = torch.as_tensor(np.asarray(seen_ids, dtype=np.int64))
-    if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
-        raise InputError(f"seen token ids must be a non-empty set of rows of the {vocab_size}-row embedding table")
-    out = torch.zeros(vocab_size, dtype=torch.float32)
-    out[ids] = 1.0
-    return out
+    from deepinsert.env.observation import seen_mask_from_ids
+
+    return torch.from_numpy(seen_mask_from_ids(seen_ids, vocab_size).astype(np.float32))
 
 
 class FoldedRouter(nn.Module):

@@ -21,6 +21,7 @@ from deepinsert.env.observation import (
     mean_embedding,
     order_embedding,
     question_token_ids,
+    seen_mask_from_ids,
     seen_token_ids,
 )
 from deepinsert.errors import BundleError, InputError
@@ -148,8 +149,7 @@ def validate_bundle(
     full_obs = np.stack([mean_embedding(weight, ids) for ids in ref_ids])  # (B, D): the guard's mean
     ref_obs = full_obs  # (B, D): the policy's observation
     if seen_ids is not None:
-        seen = np.zeros(len(weight), dtype=bool)
-        seen[np.asarray(seen_ids, dtype=np.int64)] = True
+        seen = seen_mask_from_ids(seen_ids, len(weight))
         ref_obs = np.stack([mean_embedding(weight, seen_token_ids(ids, seen)) for ids in ref_ids])
         report_seen = {"prompts_with_unseen_tokens": int(sum(not seen[ids].all() for ids in ref_ids))}
     else:

@@ -299,12 +299,10 @@ class TrainedRun:
         """What this run routes on for raw ``questions``, from the model's tokenizer and ``(V, D)``
         input embeddings: ``(B, 2D)`` or, with seen tokens, ``(B, 3D)``
         (``deepinsert.env.observation.prompt_router_inputs``)."""
-        from deepinsert.env.observation import prompt_router_inputs
+        from deepinsert.env.observation import prompt_router_inputs, seen_mask_from_ids
 
-        seen = None
-        if self.seen_ids is not None:
-            seen = np.zeros(int(embedding_weight.shape[0]), dtype=bool)
-            seen[np.asarray(self.seen_ids, dtype=np.int64)] = True
+        ids = self.seen_ids
+        seen = None if ids is None else seen_mask_from_ids(ids, int(embedding_weight.shape[0]))
         return prompt_router_inputs(tokenizer, embedding_weight, questions, seen)
 
     @property

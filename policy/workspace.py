@@ -15,7 +15,7 @@ import numpy as np
 
 from deepinsert.env.cache import LossCache, default_cache_dir
 from deepinsert.env.losses import LossProvider, VLMLossProvider
-from deepinsert.env.observation import prompt_router_inputs, seen_token_mask
+from deepinsert.env.observation import prompt_router_inputs, seen_mask_from_ids, seen_token_mask
 from deepinsert.env.problem import InsertionProblem, resolve_layers
 from deepinsert.errors import ConfigError, DataError
 from deepinsert.policy.config import TrainConfig
@@ -105,15 +105,8 @@ class Workspace:
         if self.splits:
             raise ConfigError("the seen tokens must be set before the workspace's splits are loaded")
         V = int(self.embedding_weight.shape[0])
-        if ids is not None:
-            mask = np.zeros(V, dtype=bool)
-            a = np.asarray(ids, dtype=np.int64)
-            if a.size and (a.min() < 0 or a.max() >= V):
-                raise ConfigError(f"the run's seen token ids fall outside this model's {V} embedding rows")
-            mask[a] = True
-        else:
-            mask = seen_token_mask(self.tokenizer, V, questions or [])
-        self.seen_tokens = mask
+        self.seen_tokens = (seen_mask_from_ids(ids, V) if ids is not None
+                            else seen_token_mask(self.tokenizer, V, questions or []))
 
     def read_samples(self, name: str, spec: str, cfg: TrainConfig, limit: int | None) -> list[Any]:
         """The samples of a data file (``demo:<split>`` or a path), not yet registered."""
