@@ -234,7 +234,7 @@ def export_bundle(
         folded=bool(fold),
         versions=library_versions(),
         metrics=metrics,
-        run={**(run_meta or {}), **decision, "table_stored_as": graph.stored_dtype, "policy_digest": _digest(head)},
+        run={**(run_meta or {}), **decision, "table_stored_as": graph.stored_dtype, "policy_digest": _digest(head, seen_ids)},
     )
     with_lam = kind == "losscurve"
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -272,9 +272,10 @@ def export_bundle(
     return ExportResult(bundle_dir=out, info=info)
 
 
-def _digest(module: Any) -> str:
-    """sha256 over a module's state (names, shapes, bytes) and its decision margin: recorded in
-    router.json and in both graphs, so graphs of two different exports are never mixed silently."""
+def _digest(module: Any, seen_ids: Sequence[int] | None = None) -> str:
+    """sha256 over a module's state (names, shapes, bytes), its decision margin and the seen token
+    ids (when the observation uses them): recorded in router.json and in both graphs, so graphs of
+    two different exports are never mixed silently."""
     import hashlib
 
     h = hashlib.sha256()
@@ -286,6 +287,8 @@ def _digest(module: Any) -> str:
     decision = getattr(module, "decision", None)
     if decision is not None and decision.margin > 0:
         h.update(f"margin={decision.margin!r} safe={decision.safe_index}".encode())
+    if seen_ids is not None:
+        h.update(("seen=" + ",".join(str(int(i)) for i in sorted(set(int(i) for i in seen_ids)))).encode())
     return h.hexdigest()[:32]
 
 
