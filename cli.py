@@ -642,6 +642,18 @@ def _files(folder: Path) -> dict[str, int]:
     return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
+def _run_tokens(obs: Any) -> tuple[str, int]:
+    """A run.json ``observation`` block's tokens (``all`` / ``seen``) and how many seen ids it records."""
+    if not isinstance(obs, dict) or obs.get("tokens", "all") != "seen":
+        return "all", 0
+    return "seen", len(obs.get("seen_ids") or [])
+
+
+def _observation_tokens(tokens: str, seen: int) -> str:
+    """What ``deepinsert info`` says of the policy's observation tokens."""
+    return "all" if tokens != "seen" else f"seen ({seen} token ids of the training questions)"
+
+
 def describe_path(path: Path) -> dict[str, Any]:
     """What a run folder, bundle or sweep folder holds, read from its JSON/YAML files only
     (nothing is unpickled or executed). ``problems`` lists integrity failures."""
@@ -666,8 +678,7 @@ def describe_path(path: Path) -> dict[str, Any]:
                 "checksums_checked": sorted(info.checksums), "problems": problems,
                 "folded": info.folded, "size_mb": round(info.size.get("total_bytes", 0) / 1e6, 3),
                 "table_shape": info.size.get("table_shape"),
-                "observation_tokens": info.observation.tokens if info.observation.tokens == "all"
-                else f"seen ({info.observation.seen_tokens} token ids of the training questions)",
+                "observation_tokens": _observation_tokens(info.observation.tokens, info.observation.seen_tokens),
                 "guard": None if info.guard is None else {k: info.guard.get(k) for k in ("threshold", "fallback_layer", "fallback_by_lam")},
                 "decision_margin": (info.run or {}).get("decision_margin", 0.0) if info.supports_lam else None,
                 "request_lam": info.supports_lam,
@@ -701,6 +712,7 @@ def describe_path(path: Path) -> dict[str, Any]:
                 "candidate_layers": run.get("candidate_layers"), "num_layers": run.get("num_layers"),
                 "model": run.get("model_source"), "seed": run.get("seed"),
                 "trained_timesteps": run.get("trained_timesteps"),
+                "observation_tokens": _observation_tokens(*_run_tokens(run.get("observation"))),
                 "image_stage": None if not run.get("image_stage") else {
                     k: run["image_stage"].get(k) for k in ("summary", "summary_dim", "trained_samples")},
                 "device": cfg.get("device"), "dtype": cfg.get("dtype"), "data": cfg.get("data"),
