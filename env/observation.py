@@ -152,6 +152,27 @@ def prompt_router_inputs(
     return np.concatenate([first.astype(np.float32), both], axis=1)
 
 
+def token_dropout_observations(
+    tokenizer: Any, embedding_weight: Any, questions: Sequence[str], p: float, copies: int, seed: int,
+    seen: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training augmentation: ``copies`` observations of every question with each of its tokens
+    (its seen tokens, with ``seen``) dropped with probability ``p``, at least one kept. Returns
+    float32 ``(copies · B, D)`` and the question index of each row ``(copies · B,)``."""
+    emb = embedding_matrix(embedding_weight)
+    ids = [np.asarray(question_token_ids(tokenizer, q), dtype=np.int64) for q in questions]
+    if seen is not None:
+        ids = [seen_token_ids(i, seen) for i in ids]
+    rng = np.random.default_rng(seed)
+    out = np.empty((copies * len(ids), emb.shape[1]), dtype=np.float32)
+    rows = np.tile(np.arange(len(ids)), copies)
+    for r, q in enumerate(rows):
+        i = ids[q]
+        keep = i[rng.random(len(i)) >= p]
+        out[r] = mean_embedding(emb, keep if keep.size else i[rng.integers(len(i))][None])
+    return out, rows
+
+
 def prompt_guard_observations(
     tokenizer: Any, embedding_weight: Any, questions: Sequence[str]
 ) -> np.ndarray:

@@ -392,6 +392,20 @@ def losscurve_fit_settings(cfg: TrainConfig, candidate_layers: list[int], num_la
                                           a.decision_lam_max, a.regression_weight)}
 
 
+def token_dropout_inputs(ws: Workspace, cfg: TrainConfig, train: Any, losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The loss-curve fit's inputs ``(S', D)`` and loss rows ``(S', K)``: the training split's, plus
+    ``algo.token_dropout``'s augmented copies when it is > 0 (needs the questions' tokens: a
+    stand-in workspace without a tokenizer trains on its observations alone)."""
+    a = cfg.algo
+    if a.token_dropout <= 0 or ws.tokenizer is None:
+        return train.observations, losses
+    from deepinsert.env.observation import token_dropout_observations
+
+    xa, rows = token_dropout_observations(ws.tokenizer, ws.embedding_weight, [s.question for s in train.samples],
+                                          a.token_dropout, a.token_dropout_copies, cfg.seed, ws.seen_tokens)
+    return np.concatenate([train.observations, xa]), np.concatenate([losses, losses[rows]])
+
+
 def train_losscurve_router(
     cfg: TrainConfig,
     out: Path,
@@ -411,7 +425,8 @@ def train_losscurve_router(
     ws, train, info = _start_table_run(cfg, out, workspace, resume, evaluate, (WEIGHTS_FILE,))
     if not (resume and (out / WEIGHTS_FILE).is_file() and (out / INFO_FILE).is_file()):
         losses = ws.cache.table(train.samples, ws.candidate_layers, progress="loss table (train)" if progress else False)
-        net = train_losscurve(train.observations, losses, **losscurve_fit_settings(cfg, ws.candidate_layers, ws.num_layers),
+        x, y = token_dropout_inputs(ws, cfg, train, losses)
+        net = train_losscurve(x, y, **losscurve_fit_settings(cfg, ws.candidate_layers, ws.num_layers),
                               seed=cfg.seed, margin=cfg.algo.margin,
                               safe_index=ws.candidate_layers.index(info["fallback_layer"]))
         router = LossCurveRouter(net, ws.candidate_layers, ws.num_layers, cfg.lam)
@@ -419,6 +434,8 @@ def train_losscurve_router(
         info["architecture"] = net.architecture()
         info["trained_timesteps"] = 0
         info["trained_samples"] = len(train.samples)
+        info["token_dropout"] = {"p": cfg.algo.token_dropout, "copies": cfg.algo.token_dropout_copies,
+                                 "rows": len(x)} if len(x) > len(train.samples) else None
         info.update(fit_run_guard(ws, cfg, out))
         fill_fallback(info, cfg, ws, train)
         info["image_stage"] = fit_run_image_stage(ws, cfg, router, losses, out, progress=progress) if cfg.algo.image_stage else None

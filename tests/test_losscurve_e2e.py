@@ -107,3 +107,21 @@ def test_auto_fallback_follows_the_best_fixed_layer_on_validation(config, tmp_pa
         d = router.route_embedding(x[: run.guard.obs_dim], lam=lam)
         assert d.fallback and d.layer == want
     assert len(seen) >= 2  # the demo's best fixed layer moves from k = 0 to deeper ones as λ grows
+
+
+def test_token_dropout_adds_augmented_rows_to_the_fit(tmp_path):
+    from deepinsert.policy import load_run
+    from deepinsert.policy.config import load_train_config
+    from deepinsert.policy.train import train_router
+
+    cfg_path = write_demo_config(tmp_path, max_train=48, max_eval=24, algorithm="losscurve",
+                                 algo={"fullinfo_epochs": 50, "token_dropout": 0.3, "token_dropout_copies": 2})
+    train_router(load_train_config(cfg_path), tmp_path / "td", evaluate=False, progress=False)
+    run = load_run(tmp_path / "td")
+    assert run.info["token_dropout"] == {"p": 0.3, "copies": 2, "rows": 48 * 3}
+    # the network saw the augmented rows: its normalisation is not the 48 observations' alone
+    from deepinsert.policy.workspace import open_workspace
+
+    ws = open_workspace(run.config, train=True)
+    x = ws.splits["train"].observations
+    assert not np.allclose(run.policy.obs_mean.numpy(), x.mean(0), atol=1e-6)

@@ -136,3 +136,29 @@ def test_config_and_bundle_refuse_bad_values(tmp_path):
         ObservationSpec(kind="mean_input_embedding", max_tokens=256, dim=4, vocab_size=10, tokens="seen")
     with pytest.raises(BundleError, match="tokens"):
         ObservationSpec(kind="mean_input_embedding", max_tokens=256, dim=4, vocab_size=10, tokens="most", seen_tokens=3)
+
+
+def test_token_dropout_rows_are_means_of_kept_subsets(tok, weight, train_questions):
+    from deepinsert.env.observation import token_dropout_observations
+
+    E = weight.numpy().astype(np.float64)
+    seen = seen_token_mask(tok, E.shape[0], train_questions[:100])
+    qs = train_questions[:40] + ["picture shape this"]  # the last: no seen token at all
+    x0, rows0 = token_dropout_observations(tok, weight, qs, 0.0, 2, seed=0, seen=seen)
+    np.testing.assert_array_equal(rows0, np.tile(np.arange(len(qs)), 2))
+    want = prompt_router_inputs(tok, weight, qs, seen)[:, :E.shape[1]]
+    np.testing.assert_allclose(x0, np.concatenate([want, want]), rtol=1e-5, atol=1e-6)  # p = 0: the observation
+    x, rows = token_dropout_observations(tok, weight, qs, 0.5, 3, seed=1, seen=seen)
+    kept = []
+    for r, q in zip(x, rows):
+        ids = [i for i in question_token_ids(tok, qs[q]) if seen[i]] or question_token_ids(tok, qs[q])
+        # some non-empty subset of the question's (seen) tokens averages to this row
+        found = None
+        for mask in range(1, 2 ** len(ids)):
+            sub = [ids[j] for j in range(len(ids)) if mask >> j & 1]
+            if np.allclose(E[sub].mean(0), r, atol=1e-5):
+                found = len(sub) / len(ids)
+                break
+        assert found is not None
+        kept.append(found)
+    assert 0.35 < np.mean(kept) < 0.75  # about half kept (at least one token per row)
