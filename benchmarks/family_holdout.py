@@ -51,9 +51,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         keep = train_fam != family
         vkeep = val_fam != family
         # with seen tokens: only the kept training questions' tokens count
-        obs = b.policy_observations([s.question for s, k in zip(b.train.samples, keep) if k])
-        x = obs["train"][keep]
-        net = dataclasses.replace(b, losses=b.losses[keep]).fit(x, cfg.seed + seed)
+        kept = [s.question for s, k in zip(b.train.samples, keep) if k]
+        obs = b.policy_observations(kept)
+        x, losses = b.fit_inputs(obs["train"][keep], b.losses[keep], kept)  # + the config's token dropout
+        net = dataclasses.replace(b, losses=losses).fit(x, cfg.seed + seed)
         guard = (fit_config_guard(cfg, b.train.router_inputs[keep], b.splits["val"].router_inputs[vkeep],
                                   ws.embedding_weight, obs_dim=x.shape[1]) if cfg.guard else None)
         with torch.no_grad():

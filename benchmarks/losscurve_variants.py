@@ -111,8 +111,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     names = [f"{o}/{c}{'×%d' % e if e > 1 else ''}@{m:g}" for o, c, m, e in VARIANTS]
     res: dict[str, Any] = {"config": args.config, "seeds": args.seeds, "data_seeds": data_seeds, "variants": names,
                            "rows": {}}
+    questions = {"committed": [s.question for s in committed.samples],
+                 **{f"fresh{ds}": [s.question for s in ws.splits[f"fresh{ds}"].samples] for ds in data_seeds}}
     for label, (inputs, losses, obs) in draws.items():
-        x = obs["train"]
+        x, losses = b.fit_inputs(obs["train"], losses, questions[label])  # + the config's token dropout
         guard = fit_config_guard(cfg, inputs, val_x, ws.embedding_weight, obs_dim=D)
         fb = {n: guard.trips(t.router_inputs) for n, t in b.tables.items()}
         runs: dict[str, list[dict[str, Any]]] = {v: [] for v in names}

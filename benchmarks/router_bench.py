@@ -96,6 +96,22 @@ class Bench:
         return {n: prompt_router_inputs(tok, emb, [x.question for x in s.samples], seen)[:, :D]
                 for n, s in splits.items()}
 
+    def fit_inputs(self, x: np.ndarray, losses: np.ndarray, questions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The loss-curve fit's inputs and loss rows for training observations ``x (S, D)`` of
+        ``questions`` with ``losses (S, K)``: with the config's ``algo.token_dropout`` > 0, plus its
+        augmented copies (seen tokens of ``questions`` when the workspace uses them), as
+        ``deepinsert train`` fits them (``policy.train.token_dropout_inputs``)."""
+        a = self.cfg.algo
+        if a.token_dropout <= 0:
+            return x, losses
+        from deepinsert.env.observation import seen_token_mask, token_dropout_observations
+
+        tok, emb = self.ws.tokenizer, self.ws.embedding_weight
+        seen = None if self.ws.seen_tokens is None else seen_token_mask(tok, int(emb.shape[0]), questions)
+        xa, rows = token_dropout_observations(tok, emb, questions, a.token_dropout, a.token_dropout_copies,
+                                              self.cfg.seed, seen)
+        return np.concatenate([x, xa]), np.concatenate([losses, losses[rows]])
+
     @property
     def safe(self) -> int:
         """Index of the safe layer: the lowest candidate (the guard's default fallback)."""
