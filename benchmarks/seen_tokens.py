@@ -2,14 +2,15 @@
 
     python benchmarks/seen_tokens.py [--config configs/demo.yaml] [--seeds 3] [--out benchmarks/results/seen_tokens.json]
 
-The config's loss-curve router (its objective, ensemble and decision margin) fitted ``--seeds``
-times on the training split with two policy observations, paired (same seeds): the mean input
+The config's loss-curve router (its objective, ensemble and decision margin; without its token
+dropout) fitted ``--seeds`` times on the training split with two policy observations, paired
+(same seeds): the mean input
 embedding over every token of the question (``observation_tokens: all``) and over the tokens the
 training questions use (``seen``, the default). The guard is the run's (``[mean | order]`` over
 every token, calibrated on the validation split) in both, so only the policy's input differs; a
 row without the guard shows what the guard adds. A third policy adds ``algo.token_dropout``'s
-augmented copies of the training observations (``--token-dropout``, ``--copies``) to the seen
-tokens. Captured gain (%) at each λ and accuracy at
+augmented copies of the training observations (``--token-dropout``, ``--copies``; the defaults
+are the config defaults since 2026-12-05) to the seen tokens. Captured gain (%) at each λ and accuracy at
 λ = 0.1 on ``test``, ``test_unseen`` and the two evaluation-only wordings of
 ``router_bench.EXTRA_WORDINGS`` (800 new demo prompts each, written to a temporary folder).
 """
