@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  obs_dim=b.train.observations.shape[1])
         fb = {n: guard.trips(t.router_inputs) for n, t in b.tables.items()}
         preds = []
+        x, losses = b.fit_inputs(b.train.observations, b.losses, [q.question for q in b.train.samples])  # + token dropout
         for s in range(args.seeds):
-            net = b.fit(b.train.observations, cfg.seed + s)
+            net = b.fit(x, cfg.seed + s, losses=losses)
             with torch.no_grad():
                 preds.append({n: net(torch.from_numpy(t.observations)).numpy() for n, t in b.tables.items()})
         rows: dict[str, Any] = {}
