@@ -94,6 +94,20 @@ def _check_resumable(out: Path, cfg: TrainConfig) -> None:
         )
 
 
+def _check_resume_tokens(out: Path, ws: Workspace) -> None:
+    """On --resume the policy must read the observation it was trained on: a run that averaged
+    every token (also one trained before ``observation_tokens`` existed) is not continued on
+    seen-token observations, nor the other way round."""
+    if not (out / INFO_FILE).is_file():
+        return
+    trained = (read_run_info(out).get("observation") or {}).get("tokens", "all")
+    now = "all" if ws.seen_tokens is None else "seen"
+    if trained != now:
+        raise ConfigError(f"cannot resume {out}: its policy was trained with observation_tokens: {trained}, this "
+                          f"workspace computes {now}; set observation_tokens: {trained} in the config, use another --out, or "
+                          "(deepinsert sweep) --force to retrain")
+
+
 def train_router(
     cfg: TrainConfig,
     out: str | Path,
@@ -140,6 +154,8 @@ def train_router(
 
         torch.set_num_threads(cfg.torch_threads)
     ws = workspace or open_workspace(cfg, train=True, eval_spec=cfg.data.eval if evaluate else None)
+    if resume:
+        _check_resume_tokens(out, ws)
     train_split = ws.splits["train"]
     if cfg.precompute_losses:
         ws.cache.table(train_split.samples, ws.candidate_layers, progress="loss table (train)" if progress else False)
@@ -214,6 +230,8 @@ def _start_table_run(cfg: TrainConfig, out: Path, workspace: Workspace | None, r
 
         torch.set_num_threads(cfg.torch_threads)
     ws = workspace or open_workspace(cfg, train=True, eval_spec=cfg.data.eval if evaluate else None)
+    if resume:
+        _check_resume_tokens(out, ws)
     train = ws.splits["train"]
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out, older_than_s=0)  # one writer per run folder: leftovers are a killed run's

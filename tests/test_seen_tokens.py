@@ -162,3 +162,26 @@ def test_token_dropout_rows_are_means_of_kept_subsets(tok, weight, train_questio
         assert found is not None
         kept.append(found)
     assert 0.35 < np.mean(kept) < 0.75  # about half kept (at least one token per row)
+
+
+def test_resume_refuses_a_run_trained_on_other_observation_tokens(tmp_path):
+    from types import SimpleNamespace
+
+    from deepinsert.policy.run import INFO_FILE, run_info
+    from deepinsert.policy.train import _check_resume_tokens
+
+    info = run_info(TrainConfig(model="demo"), list(range(9)), 8, 16)  # no seen tokens: every token
+    assert info["observation"]["tokens"] == "all"
+    seen_ws = SimpleNamespace(seen_tokens=np.ones(10, dtype=bool))
+    for old in (False, True):
+        if old:  # a run.json written before the option existed
+            del info["observation"]["tokens"]
+        (tmp_path / INFO_FILE).write_text(json.dumps({**info, "trained_timesteps": 0}))
+        with pytest.raises(ConfigError, match="observation_tokens: all"):
+            _check_resume_tokens(tmp_path, seen_ws)
+        _check_resume_tokens(tmp_path, SimpleNamespace(seen_tokens=None))  # the same tokens: resumable
+    info = run_info(TrainConfig(model="demo"), list(range(9)), 8, 16, np.arange(10) < 4)
+    (tmp_path / INFO_FILE).write_text(json.dumps({**info, "trained_timesteps": 0}))
+    _check_resume_tokens(tmp_path, seen_ws)
+    with pytest.raises(ConfigError, match="observation_tokens: seen"):
+        _check_resume_tokens(tmp_path, SimpleNamespace(seen_tokens=None))
