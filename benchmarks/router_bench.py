@@ -101,16 +101,12 @@ class Bench:
         ``questions`` with ``losses (S, K)``: with the config's ``algo.token_dropout`` > 0, plus its
         augmented copies (seen tokens of ``questions`` when the workspace uses them), as
         ``deepinsert train`` fits them (``policy.train.token_dropout_inputs``)."""
-        a = self.cfg.algo
-        if a.token_dropout <= 0:
-            return x, losses
-        from deepinsert.env.observation import seen_token_mask, token_dropout_observations
+        from deepinsert.env.observation import seen_token_mask
+        from deepinsert.policy.train import token_dropout_inputs
 
         tok, emb = self.ws.tokenizer, self.ws.embedding_weight
         seen = None if self.ws.seen_tokens is None else seen_token_mask(tok, int(emb.shape[0]), questions)
-        xa, rows = token_dropout_observations(tok, emb, questions, a.token_dropout, a.token_dropout_copies,
-                                              self.cfg.seed, seen)
-        return np.concatenate([x, xa]), np.concatenate([losses, losses[rows]])
+        return token_dropout_inputs(self.ws, self.cfg, questions, x, losses, seen)
 
     @property
     def safe(self) -> int:

@@ -110,13 +110,8 @@ def order_embedding(embedding: np.ndarray, ids: Sequence[int]) -> np.ndarray:
 
 def seen_token_mask(tokenizer: Any, vocab_size: int, questions: Sequence[str]) -> np.ndarray:
     """``(V,)`` bool: the token ids that occur in ``questions`` (the training questions)."""
-    mask = np.zeros(int(vocab_size), dtype=bool)
-    for q in questions:
-        ids = np.asarray(question_token_ids(tokenizer, q), dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= mask.size):
-            raise InputError(f"token ids of {q!r} fall outside the embedding table's {mask.size} rows")
-        mask[ids] = True
-    return mask
+    ids = [i for q in questions for i in question_token_ids(tokenizer, q)]
+    return seen_mask_from_ids(ids, vocab_size) if ids else np.zeros(int(vocab_size), dtype=bool)
 
 
 def seen_mask_from_ids(ids: Sequence[int], vocab_size: int) -> np.ndarray:
@@ -140,16 +135,21 @@ def prompt_router_inputs(
     tokenizer: Any, embedding_weight: Any, questions: Sequence[str], seen: np.ndarray | None = None
 ) -> np.ndarray:
     """A split's router inputs: ``[mean | order]`` float32 ``(B, 2D)`` without ``seen``, else
-    ``[seen mean | mean | order]`` ``(B, 3D)`` (module doc); the policy reads the first D columns."""
-    both = prompt_guard_observations(tokenizer, embedding_weight, questions)
-    if seen is None:
-        return both
+    ``[seen mean | mean | order]`` ``(B, 3D)`` (module doc); the policy reads the first D columns.
+    Each question is tokenized once."""
     emb = embedding_matrix(embedding_weight)
-    if seen.shape != (emb.shape[0],):
+    D = emb.shape[1]
+    if seen is not None and seen.shape != (emb.shape[0],):
         raise InputError(f"the seen-token mask has shape {seen.shape}, the embedding table {emb.shape[0]} rows")
-    first = np.stack([mean_embedding(emb, seen_token_ids(question_token_ids(tokenizer, q), seen)) for q in questions]) \
-        if len(questions) else np.zeros((0, emb.shape[1]), dtype=np.float32)
-    return np.concatenate([first.astype(np.float32), both], axis=1)
+    off = 0 if seen is None else D  # columns before the guard's [mean | order]
+    out = np.empty((len(questions), off + 2 * D), dtype=np.float32)
+    for i, q in enumerate(questions):
+        ids = question_token_ids(tokenizer, q)
+        if seen is not None:
+            out[i, :D] = mean_embedding(emb, seen_token_ids(ids, seen))
+        out[i, off:off + D] = mean_embedding(emb, ids)
+        out[i, off + D:] = order_embedding(emb, ids)
+    return out
 
 
 def token_dropout_observations(
@@ -176,12 +176,6 @@ def token_dropout_observations(
 def prompt_guard_observations(
     tokenizer: Any, embedding_weight: Any, questions: Sequence[str]
 ) -> np.ndarray:
-    """The guard's inputs ``[observation | order]`` of many questions: float32 ``(B, 2D)``."""
-    emb = embedding_matrix(embedding_weight)
-    D = emb.shape[1]
-    out = np.empty((len(questions), 2 * D), dtype=np.float32)
-    for i, q in enumerate(questions):
-        ids = question_token_ids(tokenizer, q)
-        out[i, :D] = mean_embedding(emb, ids)
-        out[i, D:] = order_embedding(emb, ids)
-    return out
+    """The guard's inputs ``[observation | order]`` of many questions: float32 ``(B, 2D)``
+    (:func:`prompt_router_inputs` without seen tokens)."""
+    return prompt_router_inputs(tokenizer, embedding_weight, questions)

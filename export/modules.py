@@ -265,14 +265,11 @@ class FoldedRouter(nn.Module):
         m = attention_mask.to(torch.float32).unsqueeze(-1)  # (B, T, 1)
         n = m.sum(dim=1).clamp_min(1.0)  # (B, 1)
         hg = self.h + self.g
-        pooled = (rows[..., :hg] * m).sum(dim=1) / n + self.bias  # (B, h + g)
-        first = pooled[:, : self.h]
-        if self.seen is not None:
-            w = seen_weights(self.seen, input_ids, attention_mask)
-            first = (rows[..., : self.h] * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0) + self.bias[: self.h]
+        w = seen_weights(self.seen, input_ids, attention_mask)  # (B, T, 1): the policy's tokens (m without seen)
+        first = (rows[..., : self.h] * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0) + self.bias[: self.h]  # (B, h)
         out = self.decision(self._rest(first), lam)
         if self.has_guard:
-            z = pooled[:, self.h:]
+            z = (rows[..., self.h:hg] * m).sum(dim=1) / n + self.bias[self.h:]  # (B, g): every token
             if self.guard_order:
                 z = z + (rows[..., hg:] * position_weights(attention_mask)).sum(dim=1) / n
             ood = self.guard(z)

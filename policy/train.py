@@ -410,18 +410,20 @@ def losscurve_fit_settings(cfg: TrainConfig, candidate_layers: list[int], num_la
                                           a.decision_lam_max, a.regression_weight)}
 
 
-def token_dropout_inputs(ws: Workspace, cfg: TrainConfig, train: Any, losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The loss-curve fit's inputs ``(S', D)`` and loss rows ``(S', K)``: the training split's, plus
-    ``algo.token_dropout``'s augmented copies when it is > 0 (needs the questions' tokens: a
-    stand-in workspace without a tokenizer trains on its observations alone)."""
+def token_dropout_inputs(ws: Workspace, cfg: TrainConfig, questions: list[str], x: np.ndarray, losses: np.ndarray,
+                         seen: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The loss-curve fit's inputs ``(S', D)`` and loss rows ``(S', K)`` for training observations
+    ``x (S, D)`` of ``questions`` with ``losses (S, K)``: ``x`` itself, plus ``algo.token_dropout``'s
+    augmented copies when it is > 0, dropping from the tokens ``seen (V,)`` marks (None: all;
+    needs the questions' tokens: a stand-in workspace without a tokenizer trains on ``x`` alone)."""
     a = cfg.algo
     if a.token_dropout <= 0 or ws.tokenizer is None:
-        return train.observations, losses
+        return x, losses
     from deepinsert.env.observation import token_dropout_observations
 
-    xa, rows = token_dropout_observations(ws.tokenizer, ws.embedding_weight, [s.question for s in train.samples],
-                                          a.token_dropout, a.token_dropout_copies, cfg.seed, ws.seen_tokens)
-    return np.concatenate([train.observations, xa]), np.concatenate([losses, losses[rows]])
+    xa, rows = token_dropout_observations(ws.tokenizer, ws.embedding_weight, questions, a.token_dropout,
+                                          a.token_dropout_copies, cfg.seed, seen)
+    return np.concatenate([x, xa]), np.concatenate([losses, losses[rows]])
 
 
 def train_losscurve_router(
@@ -443,7 +445,8 @@ def train_losscurve_router(
     ws, train, info = _start_table_run(cfg, out, workspace, resume, evaluate, (WEIGHTS_FILE,))
     if not (resume and (out / WEIGHTS_FILE).is_file() and (out / INFO_FILE).is_file()):
         losses = ws.cache.table(train.samples, ws.candidate_layers, progress="loss table (train)" if progress else False)
-        x, y = token_dropout_inputs(ws, cfg, train, losses)
+        x, y = token_dropout_inputs(ws, cfg, [s.question for s in train.samples], train.observations, losses,
+                                    ws.seen_tokens)
         net = train_losscurve(x, y, **losscurve_fit_settings(cfg, ws.candidate_layers, ws.num_layers),
                               seed=cfg.seed, margin=cfg.algo.margin,
                               safe_index=ws.candidate_layers.index(info["fallback_layer"]))
