@@ -240,6 +240,10 @@ def _args_evaluate(p: argparse.ArgumentParser) -> None:
                         "distance < 0.05 (default 0.5)")
     p.add_argument("--heuristic-samples", type=int, default=256,
                    help="heuristic: train samples the redundancy profile is measured on (0: all; default 256)")
+    p.add_argument("--lams", default=None, metavar="LIST",
+                   help="also evaluate at these request-time λ, comma-separated (loss-curve runs only): one table "
+                        "row per λ with captured gain, accuracy change against k = 0, FLOPs and fallback rate; "
+                        "metrics.json -> by_lam")
     _args_device(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (also transformers' weight loading)")
 
@@ -281,24 +285,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _require_train_extra()
     _check_output_file(args.json, "--json")
     _check_output_file(args.plot, "--plot")
-    from deepinsert.policy.evaluate import evaluate_run_dir, format_comparison, resolve_split_spec
+    from deepinsert.env.problem import parse_lams
+    from deepinsert.policy.evaluate import (
+        check_lams_supported,
+        evaluate_run_dir,
+        format_comparison,
+        format_lam_rows,
+        resolve_split_spec,
+    )
     from deepinsert.policy.run import load_run, write_metrics
     from deepinsert.policy.workspace import open_run_workspace
     from deepinsert.utils.atomic import atomic_write_json
 
+    lams = parse_lams(args.lams) if args.lams is not None else None
     if args.per_prompt and Path(args.per_prompt).is_dir():
         raise InputError(f"--per-prompt {args.per_prompt} is a folder; give a file name such as per_prompt.csv")
     _check_output_file(args.per_prompt, "--per-prompt")
     if args.heuristic and (not 0.0 <= args.heuristic_threshold <= 1.0 or args.heuristic_samples < 0):
         raise InputError("--heuristic-threshold must be in [0, 1] and --heuristic-samples >= 0")
     run_ = load_run(args.run_dir)
+    if lams:
+        check_lams_supported(run_)
     spec = resolve_split_spec(run_.config, args.split)
     overrides = {k: getattr(args, k) for k in ("device", "dtype") if getattr(args, k, None) is not None}
     ws = open_run_workspace(run_, **overrides)
     heuristic = _evaluate_heuristic(args, run_, ws)
     metrics = evaluate_run_dir(args.run_dir, workspace=ws, split_spec=spec, accuracy=not args.no_accuracy,
-                               progress=not args.no_progress, heuristic=heuristic)
+                               progress=not args.no_progress, heuristic=heuristic, lams=lams)
     print(format_comparison(metrics))
+    for m in (metrics, metrics.get("unseen")):
+        if m and m.get("by_lam"):
+            print(format_lam_rows(m["by_lam"], f"request-time λ on {m['split']} (n = {m['n_samples']})"))
     if args.per_prompt:
         from deepinsert.policy.per_prompt import per_prompt_for_run, write_per_prompt_csv
 
@@ -812,7 +829,7 @@ def _args_demo(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--size", type=int, default=1200, help="records; default 1200")
     d.add_argument("--seed", type=int, required=True,
                    help="content seed (the committed splits use 101 / 102 / 103: pick another for new samples)")
-    d.add_argument("--wording", default="train", help="phrasings: train (default), unseen, reworded, reordered "
+    d.add_argument("--wording", default="train", help="phrasings: train (default), unseen, reworded, reordered, casual "
                    "(deepinsert.demo.phrasings; only train is ever trained on)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(_demo_run=_cmd_demo_data)

@@ -7,10 +7,13 @@ held-out phrasings contain English words that occur nowhere in training (:func:`
 the build keeps those words out of the tokenizer's corpus and out of the training fillers
 too, so they reach the model as pieces it has seen, never as whole tokens.
 
-Two more wordings exist for robustness checks only, in no committed split and never trained
+Three more wordings exist for robustness checks only, in no committed split and never trained
 on: ``reworded`` (:data:`REWORDED`, new synonyms and word orders: ``benchmarks/demo_wording.py``)
 and ``reordered`` (:data:`REORDERED`, mostly known words in orders no training phrasing uses:
-``tests/test_router_unseen.py`` and ``benchmarks/guard_order.py``). Build such a split with
+``tests/test_router_unseen.py`` and ``benchmarks/guard_order.py``). A fifth, ``casual``
+(:data:`CASUAL`, conversational forms such as "What's ..." and "If today is {day}, what is
+tomorrow?"), was written after every router default was chosen and is only reported
+(docs/routers.md section 17). Build such a split with
 ``write_split(SplitSpec("test", n, seed, wording="reordered"), folder)`` (``deepinsert.demo.splits``;
 "test" picks the test digits, which the demo never trained on; write into a folder of your own).
 
@@ -26,7 +29,7 @@ import re
 
 import numpy as np
 
-WORDINGS: tuple[str, ...] = ("train", "unseen", "reworded", "reordered")
+WORDINGS: tuple[str, ...] = ("train", "unseen", "reworded", "reordered", "casual")
 
 TRAIN: dict[str, tuple[str, ...]] = {
     "colour": (
@@ -242,6 +245,30 @@ REORDERED: dict[str, tuple[str, ...]] = {
     "repeat": ("Please say {word}.", "The word {word}: repeat it.", "Repeat back the word {word}."),
 }
 
+# A fifth evaluation-only wording, written on 2026-12-05 after every router default was chosen
+# (conversational forms: contractions, "for me", "If today is ..."); evaluated, never tuned on.
+CASUAL: dict[str, tuple[str, ...]] = {
+    "colour": ("What's the colour of that {shape}?", "Can you identify the color of the {shape}?",
+               "I'd like to know the {shape}'s colour.", "Describe the colour of the {shape}.",
+               "In what color is the {shape} painted?"),
+    "count": ("How many shapes appear in this image?", "Count every shape you can find.",
+              "How many objects can you count here?", "What's the total number of shapes?",
+              "How many figures are drawn in the picture?"),
+    "exists": ("Can you spot a {thing}?", "Do you notice a {thing}?", "Does this image include a {thing}?",
+               "Do you see any {thing}?", "Is there a {thing} anywhere in the image?"),
+    "position": ("Is the {shape} more to the left or to the right?", "Is the {shape} toward the left or the right?",
+                 "On the left or on the right, where's the {shape}?", "Tell me if the {shape} is left or right."),
+    "digit": ("What digit do you see?", "Which number is shown in the picture?", "Read the number in the image, please.",
+              "What is the handwritten digit?", "Identify the digit."),
+    "plus": ("Calculate {a} plus {b}.", "{a} + {b} = ?", "What's {a} plus {b}?"),
+    "minus": ("Calculate {a} minus {b}.", "{a} - {b} = ?", "What's {a} minus {b}?"),
+    "after": ("What's the day after {day}?", "Name the day that comes after {day}.", "If today is {day}, what is tomorrow?"),
+    "before": ("What's the day before {day}?", "Name the day that comes before {day}.",
+               "If today is {day}, what was yesterday?"),
+    "repeat": ("Could you repeat the word {word}?", "Please write the word {word} for me.", "Just write {word}.",
+               "Echo the word {word}, please."),
+}
+
 
 # Which variants make up each family (the answer depends on the variant, never the phrasing).
 FAMILY_VARIANTS: dict[str, tuple[str, ...]] = {
@@ -262,7 +289,7 @@ def phrasings(variant: str, wording: str = "train") -> tuple[str, ...]:
     """The phrasings of ``variant`` for ``wording`` (one of :data:`WORDINGS`)."""
     if wording not in WORDINGS:
         raise ValueError(f"wording must be one of {WORDINGS}, got {wording!r}")
-    table = {"train": TRAIN, "unseen": UNSEEN, "reworded": REWORDED, "reordered": REORDERED}[wording]
+    table = {"train": TRAIN, "unseen": UNSEEN, "reworded": REWORDED, "reordered": REORDERED, "casual": CASUAL}[wording]
     if variant not in table:
         raise ValueError(f"unknown question variant {variant!r}")
     return table[variant]

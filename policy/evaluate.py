@@ -17,7 +17,7 @@ import numpy as np
 
 from deepinsert.env.losses import normalize_answer
 from deepinsert.env.problem import reward
-from deepinsert.errors import DataError
+from deepinsert.errors import DataError, InputError
 from deepinsert.policy.workspace import Split, Workspace
 from deepinsert.utils.sources import DEMO_DATA_PREFIX, is_demo_data
 
@@ -280,6 +280,46 @@ def run_metrics(run: Any, tables: EvalTables, observations: np.ndarray, lam: flo
     return m
 
 
+def lam_rows(run: Any, tables: EvalTables, observations: np.ndarray, lams: Sequence[float]) -> list[dict[str, Any]]:
+    """The router at each request-time λ of ``lams`` (loss-curve runs only; ``InputError``
+    otherwise): one row per λ, ``{"lam", "captured_gain", "best_static_k", "router",
+    "lowest_static"}`` (the lowest candidate layer's k, accuracy and reward), from :func:`run_metrics` on the same tables (the split is scored once)."""
+    check_lams_supported(run)
+    rows = []
+    for lam in lams:
+        m = run_metrics(run, tables, observations, float(lam))
+        k = int(min(tables.ks))
+        low = m["static"][str(k)]
+        rows.append({"lam": float(lam), "captured_gain": m["captured_gain"], "best_static_k": m["best_static_k"],
+                     "router": m["router"],
+                     "lowest_static": {"k": k, "accuracy": low["accuracy"], "mean_reward": low["mean_reward"]}})
+    return rows
+
+
+def check_lams_supported(run: Any) -> None:
+    """``InputError`` unless ``run`` decides at request-time λ (a loss-curve router)."""
+    if not run.supports_lam:
+        raise InputError(f"--lams needs a router that takes λ at request time (algorithm: losscurve); "
+                         f"this {run.info.get('algorithm')} router was trained for λ={run.info.get('lam')} only")
+
+
+def format_lam_rows(rows: list[dict[str, Any]], title: str) -> str:
+    """Terminal table of :func:`lam_rows`: one line per λ (accuracy change against the lowest
+    candidate layer, the stock model when it is k = 0)."""
+    head = f"{'λ':>6}{'captured':>10}{'acc':>7}{'Δacc':>7}{'FLOPs':>7}{'mean k':>8}{'fallback':>10}{'best static':>13}"
+    lines = [title, head, "-" * len(head)]
+    for r in rows:
+        v, cg, a0 = r["router"], r["captured_gain"], r["lowest_static"]["accuracy"]
+        acc = "  n/a" if v["accuracy"] is None else f"{v['accuracy']:.3f}"
+        dacc = "   n/a" if v["accuracy"] is None or a0 is None else f"{100 * (v['accuracy'] - a0):+.1f}"
+        lines.append(f"{r['lam']:>6g}{'n/a' if cg is None else f'{cg:.1%}':>10}{acc:>7}{dacc:>7}"
+                     f"{v['flops_fraction']:>7.3f}{v['mean_k']:>8.2f}{v.get('fallback_rate', 0.0):>10.1%}"
+                     f"{'k=' + str(r['best_static_k']):>13}")
+    lines.append("(captured: share of the gap between the best static layer and the per-prompt oracle at that λ; "
+                 "Δacc: points against the lowest candidate layer)")
+    return "\n".join(lines)
+
+
 def evaluate_run_dir(
     run_dir: str | Path,
     *,
@@ -289,18 +329,22 @@ def evaluate_run_dir(
     progress: bool = True,
     unseen: bool = True,
     heuristic: dict[str, Any] | None = None,
+    lams: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Evaluate the router in ``run_dir`` on ``split_spec`` (default: its config's eval data).
 
     With ``unseen`` (and no explicit ``split_spec``), the ``test_unseen`` split beside the
     config's eval data is evaluated too when it exists: ``metrics["unseen"]``. With
     ``heuristic`` (``{"layer": k, ...}``, the training-free router of docs/analysis.md) the
-    metrics gain a ``"heuristic"`` row.
+    metrics gain a ``"heuristic"`` row. With ``lams`` (loss-curve runs only) each split also
+    gets ``"by_lam"``: :func:`lam_rows` at those request-time λ.
     """
     from deepinsert.policy.run import load_run
     from deepinsert.policy.workspace import open_run_workspace
 
     run = load_run(run_dir)
+    if lams:
+        check_lams_supported(run)  # before the split is scored
     spec = split_spec or run.config.data.eval
     ws = workspace or open_run_workspace(run)
     split = eval_split(ws, run.config, spec)
@@ -308,6 +352,8 @@ def evaluate_run_dir(
     two = run.image_stage is not None
     metrics = run_metrics(run, tables, split.router_inputs, heuristic=heuristic,
                           summaries=ws.summaries(split, progress=progress) if two else None)
+    if lams:
+        metrics["by_lam"] = lam_rows(run, tables, split.router_inputs, lams)
     metrics["split"] = spec
     metrics["run_dir"] = str(run_dir)
     u = unseen_spec(spec) if unseen and split_spec in (None, run.config.data.eval) else None
@@ -316,6 +362,8 @@ def evaluate_run_dir(
         ut = build_tables(ws, us, accuracy=accuracy, progress=progress, candidate_layers=run.candidate_layers)
         metrics["unseen"] = {**run_metrics(run, ut, us.router_inputs, heuristic=heuristic,
                                            summaries=ws.summaries(us, progress=progress) if two else None), "split": u}
+        if lams:
+            metrics["unseen"]["by_lam"] = lam_rows(run, ut, us.router_inputs, lams)
     return metrics
 
 

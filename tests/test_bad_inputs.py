@@ -233,6 +233,8 @@ CLI_CASES: list[tuple[str, list[str], Callable | None, str]] = [
     ("eval-run-json-algorithm", ["evaluate", T + "/run"], _run(_edit_info(algorithm="sac")), "algorithm"),
     ("eval-run-json-lam-nan", ["evaluate", T + "/run"], _run(_write("run.json", '{"algorithm": "ppo", "lam": NaN}')), "lam"),
     ("eval-run-json-layers", ["evaluate", T + "/run"], _run(_edit_info(candidate_layers=[5, 2])), "candidate_layers"),
+    ("eval-lams-fixed-lambda-run", ["evaluate", T + "/run", "--lams", "0,0.1"], _run(), "request time"),
+    ("eval-lams-not-numbers", ["evaluate", T + "/run", "--lams", "0,x"], _run(), "comma-separated"),
     ("eval-run-json-obs-dim", ["evaluate", T + "/run"], _run(_edit_info(obs_dim="16")), "obs_dim"),
     ("eval-run-json-arch", ["evaluate", T + "/run"], _run(_edit_info(policy={"net_arch": [8], "normalize_obs": True,
                                                                               "n_actions": 9})), "cannot load"),

@@ -58,15 +58,16 @@ def test_no_test_unseen_question_occurs_in_train() -> None:
 
 
 def test_evaluation_wordings_are_new_phrasings_of_every_variant() -> None:
-    from deepinsert.demo.phrasings import REORDERED, REWORDED
+    from deepinsert.demo.phrasings import CASUAL, REORDERED, REWORDED
 
     def masked(table: dict) -> set[str]:
         return {normalise_phrasing(re.sub(r"\{\w+\}", "X", p)) for ps in table.values() for p in ps}
 
-    for table in (REWORDED, REORDERED):
+    for table in (REWORDED, REORDERED, CASUAL):
         assert set(table) == set(TRAIN)  # every variant, so a split of it asks every family
         assert not masked(table) & (masked(TRAIN) | masked(UNSEEN))
     assert not masked(REWORDED) & masked(REORDERED)
+    assert not masked(CASUAL) & (masked(REWORDED) | masked(REORDERED))
 
 
 def test_held_out_words_never_reach_training() -> None:

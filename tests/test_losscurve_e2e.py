@@ -39,6 +39,35 @@ def test_losscurve_train_evaluate_export_route(config, tmp_path, capsys):
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["lam"] == info["lam"] and "fallback_rate" in m["router"]
 
+    # evaluate --lams: one row per request-time λ, checked against rewards computed by hand
+    lam_run = float(info["lam"])
+    lams = [0.0, lam_run, 0.5]
+    ev = tmp_path / "ev.json"
+    assert main(["evaluate", str(run_dir), "--lams", ",".join(f"{x:g}" for x in lams), "--json", str(ev),
+                 "--no-accuracy", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("request-time λ on") == 1 + ("unseen" in json.loads(ev.read_text()))
+    e = json.loads(ev.read_text())
+    assert [r["lam"] for r in e["by_lam"]] == lams
+    here = e["by_lam"][1]  # the run's own λ: the same numbers as the main comparison
+    assert here["captured_gain"] == pytest.approx(e["captured_gain"]) and here["router"] == e["router"]
+    from deepinsert.policy.evaluate import eval_split
+    from deepinsert.policy.workspace import open_run_workspace
+
+    ws = open_run_workspace(run)
+    split = eval_split(ws, run.config, run.config.data.eval)
+    ks = np.asarray(run.candidate_layers)
+    loss = ws.cache.table(split.samples, list(ks), progress=False)  # (S, A) answer loss at each candidate layer
+    N = int(info["num_layers"])
+    for lam, row in zip(lams, e["by_lam"]):
+        reward = -loss + lam * ks[None, :] / N
+        a = run.predict(split.router_inputs, lam=lam)
+        r_router, r_static, r_oracle = reward[np.arange(len(a)), a].mean(), reward.mean(0), reward.max(1).mean()
+        assert row["router"]["mean_reward"] == pytest.approx(r_router, abs=1e-5)
+        assert row["best_static_k"] == int(ks[r_static.argmax()])
+        assert row["captured_gain"] == pytest.approx((r_router - r_static.max()) / (r_oracle - r_static.max()), abs=1e-4)
+        assert row["lowest_static"]["k"] == int(ks.min())
+
     bundle = tmp_path / "b"
     assert main(["export", str(run_dir), "--out", str(bundle)]) == 0
     out = capsys.readouterr().out
