@@ -117,12 +117,14 @@ class Bench:
                 margin: float | None = None) -> np.ndarray:
         """Action indices ``(S,)`` for predicted curves ``pred (S, K)`` at ``lam``: the loss-curve
         decision with ``margin`` (default: the bench's), ``fallback (S,)`` rows at the guard's
-        fallback layer (:meth:`fallback_index`)."""
-        from deepinsert.policy.losscurve import decide
+        fallback layer (:meth:`fallback_index`) or, with the config's ``guard_margin``, decided
+        with that margin relative to it (``deepinsert.utils.decision.guarded_decide``, as a
+        trained run decides)."""
+        from deepinsert.utils.decision import guarded_decide
 
-        a = decide(pred, self.ws.candidate_layers, lam, self.ws.num_layers,
-                   margin=self.margin if margin is None else margin, safe_index=self.safe)
-        return a if fallback is None else np.where(fallback, self.fallback_index(lam), a)
+        return guarded_decide(pred, self.ws.candidate_layers, lam, self.ws.num_layers,
+                              margin=self.margin if margin is None else margin, safe_index=self.safe, trips=fallback,
+                              fallback_index=self.fallback_index(lam), guard_margin=self.cfg.guard_margin)
 
     def train_fixed(self, algorithm: str, lam: float, seed: int, folder: Path, train: Any = None) -> Any:
         """A fixed-λ router (``ppo``, ``fullinfo``, ...) trained by ``deepinsert train``'s code into

@@ -26,6 +26,7 @@ from deepinsert.env.cache import LossCache
 from deepinsert.env.losses import LossProvider, VLMLossProvider
 from deepinsert.env.observation import prompt_observations
 from deepinsert.errors import ConfigError, DataError, InputError
+from deepinsert.utils.decision import reward  # noqa: F401  (the bandit's reward, defined with the decision rule)
 
 if TYPE_CHECKING:
     from deepinsert.frozen_vlm import FrozenVLM
@@ -110,11 +111,6 @@ def resolve_layers(spec: Sequence[int] | str, num_layers: int) -> list[int]:
     if bad:
         raise ConfigError(f"candidate layer {bad[0]} out of range [0, {num_layers}] (N = {num_layers} decoder layers)")
     return s
-
-
-def reward(losses: Any, ks: Any, lam: float, num_layers: int) -> np.ndarray:
-    """The bandit's reward ``-loss + λ·k/N`` (float64, broadcast over ``losses`` and ``ks``)."""
-    return -np.asarray(losses, dtype=np.float64) + float(lam) * np.asarray(ks, dtype=np.float64) / num_layers
 
 
 def action_layers(candidate_layers: Sequence[int], actions: Any) -> np.ndarray:

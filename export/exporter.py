@@ -95,6 +95,7 @@ def export_bundle(
     seen_ids: Sequence[int] | None = None,
     fallback_layer: int | None = None,
     fallback_by_lam: dict[str, Any] | None = None,
+    guard_margin: float | None = None,
     budget_table: dict[str, Any] | None = None,
     image_stage: Any = None,
     fold: bool = True,
@@ -124,6 +125,8 @@ def export_bundle(
             ``fallback_by_lam``, the layer at the bundle's ``lam``.
         fallback_by_lam: loss-curve only: a λ-following fallback (``fallback_layer: auto``;
             :func:`deepinsert.utils.fallback_table.fallback_at`), applied at each request's λ.
+        guard_margin: loss-curve only: the decision margin of prompts that trip the guard (run.json's
+            ``guard_margin``; :func:`deepinsert.utils.decision.guarded_decide`); None: the fallback layer.
         budget_table: loss-curve only: the λ -> mean FLOPs fraction calibration table.
         image_stage: loss-curve only: the run's image-aware second stage
             (:class:`~deepinsert.policy.image_stage.ImageStage`), exported as ``image_stage.onnx``.
@@ -213,6 +216,12 @@ def export_bundle(
     guard_block = None
     if guard is not None:
         guard_block = {**guard.meta(), "fallback_layer": fb}
+        if guard_margin is not None:
+            from deepinsert.utils.decision import check_guard_margin
+
+            if kind != "losscurve":
+                raise InputError("guard_margin needs a loss-curve router (a fixed-λ policy has no predicted losses)")
+            guard_block["margin"] = check_guard_margin(guard_margin, InputError, "guard_margin")
         if fallback_by_lam is not None:
             guard_block["fallback_by_lam"] = {"layers": [int(k) for k in fallback_by_lam["layers"]],
                                               "from_lam": [float(v) for v in fallback_by_lam["from_lam"]]}
@@ -326,6 +335,7 @@ def export_run(
         seen_ids=run.seen_ids,
         fallback_layer=info.get("fallback_layer"),
         fallback_by_lam=info.get("fallback_by_lam"),
+        guard_margin=run.guard_margin if run.guard is not None else None,
         budget_table=info.get("budget_table"),
         image_stage=run.image_stage,
         fold=fold,

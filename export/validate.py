@@ -26,6 +26,7 @@ from deepinsert.env.observation import (
 )
 from deepinsert.errors import BundleError, InputError
 from deepinsert.router.runtime import Router
+from deepinsert.utils.decision import guarded_decide
 
 FIXED_PROMPTS = (
     "What colour is the square?",
@@ -213,8 +214,14 @@ def validate_bundle(
                 if bad.size:
                     raise BundleError(f"the bundle's guard trips differently from the NumPy guard on {bad.size} {what}")
                 fb_layer = info.fallback_layer_at(lam)  # the guard's layer at this λ (λ-following or fixed)
-                wrong = [i for i, d in enumerate(decs)
-                         if d.layer != (fb_layer if d.fallback else info.candidate_layers[d.index])]
+                want_layer = [info.candidate_layers[d.index] for d in decs]
+                for i, d in enumerate(decs):
+                    if d.fallback:  # the fallback layer, or with a guard margin the rule on the bundle's own curve
+                        want_layer[i] = fb_layer if info.guard_margin is None else info.candidate_layers[int(guarded_decide(
+                            np.asarray([d.losses]), info.candidate_layers, lam, info.num_layers, margin=0.0, safe_index=0,
+                            trips=np.ones(1, dtype=bool), fallback_index=info.candidate_layers.index(fb_layer),
+                            guard_margin=info.guard_margin)[0])]
+                wrong = [i for i, d in enumerate(decs) if d.layer != want_layer[i]]
                 if wrong:
                     raise BundleError(f"the bundle routes {len(wrong)} {what} to another layer than its decision "
                                       f"(guard fallback {fb_layer} at λ={lam:g}), e.g. #{wrong[0]}")

@@ -269,6 +269,13 @@ class TrainConfig:
     """Width g of the guard's whitened PCA projection (folded into the bundle's table)."""
     guard_quantile: float = 0.97
     """The guard trips above this quantile of the validation split's scores."""
+    guard_margin: float | None = 0.05
+    """Loss-curve routers: a prompt that trips the guard still leaves the fallback layer when the
+    router's predicted reward at another layer beats the fallback's by more than this (a decision
+    margin for unfamiliar prompts: with the fallback at the lowest layer nothing moves at
+    λ <= guard_margin, and at larger λ only prompts whose predicted curve is flat, such as text-only
+    questions, do). None: a tripped guard always routes to the fallback layer (PPO/A2C/DQN/fullinfo
+    routers always do). Measured in docs/routers.md section 18."""
     fallback_layer: int | str | None = None
     """Layer a tripped guard routes to (None: the lowest candidate layer, the stock model), or
     ``auto``: the best fixed layer at the request's λ on the validation split (a step function
@@ -323,6 +330,9 @@ class TrainConfig:
         _finite("guard_quantile", self.guard_quantile, lo=0.5)
         if self.guard_quantile >= 1.0:
             raise ConfigError(f"guard_quantile must be < 1, got {self.guard_quantile}")
+        from deepinsert.utils.decision import check_guard_margin
+
+        self.guard_margin = check_guard_margin(self.guard_margin, ConfigError, "guard_margin")
         if self.fallback_layer is not None and self.fallback_layer != "auto":
             if isinstance(self.fallback_layer, str):
                 raise ConfigError(f"fallback_layer must be a layer number or 'auto', got {self.fallback_layer!r}")

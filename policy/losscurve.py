@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from deepinsert.env.problem import reward
+from deepinsert.utils.decision import decide, decision_gain, guarded_decide, reward  # noqa: F401  (re-exported)
 from deepinsert.errors import ModelLoadError
 from torch import nn
 
@@ -149,26 +149,6 @@ class LossCurveNet(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.project(self.raw(obs))
-
-
-def decide(pred_losses: np.ndarray, candidate_layers: Sequence[int], lam: float, num_layers: int, *,
-           margin: float = 0.0, safe_index: int = 0) -> np.ndarray:
-    """``argmax_k -L̂[k] + λ·k/N`` per row ``(B, K) -> (B,)`` int64 (first index on ties); with
-    ``margin`` δ > 0, rows whose best predicted reward beats column ``safe_index``'s by no more
-    than δ get ``safe_index``."""
-    a, gain = decision_gain(pred_losses, candidate_layers, lam, num_layers, safe_index=safe_index)
-    if margin > 0:
-        a = np.where(gain > margin, a, np.int64(safe_index))
-    return a
-
-
-def decision_gain(pred_losses: np.ndarray, candidate_layers: Sequence[int], lam: float, num_layers: int, *,
-                  safe_index: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``argmax_k -L̂[k] + λ·k/N`` per row and how much its predicted reward beats column
-    ``safe_index``'s, both ``(B,)`` (what :func:`decide` compares with the margin)."""
-    r = reward(pred_losses, np.asarray(candidate_layers)[None, :], lam, num_layers)
-    a = np.argmax(r, axis=1).astype(np.int64)
-    return a, r[np.arange(len(a)), a] - r[:, safe_index]
 
 
 class LossCurveRouter:
@@ -380,7 +360,8 @@ def _fit_decisions(net: LossCurveNet, x: torch.Tensor, y: torch.Tensor, target: 
 def budget_table(pred_losses: np.ndarray, flops: np.ndarray, candidate_layers: Sequence[int], num_layers: int,
                  fallback: np.ndarray | None = None, fallback_index: int = 0,
                  lams: Sequence[float] | None = None, margin: float = 0.0,
-                 fallback_by_lam: dict[str, Any] | None = None) -> dict[str, list[float]]:
+                 fallback_by_lam: dict[str, Any] | None = None,
+                 guard_margin: float | None = None) -> dict[str, list[float]]:
     """The monotone λ -> mean FLOPs fraction table of a calibration split.
 
     ``pred_losses`` ``(S, K)`` predicted losses, ``flops`` ``(S, K)`` each prompt's FLOPs
@@ -388,8 +369,9 @@ def budget_table(pred_losses: np.ndarray, flops: np.ndarray, candidate_layers: S
     stay at the fallback layer whatever λ), ``margin`` the router's decision margin (its safe
     layer is ``fallback_index``). ``fallback_by_lam``: a λ-following fallback
     (:func:`deepinsert.utils.fallback_table.fallback_index`) for the tripped prompts instead of
-    ``fallback_index``. The FLOPs column is made non-increasing in λ (a running minimum), so a
-    budget maps to one λ.
+    ``fallback_index``; ``guard_margin``: the tripped prompts' decision margin
+    (:func:`~deepinsert.utils.decision.guarded_decide`). The FLOPs column is made non-increasing
+    in λ (a running minimum), so a budget maps to one λ.
     """
     from deepinsert.utils.fallback_table import fallback_index as table_index
 
@@ -397,10 +379,9 @@ def budget_table(pred_losses: np.ndarray, flops: np.ndarray, candidate_layers: S
     rows = np.arange(len(pred_losses))
     fr = []
     for lam in grid:
-        a = decide(pred_losses, candidate_layers, float(lam), num_layers, margin=margin, safe_index=fallback_index)
-        if fallback is not None:
-            fi = fallback_index if fallback_by_lam is None else table_index(fallback_by_lam, candidate_layers, lam)
-            a = np.where(fallback, fi, a)
+        fi = fallback_index if fallback_by_lam is None else table_index(fallback_by_lam, candidate_layers, lam)
+        a = guarded_decide(pred_losses, candidate_layers, float(lam), num_layers, margin=margin,
+                           safe_index=fallback_index, trips=fallback, fallback_index=fi, guard_margin=guard_margin)
         fr.append(float(flops[rows, a].mean()))
     mono = np.minimum.accumulate(np.asarray(fr))
     return {"lam": [float(v) for v in grid], "flops_fraction": [float(v) for v in mono]}

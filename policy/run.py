@@ -84,6 +84,8 @@ def run_info(cfg: TrainConfig, candidate_layers: list[int], num_layers: int, obs
         "policy": {"net_arch": [int(n) for n in cfg.net_arch], "normalize_obs": bool(cfg.normalize_obs),
                    "n_actions": len(candidate_layers)},
         "fallback_layer": fallback_layer(cfg, candidate_layers),
+        # loss-curve routers with a guard: the decision margin of the prompts that trip it (None: the fallback layer)
+        "guard_margin": cfg.guard_margin if cfg.algorithm == "losscurve" and cfg.guard else None,
     }
 
 
@@ -360,15 +362,34 @@ class TrainedRun:
             actions, _ = self.policy.predict(x, deterministic=True)
         return np.asarray(actions, dtype=np.int64).reshape(-1)
 
+    @property
+    def guard_margin(self) -> float | None:
+        """The decision margin of prompts that trip the guard (loss-curve runs trained with
+        ``guard_margin``; None: they go to the fallback layer, as in runs trained before it)."""
+        v = self.info.get("guard_margin")
+        return None if v is None or not self.supports_lam else float(v)
+
     def predict(self, obs: np.ndarray, lam: float | None = None) -> np.ndarray:
         """The router's action indices ``(B,)`` int64 for observations ``(B, D)``: the policy's
-        deterministic action, replaced by the fallback layer's where the guard trips.
+        deterministic action where the guard lets the prompt through; where it trips, the
+        fallback layer's, or with a :attr:`guard_margin`, the decision with that margin relative to
+        the fallback layer (``deepinsert.utils.decision.guarded_decide``).
 
         The action indexes ``info["candidate_layers"]``; :meth:`predict_layers` maps it.
         ``lam`` (loss-curve routers only): decide at this λ instead of the run's.
         """
-        a = self.predict_raw(obs, lam)
-        return np.where(self.fallback(obs), self.fallback_index_at(lam), a)
+        trips = self.fallback(obs)
+        if self.guard_margin is None or not trips.any():
+            return np.where(trips, self.fallback_index_at(lam), self.predict_raw(obs, lam))
+        from deepinsert.policy.losscurve import LossCurveRouter
+        from deepinsert.utils.decision import guarded_decide
+
+        x = self._check(obs)
+        r = LossCurveRouter(self.policy, self.candidate_layers, int(self.info["num_layers"]), float(self.info["lam"]))
+        return guarded_decide(r.predict_losses(x[:, : int(self.info["obs_dim"])]), self.candidate_layers,
+                              r.lam if lam is None else float(lam), r.num_layers, margin=self.policy.margin,
+                              safe_index=self.policy.safe_index, trips=trips, fallback_index=self.fallback_index_at(lam),
+                              guard_margin=self.guard_margin)
 
     def predict_two_stage(self, obs: np.ndarray, summaries: np.ndarray, has_image: np.ndarray,
                           lam: float | None = None) -> np.ndarray:

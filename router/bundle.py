@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from deepinsert.errors import BundleError
+from deepinsert.utils.decision import check_guard_margin
 from deepinsert.utils.fallback_table import check_fallback_table, fallback_at
 
 BUNDLE_FORMAT = "deepinsert-router"
@@ -208,6 +209,11 @@ class BundleInfo:
         """The guard's fallback layer at the bundle's own λ (None: no guard)."""
         return None if self.guard is None else int(self.guard["fallback_layer"])
 
+    @property
+    def guard_margin(self) -> float | None:
+        """The decision margin of prompts that trip the guard (None: they go to the fallback layer)."""
+        return None if self.guard is None or self.guard.get("margin") is None else float(self.guard["margin"])
+
     def fallback_layer_at(self, lam: float) -> int | None:
         """The guard's fallback layer for a request at ``lam``: the λ-following table's layer
         when the bundle has one (``guard.fallback_by_lam``), else :attr:`fallback_layer`."""
@@ -246,6 +252,8 @@ class BundleInfo:
                 raise BundleError(f"router.json: guard threshold must be >= 0 and fallback_layer one of {list(self.candidate_layers)}")
             if g.get("fallback_by_lam") is not None:
                 check_fallback_table(g["fallback_by_lam"], self.candidate_layers, BundleError, "router.json: guard.fallback_by_lam")
+            if check_guard_margin(g.get("margin"), BundleError, "router.json: guard.margin") is not None and not self.supports_lam:
+                raise BundleError("router.json: guard.margin needs a loss-curve bundle (algorithm: losscurve)")
         if self.budget_table is not None:
             t = self.budget_table
             try:

@@ -53,6 +53,7 @@ from deepinsert.router.bundle import (
     request_position,
     verify_checksums,
 )
+from deepinsert.utils.decision import guarded_decide
 from deepinsert.utils.extras import require
 
 # Upper bound on the (B, T, D) float32 gather one onnxruntime call materialises; larger
@@ -75,7 +76,9 @@ class RouteDecision:
     num_tokens: question tokens the observation was computed on (after truncation);
         None for :meth:`Router.route_embedding`.
     truncated: True if the prompt had more than ``max_tokens`` tokens and was cut.
-    fallback: True if the out-of-distribution guard tripped and ``layer`` is its fallback layer.
+    fallback: True if the out-of-distribution guard tripped: ``layer`` is its fallback layer or,
+        for a loss-curve bundle with a guard margin (``info.guard_margin``), the layer whose
+        predicted reward beats the fallback's by more than that margin.
     ood_score: the guard's score (distance to the nearest training prompt; None without a guard).
     lam: the λ the decision was taken at.
     losses: (A,) predicted answer loss per candidate layer (loss-curve bundles), else None;
@@ -382,9 +385,15 @@ class Router:
         losses = out["losses"].tolist() if "losses" in out else None
         res = []
         fb_layer = self.info.fallback_layer_at(lam)  # the guard's layer at this λ (None: no guard)
+        gm = self.info.guard_margin if losses is not None else None
         for r, a in enumerate(acts):
             fb = self._threshold is not None and not (ood[r] <= self._threshold)  # NaN trips too
             k = int(fb_layer) if fb else int(self._layers[a])
+            if fb and gm is not None:  # a tripped prompt leaves the fallback layer only by more than the margin
+                j = guarded_decide(np.asarray([losses[r]]), self._layers, lam, self.info.num_layers, margin=0.0,
+                                   safe_index=0, trips=np.ones(1, dtype=bool),
+                                   fallback_index=int(np.flatnonzero(self._layers == fb_layer)[0]), guard_margin=gm)[0]
+                k = int(self._layers[j])
             res.append(RouteDecision(
                 k, int(a), tuple(probs[r]),
                 None if toks is None else len(toks[r][0]), False if toks is None else toks[r][1],

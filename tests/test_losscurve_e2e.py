@@ -33,9 +33,25 @@ def test_losscurve_train_evaluate_export_route(config, tmp_path, capsys):
     assert info["algorithm"] == "losscurve" and info["architecture"]["kind"] == "losscurve_mlp"
     fr = info["budget_table"]["flops_fraction"]
     assert all(b <= a for a, b in zip(fr, fr[1:]))  # monotone
-    # the Python router: guard trips -> the fallback layer (the lowest candidate by default)
+    # the Python router: guard trips -> the fallback layer (the lowest candidate by default), which a
+    # tripped prompt leaves only when its predicted reward elsewhere beats it by more than guard_margin
     x = run.guard.mean + 1e3 * run.guard.std  # far from every training observation
-    assert run.fallback(x[None])[0] and run.predict_layers(x[None], lam=0.5)[0] == min(run.candidate_layers)
+    gm = info["guard_margin"]
+    assert gm == 0.05 and run.guard_margin == gm and run.fallback(x[None])[0]
+    low = min(run.candidate_layers)
+    assert run.predict_layers(x[None], lam=gm)[0] == low  # a monotone curve gains at most λ: nothing moves
+    import torch
+
+    with torch.no_grad():
+        curve = run.policy(torch.as_tensor(x[None, : info["obs_dim"]], dtype=torch.float32)).numpy()[0]
+    for lam in (0.1, 0.5, 2.0):  # by hand: the best predicted reward, if it beats k = low's by more than gm
+        r = [-curve[j] + lam * k / info["num_layers"] for j, k in enumerate(run.candidate_layers)]
+        best = int(np.argmax(r))
+        want = run.candidate_layers[best] if r[best] - r[run.candidate_layers.index(low)] > gm else low
+        assert run.predict_layers(x[None], lam=lam)[0] == want
+    strict = load_run(run_dir)
+    strict.info["guard_margin"] = None  # a run trained with guard_margin: null (or before it existed)
+    assert strict.guard_margin is None and strict.predict_layers(x[None], lam=0.5)[0] == low
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["lam"] == info["lam"] and "fallback_rate" in m["router"]
 
@@ -89,6 +105,10 @@ def test_losscurve_train_evaluate_export_route(config, tmp_path, capsys):
     o = prompt_router_inputs(vlm.tokenizer, vlm.embedding_weight, qs, seen)  # [seen-token obs | obs | word order]
     for lam in (0.0, 0.3, 1.0):  # the bundle's decision = the run's at every λ
         assert [d.layer for d in router.route_batch(qs, lam=lam)] == run.predict_layers(o, lam=lam).tolist()
+    assert router.info.guard_margin == gm
+    for lam in (gm, 0.1, 0.5, 2.0):  # a tripped prompt: the bundle applies the guard margin as the run does
+        d = router.route_embedding(x[: info["obs_dim"]], lam=lam)
+        assert d.fallback and d.layer == run.predict_layers(x[None], lam=lam)[0]
     q = qs[0]
     assert main(["route", str(bundle), q, "--budget", "0.7", "--json"]) == 0
     line = json.loads(capsys.readouterr().out.strip())
@@ -110,6 +130,7 @@ def test_auto_fallback_follows_the_best_fixed_layer_on_validation(config, tmp_pa
 
     raw = yaml.safe_load(config.read_text())
     raw["fallback_layer"] = "auto"
+    raw["guard_margin"] = None  # every tripped prompt at the fallback layer (the margin is tested above)
     path = tmp_path / "auto.yaml"
     path.write_text(yaml.safe_dump(raw))  # same data and loss cache as the fixture's config
     run_dir = tmp_path / "lc"
