@@ -408,8 +408,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         where = (f"layer {g['fallback_layer']}" if fbl is None else "the best fixed layer at the request's lambda ("
                  + ", ".join([str(fbl["layers"][0])] + [f"{k} from {v:.3g}" for k, v in zip(fbl["layers"][1:], fbl["from_lam"])])
                  + ")")
+        margin = "" if info.guard_margin is None else (f"; a tripped prompt leaves it only for a predicted reward "
+                                                       f"gain above {info.guard_margin:g}")
         print(f"guard: falls back to {where} above score {g['threshold']:.4g} "
-              f"(trips on {100 * (g.get('val_trip_rate') or 0):.1f}% of the validation split)")
+              f"(trips on {100 * (g.get('val_trip_rate') or 0):.1f}% of the validation split{margin})")
     sz = info.size
     print(f"size: {sz['total_bytes'] / 1e6:.2f} MB ({'folded' if info.folded else 'unfolded'} table "
           f"{sz['table_shape'][0]} x {sz['table_shape'][1]}; the model's embedding table alone is "
@@ -696,7 +698,7 @@ def describe_path(path: Path) -> dict[str, Any]:
                 "folded": info.folded, "size_mb": round(info.size.get("total_bytes", 0) / 1e6, 3),
                 "table_shape": info.size.get("table_shape"),
                 "observation_tokens": _observation_tokens(info.observation.tokens, info.observation.seen_tokens),
-                "guard": None if info.guard is None else {k: info.guard.get(k) for k in ("threshold", "fallback_layer", "fallback_by_lam")},
+                "guard": None if info.guard is None else {k: info.guard.get(k) for k in ("threshold", "fallback_layer", "fallback_by_lam", "margin")},
                 "decision_margin": (info.run or {}).get("decision_margin", 0.0) if info.supports_lam else None,
                 "request_lam": info.supports_lam,
                 "image_stage": None if not info.image_stage else {k: info.image_stage[k] for k in ("summary", "summary_dim")}}

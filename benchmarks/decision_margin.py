@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for n, t in b.tables.items():
                     run[n] = {}
                     for lam in LAMS:
-                        m = compare(t, lam, b.actions(p[n], lam, fb[n], margin), fb[n])
+                        m = compare(t, lam, b.actions(p[n], lam, fb[n], margin, t.seen_share), fb[n])
                         run[n][f"{lam:g}"] = float(m["captured_gain"])
                         if lam == ACC_LAM:
                             run[n]["accuracy@0.1"] = float(m["router"]["accuracy"])
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for p in preds:  # per seed: (saving, accuracy, λ) with the most saving above the floor
                 best = (0.0, k0_acc, 0.0)
                 for lam in FRONT_LAMS:
-                    a = b.actions(p["test"], lam, fb["test"], margin)
+                    a = b.actions(p["test"], lam, fb["test"], margin, test.seen_share)
                     r = np.arange(len(a))
                     acc, saving = float(test.correct[r, a].mean()), float(1 - test.flops[r, a].mean())
                     if acc >= k0_acc - FRONT_DROP and saving > best[0]:

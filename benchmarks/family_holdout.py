@@ -61,13 +61,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             preds = {n: net(torch.from_numpy(obs[n])).numpy() for n in held}
         fb = {n: guard.trips(t.router_inputs) if guard is not None else np.zeros(len(t.losses), bool)
               for n, t in held.items()}
-        out = dataclasses.replace(b, tables=held).captured(preds, fb)
-        for n, t in held.items():
+        share = b.seen_shares(kept)  # where the guard margin applies, for a router trained without the family
+        tables = {n: dataclasses.replace(t, seen_share=share[n]) for n, t in held.items()}
+        out = dataclasses.replace(b, tables=tables).captured(preds, fb)
+        for n, t in tables.items():
             target = fam[n] == family if family is not None else np.ones(len(fam[n]), bool)
             rows = np.flatnonzero(target)
             per: dict[str, float] = {"trip_rate": float(fb[n][rows].mean())}
             for lam in LAMS:
-                a = b.actions(preds[n], lam, fb[n])[rows]
+                a = b.actions(preds[n], lam, fb[n], seen_share=t.seen_share)[rows]
                 r = t.rewards(lam)[rows]
                 per[f"reward_vs_k0@{lam:g}"] = float((r[np.arange(rows.size), a] - r[:, k0]).mean())
                 if lam == ACC_LAM:

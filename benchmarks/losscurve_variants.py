@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def score(t: Any, pred: np.ndarray, fb: np.ndarray, margin: float, name: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for lam in LAMS:
-            m = compare(t, lam, b.actions(pred, lam, fb, margin=margin), fb)
+            m = compare(t, lam, b.actions(pred, lam, fb, margin=margin, seen_share=t.seen_share), fb)
             out[f"{lam:g}"] = float(m["captured_gain"])
             if lam == ACC_LAM:
                 out[f"accuracy@{ACC_LAM:g}"] = float(m["router"]["accuracy"])
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             k0 = compare(t, 0.0, np.full(len(pred), b.safe, dtype=np.int64), None)["router"]["accuracy"]
             best = 0.0
             for lam in FRONT_LAMS:
-                r = compare(t, float(lam), b.actions(pred, float(lam), fb, margin=margin), fb)["router"]
+                r = compare(t, float(lam), b.actions(pred, float(lam), fb, margin=margin, seen_share=t.seen_share), fb)["router"]
                 if r["accuracy"] >= k0 - FRONT_DROP - 1e-9:
                     best = max(best, 1.0 - float(r["flops_fraction"]))
             out["saved_within_1.5"] = best

@@ -96,6 +96,16 @@ class Bench:
         return {n: prompt_router_inputs(tok, emb, [x.question for x in s.samples], seen)[:, :D]
                 for n, s in splits.items()}
 
+    def seen_shares(self, train_questions: list[str]) -> dict[str, np.ndarray]:
+        """Per held-out split ``(S,)``: the share of each question's tokens that ``train_questions``
+        use (where a tripped guard's margin applies, for a router trained on those questions)."""
+        from deepinsert.env.observation import question_token_ids, seen_token_mask
+
+        tok, V = self.ws.tokenizer, int(self.ws.embedding_weight.shape[0])
+        seen = seen_token_mask(tok, V, train_questions)
+        return {n: np.array([seen[np.asarray(question_token_ids(tok, x.question), dtype=np.int64)].mean()
+                             for x in s.samples]) for n, s in self.splits.items()}
+
     def fit_inputs(self, x: np.ndarray, losses: np.ndarray, questions: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """The loss-curve fit's inputs and loss rows for training observations ``x (S, D)`` of
         ``questions`` with ``losses (S, K)``: with the config's ``algo.token_dropout`` > 0, plus its
@@ -114,17 +124,18 @@ class Bench:
         return int(np.argmin(self.ws.candidate_layers))
 
     def actions(self, pred: np.ndarray, lam: float, fallback: np.ndarray | None = None,
-                margin: float | None = None) -> np.ndarray:
+                margin: float | None = None, seen_share: np.ndarray | None = None) -> np.ndarray:
         """Action indices ``(S,)`` for predicted curves ``pred (S, K)`` at ``lam``: the loss-curve
         decision with ``margin`` (default: the bench's), ``fallback (S,)`` rows at the guard's
         fallback layer (:meth:`fallback_index`) or, with the config's ``guard_margin``, decided
-        with that margin relative to it (``deepinsert.utils.decision.guarded_decide``, as a
-        trained run decides)."""
+        with that margin relative to it where ``seen_share (S,)`` (the split's; None: everywhere)
+        allows (``deepinsert.utils.decision.guarded_decide``, as a trained run decides)."""
         from deepinsert.utils.decision import guarded_decide
 
         return guarded_decide(pred, self.ws.candidate_layers, lam, self.ws.num_layers,
                               margin=self.margin if margin is None else margin, safe_index=self.safe, trips=fallback,
-                              fallback_index=self.fallback_index(lam), guard_margin=self.cfg.guard_margin)
+                              fallback_index=self.fallback_index(lam), guard_margin=self.cfg.guard_margin,
+                              seen_share=seen_share)
 
     def train_fixed(self, algorithm: str, lam: float, seed: int, folder: Path, train: Any = None) -> Any:
         """A fixed-λ router (``ppo``, ``fullinfo``, ...) trained by ``deepinsert train``'s code into
@@ -164,7 +175,7 @@ class Bench:
             fb = None if fallback is None else fallback[n]
             out[n] = {}
             for lam in LAMS:
-                m = compare(t, lam, self.actions(preds[n], lam, fb), fb)
+                m = compare(t, lam, self.actions(preds[n], lam, fb, seen_share=t.seen_share), fb)
                 out[n][f"{lam:g}"] = float(m["captured_gain"])
                 if lam == ACC_LAM and m["router"]["accuracy"] is not None:
                     out[n][f"accuracy@{ACC_LAM:g}"] = float(m["router"]["accuracy"])

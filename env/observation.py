@@ -132,11 +132,13 @@ def seen_token_ids(ids: Sequence[int], seen: np.ndarray) -> np.ndarray:
 
 
 def prompt_router_inputs(
-    tokenizer: Any, embedding_weight: Any, questions: Sequence[str], seen: np.ndarray | None = None
+    tokenizer: Any, embedding_weight: Any, questions: Sequence[str], seen: np.ndarray | None = None,
+    seen_share: np.ndarray | None = None,
 ) -> np.ndarray:
     """A split's router inputs: ``[mean | order]`` float32 ``(B, 2D)`` without ``seen``, else
     ``[seen mean | mean | order]`` ``(B, 3D)`` (module doc); the policy reads the first D columns.
-    Each question is tokenized once."""
+    Each question is tokenized once. ``seen_share``: a ``(B,)`` array filled with the share of each
+    question's tokens that ``seen`` holds (1 without ``seen``; ``deepinsert.utils.decision``)."""
     emb = embedding_matrix(embedding_weight)
     D = emb.shape[1]
     if seen is not None and seen.shape != (emb.shape[0],):
@@ -145,6 +147,8 @@ def prompt_router_inputs(
     out = np.empty((len(questions), off + 2 * D), dtype=np.float32)
     for i, q in enumerate(questions):
         ids = question_token_ids(tokenizer, q)
+        if seen_share is not None:
+            seen_share[i] = 1.0 if seen is None else float(np.mean(seen[np.asarray(ids, dtype=np.int64)]))
         if seen is not None:
             out[i, :D] = mean_embedding(emb, seen_token_ids(ids, seen))
         out[i, off:off + D] = mean_embedding(emb, ids)

@@ -149,9 +149,11 @@ def validate_bundle(
     n_truncated = sum(t for _, t in got)
     full_obs = np.stack([mean_embedding(weight, ids) for ids in ref_ids])  # (B, D): the guard's mean
     ref_obs = full_obs  # (B, D): the policy's observation
+    ref_share = None  # (B,): share of each prompt's tokens the training questions used (where a guard margin applies)
     if seen_ids is not None:
         seen = seen_mask_from_ids(seen_ids, len(weight))
         ref_obs = np.stack([mean_embedding(weight, seen_token_ids(ids, seen)) for ids in ref_ids])
+        ref_share = np.array([float(seen[np.asarray(ids, dtype=np.int64)].mean()) for ids in ref_ids])
         report_seen = {"prompts_with_unseen_tokens": int(sum(not seen[ids].all() for ids in ref_ids))}
     else:
         report_seen = {}
@@ -182,8 +184,8 @@ def validate_bundle(
                 raise BundleError(f"router.onnx observations differ from the env's by {obs_diff:.3g} (> {obs_atol})")
         # 3. random embeddings through policy.onnx
         dec2 = router.route_embeddings(emb, lam=lam if lc else None)
-        for what, decs, ra, rs, ood in (("prompts", decisions, ref_a, ref_s, ood_ref),
-                                        ("embeddings", dec2, ref_a2, ref_s2, ood_ref2)):
+        for what, decs, ra, rs, ood, share in (("prompts", decisions, ref_a, ref_s, ood_ref, ref_share),
+                                               ("embeddings", dec2, ref_a2, ref_s2, ood_ref2, None)):
             if lc:
                 got_s = np.array([d.losses for d in decs], dtype=np.float32)
                 ra = decide(rs, info.candidate_layers, lam, info.num_layers, margin=policy.margin,
@@ -220,7 +222,7 @@ def validate_bundle(
                         want_layer[i] = fb_layer if info.guard_margin is None else info.candidate_layers[int(guarded_decide(
                             np.asarray([d.losses]), info.candidate_layers, lam, info.num_layers, margin=0.0, safe_index=0,
                             trips=np.ones(1, dtype=bool), fallback_index=info.candidate_layers.index(fb_layer),
-                            guard_margin=info.guard_margin)[0])]
+                            guard_margin=info.guard_margin, seen_share=None if share is None else share[i:i + 1])[0])]
                 wrong = [i for i, d in enumerate(decs) if d.layer != want_layer[i]]
                 if wrong:
                     raise BundleError(f"the bundle routes {len(wrong)} {what} to another layer than its decision "

@@ -39,6 +39,7 @@ class EvalTables:
         observations: ``(S, D)``.
         router_inputs: ``(S, 2D)`` ``[observation | order]`` (the split's ``router_inputs``: what
             a trained router and its guard route on), or ``(S, D)`` without an order block.
+        seen_share: ``(S,)`` the split's ``seen_share`` (where a tripped guard's margin applies), or None.
     """
 
     split: str
@@ -51,6 +52,7 @@ class EvalTables:
     families: list[str | None]
     observations: np.ndarray
     router_inputs: np.ndarray | None = None
+    seen_share: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.router_inputs is None:
@@ -117,6 +119,7 @@ def build_tables(
         families=[getattr(s, "family", None) for s in split.samples],
         observations=split.observations,
         router_inputs=split.router_inputs,
+        seen_share=split.seen_share,
     )
 
 
@@ -271,11 +274,12 @@ def run_metrics(run: Any, tables: EvalTables, observations: np.ndarray, lam: flo
     the same comparison for the two-stage decisions."""
     lam_ = float(run.info["lam"]) if lam is None else float(lam)
     fb = run.fallback(observations)
-    m = compare(tables, lam_, run.predict(observations, None if lam is None else lam_), fb)
+    m = compare(tables, lam_, run.predict(observations, None if lam is None else lam_, seen_share=tables.seen_share), fb)
     if heuristic is not None:
         m["heuristic"] = heuristic_metrics(tables, lam_, heuristic)
     if summaries is not None and getattr(run, "image_stage", None) is not None:
-        two = compare(tables, lam_, run.predict_two_stage(observations, *summaries, lam=lam_), fb)
+        two = compare(tables, lam_, run.predict_two_stage(observations, *summaries, lam=lam_,
+                                                          seen_share=tables.seen_share), fb)
         m["image_stage"] = {"router": two["router"], "captured_gain": two["captured_gain"]}
     return m
 

@@ -361,7 +361,7 @@ def budget_table(pred_losses: np.ndarray, flops: np.ndarray, candidate_layers: S
                  fallback: np.ndarray | None = None, fallback_index: int = 0,
                  lams: Sequence[float] | None = None, margin: float = 0.0,
                  fallback_by_lam: dict[str, Any] | None = None,
-                 guard_margin: float | None = None) -> dict[str, list[float]]:
+                 guard_margin: float | None = None, seen_share: np.ndarray | None = None) -> dict[str, list[float]]:
     """The monotone λ -> mean FLOPs fraction table of a calibration split.
 
     ``pred_losses`` ``(S, K)`` predicted losses, ``flops`` ``(S, K)`` each prompt's FLOPs
@@ -369,8 +369,8 @@ def budget_table(pred_losses: np.ndarray, flops: np.ndarray, candidate_layers: S
     stay at the fallback layer whatever λ), ``margin`` the router's decision margin (its safe
     layer is ``fallback_index``). ``fallback_by_lam``: a λ-following fallback
     (:func:`deepinsert.utils.fallback_table.fallback_index`) for the tripped prompts instead of
-    ``fallback_index``; ``guard_margin``: the tripped prompts' decision margin
-    (:func:`~deepinsert.utils.decision.guarded_decide`). The FLOPs column is made non-increasing
+    ``fallback_index``; ``guard_margin`` / ``seen_share``: the tripped prompts' decision margin
+    and where it applies (:func:`~deepinsert.utils.decision.guarded_decide`). The FLOPs column is made non-increasing
     in λ (a running minimum), so a budget maps to one λ.
     """
     from deepinsert.utils.fallback_table import fallback_index as table_index
@@ -381,7 +381,8 @@ def budget_table(pred_losses: np.ndarray, flops: np.ndarray, candidate_layers: S
     for lam in grid:
         fi = fallback_index if fallback_by_lam is None else table_index(fallback_by_lam, candidate_layers, lam)
         a = guarded_decide(pred_losses, candidate_layers, float(lam), num_layers, margin=margin,
-                           safe_index=fallback_index, trips=fallback, fallback_index=fi, guard_margin=guard_margin)
+                           safe_index=fallback_index, trips=fallback, fallback_index=fi, guard_margin=guard_margin,
+                           seen_share=seen_share)
         fr.append(float(flops[rows, a].mean()))
     mono = np.minimum.accumulate(np.asarray(fr))
     return {"lam": [float(v) for v in grid], "flops_fraction": [float(v) for v in mono]}

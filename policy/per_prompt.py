@@ -83,10 +83,11 @@ def per_prompt_for_run(run: Any, ws: Any, split_spec: str, *, accuracy: bool = T
     split = ws.splits[key]
     ks = sorted({0, *run.candidate_layers})
     tables = build_tables(ws, split, accuracy=accuracy, progress=False, candidate_layers=ks)
-    layers = np.asarray(run.predict_layers(split.router_inputs), dtype=np.int64)
+    layers = np.asarray(run.predict_layers(split.router_inputs, seen_share=split.seen_share), dtype=np.int64)
     rows = per_prompt_rows(tables, split.samples, layers.tolist(), fallback=run.fallback(split.router_inputs))
     if run.image_stage is not None:
-        two = np.asarray(run.candidate_layers)[run.predict_two_stage(split.router_inputs, *ws.summaries(split))]
+        two = np.asarray(run.candidate_layers)[run.predict_two_stage(split.router_inputs, *ws.summaries(split),
+                                                                            seen_share=split.seen_share)]
         for r, k in zip(rows, two.tolist(), strict=True):
             r["image_stage_layer"] = int(k)
     return rows

@@ -369,14 +369,17 @@ class TrainedRun:
         v = self.info.get("guard_margin")
         return None if v is None or not self.supports_lam else float(v)
 
-    def predict(self, obs: np.ndarray, lam: float | None = None) -> np.ndarray:
+    def predict(self, obs: np.ndarray, lam: float | None = None, seen_share: np.ndarray | None = None) -> np.ndarray:
         """The router's action indices ``(B,)`` int64 for observations ``(B, D)``: the policy's
         deterministic action where the guard lets the prompt through; where it trips, the
         fallback layer's, or with a :attr:`guard_margin`, the decision with that margin relative to
         the fallback layer (``deepinsert.utils.decision.guarded_decide``).
 
         The action indexes ``info["candidate_layers"]``; :meth:`predict_layers` maps it.
-        ``lam`` (loss-curve routers only): decide at this λ instead of the run's.
+        ``lam`` (loss-curve routers only): decide at this λ instead of the run's. ``seen_share``
+        ``(B,)``: the share of each prompt's tokens the training questions used (a split's
+        ``seen_share``); the guard margin applies only where it is at least
+        ``deepinsert.utils.decision.MIN_SEEN_SHARE`` (None: not checked).
         """
         trips = self.fallback(obs)
         if self.guard_margin is None or not trips.any():
@@ -389,10 +392,10 @@ class TrainedRun:
         return guarded_decide(r.predict_losses(x[:, : int(self.info["obs_dim"])]), self.candidate_layers,
                               r.lam if lam is None else float(lam), r.num_layers, margin=self.policy.margin,
                               safe_index=self.policy.safe_index, trips=trips, fallback_index=self.fallback_index_at(lam),
-                              guard_margin=self.guard_margin)
+                              guard_margin=self.guard_margin, seen_share=seen_share)
 
     def predict_two_stage(self, obs: np.ndarray, summaries: np.ndarray, has_image: np.ndarray,
-                          lam: float | None = None) -> np.ndarray:
+                          lam: float | None = None, seen_share: np.ndarray | None = None) -> np.ndarray:
         """:meth:`predict`, then the image-aware stage on the prompts with an image that the
         guard let through: action indices ``(B,)``; ``summaries (B, Dᵢ)`` (rows without an
         image are ignored), ``has_image (B,)`` bool."""
@@ -402,16 +405,16 @@ class TrainedRun:
 
         x = self._check(obs)
         lam_ = float(self.info["lam"]) if lam is None else float(lam)
-        first = self.predict(x, lam_)
+        first = self.predict(x, lam_, seen_share=seen_share)
         rows = np.flatnonzero(np.asarray(has_image, dtype=bool) & ~self.fallback(x))
         if len(rows):
             curves = LossCurveRouter(self.policy, self.candidate_layers, int(self.info["num_layers"]), lam_).predict_losses(x[rows, : int(self.info["obs_dim"])])
             first[rows] = self.image_stage.refine(curves, np.asarray(summaries)[rows], first[rows], lam_)
         return first
 
-    def predict_layers(self, obs: np.ndarray, lam: float | None = None) -> np.ndarray:
-        """Deterministic insertion layers k ``(B,)`` int64 (guard included)."""
-        return np.asarray(self.candidate_layers, dtype=np.int64)[self.predict(obs, lam)]
+    def predict_layers(self, obs: np.ndarray, lam: float | None = None, seen_share: np.ndarray | None = None) -> np.ndarray:
+        """Deterministic insertion layers k ``(B,)`` int64 (guard included; ``seen_share``: :meth:`predict`)."""
+        return np.asarray(self.candidate_layers, dtype=np.int64)[self.predict(obs, lam, seen_share)]
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any] | None:

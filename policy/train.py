@@ -472,7 +472,8 @@ def train_losscurve_router(
         info["budget_table"] = {**budget_table(router.predict_losses(cal.observations), flops, ws.candidate_layers,
                                                ws.num_layers, fb, net.safe_index, margin=net.margin,
                                                fallback_by_lam=info.get("fallback_by_lam"),
-                                               guard_margin=info.get("guard_margin") if guard is not None else None),
+                                               guard_margin=info.get("guard_margin") if guard is not None else None,
+                                               seen_share=cal.seen_share),
                                  "split": cal.name}
         atomic_write_json(out / INFO_FILE, info)
         ws.cache.save()

@@ -46,6 +46,10 @@ class Split:
     """``(S, 2D)`` ``[observation | order]`` or, with seen tokens, ``(S, 3D)`` ``[observation | mean |
     order]``: the observations with the guard's inputs (``deepinsert.env.observation.prompt_router_inputs``);
     None where the observations were given without their questions' tokens (a stand-in workspace)."""
+    seen_share: np.ndarray | None = None
+    """``(S,)`` share of each question's tokens that the training questions used (1 with every
+    token observed; None without the questions' tokens): where a tripped guard's margin applies
+    (``deepinsert.utils.decision.MIN_SEEN_SHARE``)."""
 
     @property
     def router_inputs(self) -> np.ndarray:
@@ -86,12 +90,14 @@ class Workspace:
         """Register samples under ``name`` (observations computed from the VLM if not given)."""
         if not samples:
             raise DataError(f"dataset split {name!r} is empty: no samples to train or evaluate on")
-        both = None
+        both = share = None
         if observations is None:
+            share = np.empty(len(samples), dtype=np.float32)
             both = prompt_router_inputs(self.tokenizer, self.embedding_weight, [s.question for s in samples],
-                                        self.seen_tokens)
+                                        self.seen_tokens, seen_share=share)
             observations = np.ascontiguousarray(both[:, : int(self.embedding_weight.shape[1])])
-        split = Split(name, list(samples), np.asarray(observations, dtype=np.float32), with_order=both)
+        split = Split(name, list(samples), np.asarray(observations, dtype=np.float32), with_order=both,
+                      seen_share=share)
         self.splits[name] = split
         return split
 

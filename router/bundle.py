@@ -155,6 +155,7 @@ class ObservationSpec:
     add_special_tokens: bool = False
     tokens: str = "all"  # "all" | "seen": which ids the policy's observation averages
     seen_tokens: int = 0  # with "seen": how many distinct token ids the training questions used
+    seen_ids: tuple[int, ...] | None = None  # with "seen": those ids, ascending (where a guard margin applies)
 
     def __post_init__(self) -> None:
         if self.kind != OBSERVATION_KIND:
@@ -170,6 +171,14 @@ class ObservationSpec:
                 or (n == 0) != (self.tokens == "all")):
             raise BundleError(f"observation.seen_tokens must count the seen token ids (1..vocab_size) exactly when "
                               f"tokens is 'seen', got {n!r} with tokens {self.tokens!r}")
+        if self.seen_ids is not None:
+            ids = self.seen_ids
+            if (not isinstance(ids, (list, tuple)) or len(ids) != n
+                    or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.vocab_size for i in ids)
+                    or any(b <= a for a, b in zip(ids, ids[1:]))):
+                raise BundleError(f"observation.seen_ids must list the {n} seen token ids in ascending order, "
+                                  f"each in 0..vocab_size-1")
+            object.__setattr__(self, "seen_ids", tuple(ids))
 
 
 @dataclass(frozen=True)
@@ -252,8 +261,11 @@ class BundleInfo:
                 raise BundleError(f"router.json: guard threshold must be >= 0 and fallback_layer one of {list(self.candidate_layers)}")
             if g.get("fallback_by_lam") is not None:
                 check_fallback_table(g["fallback_by_lam"], self.candidate_layers, BundleError, "router.json: guard.fallback_by_lam")
-            if check_guard_margin(g.get("margin"), BundleError, "router.json: guard.margin") is not None and not self.supports_lam:
-                raise BundleError("router.json: guard.margin needs a loss-curve bundle (algorithm: losscurve)")
+            if check_guard_margin(g.get("margin"), BundleError, "router.json: guard.margin") is not None:
+                if not self.supports_lam:
+                    raise BundleError("router.json: guard.margin needs a loss-curve bundle (algorithm: losscurve)")
+                if self.observation.tokens == "seen" and self.observation.seen_ids is None:
+                    raise BundleError("router.json: guard.margin with seen-token observations needs observation.seen_ids")
         if self.budget_table is not None:
             t = self.budget_table
             try:

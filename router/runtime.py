@@ -138,6 +138,10 @@ class Router:
         self._image_stage = image_stage_session
         self._tokenizer = tokenizer
         self._layers = np.asarray(info.candidate_layers, dtype=np.int64)
+        self._seen = None  # (V,) bool: the training questions' token ids (where a guard margin applies)
+        if info.observation.seen_ids is not None:
+            self._seen = np.zeros(info.observation.vocab_size, dtype=bool)
+            self._seen[np.asarray(info.observation.seen_ids, dtype=np.int64)] = True
         self._router_in, self._router_out = graph_io("router", with_lam=info.supports_lam, folded=info.folded)
         self._policy_in, self._policy_out = graph_io("policy", with_lam=info.supports_lam, folded=info.folded)
         g = info.guard
@@ -392,7 +396,8 @@ class Router:
             if fb and gm is not None:  # a tripped prompt leaves the fallback layer only by more than the margin
                 j = guarded_decide(np.asarray([losses[r]]), self._layers, lam, self.info.num_layers, margin=0.0,
                                    safe_index=0, trips=np.ones(1, dtype=bool),
-                                   fallback_index=int(np.flatnonzero(self._layers == fb_layer)[0]), guard_margin=gm)[0]
+                                   fallback_index=int(np.flatnonzero(self._layers == fb_layer)[0]), guard_margin=gm,
+                                   seen_share=None if toks is None else self.seen_share([toks[r][0]]))[0]
                 k = int(self._layers[j])
             res.append(RouteDecision(
                 k, int(a), tuple(probs[r]),
@@ -401,6 +406,14 @@ class Router:
                 None if losses is None else tuple(losses[r]),
             ))
         return res
+
+    def seen_share(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray | None:
+        """``(B,)`` share of each prompt's token ids that the training questions used (None for a
+        bundle that records none): where a tripped guard's margin applies
+        (``deepinsert.utils.decision.MIN_SEEN_SHARE``)."""
+        if self._seen is None:
+            return None
+        return np.array([float(self._seen[np.asarray(ids, dtype=np.int64)].mean()) for ids in token_ids])
 
     # ------------------------------------------------------------------ tokenising
     def token_ids(self, prompt: str) -> tuple[list[int], bool]:

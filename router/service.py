@@ -6,7 +6,8 @@ Endpoints (all JSON):
   "fallback", "ood_score", "lam", "losses"}``, or with ``{"prompts": ["...", ...]}`` ->
   ``{"results": [...]}`` (at most ``max_batch`` prompts). Optional ``"lam"`` or ``"budget"``
   (target mean FLOPs fraction) for loss-curve bundles; a fixed-λ bundle answers 400.
-  ``fallback`` is true when the out-of-distribution guard replaced the router's layer.
+  ``fallback`` is true when the out-of-distribution guard tripped (the layer is its fallback
+  layer, or the one a loss-curve bundle's guard margin let the prompt through to).
 - ``GET /health`` -> ``{"status": "ok"}``.
 - ``GET /info`` -> the bundle metadata (``router.json``) and the service limits.
 

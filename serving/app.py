@@ -6,7 +6,8 @@ Endpoints:
   as Server-Sent Events (``data: {chunk}`` ... ``data: [DONE]``) or not. The response adds
   ``usage`` and a ``deepinsert`` object: ``layer``, ``routed`` (false when
   ``insert_layer`` forced it), ``fallback`` (the router could not read the question, or its
-  guard tripped, and the request ran at the fallback layer), ``flops_fraction`` (Eq. 5
+  guard tripped: the request ran at the fallback layer, or at the layer a loss-curve bundle's
+  guard margin let it through to), ``flops_fraction`` (Eq. 5
   prefill FLOPs vs k = 0), ``router_ms``, and ``first_layer`` (the question-only layer) when
   the bundle's image-aware stage refined the decision (its image summary is computed in the
   request thread: one extra vision-tower pass). ``lam`` / ``budget`` in the body choose the

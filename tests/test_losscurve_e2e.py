@@ -106,6 +106,19 @@ def test_losscurve_train_evaluate_export_route(config, tmp_path, capsys):
     for lam in (0.0, 0.3, 1.0):  # the bundle's decision = the run's at every λ
         assert [d.layer for d in router.route_batch(qs, lam=lam)] == run.predict_layers(o, lam=lam).tolist()
     assert router.info.guard_margin == gm
+    # the margin applies only to prompts at least half of whose tokens the training questions used
+    odd = ["Please echo the word river back.", "zyxw quorble frandish plinketh vorpal snicker-snack",
+           "Was ist auf diesem Bild?", "!!! ??? ;;; ::: ### $$$ %%% &&&", "日本語のテキスト 🙂 ¿¡", "Ü", "ÜÄÖ ÜÄÖ",
+           "qqqq xxxx zzzz"]
+    share = np.array([float(np.mean(seen[question_token_ids(vlm.tokenizer, q)])) for q in odd])
+    assert np.allclose(router.seen_share([router.token_ids(q)[0] for q in odd]), share)
+    o2 = prompt_router_inputs(vlm.tokenizer, vlm.embedding_weight, odd, seen)
+    unknown = run.fallback(o2) & (share < 0.5)
+    assert unknown.any() and share[0] >= 0.5
+    for lam in (0.1, 0.5, 2.0):
+        got = np.array([d.layer for d in router.route_batch(odd, lam=lam)])
+        assert got.tolist() == run.predict_layers(o2, lam=lam, seen_share=share).tolist()
+        assert (got[unknown] == low).all()  # mostly words the router never saw: the fallback layer
     for lam in (gm, 0.1, 0.5, 2.0):  # a tripped prompt: the bundle applies the guard margin as the run does
         d = router.route_embedding(x[: info["obs_dim"]], lam=lam)
         assert d.fallback and d.layer == run.predict_layers(x[None], lam=lam)[0]

@@ -12,6 +12,12 @@ from typing import Any
 
 import numpy as np
 
+MIN_SEEN_SHARE = 0.5
+"""A prompt that trips the guard gets the guard margin only when at least this share of its
+tokens occur in the training questions (``observation_tokens: seen``): below it the policy's
+observation is a few known tokens of an otherwise unknown question (another language, gibberish)
+and says nothing the router can trust, so the prompt stays at the fallback layer."""
+
 
 def reward(losses: Any, ks: Any, lam: float, num_layers: int) -> np.ndarray:
     """The bandit's reward ``-loss + λ·k/N`` (float64, broadcast over ``losses`` and ``ks``)."""
@@ -40,13 +46,16 @@ def decide(pred_losses: np.ndarray, candidate_layers: Sequence[int], lam: float,
 
 def guarded_decide(pred_losses: np.ndarray, candidate_layers: Sequence[int], lam: float, num_layers: int, *,
                    margin: float, safe_index: int, trips: np.ndarray | None, fallback_index: int,
-                   guard_margin: float | None) -> np.ndarray:
+                   guard_margin: float | None, seen_share: np.ndarray | None = None) -> np.ndarray:
     """:func:`decide` with the router's ``margin`` (relative to ``safe_index``) on the prompts the
     guard let through; on those where it tripped (``trips (B,)`` bool) the fallback layer
     ``fallback_index``, or, with ``guard_margin``, :func:`decide` with that margin relative to the
     fallback layer: a tripped prompt leaves it only when the predicted reward elsewhere beats it by
     more than ``guard_margin`` (with a curve non-decreasing in k and the fallback at the lowest
-    layer, never at ``λ <= guard_margin``). ``(B,)`` int64."""
+    layer, never at ``λ <= guard_margin``). ``seen_share (B,)``: the share of each prompt's tokens
+    that the training questions used; the margin applies only where it is at least
+    :data:`MIN_SEEN_SHARE` (None: unknown, e.g. a caller's own observation, and not checked).
+    ``(B,)`` int64."""
     a = decide(pred_losses, candidate_layers, lam, num_layers, margin=margin, safe_index=safe_index)
     if trips is None:
         return a
@@ -54,8 +63,10 @@ def guarded_decide(pred_losses: np.ndarray, candidate_layers: Sequence[int], lam
     if guard_margin is None:
         return np.where(trips, np.int64(fallback_index), a)
     t, gain = decision_gain(pred_losses, candidate_layers, lam, num_layers, safe_index=fallback_index)
-    t = np.where(gain > float(guard_margin), t, np.int64(fallback_index))  # strictly better, also at margin 0
-    return np.where(trips, t, a)
+    move = gain > float(guard_margin)  # strictly better, also at margin 0
+    if seen_share is not None:
+        move &= np.asarray(seen_share, dtype=np.float64).reshape(-1) >= MIN_SEEN_SHARE
+    return np.where(trips, np.where(move, t, np.int64(fallback_index)), a)
 
 
 def check_guard_margin(value: Any, error: type[Exception], where: str) -> float | None:
