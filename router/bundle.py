@@ -300,6 +300,10 @@ class BundleInfo:
         """JSON-ready dict (the exact content of ``router.json``)."""
         d = asdict(self)
         d["candidate_layers"] = list(self.candidate_layers)
+        if d["observation"]["seen_ids"] is None:  # only bundles with seen-token observations list them
+            del d["observation"]["seen_ids"]
+        else:
+            d["observation"]["seen_ids"] = list(d["observation"]["seen_ids"])
         return {"format": d.pop("format"), "format_version": d.pop("format_version"), **d}
 
     def sealed(self) -> dict[str, Any]:
