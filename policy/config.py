@@ -269,13 +269,16 @@ class TrainConfig:
     """Width g of the guard's whitened PCA projection (folded into the bundle's table)."""
     guard_quantile: float = 0.97
     """The guard trips above this quantile of the validation split's scores."""
-    guard_margin: float | None = 0.05
+    guard_margin: float | None = None
     """Loss-curve routers: a prompt that trips the guard still leaves the fallback layer when the
-    router's predicted reward at another layer beats the fallback's by more than this (a decision
-    margin for unfamiliar prompts: with the fallback at the lowest layer nothing moves at
-    λ <= guard_margin, and at larger λ only prompts whose predicted curve is flat, such as text-only
-    questions, do). None: a tripped guard always routes to the fallback layer (PPO/A2C/DQN/fullinfo
-    routers always do). Measured in docs/routers.md section 18."""
+    router's predicted reward at another layer beats the fallback's by more than this and at least
+    half of its tokens occur in the training questions (a decision margin for unfamiliar prompts:
+    with the fallback at the lowest layer nothing moves at λ <= guard_margin, and at larger λ only
+    prompts whose predicted curve is flat, such as text-only questions, do). None (the default): a
+    tripped guard always routes to the fallback layer (PPO/A2C/DQN/fullinfo routers always do).
+    0.05 suits prompts that reword the training questions' tasks (on the demo's held-out wordings
+    +14 points captured at λ = 0.1) but not a question *type* absent from training, which it can
+    send to k = N without its image (docs/routers.md section 18)."""
     fallback_layer: int | str | None = None
     """Layer a tripped guard routes to (None: the lowest candidate layer, the stock model), or
     ``auto``: the best fixed layer at the request's λ on the validation split (a step function

@@ -52,7 +52,7 @@ def test_bad_guard_margin_is_refused(bad):
         TrainConfig(guard_margin=bad)
     with pytest.raises(BundleError, match="guard.margin"):
         check_guard_margin(bad, BundleError, "router.json: guard.margin")
-    assert TrainConfig(guard_margin=None).guard_margin is None and TrainConfig().guard_margin == 0.05
+    assert TrainConfig(guard_margin=0.05).guard_margin == 0.05 and TrainConfig().guard_margin is None
 
 
 def test_bundle_seen_ids_are_checked():

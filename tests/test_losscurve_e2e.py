@@ -14,7 +14,7 @@ from helpers.demo_config import MODEL, write_demo_config
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
     return write_demo_config(tmp_path_factory.mktemp("lc"), max_train=48, max_eval=24, algorithm="losscurve",
-                             algo={"fullinfo_epochs": 50})  # the default objective's epochs
+                             guard_margin=0.05, algo={"fullinfo_epochs": 50})  # the default objective's epochs
 
 
 def test_losscurve_train_evaluate_export_route(config, tmp_path, capsys):
