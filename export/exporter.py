@@ -236,7 +236,9 @@ def export_bundle(
         observation=ObservationSpec(kind=OBSERVATION_KIND, max_tokens=int(max_tokens), dim=D, vocab_size=V,
                                     tokens="all" if seen_ids is None else "seen",
                                     seen_tokens=0 if seen_ids is None else len(set(int(i) for i in seen_ids)),
-                                    seen_ids=None if seen_ids is None else tuple(sorted({int(i) for i in seen_ids}))),
+                                    # listed only where a guard margin needs them (an older runtime reads the rest)
+                                    seen_ids=None if seen_ids is None or guard_block is None or "margin" not in guard_block
+                                    else tuple(sorted({int(i) for i in seen_ids}))),
         probs_definition=PROBS_DEFINITION[kind],
         guard=guard_block,
         budget_table=budget_table,

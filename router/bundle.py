@@ -155,7 +155,7 @@ class ObservationSpec:
     add_special_tokens: bool = False
     tokens: str = "all"  # "all" | "seen": which ids the policy's observation averages
     seen_tokens: int = 0  # with "seen": how many distinct token ids the training questions used
-    seen_ids: tuple[int, ...] | None = None  # with "seen": those ids, ascending (where a guard margin applies)
+    seen_ids: tuple[int, ...] | None = None  # with "seen" and a guard margin: those ids, ascending
 
     def __post_init__(self) -> None:
         if self.kind != OBSERVATION_KIND:

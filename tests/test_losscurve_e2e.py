@@ -161,6 +161,8 @@ def test_auto_fallback_follows_the_best_fixed_layer_on_validation(config, tmp_pa
     assert main(["export", str(run_dir), "--out", str(bundle)]) == 0
     assert "best fixed layer at the request's lambda" in capsys.readouterr().out
     router = Router.load(bundle)
+    meta = json.loads((bundle / "router.json").read_text())  # no guard margin: nothing an older runtime cannot read
+    assert "margin" not in meta["guard"] and "seen_ids" not in meta["observation"] and router.info.guard_margin is None
     x = run.guard.mean + 1e3 * run.guard.std  # far from every training observation: trips
     seen = set()
     for lam in (0.0, 0.1, 1.0, 2.0, 5.0, 50.0):
