@@ -732,6 +732,7 @@ def describe_path(path: Path) -> dict[str, Any]:
                 "model": run.get("model_source"), "seed": run.get("seed"),
                 "trained_timesteps": run.get("trained_timesteps"),
                 "observation_tokens": _observation_tokens(*_run_tokens(run.get("observation"))),
+                **({"guard_margin": run["guard_margin"]} if run.get("guard_margin") is not None else {}),
                 "image_stage": None if not run.get("image_stage") else {
                     k: run["image_stage"].get(k) for k in ("summary", "summary_dim", "trained_samples")},
                 "device": cfg.get("device"), "dtype": cfg.get("dtype"), "data": cfg.get("data"),

@@ -49,6 +49,8 @@ def test_losscurve_train_evaluate_export_route(config, tmp_path, capsys):
         best = int(np.argmax(r))
         want = run.candidate_layers[best] if r[best] - r[run.candidate_layers.index(low)] > gm else low
         assert run.predict_layers(x[None], lam=lam)[0] == want
+    capsys.readouterr()
+    assert main(["info", str(run_dir)]) == 0 and "guard_margin: 0.05" in capsys.readouterr().out
     strict = load_run(run_dir)
     strict.info["guard_margin"] = None  # a run trained with guard_margin: null (or before it existed)
     assert strict.guard_margin is None and strict.predict_layers(x[None], lam=0.5)[0] == low
