@@ -108,6 +108,24 @@ def test_losscurve_train_evaluate_export_route(config, tmp_path, capsys):
     for lam in (0.0, 0.3, 1.0):  # the bundle's decision = the run's at every λ
         assert [d.layer for d in router.route_batch(qs, lam=lam)] == run.predict_layers(o, lam=lam).tolist()
     assert router.info.guard_margin == gm
+    import shutil
+
+    from deepinsert.errors import BundleError
+    from deepinsert.router.bundle import info_digest
+
+    for edit, msg in ((lambda m: m["guard"].update(margin=-1), "guard.margin"),
+                      (lambda m: m["guard"].update(margin="0.1"), "guard.margin"),
+                      (lambda m: m["observation"].pop("seen_ids"), "seen_ids"),
+                      (lambda m: m["observation"].update(seen_ids=m["observation"]["seen_ids"][::-1]), "seen_ids")):
+        bad = tmp_path / "bad"
+        shutil.rmtree(bad, ignore_errors=True)
+        shutil.copytree(bundle, bad)
+        meta = json.loads((bad / "router.json").read_text())
+        edit(meta)
+        meta["info_sha256"] = info_digest(meta)  # resealed: the field checks must catch it
+        (bad / "router.json").write_text(json.dumps(meta))
+        with pytest.raises(BundleError, match=msg):
+            Router.load(bad)
     # the margin applies only to prompts at least half of whose tokens the training questions used
     odd = ["Please echo the word river back.", "zyxw quorble frandish plinketh vorpal snicker-snack",
            "Was ist auf diesem Bild?", "!!! ??? ;;; ::: ### $$$ %%% &&&", "日本語のテキスト 🙂 ¿¡", "Ü", "ÜÄÖ ÜÄÖ",
