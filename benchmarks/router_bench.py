@@ -100,11 +100,12 @@ class Bench:
         """Per held-out split ``(S,)``: the share of each question's tokens that ``train_questions``
         use (where a tripped guard's margin applies, for a router trained on those questions)."""
         from deepinsert.env.observation import question_token_ids, seen_token_mask
+        from deepinsert.utils.decision import seen_share
 
         tok, V = self.ws.tokenizer, int(self.ws.embedding_weight.shape[0])
         seen = seen_token_mask(tok, V, train_questions)
-        return {n: np.array([seen[np.asarray(question_token_ids(tok, x.question), dtype=np.int64)].mean()
-                             for x in s.samples]) for n, s in self.splits.items()}
+        return {n: np.array([seen_share(question_token_ids(tok, x.question), seen) for x in s.samples])
+                for n, s in self.splits.items()}
 
     def fit_inputs(self, x: np.ndarray, losses: np.ndarray, questions: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """The loss-curve fit's inputs and loss rows for training observations ``x (S, D)`` of

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from deepinsert.errors import InputError
+from deepinsert.utils.decision import seen_share as token_share
 
 OBS_MAX_TOKENS = 256
 OBS_KIND = "mean_input_embedding"
@@ -148,7 +149,7 @@ def prompt_router_inputs(
     for i, q in enumerate(questions):
         ids = question_token_ids(tokenizer, q)
         if seen_share is not None:
-            seen_share[i] = 1.0 if seen is None else float(np.mean(seen[np.asarray(ids, dtype=np.int64)]))
+            seen_share[i] = 1.0 if seen is None else token_share(ids, seen)
         if seen is not None:
             out[i, :D] = mean_embedding(emb, seen_token_ids(ids, seen))
         out[i, off:off + D] = mean_embedding(emb, ids)

@@ -26,7 +26,7 @@ from deepinsert.env.observation import (
 )
 from deepinsert.errors import BundleError, InputError
 from deepinsert.router.runtime import Router
-from deepinsert.utils.decision import guarded_decide
+from deepinsert.utils.decision import guarded_decide, seen_share
 
 FIXED_PROMPTS = (
     "What colour is the square?",
@@ -153,7 +153,7 @@ def validate_bundle(
     if seen_ids is not None:
         seen = seen_mask_from_ids(seen_ids, len(weight))
         ref_obs = np.stack([mean_embedding(weight, seen_token_ids(ids, seen)) for ids in ref_ids])
-        ref_share = np.array([float(seen[np.asarray(ids, dtype=np.int64)].mean()) for ids in ref_ids])
+        ref_share = np.array([seen_share(ids, seen) for ids in ref_ids])
         report_seen = {"prompts_with_unseen_tokens": int(sum(not seen[ids].all() for ids in ref_ids))}
     else:
         report_seen = {}

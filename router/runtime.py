@@ -53,7 +53,7 @@ from deepinsert.router.bundle import (
     request_position,
     verify_checksums,
 )
-from deepinsert.utils.decision import guarded_decide
+from deepinsert.utils.decision import guarded_decide, seen_share
 from deepinsert.utils.extras import require
 
 # Upper bound on the (B, T, D) float32 gather one onnxruntime call materialises; larger
@@ -413,7 +413,7 @@ class Router:
         (``deepinsert.utils.decision.MIN_SEEN_SHARE``)."""
         if self._seen is None:
             return None
-        return np.array([float(self._seen[np.asarray(ids, dtype=np.int64)].mean()) for ids in token_ids])
+        return np.array([seen_share(ids, self._seen) for ids in token_ids])
 
     # ------------------------------------------------------------------ tokenising
     def token_ids(self, prompt: str) -> tuple[list[int], bool]:

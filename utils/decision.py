@@ -19,6 +19,12 @@ observation is a few known tokens of an otherwise unknown question (another lang
 and says nothing the router can trust, so the prompt stays at the fallback layer."""
 
 
+def seen_share(ids: Sequence[int], seen: np.ndarray) -> float:
+    """The share of a question's token ``ids`` that ``seen (V,)`` marks (the training questions'
+    tokens): compared with :data:`MIN_SEEN_SHARE`."""
+    return float(seen[np.asarray(ids, dtype=np.int64)].mean())
+
+
 def reward(losses: Any, ks: Any, lam: float, num_layers: int) -> np.ndarray:
     """The bandit's reward ``-loss + λ·k/N`` (float64, broadcast over ``losses`` and ``ks``)."""
     return -np.asarray(losses, dtype=np.float64) + float(lam) * np.asarray(ks, dtype=np.float64) / num_layers
