@@ -900,6 +900,10 @@ def _cmd_demo_evaluate(args: argparse.Namespace) -> int:
     data = args.data or demo_data_path(args.split)
     if args.adapter is not None and args.update_card:
         raise InputError("--update-card describes the base model; it does not combine with --adapter")
+    if args.adapter is not None:
+        from deepinsert.frozen_vlm.loading import adapter_identity
+
+        adapter_identity(args.adapter)  # a folder that is no adapter fails before the base model's table
     table = evaluate_and_update(args.model, data, args.layers, update_card=args.update_card,
                                 progress=not args.no_progress)
     if args.adapter is not None:

@@ -91,8 +91,10 @@ def load_vlm(
         raise ModelLoadError(f"could not load the {cls.__name__} weights from {source!r}: {e}") from e
     identity = None
     if adapter is not None:
+        if not Path(adapter).expanduser().is_dir():
+            raise ModelLoadError(f"adapter folder {str(adapter)!r} does not exist")
+        identity = adapter_identity(adapter)  # first: a folder that is no adapter fails here, never at the hub
         model = _merge_adapter(model, adapter)
-        identity = adapter_identity(adapter)
     model.to(dev)
     processor = None
     try:

@@ -127,3 +127,18 @@ def test_load_a_folder_that_is_not_llava(tmp_path) -> None:
                                  num_attention_heads=2)).save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match="not a LLaVA"):
         load_vlm(tmp_path)
+
+
+def test_adapter_folder_errors_are_local(tmp_path, monkeypatch) -> None:
+    """A folder that is no peft adapter is refused from its contents, before peft could ask the hub."""
+    import peft
+
+    def no_hub(*a, **k):  # the refusal must come before peft is asked to load anything
+        raise AssertionError("peft was asked to load a folder that is not an adapter")
+
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", no_hub)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="not a peft adapter folder"):
+        load_vlm("demo", adapter=tmp_path / "empty")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_vlm("demo", adapter=tmp_path / "nope")
