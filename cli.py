@@ -820,6 +820,8 @@ def _args_demo(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--filler-p", type=float, default=None, help="override: chance a question gets a filler word inserted")
     b.add_argument("--replace-p", type=float, default=None,
                    help="override: chance one non-key word of a question is replaced by a filler (wording noise)")
+    b.add_argument("--cross-p", type=float, default=None,
+                   help="override: chance an inserted or replacing word is one of the other families' phrasing words")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(_demo_run=_cmd_demo_build)
     d = sub.add_parser("data", help="write a fresh demo split (LLaVA-Instruct JSON + PNGs) from a seed",
@@ -855,7 +857,7 @@ def _cmd_demo_build(args: argparse.Namespace) -> int:
 
     if args.threads < 1:
         raise InputError(f"--threads must be >= 1, got {args.threads}")
-    overrides = {name: getattr(args, name) for name in ("late_text_p", "late_image_p", "filler_p", "replace_p")}
+    overrides = {name: getattr(args, name) for name in ("late_text_p", "late_image_p", "filler_p", "replace_p", "cross_p")}
     for name, v in overrides.items():
         if v is not None and not 0 <= v <= 1:
             raise InputError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")

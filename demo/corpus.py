@@ -56,3 +56,27 @@ def write_vocab(path: Path = VOCAB_FILE) -> list[str]:
     check_vocab(vocab)
     atomic_write_text(path, "\n".join(vocab) + "\n")
     return vocab
+
+
+@lru_cache(maxsize=None)
+def other_phrasing_words(family: str) -> tuple[str, ...]:
+    """Words the training phrasings of the *other* families use and ``family``'s do not (lower
+    case, sorted), key words excluded (:func:`~deepinsert.demo.families.key_words`): the
+    cross-family wording noise (``DemoTrainConfig.cross_p``) puts them into ``family``'s
+    questions, so a word like "how" (only count questions start with it) does not decide a
+    question's task on its own."""
+    import re
+
+    from deepinsert.demo.families import FAMILIES, key_words
+    from deepinsert.demo.phrasings import family_phrasings
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown demo family {family!r}")
+
+    def words(f: str) -> set[str]:
+        text = " ".join(re.sub(r"\{\w+\}", " ", p) for p in family_phrasings(f)).lower()
+        return set(re.findall(r"[a-z]+", text))
+
+    others = set().union(*(words(f) for f in FAMILIES if f != family))
+    return tuple(sorted(others - words(family) - key_words()))
+

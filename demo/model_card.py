@@ -101,7 +101,10 @@ def render_model_card(info: dict[str, Any], k0: AccuracyTable | None = None) -> 
         "(not a demo word, not a held-out word) inserted, so the model learns to look past words it does not need"
         + (f"; then {t['replace_p']:.0%} get one word that is not a key word (slot value, answer, the word that "
            "picks plus/minus or after/before) replaced by such a word, so a synonym it never saw does not derail it."
-           if t.get("replace_p", 0.0) > 0 else "."),
+           if t.get("replace_p", 0.0) > 0 else ".")
+        + (f" {t['cross_p']:.0%} of those words are words of the other families' phrasings instead (\"how\" in an "
+           "arithmetic question), so no single non-key word decides which task a question asks."
+           if t.get("cross_p", 0.0) > 0 else ""),
         f"- AdamW lr {t['lr']}, betas {tuple(t['betas'])}, weight decay {t['weight_decay']}, warmup {t['warmup']}, "
         f"cosine decay, batch {t['batch_size']}, grad-norm clip 1.0; Llama `initializer_range` {a['text_init_range']}.",
         f"- Build time: {info['build_seconds']:.0f} s.",

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from deepinsert.demo.batches import PromptEncoder, TrainBatch
-from deepinsert.demo.corpus import filler_words
+from deepinsert.demo.corpus import filler_words, other_phrasing_words
 from deepinsert.demo.families import FAMILIES, Sample, key_words, make_sample
 from deepinsert.demo.scenes import COLOURS, SHAPES, random_shapes, render_scene
 
@@ -54,6 +54,7 @@ class DemoTrainConfig:
     late_image_p: float = 0.0  # stage 2: same for an image-family sample (0 and 0: plain LLaVA training)
     filler_p: float = 0.3  # stage 2: chance a question gets one random filler word inserted
     replace_p: float = 0.5  # stage 2: chance one word of a question is replaced by a filler (never a key word)
+    cross_p: float = 0.0  # stage 2: chance an inserted or replacing word comes from the other families' phrasings
     threads: int = 1  # torch CPU threads (1: bit-reproducible, and fastest on a busy 2-core box)
     progress: bool = True  # tqdm bars
 
@@ -63,31 +64,33 @@ class DemoTrainConfig:
         if not (0 < self.lr < 1) or self.warmup < 0 or self.threads < 1:
             raise ValueError("lr in (0, 1), warmup >= 0 and threads >= 1 are required")
         if not (0 <= self.late_text_p <= 1 and 0 <= self.late_image_p <= 1 and 0 <= self.filler_p <= 1
-                and 0 <= self.replace_p <= 1):
-            raise ValueError("late_text_p, late_image_p, filler_p and replace_p must be probabilities")
+                and 0 <= self.replace_p <= 1 and 0 <= self.cross_p <= 1):
+            raise ValueError("late_text_p, late_image_p, filler_p, replace_p and cross_p must be probabilities")
 
 
 def _rng(seed: int, stage: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, stage, step])
 
 
-def with_filler(question: str, rng: np.random.Generator, *, at_start: bool = False) -> str:
+def with_filler(question: str, rng: np.random.Generator, *, at_start: bool = False,
+                fillers: tuple[str, ...] | None = None) -> str:
     """``question`` with one random filler word inserted between two of its words
-    (``at_start``: in front, for questions whose last word is the answer to copy)."""
-    fillers = filler_words()
+    (``at_start``: in front, for questions whose last word is the answer to copy); ``fillers``:
+    the words to draw from (default :func:`~deepinsert.demo.corpus.filler_words`)."""
+    fillers = filler_words() if fillers is None else fillers
     words = question.split(" ")
     pos = 0 if at_start else int(rng.integers(len(words) + 1))
     words.insert(pos, fillers[int(rng.integers(len(fillers)))])
     return " ".join(words)
 
 
-def with_replacement(question: str, rng: np.random.Generator) -> str:
+def with_replacement(question: str, rng: np.random.Generator, fillers: tuple[str, ...] | None = None) -> str:
     """``question`` with one of its words replaced by a random filler word, keeping the word's
     punctuation; key words (:func:`~deepinsert.demo.families.key_words`: slot values, answers
     and the words that pick a variant, like "plus" or "before") are never replaced, so the
     answer stays determined; a punctuation-only token ("?", "=") is replaced whole. Unchanged
-    when every token is a key word."""
-    fillers, keys = filler_words(), key_words()
+    when every token is a key word; ``fillers`` as for :func:`with_filler`."""
+    fillers, keys = filler_words() if fillers is None else fillers, key_words()
     words = question.split(" ")
     cores = [_CORE.search(w) for w in words]
     free = [i for i, m in enumerate(cores) if m is None or m.group(0).lower() not in keys]
@@ -99,18 +102,28 @@ def with_replacement(question: str, rng: np.random.Generator) -> str:
     return " ".join(words)
 
 
-def lm_samples(seed: int, step: int, n: int, filler_p: float = 0.0, replace_p: float = 0.0) -> list[Sample]:
+def lm_samples(seed: int, step: int, n: int, filler_p: float = 0.0, replace_p: float = 0.0,
+               cross_p: float = 0.0) -> list[Sample]:
     """The ``n`` training samples of stage-2 step ``step`` (uniform families, train digits,
     augmented, training phrasings; a ``filler_p`` share with a filler word inserted, then a
-    ``replace_p`` share with one word replaced by a filler)."""
+    ``replace_p`` share with one word replaced by a filler; each such word is, with chance
+    ``cross_p``, one of the other families' phrasing words instead of an English filler:
+    :func:`~deepinsert.demo.corpus.other_phrasing_words`)."""
     rng = _rng(seed, _STAGE_LM, step)
     out = []
+
+    def pool(family: str) -> tuple[str, ...] | None:
+        if cross_p > 0 and rng.random() < cross_p:  # no draw at 0: the older recipes' samples stay the same
+            return other_phrasing_words(family)
+        return None
+
     for _ in range(n):
         s = make_sample(FAMILIES[int(rng.integers(len(FAMILIES)))], rng, augment=True)
         if rng.random() < filler_p:
-            s = dataclasses.replace(s, question=with_filler(s.question, rng, at_start=s.family == "repeat"))
+            s = dataclasses.replace(s, question=with_filler(s.question, rng, at_start=s.family == "repeat",
+                                                            fillers=pool(s.family)))
         if replace_p > 0 and rng.random() < replace_p:  # no draw at 0: the older recipe's samples stay the same
-            s = dataclasses.replace(s, question=with_replacement(s.question, rng))
+            s = dataclasses.replace(s, question=with_replacement(s.question, rng, pool(s.family)))
         out.append(s)
     return out
 
@@ -211,7 +224,7 @@ def train_lm(
     losses: list[float] = []
     bar = tqdm(range(cfg.lm_steps), desc="training", disable=not cfg.progress)
     for step in bar:
-        samples = lm_samples(cfg.seed, step, cfg.batch_size, cfg.filler_p, cfg.replace_p)
+        samples = lm_samples(cfg.seed, step, cfg.batch_size, cfg.filler_p, cfg.replace_p, cfg.cross_p)
         if late_forward is not None:
             b = encoder.batch(samples, left_pad=True)
             k = _sample_layers(samples, cfg, model.config.text_config.num_hidden_layers, step)

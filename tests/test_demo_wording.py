@@ -112,6 +112,32 @@ def test_word_replacement_keeps_key_words_and_answers() -> None:
             assert set(re.findall(r"[a-z+\-]+", s.question.lower())) & set(VARIANT_WORDS), s.question
 
 
+def test_cross_family_noise_uses_other_families_words_only() -> None:
+    """``cross_p``: inserted and replacing words come from the other families' phrasings (never a
+    key word, never a word of the question's own family's phrasings); at 0 the stream is the
+    older recipe's, draw for draw."""
+    from deepinsert.demo.corpus import other_phrasing_words
+
+    keys = key_words()
+    own = {f: {w for p in family_phrasings(f) for w in _WORD.findall(re.sub(r"\{\w+\}", " ", p).lower())}
+           for f in FAMILIES}
+    for f in FAMILIES:
+        pool = set(other_phrasing_words(f))
+        assert pool and not pool & keys and not pool & own[f], f
+        assert pool <= set().union(*(own[g] for g in FAMILIES if g != f)), f
+    assert "how" in other_phrasing_words("arith") and "how" not in other_phrasing_words("count")
+    with pytest.raises(ValueError, match="unknown demo family"):
+        other_phrasing_words("nope")
+    def text(samples: list) -> list:
+        return [(x.family, x.question, x.answer) for x in samples]
+
+    assert text(lm_samples(3, 7, 200, 0.3, 0.5, 0.0)) == text(lm_samples(3, 7, 200, 0.3, 0.5))
+    fillers = set(filler_words())
+    for b in lm_samples(3, 7, 400, 1.0, 0.0, 1.0):  # a word inserted into every question, always a cross-family one
+        added = set(_WORD.findall(b.question.lower())) - own[b.family] - keys
+        assert added and added <= set(other_phrasing_words(b.family)) and not added & fillers, (b.family, b.question)
+
+
 def test_test_unseen_is_test_reworded() -> None:
     test = json.loads(demo_data_path("test").read_text(encoding="utf-8"))
     unseen = json.loads(demo_data_path("test_unseen").read_text(encoding="utf-8"))
