@@ -209,7 +209,10 @@ def export_bundle(
         # the run's summary kind; BundleInfo refuses one this runtime does not compute
         stage_block = {"summary": image_stage.net.architecture()["summary"], "summary_dim": int(image_stage.summary_dim),
                        "margin": float(image_stage.net.margin), "digest": _digest(image_stage.net)}
-    head = PolicyHead(policy, guard, layers, int(num_layers)).eval()
+        if image_stage.question_dim:  # only then: a bundle without it stays readable by older runtimes
+            stage_block["question_dim"] = int(image_stage.question_dim)
+    q_features = bool(image_stage is not None and image_stage.question_dim)
+    head = PolicyHead(policy, guard, layers, int(num_layers), question_features=q_features).eval()
     graph = (FoldedRouter(head, weight, seen_ids) if fold else EmbeddingRouter(head, weight, seen_ids)).eval()
     val_prompts = validation_prompts(tokenizer, n_prompts, seed, extra=prompts)
     width = int(graph.table.shape[1]) if fold else D
@@ -251,8 +254,8 @@ def export_bundle(
     with_lam = kind == "losscurve"
     with atomic_dir(out, overwrite=overwrite) as tmp:
         log.info("exporting %s and %s", POLICY_ONNX, ROUTER_ONNX)
-        export_policy_onnx(head, D, tmp / POLICY_ONNX, with_lam=with_lam)
-        export_router_onnx(graph, tmp / ROUTER_ONNX, with_lam=with_lam, folded=fold)
+        export_policy_onnx(head, D, tmp / POLICY_ONNX, with_lam=with_lam, question_features=q_features)
+        export_router_onnx(graph, tmp / ROUTER_ONNX, with_lam=with_lam, folded=fold, question_features=q_features)
         graphs = [POLICY_ONNX, ROUTER_ONNX]
         if image_stage is not None:
             from deepinsert.export.modules import ImageStageHead
@@ -260,7 +263,7 @@ def export_bundle(
             from deepinsert.router.bundle import IMAGE_STAGE_ONNX
 
             export_image_stage_onnx(ImageStageHead(image_stage).eval(), len(layers), image_stage.summary_dim,
-                                    tmp / IMAGE_STAGE_ONNX)
+                                    tmp / IMAGE_STAGE_ONNX, image_stage.question_dim)
             graphs.append(IMAGE_STAGE_ONNX)
         for name in graphs:
             set_metadata(tmp / name, graph_metadata(info))

@@ -143,9 +143,11 @@ class PolicyHead(nn.Module):
     """The unfolded router on an observation: ``embedding (B, D) [, lam (1,)]`` ->
     ``action (B,), probs (B, A), ood_score (B,) [, losses (B, A)]`` (see the module doc)."""
 
-    def __init__(self, policy: Any, guard: Any, candidate_layers: list[int], num_layers: int) -> None:
+    def __init__(self, policy: Any, guard: Any, candidate_layers: list[int], num_layers: int, *,
+                 question_features: bool = False) -> None:
         super().__init__()
         self.kind = router_kind(policy)
+        self.question_features = bool(question_features)  # also output the first hidden pre-activation (B, H), last
         self.policy = policy
         features, first, rest = router_parts(policy)
         self._features, self._first, self._rest = features, first, rest
@@ -168,6 +170,11 @@ class PolicyHead(nn.Module):
     def scores(self, obs: torch.Tensor) -> torch.Tensor:
         return self._rest(self._first(self._features(obs)))
 
+    def decide(self, first: torch.Tensor, lam: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """The decision outputs from the first hidden pre-activation ``first (B, H)``: ``action,
+        probs[, losses]`` (the ``ood_score`` goes between them: the callers insert it)."""
+        return self.decision(self._rest(first), lam)
+
     def ood(self, obs: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
         """The guard's score ``(B,)``; ``order (B, D)`` the word-order block (None: at its training
         mean, i.e. no order evidence: what ``policy.onnx`` does with a bare observation)."""
@@ -182,8 +189,10 @@ class PolicyHead(nn.Module):
                 order: torch.Tensor | None = None, guard_obs: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """``guard_obs (B, D)``: the guard's mean block when it is not the policy's observation
         (seen tokens: the policy averages the seen tokens, the guard every token); None: ``obs``."""
-        out = self.decision(self.scores(obs), lam)
-        return (*out[:2], self.ood(obs if guard_obs is None else guard_obs, order), *out[2:])
+        first = self._first(self._features(obs))
+        out = self.decide(first, lam)
+        extra = (first,) if self.question_features else ()
+        return (*out[:2], self.ood(obs if guard_obs is None else guard_obs, order), *out[2:], *extra)
 
 
 def _store(t: torch.Tensor) -> torch.Tensor:
@@ -251,8 +260,6 @@ class FoldedRouter(nn.Module):
         self.register_buffer("bias", torch.cat(bias).float())  # (h + g,)
         self.register_buffer("seen", seen_buffer(seen_ids, int(E.shape[0])))  # (V,) or None
         self.head = head  # registers the policy's modules that _rest uses (unused ones are not traced)
-        self._rest = head._rest
-        self.decision = head.decision
         self.kind = head.kind
         self.has_guard = head.has_guard
 
@@ -267,7 +274,7 @@ class FoldedRouter(nn.Module):
         hg = self.h + self.g
         w = seen_weights(self.seen, input_ids, attention_mask)  # (B, T, 1): the policy's tokens (m without seen)
         first = (rows[..., : self.h] * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0) + self.bias[: self.h]  # (B, h)
-        out = self.decision(self._rest(first), lam)
+        out = self.head.decide(first, lam)
         if self.has_guard:
             z = (rows[..., self.h:hg] * m).sum(dim=1) / n + self.bias[self.h:]  # (B, g): every token
             if self.guard_order:
@@ -275,7 +282,7 @@ class FoldedRouter(nn.Module):
             ood = self.guard(z)
         else:
             ood = torch.zeros(input_ids.shape[0], dtype=torch.float32)
-        return (*out[:2], ood, *out[2:])
+        return (*out[:2], ood, *out[2:], *((first,) if self.head.question_features else ()))
 
 
 class EmbeddingRouter(nn.Module):
@@ -304,15 +311,22 @@ class EmbeddingRouter(nn.Module):
         obs = (emb * m).sum(dim=1) / n  # (B, D)
         order = (emb * position_weights(attention_mask)).sum(dim=1) / n if self.head.guard_order else None
         if self.seen is None:
-            return (*self.head(obs, lam, order), obs)
+            return self._with_observation(self.head(obs, lam, order), obs)
         w = seen_weights(self.seen, input_ids, attention_mask)
         seen_obs = (emb * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)  # (B, D): the policy's observation
-        return (*self.head(seen_obs, lam, order, guard_obs=obs), seen_obs)
+        return self._with_observation(self.head(seen_obs, lam, order, guard_obs=obs), seen_obs)
+
+    def _with_observation(self, out: tuple[torch.Tensor, ...], obs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The head's outputs with the observation after the decision ones, question features last."""
+        if self.head.question_features:
+            return (*out[:-1], obs, out[-1])
+        return (*out, obs)
 
 
 class ImageStageHead(nn.Module):
-    """The image-aware second stage (``image_stage.onnx``): ``first_losses (B, A), image_summary (B, Dᵢ),
-    first_action (B,) int64, lam (1,)`` -> ``action (B,) int64, losses (B, A)`` (refined).
+    """The image-aware second stage (``image_stage.onnx``): ``first_losses (B, A), image_summary (B, Dᵢ)
+    [, question_features (B, H)], first_action (B,) int64, lam (1,)`` -> ``action (B,) int64,
+    losses (B, A)`` (refined).
 
     ``deepinsert.policy.image_stage.refine_actions`` as a graph: the best layer below N under the
     refined curve replaces the first stage's ``action`` when it wins by more than the margin;
@@ -327,9 +341,10 @@ class ImageStageHead(nn.Module):
         self.register_buffer("kfrac", torch.tensor([k / N for k in stage.candidate_layers], dtype=torch.float32))
         self.register_buffer("uses_image", torch.tensor([int(k < N) for k in stage.candidate_layers], dtype=torch.int64))
 
-    def forward(self, losses: torch.Tensor, summary: torch.Tensor, action: torch.Tensor,
-                lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        refined = self.net(losses, summary)  # (B, A)
+    def forward(self, losses: torch.Tensor, summary: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rest``: ``question, action, lam`` for a stage that reads the question, else ``action, lam``."""
+        question, action, lam = rest if self.net.question_dim else (None, *rest)
+        refined = self.net(losses, summary, question)  # (B, A)
         r = -refined + lam.reshape(1, 1) * self.kfrac
         img = self.uses_image.reshape(1, -1) > 0
         r_img = torch.where(img, r, torch.full_like(r, -1e30))

@@ -61,32 +61,38 @@ def _axes(inputs: tuple[str, ...], outputs: tuple[str, ...]) -> dict[str, dict[i
     return axes
 
 
-def export_policy_onnx(head: nn.Module, dim: int, path: Path, *, with_lam: bool) -> None:
-    """``policy.onnx``: embedding (B, D) float32 [, lam] -> action, probs, ood_score [, losses]."""
-    inputs, outputs = graph_io("policy", with_lam=with_lam, folded=True)
+def export_policy_onnx(head: nn.Module, dim: int, path: Path, *, with_lam: bool, question_features: bool = False) -> None:
+    """``policy.onnx``: embedding (B, D) float32 [, lam] -> action, probs, ood_score [, losses] [, question_features]."""
+    inputs, outputs = graph_io("policy", with_lam=with_lam, folded=True, question_features=question_features)
     args: tuple[torch.Tensor, ...] = (torch.zeros(2, dim, dtype=torch.float32),)
     if with_lam:
         args = (*args, torch.full((1,), 0.1, dtype=torch.float32))
     _export(head, args, path, inputs, outputs, _axes(inputs, outputs))
 
 
-def export_router_onnx(router: nn.Module, path: Path, *, with_lam: bool, folded: bool) -> None:
-    """``router.onnx``: input_ids, attention_mask (B, T) int64 [, lam] -> action, probs, ood_score [, losses] [, observation]."""
-    inputs, outputs = graph_io("router", with_lam=with_lam, folded=folded)
+def export_router_onnx(router: nn.Module, path: Path, *, with_lam: bool, folded: bool,
+                       question_features: bool = False) -> None:
+    """``router.onnx``: input_ids, attention_mask (B, T) int64 [, lam] -> action, probs, ood_score [, losses]
+    [, observation] [, question_features]."""
+    inputs, outputs = graph_io("router", with_lam=with_lam, folded=folded, question_features=question_features)
     args: tuple[torch.Tensor, ...] = (torch.zeros(2, 3, dtype=torch.int64), torch.ones(2, 3, dtype=torch.int64))
     if with_lam:
         args = (*args, torch.full((1,), 0.1, dtype=torch.float32))
     _export(router, args, path, inputs, outputs, _axes(inputs, outputs))
 
 
-def export_image_stage_onnx(head: nn.Module, n_actions: int, summary_dim: int, path: Path) -> None:
-    """``image_stage.onnx``: first_losses (B, A), image_summary (B, Dᵢ), first_action (B,) int64, lam (1,) -> action, losses."""
-    from deepinsert.router.bundle import IMAGE_STAGE_INPUTS, IMAGE_STAGE_OUTPUTS
+def export_image_stage_onnx(head: nn.Module, n_actions: int, summary_dim: int, path: Path, question_dim: int = 0) -> None:
+    """``image_stage.onnx``: first_losses (B, A), image_summary (B, Dᵢ) [, question_features (B, H)],
+    first_action (B,) int64, lam (1,) -> action, losses."""
+    from deepinsert.router.bundle import IMAGE_STAGE_INPUTS, IMAGE_STAGE_INPUTS_Q, IMAGE_STAGE_OUTPUTS
 
-    args = (torch.zeros(2, n_actions), torch.zeros(2, summary_dim), torch.zeros(2, dtype=torch.int64),
-            torch.full((1,), 0.1, dtype=torch.float32))
-    axes = {n: {0: "batch"} for n in (*IMAGE_STAGE_INPUTS[:3], *IMAGE_STAGE_OUTPUTS)}
-    _export(head, args, path, IMAGE_STAGE_INPUTS, IMAGE_STAGE_OUTPUTS, axes)
+    names = IMAGE_STAGE_INPUTS_Q if question_dim else IMAGE_STAGE_INPUTS
+    args: tuple[torch.Tensor, ...] = (torch.zeros(2, n_actions), torch.zeros(2, summary_dim))
+    if question_dim:
+        args = (*args, torch.zeros(2, question_dim))
+    args = (*args, torch.zeros(2, dtype=torch.int64), torch.full((1,), 0.1, dtype=torch.float32))
+    axes = {n: {0: "batch"} for n in (*names[:-1], *IMAGE_STAGE_OUTPUTS)}
+    _export(head, args, path, names, IMAGE_STAGE_OUTPUTS, axes)
 
 
 def set_metadata(path: Path, meta: dict[str, str]) -> None:

@@ -134,7 +134,7 @@ def validate_bundle(
     those ids only (``deepinsert.env.observation.seen_ids``), the guard's every id. Returns the
     numbers that go into ``router.json``'s ``validation`` block.
     """
-    from deepinsert.policy.losscurve import decide, decision_gain
+    from deepinsert.policy.losscurve import decide, decision_gain, first_hidden
 
     info = router.info
     weight = embedding_matrix(embedding_weight)  # (V, D) float32
@@ -230,7 +230,8 @@ def validate_bundle(
                 report[f"max_rel_ood_diff_{what}"] = max(report.get(f"max_rel_ood_diff_{what}", 0.0), float(odiff.max()))
                 report[f"fallback_rate_{what}"] = float(want_fb.mean())
         if image_stage is not None:
-            n_refined, diff = _check_image_stage(router, image_stage, decisions, ref_s, lam, seed, prob_atol)
+            ref_q = first_hidden(policy, ref_obs) if image_stage.question_dim else None
+            n_refined, diff = _check_image_stage(router, image_stage, decisions, ref_s, lam, seed, prob_atol, ref_q)
             report["image_stage_refined"] = report.get("image_stage_refined", 0) + n_refined
             report["image_stage_graph_inputs"] = report.get("image_stage_graph_inputs", 0) + len(ref_s)
             report["max_abs_loss_diff_image_stage"] = max(report.get("max_abs_loss_diff_image_stage", 0.0), diff)
@@ -255,19 +256,28 @@ def validate_bundle(
 
 
 def _check_image_stage(router: Router, stage: Any, decisions: list[Any], ref_losses: np.ndarray, lam: float,
-                       seed: int, atol: float) -> tuple[int, float]:
-    """``image_stage.onnx`` vs the torch stage: the graph on every prompt's curve with a random
-    first action, then ``router.refine`` on the prompts' decisions, both with random summaries
-    drawn around the training ones; returns (decisions refined, max refined-loss difference);
-    BundleError on a mismatch."""
+                       seed: int, atol: float, ref_question: np.ndarray | None = None) -> tuple[int, float]:
+    """``image_stage.onnx`` vs the torch stage: the graph on every prompt's curve (and reference
+    question features ``ref_question (B, H)`` for a stage that reads them, which the router's
+    decisions must carry) with a random first action, then ``router.refine`` on the prompts'
+    decisions, both with random summaries drawn around the training ones; returns (decisions
+    refined, max refined-loss difference); BundleError on a mismatch."""
     net = stage.net
     rng = np.random.default_rng(seed + 7)
     summ = (net.summary_mean.numpy() + net.summary_std.numpy() * rng.standard_normal((len(decisions), stage.summary_dim))
             ).astype(np.float32)
     curves = ref_losses.astype(np.float32)
+    if ref_question is not None:
+        got_q = np.array([d.question_features for d in decisions], dtype=np.float32)
+        scale = max(1.0, float(np.abs(ref_question).max()))
+        qdiff = float(np.abs(got_q - ref_question).max())
+        if qdiff > atol * scale:
+            raise BundleError(f"router.onnx question features differ from the torch network's by {qdiff:.3g} (λ={lam:g})")
+        ref_question = ref_question.astype(np.float32)
     first = rng.integers(0, curves.shape[1], len(curves)).astype(np.int64)
-    out = router._run_image_stage(curves, summ, first, lam)
-    diff = _compare_stage(stage, curves, summ, first, lam, out["action"], out["losses"], atol, "the image-aware graph")
+    out = router._run_image_stage(curves, summ, first, lam, ref_question)
+    diff = _compare_stage(stage, curves, summ, first, lam, out["action"], out["losses"], atol, "the image-aware graph",
+                          ref_question)
     got = router.refine(decisions, summ)
     rows = np.array([router.needs_image_summary(d) for d in decisions], dtype=bool)
     if any(g != d for g, d, r in zip(got, decisions, rows) if not r):
@@ -279,16 +289,17 @@ def _check_image_stage(router: Router, stage: Any, decisions: list[Any], ref_los
     got_a = np.array([got[i].index for i in idx], dtype=np.int64)
     first = np.array([decisions[i].index for i in idx], dtype=np.int64)
     return int(len(idx)), max(diff, _compare_stage(stage, curves[idx], summ[idx], first, lam, got_a, got_l, atol,
-                                                   "Router.refine"))
+                                                   "Router.refine", None if ref_question is None else ref_question[idx]))
 
 
 def _compare_stage(stage: Any, curves: np.ndarray, summ: np.ndarray, first: np.ndarray, lam: float,
-                   got_a: np.ndarray, got_l: np.ndarray, atol: float, what: str) -> float:
+                   got_a: np.ndarray, got_l: np.ndarray, atol: float, what: str,
+                   question: np.ndarray | None = None) -> float:
     """The torch stage's refined losses and actions vs ``got_*``; rows within float noise of the
     decision margin accept either action."""
     from deepinsert.policy.image_stage import refine_gain
 
-    want_l = stage.refined_losses(curves, summ)
+    want_l = stage.refined_losses(curves, summ, question)
     best, gain = refine_gain(want_l, first, lam, stage.candidate_layers, stage.num_layers)
     want_a = np.where(gain > stage.net.margin, best, first)  # refine_actions on the curves just computed
     scale = max(1.0, float(np.abs(want_l).max()))

@@ -151,6 +151,14 @@ class LossCurveNet(nn.Module):
         return self.project(self.raw(obs))
 
 
+def first_hidden(net: LossCurveNet, obs: np.ndarray) -> np.ndarray:
+    """``(B, H)`` float32: the network's first hidden layer before its activation on observations
+    ``obs (B, D)`` — the question features the image-aware stage reads; what a folded bundle's
+    ``router.onnx`` computes from its token table, so the runtime has them without the observation."""
+    with torch.no_grad():
+        return net.mlp[0](net.normalize(torch.as_tensor(np.asarray(obs, dtype=np.float32)))).numpy()
+
+
 class LossCurveRouter:
     """A trained loss-curve router: the network plus what a decision needs (layers, N, λ).
 

@@ -401,15 +401,17 @@ class TrainedRun:
         image are ignored), ``has_image (B,)`` bool."""
         if self.image_stage is None:
             raise InputError(f"{self.run_dir} has no image-aware stage (train with algo.image_stage: true)")
-        from deepinsert.policy.losscurve import LossCurveRouter
+        from deepinsert.policy.losscurve import LossCurveRouter, first_hidden
 
         x = self._check(obs)
         lam_ = float(self.info["lam"]) if lam is None else float(lam)
         first = self.predict(x, lam_, seen_share=seen_share)
         rows = np.flatnonzero(np.asarray(has_image, dtype=bool) & ~self.fallback(x))
         if len(rows):
-            curves = LossCurveRouter(self.policy, self.candidate_layers, int(self.info["num_layers"]), lam_).predict_losses(x[rows, : int(self.info["obs_dim"])])
-            first[rows] = self.image_stage.refine(curves, np.asarray(summaries)[rows], first[rows], lam_)
+            obs = x[rows, : int(self.info["obs_dim"])]
+            curves = LossCurveRouter(self.policy, self.candidate_layers, int(self.info["num_layers"]), lam_).predict_losses(obs)
+            question = first_hidden(self.policy, obs) if self.image_stage.question_dim else None
+            first[rows] = self.image_stage.refine(curves, np.asarray(summaries)[rows], first[rows], lam_, question)
         return first
 
     def predict_layers(self, obs: np.ndarray, lam: float | None = None, seen_share: np.ndarray | None = None) -> np.ndarray:

@@ -141,7 +141,9 @@ def run_sweep(
     static = static_curve(tables["test"])
     for alg in algorithms:
         for seed in seed_list[: seeds if alg == "losscurve" else rl_seeds]:
-            scfg = dataclasses.replace(cfg, algorithm=alg, seed=seed)
+            # the image-aware stage refines a predicted loss curve: the other learners of the sweep train without it
+            no_stage = {"algo": dataclasses.replace(cfg.algo, image_stage=False)} if alg != "losscurve" else {}
+            scfg = dataclasses.replace(cfg, algorithm=alg, seed=seed, **no_stage)
             targets: list[float | None] = [None] if alg == "losscurve" else list(all_lams if (alg, seed) == primary else lams)
             for lam in targets:
                 run_dir = sweep_run_dir(out, alg, seed, lam, primary)

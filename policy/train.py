@@ -376,8 +376,9 @@ def fit_run_guard(ws: Workspace, cfg: TrainConfig, out: Path) -> dict[str, Any]:
 
 def fit_run_image_stage(ws: Workspace, cfg: TrainConfig, router: Any, losses: np.ndarray, out: Path, *,
                         progress: bool = False) -> dict[str, Any]:
-    """Fit the image-aware second stage on the training prompts with an image (first-stage curves
-    + image summaries -> the loss table), save it in ``out``; returns its run.json block."""
+    """Fit the image-aware second stage on the training prompts with an image (first-stage curves,
+    image summaries and question features -> the loss table; the first stage's objective, epochs,
+    learning rate and projection), save it in ``out``; returns its run.json block."""
     from deepinsert.policy.image_stage import WEIGHTS_FILE as STAGE_FILE
     from deepinsert.policy.image_stage import ImageStage, train_image_stage
 
@@ -385,10 +386,15 @@ def fit_run_image_stage(ws: Workspace, cfg: TrainConfig, router: Any, losses: np
     summaries, has = ws.summaries(train, progress=progress)
     if has.sum() < 2:
         raise ConfigError("algo.image_stage: the training split has fewer than 2 prompts with an image")
-    curves = router.predict_losses(train.observations[has])
-    net = train_image_stage(curves, summaries[has], losses[has], net_arch=cfg.net_arch, epochs=cfg.algo.epochs,
-                            learning_rate=cfg.algo.regression_lr, batch_size=cfg.algo.batch_size, seed=cfg.seed,
-                            weight_decay=cfg.algo.image_stage_weight_decay, margin=cfg.algo.margin)
+    from deepinsert.policy.losscurve import first_hidden
+
+    obs = train.observations[has]
+    fit = losscurve_fit_settings(cfg, ws.candidate_layers, ws.num_layers)  # the first stage's objective and projection
+    net = train_image_stage(router.predict_losses(obs), summaries[has], losses[has], net_arch=cfg.net_arch,
+                            epochs=fit["epochs"], learning_rate=fit["learning_rate"], batch_size=cfg.algo.batch_size,
+                            seed=cfg.seed, weight_decay=cfg.algo.image_stage_weight_decay, margin=cfg.algo.margin,
+                            question=first_hidden(router.policy, obs), monotone_layers=fit["monotone_layers"],
+                            decision=fit.get("decision"))
     ImageStage(net, ws.candidate_layers, ws.num_layers).save(out / STAGE_FILE)
     return {**net.architecture(), "trained_samples": int(has.sum())}
 

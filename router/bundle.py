@@ -8,7 +8,9 @@ A bundle is a folder::
                        [, observation (B, D): unfolded bundles only]
       policy.onnx      embedding (B, D) float32 [, lam] -> action, probs, ood_score [, losses]
       image_stage.onnx optional (loss-curve runs with ``algo.image_stage``): first_losses (B, A),
-                       image_summary (B, Dᵢ), first_action (B,) int64, lam -> action, losses
+                       image_summary (B, Dᵢ) [, question_features (B, H)], first_action (B,) int64,
+                       lam -> action, losses; with question features, router.onnx and
+                       policy.onnx output question_features (B, H) last
       router.json      this module's :class:`BundleInfo`
       tokenizer.json   the model's fast tokenizer (``tokenizers`` format), plus the
                        transformers tokenizer files written beside it
@@ -56,6 +58,10 @@ ROUTER_OUTPUTS = ("action", "probs", "ood_score")
 POLICY_OUTPUTS = ("action", "probs", "ood_score")
 
 IMAGE_STAGE_INPUTS = ("first_losses", "image_summary", "first_action", "lam")
+IMAGE_STAGE_INPUTS_Q = ("first_losses", "image_summary", "question_features", "first_action", "lam")
+"""A stage that also reads the question (``image_stage.question_dim`` > 0): the router and policy
+graphs then output ``question_features (B, H)`` too, the first stage's first hidden layer before
+its activation."""
 IMAGE_STAGE_OUTPUTS = ("action", "losses")
 IMAGE_SUMMARY_KIND = "mean_projector_output"
 """The image-aware stage's input: the mean over an image's tokens of the projector output."""
@@ -67,8 +73,10 @@ LAM_MAX = 1e6
 """Largest request-time λ (the training side's bound, deepinsert.env.problem.LAM_MAX)."""
 
 
-def graph_io(graph: str, *, with_lam: bool, folded: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Input and output names of ``router`` / ``policy`` graphs (loss-curve: ``with_lam``)."""
+def graph_io(graph: str, *, with_lam: bool, folded: bool,
+             question_features: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Input and output names of ``router`` / ``policy`` graphs (loss-curve: ``with_lam``;
+    ``question_features``: for a question-reading image stage, last)."""
     if graph == "router":
         inputs, outputs = ROUTER_INPUTS, ROUTER_OUTPUTS
     else:
@@ -77,6 +85,8 @@ def graph_io(graph: str, *, with_lam: bool, folded: bool) -> tuple[tuple[str, ..
         inputs, outputs = (*inputs, "lam"), (*outputs, "losses")
     if graph == "router" and not folded:
         outputs = (*outputs, "observation")
+    if question_features:
+        outputs = (*outputs, "question_features")
     return tuple(inputs), tuple(outputs)
 
 
@@ -286,10 +296,18 @@ class BundleInfo:
             dim = st.get("summary_dim")
             if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
                 raise BundleError(f"router.json: image_stage.summary_dim must be a positive int, got {dim!r}")
+            q = st.get("question_dim", 0)
+            if not isinstance(q, int) or isinstance(q, bool) or q < 0:
+                raise BundleError(f"router.json: image_stage.question_dim must be an int >= 0, got {q!r}")
             if not self.supports_lam:
                 raise BundleError("router.json: an image_stage needs a loss-curve router")
         if self.checksums is not None and not isinstance(self.checksums, dict):
             raise BundleError("router.json: checksums must be an object {file: sha256}")
+
+    @property
+    def stage_question_dim(self) -> int:
+        """H, the question features the image-aware stage reads (0: no stage, or one without them)."""
+        return int(self.image_stage.get("question_dim", 0)) if self.image_stage else 0
 
     @property
     def num_actions(self) -> int:

@@ -38,6 +38,7 @@ import numpy as np
 from deepinsert.errors import BundleError, InputError
 from deepinsert.router.bundle import (
     IMAGE_STAGE_INPUTS,
+    IMAGE_STAGE_INPUTS_Q,
     IMAGE_STAGE_ONNX,
     IMAGE_STAGE_OUTPUTS,
     LAM_MAX,
@@ -97,6 +98,9 @@ class RouteDecision:
     lam: float | None = None
     losses: tuple[float, ...] | None = None
     first_layer: int | None = None
+    question_features: tuple[float, ...] | None = dataclasses.field(default=None, repr=False, compare=False)
+    """(H,) the question's features for an image-aware stage that reads them (:meth:`Router.refine`),
+    else None; internal: not part of :meth:`to_dict`."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -142,8 +146,12 @@ class Router:
         if info.observation.seen_ids is not None:
             self._seen = np.zeros(info.observation.vocab_size, dtype=bool)
             self._seen[np.asarray(info.observation.seen_ids, dtype=np.int64)] = True
-        self._router_in, self._router_out = graph_io("router", with_lam=info.supports_lam, folded=info.folded)
-        self._policy_in, self._policy_out = graph_io("policy", with_lam=info.supports_lam, folded=info.folded)
+        q = info.stage_question_dim > 0
+        self._router_in, self._router_out = graph_io("router", with_lam=info.supports_lam, folded=info.folded,
+                                                     question_features=q)
+        self._policy_in, self._policy_out = graph_io("policy", with_lam=info.supports_lam, folded=info.folded,
+                                                     question_features=q)
+        self._stage_in = IMAGE_STAGE_INPUTS_Q if q else IMAGE_STAGE_INPUTS
         g = info.guard
         self._threshold = None if g is None else float(g["threshold"])
         self._guard_points = int(g.get("n_points", 1)) * int(g.get("dim", 1)) if g is not None else 0
@@ -201,7 +209,7 @@ class Router:
         graphs = [(ROUTER_ONNX, self._router, self._router_in, self._router_out),
                   (POLICY_ONNX, self._policy, self._policy_in, self._policy_out)]
         if self._image_stage is not None:
-            graphs.append((IMAGE_STAGE_ONNX, self._image_stage, IMAGE_STAGE_INPUTS, IMAGE_STAGE_OUTPUTS))
+            graphs.append((IMAGE_STAGE_ONNX, self._image_stage, self._stage_in, IMAGE_STAGE_OUTPUTS))
         for name, sess, want_in, want_out in graphs:
             got_in = tuple(i.name for i in sess.get_inputs())
             got_out = {o.name: o for o in sess.get_outputs()}
@@ -240,9 +248,11 @@ class Router:
             s_dim = self._image_stage.get_inputs()[1].shape[-1]
             if isinstance(s_dim, int) and s_dim != d:
                 raise BundleError(f"{IMAGE_STAGE_ONNX} takes image summaries of size {s_dim} but router.json says {d}")
+            H = self.info.stage_question_dim
             try:
                 self._run_image_stage(np.zeros((1, A), np.float32), np.zeros((1, d), np.float32),
-                                      np.zeros(1, np.int64), float(self.info.lam))
+                                      np.zeros(1, np.int64), float(self.info.lam),
+                                      np.zeros((1, H), np.float32) if H else None)
             except Exception as e:
                 raise BundleError(f"{IMAGE_STAGE_ONNX} failed on a probe input: {e}") from e
 
@@ -338,9 +348,15 @@ class Router:
         return dict(zip(self._policy_out, self._policy.run(list(self._policy_out), feed)))
 
     def _run_image_stage(self, losses: np.ndarray, summaries: np.ndarray, actions: np.ndarray,
-                         lam: float) -> dict[str, np.ndarray]:
-        """losses (B, A), summaries (B, Dᵢ) float32, actions (B,) int64 -> {action (B,), losses (B, A)}."""
+                         lam: float, question: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """losses (B, A), summaries (B, Dᵢ) float32, actions (B,) int64[, question (B, H) float32 for a
+        stage that reads it] -> {action (B,), losses (B, A)}."""
         feed = {"first_losses": losses, "image_summary": summaries, "first_action": actions, "lam": np.array([lam], dtype=np.float32)}
+        if "question_features" in self._stage_in:
+            if question is None:
+                raise InputError("this bundle's image-aware stage also reads the question's features: refine "
+                                 "decisions this router took (route / route_many / route_embedding)")
+            feed["question_features"] = question
         return dict(zip(IMAGE_STAGE_OUTPUTS, self._image_stage.run(list(IMAGE_STAGE_OUTPUTS), feed)))
 
     def needs_image_summary(self, decision: RouteDecision) -> bool:
@@ -372,9 +388,11 @@ class Router:
         out = list(decisions)
         for lam in sorted({decisions[i].lam for i in rows}):  # one graph call per λ
             group = [i for i in rows if decisions[i].lam == lam]
+            qs = [decisions[i].question_features for i in group]
             res = self._run_image_stage(np.array([decisions[i].losses for i in group], dtype=np.float32),
                                         np.ascontiguousarray(s[group]),
-                                        np.array([decisions[i].index for i in group], dtype=np.int64), float(lam))
+                                        np.array([decisions[i].index for i in group], dtype=np.int64), float(lam),
+                                        None if any(q is None for q in qs) else np.array(qs, dtype=np.float32))
             for r, i in enumerate(group):
                 a = int(res["action"][r])
                 out[i] = dataclasses.replace(decisions[i], layer=int(self._layers[a]), index=a,
@@ -387,6 +405,7 @@ class Router:
         probs = out["probs"].tolist()
         ood = out["ood_score"].tolist()
         losses = out["losses"].tolist() if "losses" in out else None
+        qf = out["question_features"].tolist() if "question_features" in out else None
         res = []
         fb_layer = self.info.fallback_layer_at(lam)  # the guard's layer at this λ (None: no guard)
         gm = self.info.guard_margin if losses is not None else None
@@ -404,6 +423,7 @@ class Router:
                 None if toks is None else len(toks[r][0]), False if toks is None else toks[r][1],
                 bool(fb), None if self._threshold is None else float(ood[r]), float(lam),
                 None if losses is None else tuple(losses[r]),
+                question_features=None if qf is None else tuple(qf[r]),
             ))
         return res
 

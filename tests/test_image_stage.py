@@ -90,33 +90,87 @@ def test_uninformative_summaries_leave_the_first_stage_alone():
     assert (stage.refine(curve, new, first, 0.0) == first).mean() > 0.95
 
 
-def test_onnx_graph_equals_torch_on_1000_inputs(tmp_path):
+@pytest.mark.parametrize("question_dim", [0, 5])
+def test_onnx_graph_equals_torch_on_1000_inputs(tmp_path, question_dim):
+    """Both stage kinds: the summary-only residual of older runs and the question-reading,
+    monotone one (its graph takes question_features between the summary and the first action)."""
     ort = pytest.importorskip("onnxruntime")
     from deepinsert.export.modules import ImageStageHead
     from deepinsert.export.onnx_io import export_image_stage_onnx
 
     torch.manual_seed(0)
-    net = ImageStageNet(len(LAYERS), 6, [16, 16], margin=0.05)
+    # margin 0.03: a projected (flat) stretch gains exactly λ·Δk/N, which at 0.05 would sit on the margin
+    net = ImageStageNet(len(LAYERS), 6, [16, 16], margin=0.03, question_dim=question_dim,
+                        monotone_layers=LAYERS if question_dim else None)
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 0.5)
         net.summary_std.uniform_(0.5, 2.0)
+        if question_dim:
+            net.question_std.uniform_(0.5, 2.0)
     stage = ImageStage(net.eval(), LAYERS, N)
     path = tmp_path / "image_stage.onnx"
-    export_image_stage_onnx(ImageStageHead(stage).eval(), len(LAYERS), 6, path)
+    export_image_stage_onnx(ImageStageHead(stage).eval(), len(LAYERS), 6, path, question_dim)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()][2] == ("question_features" if question_dim else "first_action")
     rng = np.random.default_rng(0)
     curves = rng.uniform(0, 2, (1000, len(LAYERS))).astype(np.float32)
     s = rng.standard_normal((1000, 6)).astype(np.float32)
+    q = rng.standard_normal((1000, question_dim)).astype(np.float32) if question_dim else None
     first = rng.integers(0, len(LAYERS), 1000).astype(np.int64)
     moved = 0
     for lam in (0.0, 0.1, 0.5, 2.0):
-        a, refined = sess.run(["action", "losses"], {"first_losses": curves, "image_summary": s,
-                                                     "first_action": first, "lam": np.array([lam], np.float32)})
-        np.testing.assert_allclose(refined, stage.refined_losses(curves, s), atol=1e-5)
-        np.testing.assert_array_equal(a, stage.refine(curves, s, first, lam))
+        feed = {"first_losses": curves, "image_summary": s, "first_action": first, "lam": np.array([lam], np.float32)}
+        if question_dim:
+            feed["question_features"] = q
+        a, refined = sess.run(["action", "losses"], feed)
+        want = stage.refined_losses(curves, s, q)
+        np.testing.assert_allclose(refined, want, atol=1e-5)
+        np.testing.assert_array_equal(a, stage.refine(curves, s, first, lam, q))
+        if question_dim:  # the projection: never falling with k
+            assert (np.diff(want, axis=1) >= 0).all()
         moved += int((a != first).sum())
     assert moved > 100  # the check covers decisions the stage changes
+    if question_dim:
+        with pytest.raises(InputError, match="question features must have shape"):
+            stage.refine(curves, s, first, 0.1)
+
+
+def _question_standin(n: int = 600, seed: int = 0):
+    """Two questions with one first-stage curve: for question A the best layer depends on the
+    image (s[0] > 0: easy up to k = 4), for question B every image is hard. Only a stage that
+    reads the question as well as the image can route both right."""
+    rng = np.random.default_rng(seed)
+    s = rng.standard_normal((n, 6)).astype(np.float32)
+    qa = rng.random(n) < 0.5
+    q = np.stack([qa, ~qa], 1).astype(np.float32) + 0.05 * rng.standard_normal((n, 2)).astype(np.float32)
+    easy = qa & (s[:, 0] > 0)
+    base = np.array([0.1, 0.1, 0.1, 0.1, 2.0])
+    hard = np.array([0.1, 0.6, 1.2, 1.6, 2.0])
+    losses = np.where(easy[:, None], base, hard) + 0.02 * rng.standard_normal((n, len(LAYERS)))
+    curve = np.tile(losses.mean(0), (n, 1)).astype(np.float32)
+    return s, q, qa, losses.astype(np.float32), curve
+
+
+def test_decision_aware_stage_reads_the_question_and_the_image():
+    from deepinsert.policy.losscurve import DecisionObjective
+
+    s, q, qa, losses, curve = _question_standin()
+    obj = DecisionObjective(LAYERS, N, temperature=0.01, lam_max=0.75, regression_weight=0.01)
+    common = dict(net_arch=[32], epochs=150, learning_rate=3e-3, batch_size=64, seed=0, weight_decay=1e-3,
+                  monotone_layers=LAYERS, decision=obj)
+    with_q = ImageStage(train_image_stage(curve, s, losses, question=q, **common), LAYERS, N)
+    without_q = ImageStage(train_image_stage(curve, s, losses, **common), LAYERS, N)
+    s2, q2, qa2, _, curve2 = _question_standin(600, seed=1)
+    clear = np.abs(s2[:, 0]) > 0.25
+    first = np.zeros(len(s2), dtype=np.int64)
+    # by hand, reward -L + 0.2 k / N over k < N: easy (0.1 up to k = 4) -> k = 4 (index 3); hard -> k = 0
+    want = np.where(qa2 & (s2[:, 0] > 0), 3, 0)
+    got = with_q.refine(curve2, s2, first, 0.2, q2)
+    assert (got[clear] == want[clear]).mean() > 0.95
+    assert (np.diff(with_q.refined_losses(curve2, s2, q2), axis=1) >= 0).all()  # monotone
+    blind = without_q.refine(curve2, s2, first, 0.2)  # the image alone: question B's easy-looking images go wrong
+    assert (blind[clear] == want[clear]).mean() < 0.9
 
 
 @pytest.fixture(scope="module")
@@ -146,10 +200,12 @@ def test_image_stage_needs_the_losscurve_router():
 
 
 def _push(stage: ImageStage, run_dir: Path) -> None:
-    """Make the trained stage move prompts: shift its refined curve so k = 2 looks free
-    (a known, deterministic effect: the decisions below are then checked path against path)."""
+    """Make the trained stage move prompts: shift its refined curve so k <= 2 look free (all three:
+    the monotone projection keeps a curve that never falls with k; a known, deterministic effect:
+    the decisions below are then checked path against path)."""
     with torch.no_grad():
-        stage.net.mlp[-1].bias[2] -= 50.0 / float(stage.net.residual_std[2])
+        for j in range(3):
+            stage.net.mlp[-1].bias[j] -= 50.0 / float(stage.net.residual_std[j])
     stage.save(run_dir / "image_stage.safetensors")
 
 
@@ -175,6 +231,19 @@ def test_train_evaluate_export_generate_serve(config, tmp_path, capsys):
     router = Router.load(bundle)
     assert router.has_image_stage and router.image_summary_dim == 128
     assert router.info.validation["image_stage_refined"] > 0
+    H = run.image_stage.question_dim
+    assert H == run.policy.mlp[0].out_features == 192 and router.info.stage_question_dim == H  # 3 members x 64
+    # the unfolded bundle computes the same question features from the observation (the folded one
+    # from its token table), and the stage decides alike on both
+    unfolded = tmp_path / "b-unfolded"
+    assert main(["export", str(run_dir), "--out", str(unfolded), "--no-fold", "--n-prompts", "1000"]) == 0
+    capsys.readouterr()
+    router2 = Router.load(unfolded)
+    some = [s.question for s in __import__("deepinsert.env.data", fromlist=["load_samples"]).load_samples(DATA / "val.json")][:40]
+    d1, d2 = router.route_batch(some), router2.route_batch(some)
+    assert all(d.question_features is not None and len(d.question_features) == H for d in d1 + d2)
+    np.testing.assert_allclose([d.question_features for d in d1], [d.question_features for d in d2], atol=1e-4)
+    assert "question_features" not in d1[0].to_dict()  # internal: not part of the HTTP answer
 
     # deepinsert.generate applies it, exactly as the run's two-stage decision
     import deepinsert
@@ -191,7 +260,7 @@ def test_train_evaluate_export_generate_serve(config, tmp_path, capsys):
                                                                   np.ones(len(qs), bool))]
     assert out.layers == want.tolist()
     refined = [d for d in out.decisions if d.first_layer is not None]
-    assert refined and all(d.layer == 2 for d in refined) and any(d.first_layer != 2 for d in refined)
+    assert refined and all(d.layer <= 2 for d in refined) and any(d.first_layer > 2 for d in refined)
 
     # the chat server: same layer as generate, first_layer reported, lam per request honoured
     import openai
@@ -282,10 +351,15 @@ def test_sweep_reports_the_two_stage_router(config, tmp_path, capsys):
     from deepinsert.cli import main
 
     out = tmp_path / "sweep"
-    assert main(["sweep", "--config", str(config), "--lams", "0,0.1", "--algorithms", "losscurve", "--seeds", "2",
+    cfg = yaml.safe_load(config.read_text())
+    cfg["total_timesteps"] = 512  # PPO beside it, briefly: the stage is the loss-curve router's only
+    small = tmp_path / "cfg.yaml"
+    small.write_text(yaml.safe_dump(cfg))
+    assert main(["sweep", "--config", str(small), "--lams", "0,0.1", "--algorithms", "losscurve,ppo", "--seeds", "2",
                  "--out", str(out), "--no-progress"]) == 0
     assert "lc+image" in capsys.readouterr().out
     res = json.loads((out / "sweep.json").read_text())
+    assert "ppo" in res["summary"] and "lc+ppo" not in res["summary"]
     rows = res["summary"]["lc+image"]
     assert [r["lam"] for r in rows] == [0.0, 0.1] and all(r["seeds"] == [0, 1] for r in rows)
     m = json.loads((out / "losscurve" / "seed0" / "metrics.json").read_text())
