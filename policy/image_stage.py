@@ -44,7 +44,14 @@ import numpy as np
 import torch
 from deepinsert.env.problem import reward
 from deepinsert.errors import InputError, ModelLoadError
-from deepinsert.policy.losscurve import DecisionObjective, adam_minibatches, fit_regression, relu_mlp
+from deepinsert.policy.losscurve import (
+    DecisionObjective,
+    adam_minibatches,
+    fit_regression,
+    monotone_mask,
+    project_monotone,
+    relu_mlp,
+)
 from torch import nn
 
 ARCH_KIND = "image_stage_mlp"
@@ -78,14 +85,8 @@ class ImageStageNet(nn.Module):
         if not (np.isfinite(margin) and margin >= 0):
             raise ModelLoadError(f"the decision margin must be a finite number >= 0, got {margin!r}")
         self.margin = float(margin)
-        self.monotone_layers = None if monotone_layers is None else [int(k) for k in monotone_layers]
-        ks = torch.arange(self.n_outputs)
-        if self.monotone_layers is not None:
-            if len(self.monotone_layers) != self.n_outputs or len(set(self.monotone_layers)) != self.n_outputs:
-                raise ModelLoadError(f"monotone_layers must be {self.n_outputs} distinct layers, got {monotone_layers!r}")
-            ks = torch.tensor(self.monotone_layers)
-        self.register_buffer("no_deeper", torch.where(ks[None, :] <= ks[:, None], 0.0, float("-inf")),
-                             persistent=False)  # LossCurveNet.project's mask, from the architecture
+        self.monotone_layers, mask = monotone_mask(self.n_outputs, monotone_layers)
+        self.register_buffer("no_deeper", mask, persistent=False)  # from the architecture, not saved
         self.register_buffer("curve_mean", torch.zeros(n_outputs))
         self.register_buffer("curve_std", torch.ones(n_outputs))
         self.register_buffer("summary_mean", torch.zeros(summary_dim))
@@ -134,9 +135,7 @@ class ImageStageNet(nn.Module):
 
     def project(self, losses: torch.Tensor) -> torch.Tensor:
         """``(B, A) -> (B, A)``: non-decreasing in k with ``monotone_layers``, else unchanged."""
-        if self.monotone_layers is None:
-            return losses
-        return torch.amax(losses.unsqueeze(1) + self.no_deeper, dim=-1)
+        return losses if self.monotone_layers is None else project_monotone(losses, self.no_deeper)
 
     def forward(self, losses: torch.Tensor, summary: torch.Tensor, question: torch.Tensor | None = None) -> torch.Tensor:
         return self.project(losses + self.mlp(self.inputs(losses, summary, question)) * self.residual_std)

@@ -78,6 +78,25 @@ def fit_regression(params: Any, predict: Any, target: torch.Tensor, *, epochs: i
                      generator=generator)
 
 
+def monotone_mask(n_outputs: int, monotone_layers: Sequence[int] | None) -> tuple[list[int] | None, torch.Tensor]:
+    """``(layers, mask)`` of a monotone projection over ``n_outputs`` curve points: the validated
+    candidate layer of each output (None: no projection) and the ``(K, K)`` mask, 0 where output
+    j's layer is no deeper than output k's and -inf elsewhere (:func:`project_monotone`)."""
+    layers = None if monotone_layers is None else [int(k) for k in monotone_layers]
+    ks = torch.arange(n_outputs)
+    if layers is not None:
+        if len(layers) != n_outputs or len(set(layers)) != n_outputs:
+            raise ModelLoadError(f"monotone_layers must be {n_outputs} distinct layers, got {monotone_layers!r}")
+        ks = torch.tensor(layers)
+    return layers, torch.where(ks[None, :] <= ks[:, None], 0.0, float("-inf"))
+
+
+def project_monotone(losses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(B, K) -> (B, K)``: each output becomes the largest of the outputs at its layer or
+    shallower (``mask`` from :func:`monotone_mask`; a ``ReduceMax`` in ONNX)."""
+    return torch.amax(losses.unsqueeze(1) + mask, dim=-1)
+
+
 class LossCurveNet(nn.Module):
     """``obs (B, D) -> predicted losses (B, K)``.
 
@@ -100,16 +119,9 @@ class LossCurveNet(nn.Module):
             raise ModelLoadError(f"safe_index {safe_index} is not one of the {self.n_outputs} outputs")
         self.margin, self.safe_index = float(margin), int(safe_index)
         self.members = int(members)  # networks averaged into this one (stack_members); documentation only
-        self.monotone_layers = None if monotone_layers is None else [int(k) for k in monotone_layers]
-        ks = torch.arange(self.n_outputs)
-        if self.monotone_layers is not None:
-            if len(self.monotone_layers) != self.n_outputs or len(set(self.monotone_layers)) != self.n_outputs:
-                raise ModelLoadError(f"monotone_layers must be {self.n_outputs} distinct layers, got {monotone_layers!r}")
-            ks = torch.tensor(self.monotone_layers)
-        # (K, K): 0 where output j's layer is no deeper than output k's, -inf elsewhere (project's mask);
+        self.monotone_layers, mask = monotone_mask(self.n_outputs, monotone_layers)
         # derived from the architecture, so not part of the saved state
-        self.register_buffer("no_deeper", torch.where(ks[None, :] <= ks[:, None], 0.0, float("-inf")),
-                             persistent=False)
+        self.register_buffer("no_deeper", mask, persistent=False)
         self.register_buffer("obs_mean", torch.zeros(obs_dim))
         self.register_buffer("obs_std", torch.ones(obs_dim))
         self.register_buffer("loss_mean", torch.zeros(n_outputs))
@@ -139,9 +151,7 @@ class LossCurveNet(nn.Module):
     def project(self, losses: torch.Tensor) -> torch.Tensor:
         """``(B, K) -> (B, K)``: with ``monotone_layers``, each output's value becomes the largest
         of the outputs at its layer or shallower (non-decreasing in k); else unchanged."""
-        if self.monotone_layers is None:
-            return losses
-        return torch.amax(losses.unsqueeze(1) + self.no_deeper, dim=-1)
+        return losses if self.monotone_layers is None else project_monotone(losses, self.no_deeper)
 
     def raw(self, obs: torch.Tensor) -> torch.Tensor:
         """``obs (B, D) -> (B, K)``: the predicted curve before :meth:`project`."""
