@@ -358,7 +358,7 @@ def _read_prompts(path: Path | None) -> list[str]:
     if path is None:
         return []
     if not path.is_file():
-        raise InputError(f"prompts file {str(path)!r} does not exist")
+        raise InputError(f"prompts file {str(path)!r} " + ("is not a regular file" if path.exists() else "does not exist"))
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -467,7 +467,7 @@ def _route_prompts(prompts: list[str], file: str | None) -> list[str]:
             else:
                 path = Path(file)
                 if not path.is_file():
-                    raise InputError(f"prompts file {file!r} does not exist")
+                    raise InputError(f"prompts file {file!r} " + ("is not a regular file" if path.exists() else "does not exist"))
                 data, where = path.read_bytes(), file
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:

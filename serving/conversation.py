@@ -141,6 +141,11 @@ class PromptBuilder:
                                          allow_remote=self.allow_remote, max_bytes=self.max_image_bytes)
                     parts.append({"type": "image"})
                 else:
+                    try:
+                        p.text.encode("utf-8")
+                    except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in the JSON): no tokenizer takes it
+                        raise APIError(f"messages[{i}] is not valid Unicode text (a lone surrogate at position "
+                                       f"{e.start})", param=f"messages[{i}].content") from None
                     parts.append({"type": "text", "text": p.text})
                     texts.append(p.text)
             if m.role == "user":

@@ -106,7 +106,7 @@ class ChatRequest(_Strict):
     frequency_penalty: float | None = None
     logprobs: bool | None = None
     # deepinsert extensions
-    insert_layer: int | None = Field(default=None, ge=0)
+    insert_layer: int | None = Field(default=None, ge=0, strict=True)  # an int, not "3" or true
     lam: float | None = Field(default=None, ge=0, le=1e6, allow_inf_nan=False, strict=True)
     budget: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False, strict=True)
 

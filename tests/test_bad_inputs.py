@@ -283,6 +283,7 @@ CLI_CASES: list[tuple[str, list[str], Callable | None, str]] = [
     ("route-file-jsonl-surrogate", ["route", "{bundle}", "--file", T + "/p.txt"], _file("p.txt", '"a \\ud800"\n'), "UTF-8"),
     ("route-file-jsonl-nested", ["route", "{bundle}", "--file", T + "/p.txt"], _file("p.txt", "{" + '"a":' * 1 + NESTED), "nested"),
     ("route-file-missing", ["route", "{bundle}", "--file", T + "/nope.txt"], None, "does not exist"),
+    ("route-file-is-a-folder", ["route", "{bundle}", "--file", T], None, "is not a regular file"),
     ("route-file-and-args", ["route", "{bundle}", "hi", "--file", T + "/p.txt"], _file("p.txt", "x"), "not both"),
     # serve (all fail before any server starts)
     ("serve-port-zero", ["serve", "{bundle}", "--port", "0"], None, "--port"),

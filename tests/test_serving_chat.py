@@ -245,6 +245,11 @@ def _bad_bodies(image):
         "image only": user(img),
         "unknown model": {**user(img, q), "model": "gpt-4o"},
         "layer out of range": {**user(img, q), "insert_layer": 9},
+        "layer as text": {**user(img, q), "insert_layer": "3"},
+        "layer as bool": {**user(img, q), "insert_layer": True},
+        "lone surrogate": user(img, {"type": "text", "text": "What colour is the \ud800 square?"}),
+        "lone surrogate, system": {"model": "demo", "messages": [{"role": "system", "content": "be \udfff brief"},
+                                                                  {"role": "user", "content": "hi"}]},
         "too many tokens": {**user(img, q), "max_tokens": 5000},
         "not json": None,
         "lam": {**user(img, q), "lam": 0.2},
@@ -258,8 +263,9 @@ def test_malformed_requests_are_4xx_in_openai_error_shape(server, samples):
             if body is None:
                 r = http.post(f"{server}/v1/chat/completions", content=b"{oops",
                               headers={"content-type": "application/json"})
-            else:
-                r = http.post(f"{server}/v1/chat/completions", json=body)
+            else:  # json.dumps escapes a lone surrogate as "\ud800", which httpx's own encoder refuses to send
+                r = http.post(f"{server}/v1/chat/completions", content=json.dumps(body),
+                              headers={"content-type": "application/json"})
             assert 400 <= r.status_code < 500, (name, r.status_code, r.text)
             err = r.json()["error"]
             assert isinstance(err["message"], str) and err["message"] and err["type"], name
