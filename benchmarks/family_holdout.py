@@ -1,6 +1,6 @@
 """A question type the router never saw: train without one family, route it anyway.
 
-    python benchmarks/family_holdout.py [--config configs/demo.yaml] [--seeds 3]
+    python benchmarks/family_holdout.py [--config configs/demo.yaml] [--seeds 3] [--image-stage]
 
 For each question family F of the training split, trains the config's loss-curve router
 (its observation, network, weight decay, epochs, decision margin) and its guard (fitted on
@@ -14,7 +14,9 @@ router has never seen. Reports, per held-out family and λ = 0, 0.05, 0.1, 0.2, 
   router did no harm there), accuracy at λ = 0.1 (router vs k = 0), the guard's trip rate
   and the mean layer.
 
-The same numbers for the router trained on every family are the reference. Writes
+The same numbers for the router trained on every family are the reference. With
+``--image-stage`` the image-aware second stage is fitted too (on the kept training prompts, as
+``deepinsert train`` fits it) and refines the decisions. Writes
 ``benchmarks/results/family_holdout.json``.
 """
 
@@ -31,7 +33,10 @@ RESULTS = Path(__file__).resolve().parent / "results" / "family_holdout.json"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = arg_parser(__doc__, RESULTS).parse_args(argv)
+    ap = arg_parser(__doc__, RESULTS)
+    ap.add_argument("--image-stage", action="store_true",
+                    help="also fit the image-aware second stage (on the kept training prompts) and route with it")
+    args = ap.parse_args(argv)
     import json
 
     import torch
@@ -45,6 +50,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_fam = np.array([str(getattr(s, "family", None)) for s in b.train.samples])
     val_fam = np.array([str(getattr(s, "family", None)) for s in b.splits["val"].samples])
     held = {n: t for n, t in b.tables.items() if n != "val"}
+    summ: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if args.image_stage:
+        from deepinsert.policy.image_stage import sample_summaries
+
+        summ = {n: sample_summaries(ws.vlm, s.samples) for n, s in {"train": b.train, **b.splits}.items() if n != "val"}
+
+    def stage_refiner(net: Any, obs: dict[str, np.ndarray], keep: np.ndarray, fb: dict[str, np.ndarray], seed: int) -> Any:
+        """The image-aware stage fitted as ``deepinsert train`` fits it, on the kept training prompts
+        with an image; returns ``refine(split, λ, actions)`` for :meth:`Bench.captured`."""
+        from deepinsert.policy.image_stage import ImageStage, train_image_stage
+        from deepinsert.policy.losscurve import first_hidden
+        from deepinsert.policy.train import losscurve_fit_settings
+
+        fit = losscurve_fit_settings(cfg, ks, ws.num_layers)
+        rows = keep & summ["train"][1]
+        with torch.no_grad():
+            curves = {n: net(torch.from_numpy(x)).numpy() for n, x in obs.items()}
+        feats = {n: first_hidden(net, x) for n, x in obs.items()}
+        stage = ImageStage(train_image_stage(
+            curves["train"][rows], summ["train"][0][rows], b.losses[rows], net_arch=cfg.net_arch, epochs=fit["epochs"],
+            learning_rate=fit["learning_rate"], batch_size=cfg.algo.batch_size, seed=cfg.seed + seed,
+            weight_decay=cfg.algo.image_stage_weight_decay, margin=b.margin, question=feats["train"][rows],
+            monotone_layers=fit["monotone_layers"], decision=fit.get("decision")), ks, ws.num_layers)
+
+        def refine(n: str, lam: float, a: np.ndarray) -> np.ndarray:
+            a = a.copy()
+            r = np.flatnonzero(summ[n][1] & ~fb[n] & (np.asarray(ks)[a] < ws.num_layers))
+            if r.size:
+                a[r] = stage.refine(curves[n][r], summ[n][0][r], a[r], lam, feats[n][r])
+            return a
+
+        return refine
 
     def one_run(family: str | None, seed: int) -> dict[str, Any]:
         """Train without ``family`` (None: with every family), route the held-out splits."""
@@ -63,13 +100,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               for n, t in held.items()}
         share = b.seen_shares(kept)  # where the guard margin applies, for a router trained without the family
         tables = {n: dataclasses.replace(t, seen_share=share[n]) for n, t in held.items()}
-        out = dataclasses.replace(b, tables=tables).captured(preds, fb)
+        refine = stage_refiner(net, obs, keep, fb, seed) if args.image_stage else None
+        out = dataclasses.replace(b, tables=tables).captured(preds, fb, refine)
         for n, t in tables.items():
             target = fam[n] == family if family is not None else np.ones(len(fam[n]), bool)
             rows = np.flatnonzero(target)
             per: dict[str, float] = {"trip_rate": float(fb[n][rows].mean())}
             for lam in LAMS:
-                a = b.actions(preds[n], lam, fb[n], seen_share=t.seen_share)[rows]
+                a = b.actions(preds[n], lam, fb[n], seen_share=t.seen_share)
+                a = (a if refine is None else refine(n, lam, a))[rows]
                 r = t.rewards(lam)[rows]
                 per[f"reward_vs_k0@{lam:g}"] = float((r[np.arange(rows.size), a] - r[:, k0]).mean())
                 if lam == ACC_LAM:
@@ -91,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for f in families:
         res["held_out"][f] = summary([one_run(f, s) for s in range(args.seeds)])
         print(f"without {f}", json.dumps(res["held_out"][f]), flush=True)
-    res["config"], res["margin"] = args.config, b.margin
+    res["config"], res["margin"], res["image_stage"] = args.config, b.margin, bool(args.image_stage)
     write(args.out, res)
     _print_table(res)
     return res

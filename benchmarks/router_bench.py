@@ -164,11 +164,11 @@ class Bench:
         return {n: float(compare(t, lam, np.where(fallback[n], self.fallback_index(lam), run.predict_raw(t.observations)),
                                  fallback[n])["captured_gain"]) for n, t in self.tables.items()}
 
-    def captured(self, preds: dict[str, np.ndarray],
-                 fallback: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
+    def captured(self, preds: dict[str, np.ndarray], fallback: dict[str, np.ndarray] | None = None,
+                 refine: Callable[[str, float, np.ndarray], np.ndarray] | None = None) -> dict[str, dict[str, float]]:
         """Per split: captured gain at each λ of ``LAMS`` and ``accuracy@0.1`` for predicted curves
         ``preds[split] (S, K)``; ``fallback[split] (S,)`` sends those prompts to the guard's
-        fallback layer."""
+        fallback layer; ``refine(split, λ, actions)``: a second stage's actions from the first's."""
         from deepinsert.policy.evaluate import compare
 
         out: dict[str, dict[str, float]] = {}
@@ -176,7 +176,8 @@ class Bench:
             fb = None if fallback is None else fallback[n]
             out[n] = {}
             for lam in LAMS:
-                m = compare(t, lam, self.actions(preds[n], lam, fb, seen_share=t.seen_share), fb)
+                a = self.actions(preds[n], lam, fb, seen_share=t.seen_share)
+                m = compare(t, lam, a if refine is None else refine(n, lam, a), fb)
                 out[n][f"{lam:g}"] = float(m["captured_gain"])
                 if lam == ACC_LAM and m["router"]["accuracy"] is not None:
                     out[n][f"accuracy@{ACC_LAM:g}"] = float(m["router"]["accuracy"])
