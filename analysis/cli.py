@@ -69,18 +69,23 @@ def run(args: argparse.Namespace) -> int:
     from deepinsert.analysis.common import progress, write_result
 
     torch.manual_seed(0)
+    name = args.name
+    layers = _layers(args.layers)  # parsed before the model loads: a typo fails fast
+    try:
+        eps = [float(e) for e in args.eps.split(",") if e.strip()]
+    except ValueError:
+        raise InputError(f"--eps must be comma-separated numbers, got {args.eps!r}") from None
     vlm, data = _load(args)
     N = vlm.num_layers
     show = not args.no_progress
-    name = args.name
-    layers = _layers(args.layers)
     if layers is not None and any(not 0 <= k <= N for k in layers):
         raise InputError(f"--layers must be in [0, {N}], got {layers}")
+    if name in ("redundancy", "attention") and not 0 <= args.k <= N:
+        raise InputError(f"--k must be in [0, {N}], got {args.k}")
     meta = {"model": str(args.model), "split": str(args.split), "samples": data.n_samples, "num_layers": N}
     if name == "redundancy":
         from deepinsert.analysis.redundancy import heuristic_layer, redundancy_profile
 
-        eps = [float(e) for e in args.eps.split(",") if e.strip()]
         if 0.05 not in eps:
             eps.append(0.05)
         with progress(len(data.prompts), name, show) as bar:

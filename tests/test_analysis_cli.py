@@ -26,3 +26,14 @@ def test_analyze_bad_layers_is_one_line_error(tmp_path, capsys) -> None:
     rc = main(["analyze", "masking", "--out", str(tmp_path), "--limit", "2", "--layers", "0,99", "--no-progress"])
     assert rc == 2
     assert "deepinsert analyze: error: --layers must be in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["redundancy", "--eps", "abc"], "--eps must be comma-separated numbers"),
+    (["redundancy", "--k", "99"], "--k must be in [0, 8], got 99"),
+    (["attention", "--k", "-1"], "--k must be in [0, 8], got -1"),
+])
+def test_analyze_bad_options_are_one_line_errors(tmp_path, capsys, args, message) -> None:
+    rc = main(["analyze", *args, "--out", str(tmp_path), "--limit", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
