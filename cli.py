@@ -588,6 +588,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise InputError(f"--max-bypass must be >= 0, got {args.max_bypass}")
     if not 0 < args.request_timeout <= 3600:  # also rejects nan
         raise InputError(f"--request-timeout must be in (0, 3600] seconds, got {args.request_timeout}")
+    # the chat server's own limits, named as on the command line and checked before anything loads
+    for flag, v in (("--max-running", args.max_running), ("--max-queue", args.max_queue)):
+        if v < 1:
+            raise InputError(f"{flag} must be >= 1, got {v}")
+    if not 0 < args.kv_budget_mib < float("inf"):  # also rejects nan
+        raise InputError(f"--kv-budget-mib must be a positive number of MiB, got {args.kv_budget_mib}")
+    if not 0 < args.generation_timeout < float("inf"):
+        raise InputError(f"--generation-timeout must be a positive number of seconds, got {args.generation_timeout}")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise InputError("--served-model-name must not be empty")
     from deepinsert.utils.extras import require
 
     require("uvicorn", "serve")

@@ -293,6 +293,13 @@ CLI_CASES: list[tuple[str, list[str], Callable | None, str]] = [
     ("serve-max-batch-zero", ["serve", "{bundle}", "--max-batch", "0"], None, "--max-batch"),
     ("serve-max-prompt-chars-zero", ["serve", "{bundle}", "--max-prompt-chars", "0"], None, "--max-prompt-chars"),
     ("serve-timeout-nan", ["serve", "{bundle}", "--request-timeout", "nan"], None, "--request-timeout"),
+    ("serve-kv-budget-negative", ["serve", "{bundle}", "--model", "demo", "--kv-budget-mib", "-1"], None, "--kv-budget-mib"),
+    ("serve-max-queue-zero", ["serve", "{bundle}", "--model", "demo", "--max-queue", "0"], None, "--max-queue"),
+    ("serve-max-running-zero", ["serve", "{bundle}", "--model", "demo", "--max-running", "0"], None, "--max-running"),
+    ("serve-generation-timeout-nan", ["serve", "{bundle}", "--model", "demo", "--generation-timeout", "nan"], None,
+     "--generation-timeout"),
+    ("serve-model-name-empty", ["serve", "{bundle}", "--model", "demo", "--served-model-name", " "], None,
+     "--served-model-name"),
     ("serve-bundle-missing", ["serve", T + "/nope"], None, "error"),
     # demo
     ("demo-build-threads-zero", ["demo", "build", "--out", T + "/d", "--threads", "0"], None, "--threads"),
