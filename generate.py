@@ -196,6 +196,12 @@ def generate(
         if image_token in q:
             raise InputError(f"prompt {i} contains {image_token!r}: pass the plain question (the template places "
                              "the image; give it in images, or None for a text-only request)")
+    from PIL import Image
+
+    for i, img in enumerate(images):
+        if img is not None and not isinstance(img, Image.Image):
+            raise InputError(f"images[{i}] must be a PIL image or None, got {type(img).__name__} "
+                             "(open files with PIL.Image.open(path).convert('RGB'))")
     resolved = _resolve_router(router)
     with_image = [i for i, img in enumerate(images) if img is not None]
     routed_layers, decisions = _layers_for(vlm, images, prompts, with_image, resolved)

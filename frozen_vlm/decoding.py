@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from deepinsert.errors import InputError
+
 
 def resolve_eos_ids(model: Any, tokenizer: Any, eos_token_id: int | Sequence[int] | None = None) -> list[int]:
     """Stop ids: ``eos_token_id`` if given, else the model's generation config, else the tokenizer's.
@@ -23,9 +25,13 @@ def resolve_eos_ids(model: Any, tokenizer: Any, eos_token_id: int | Sequence[int
         eos_token_id = getattr(tokenizer, "eos_token_id", None)
     if eos_token_id is None:
         return []
-    if isinstance(eos_token_id, int):
-        return [int(eos_token_id)]
-    return [int(e) for e in eos_token_id]
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise InputError(f"eos_token_id must be a token id or a list of token ids, got {eos_token_id!r}")
+    ids = list(ids)
+    if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in ids):
+        raise InputError(f"eos_token_id must be a token id or a list of token ids (ints >= 0), got {eos_token_id!r}")
+    return [int(e) for e in ids]
 
 
 def cut_at_eos(rows: Any, eos_ids: Sequence[int]) -> list[list[int]]:

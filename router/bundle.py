@@ -369,7 +369,8 @@ def read_bundle_info(bundle_dir: str | Path, *, verify: bool = True) -> BundleIn
     ``verify``, edited since the export)."""
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
-        raise BundleError(f"router bundle folder {str(bundle_dir)!r} does not exist (make one with `deepinsert export`)")
+        what = "is a file, not a bundle folder" if bundle_dir.exists() else "does not exist"
+        raise BundleError(f"router bundle folder {str(bundle_dir)!r} {what} (make one with `deepinsert export`)")
     path = bundle_dir / ROUTER_JSON
     if not path.is_file():
         raise BundleError(f"{str(bundle_dir)!r} is not a router bundle: {ROUTER_JSON} is missing")

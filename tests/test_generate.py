@@ -106,3 +106,23 @@ def test_stray_image_token_is_an_input_error(vlm, images):
         build_batch(vlm.processor, None, ["What is <image> here?"])
     with pytest.raises(InputError, match="one image"):
         deepinsert.generate(vlm, images[:2], QUESTIONS[:3], router=0)
+
+
+def test_bad_images_and_stop_ids_are_input_errors(vlm, images, tmp_path):
+    """Not a PIL image, a stop id that is no token id, a bundle path that is a file: one clear
+    deepinsert error each, before any model call (not transformers' or int()'s)."""
+    import numpy as np
+
+    with pytest.raises(InputError, match=r"images\[0\] must be a PIL image or None, got ndarray"):
+        deepinsert.generate(vlm, [np.zeros((32, 32, 3))], QUESTIONS[:1], router=0)
+    with pytest.raises(InputError, match=r"images\[1\] must be a PIL image or None, got int"):
+        deepinsert.generate(vlm, [images[0], 5], QUESTIONS[:2], router=0)
+    for bad in ("x", [1, "2"], [True], -3, 1.5):
+        with pytest.raises(InputError, match="eos_token_id must be a token id"):
+            deepinsert.generate(vlm, images[:1], QUESTIONS[:1], router=0, eos_token_id=bad)
+    assert deepinsert.generate(vlm, images[:1], QUESTIONS[:1], router=0, max_new_tokens=2,
+                               eos_token_id=[0]).layers == [0]  # a list of ids is fine
+    f = tmp_path / "router.json"
+    f.write_text("{}")
+    with pytest.raises(BundleError, match="is a file, not a bundle folder"):
+        deepinsert.generate(vlm, images[:1], QUESTIONS[:1], router=str(f))
