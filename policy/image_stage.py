@@ -26,8 +26,8 @@ and moves the prompt from ``k₁`` only when that beats ``k₁``'s reward under 
 than the router's decision margin δ. Prompts routed to ``k₁ = N``, guard fallbacks and
 text-only prompts are never refined. The stage is exported as its own graph
 (``image_stage.onnx``) and runs where the image features are: ``deepinsert.generate`` and
-the chat server. On the demo it gains 1–3 points of captured gain over the question-only
-router at every λ > 0 on ``test`` and ``test_unseen`` (docs/routers.md section 19), far below
+the chat server. On the demo it is at or above the question-only router at every λ on
+``test`` and ``test_unseen`` (0–3 points of captured gain) (docs/routers.md section 19), far below
 what the image could carry, so it is off by default.
 
 Saved without pickle: ``image_stage.safetensors`` + the architecture in ``run.json``
