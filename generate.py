@@ -172,7 +172,8 @@ def generate(
             model, every image at layer 0; ``router=N``: no image ever enters). A bundle with
             the image-aware stage refines each decision whose image enters (``k < N``) from
             the image's summary (one extra vision-tower pass for those images).
-        max_new_tokens: at most this many new tokens per answer.
+        max_new_tokens: at most this many new tokens per answer; a prompt (with its image tokens)
+            plus this many must fit the model's positions (InputError otherwise, as the chat server).
         batch_size: most prompts per decoding batch (batches never mix layers).
         eos_token_id: stop id(s); default: the model's generation config, else the tokenizer's.
     """
@@ -214,10 +215,16 @@ def generate(
     for i, k in enumerate(layers):
         groups.setdefault((k, images[i] is not None), []).append(i)
     token_ids: list[list[int]] = [[] for _ in prompts]
+    max_pos = getattr(getattr(vlm.config, "text_config", vlm.config), "max_position_embeddings", None)
     for (k, _has_image), idx in sorted(groups.items()):
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
             batch = _batch(vlm, [images[i] for i in chunk], [prompts[i] for i in chunk])
+            lens = batch.attention_mask.sum(1)
+            if max_pos and int(lens.max()) + max_new_tokens > max_pos:  # as the chat server refuses it
+                j = int(lens.argmax())
+                raise InputError(f"prompt {chunk[j]} is {int(lens[j])} tokens with its image and max_new_tokens is "
+                                 f"{max_new_tokens}: more than the {max_pos} positions the model handles")
             new = vlm.generate(
                 batch.input_ids,
                 batch.pixel_values,

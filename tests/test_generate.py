@@ -122,6 +122,12 @@ def test_bad_images_and_stop_ids_are_input_errors(vlm, images, tmp_path):
             deepinsert.generate(vlm, images[:1], QUESTIONS[:1], router=0, eos_token_id=bad)
     assert deepinsert.generate(vlm, images[:1], QUESTIONS[:1], router=0, max_new_tokens=2,
                                eos_token_id=[0]).layers == [0]  # a list of ids is fine
+    max_pos = vlm.config.text_config.max_position_embeddings  # 128 on the demo
+    with pytest.raises(InputError, match=f"prompt 0 is .* tokens with its image and max_new_tokens is 4: "
+                                         f"more than the {max_pos} positions"):
+        deepinsert.generate(vlm, images[:1], ["word " * max_pos], router=0, max_new_tokens=4)
+    with pytest.raises(InputError, match="max_new_tokens is 1000"):
+        deepinsert.generate(vlm, images[:1], QUESTIONS[:1], router=0, max_new_tokens=1000)
     f = tmp_path / "router.json"
     f.write_text("{}")
     with pytest.raises(BundleError, match="is a file, not a bundle folder"):
