@@ -103,40 +103,54 @@ def _resolve_router(router: RouterSpec) -> Router | int:
 
 def _layers_for(
     vlm: FrozenVLM, images: Sequence[Any], prompts: Sequence[str], routed: Sequence[int], router: Router | int
-) -> tuple[dict[int, int], list[RouteDecision | None] | None]:
-    """Layer of each prompt index in ``routed`` (the prompts with an image), and the decisions
-    (refined by the bundle's image-aware stage when it has one)."""
+) -> tuple[dict[int, int], list[RouteDecision | None] | None, dict[int, Any]]:
+    """Layer of each prompt index in ``routed`` (the prompts with an image), the decisions
+    (refined by the bundle's image-aware stage when it has one), and the image features that
+    stage already computed, by prompt index (for the prefill to reuse)."""
     if isinstance(router, int):
         if not 0 <= router <= vlm.num_layers:
             raise InputError(f"fixed layer {router} is outside 0..{vlm.num_layers}")
-        return {i: router for i in routed}, None
+        return {i: router for i in routed}, None, {}
     _check_router_fits(router, vlm)
     decisions: list[RouteDecision | None] = [None] * len(prompts)
+    features: dict[int, Any] = {}
     if routed:
         decs = router.route_batch([prompts[i] for i in routed])
         # the bundle's image-aware second stage (if any), on the images that enter the model
-        decs = refine_with_images(vlm, router, decs, [images[i] for i in routed])
-        for i, d in zip(routed, decs, strict=True):
+        decs, feats = refine_with_images(vlm, router, decs, [images[i] for i in routed], keep_features=True)
+        for i, d, f in zip(routed, decs, feats, strict=True):
             decisions[i] = d
-    return {i: decisions[i].layer for i in routed}, decisions  # type: ignore[union-attr]
+            if f is not None:
+                features[i] = f
+    return {i: decisions[i].layer for i in routed}, decisions, features  # type: ignore[union-attr]
 
 
 def refine_with_images(vlm: FrozenVLM, router: Router, decisions: Sequence[RouteDecision],
-                       images: Sequence[Any]) -> list[RouteDecision]:
+                       images: Sequence[Any], *, keep_features: bool = False) -> Any:
     """The bundle's image-aware stage on question-only decisions, one PIL image per decision:
-    the summaries (``frozen_vlm.image_summaries``) of the images whose decision
-    ``router.needs_image_summary`` accepts are computed on ``vlm``, then ``router.refine``.
-    Decisions come back unchanged when none needs it (e.g. the bundle has no stage)."""
+    the images whose decision ``router.needs_image_summary`` accepts are encoded on ``vlm``
+    (``frozen_vlm.encode_images``), summarised, then ``router.refine``. Decisions come back
+    unchanged when none needs it (e.g. the bundle has no stage). ``keep_features``: return
+    ``(decisions, features)`` with each encoded image's ``(n, D)`` features (None where none was
+    encoded, or where the refined layer is N and the image never enters), for the prefill to
+    reuse instead of running the vision tower again."""
     need = [i for i, d in enumerate(decisions) if router.needs_image_summary(d)]
+    feats: list[Any] = [None] * len(decisions)
     if not need:
-        return list(decisions)
+        return (list(decisions), feats) if keep_features else list(decisions)
     import numpy as np
 
-    from deepinsert.frozen_vlm import image_summaries
+    from deepinsert.frozen_vlm.batching import encode_images, summarise_features
 
+    encoded = encode_images(vlm, [images[i] for i in need])
     summaries = np.zeros((len(decisions), router.image_summary_dim), dtype=np.float32)
-    summaries[need] = image_summaries(vlm, [images[i] for i in need]).numpy()
-    return router.refine(decisions, summaries)
+    summaries[need] = summarise_features(encoded, router.image_summary_dim).numpy()
+    refined = router.refine(decisions, summaries)
+    if not keep_features:
+        return refined
+    for i, f in zip(need, encoded, strict=True):
+        feats[i] = f if refined[i].layer < vlm.num_layers else None
+    return refined, feats
 
 
 def _batch(vlm: FrozenVLM, images: Sequence[Any], prompts: Sequence[str]) -> Any:
@@ -171,7 +185,8 @@ def generate(
             pass a loaded Router to reuse it), or a fixed layer k (``router=0``: the stock
             model, every image at layer 0; ``router=N``: no image ever enters). A bundle with
             the image-aware stage refines each decision whose image enters (``k < N``) from
-            the image's summary (one extra vision-tower pass for those images).
+            the image's summary (the vision tower runs once for those images: the prefill
+            reuses the features).
         max_new_tokens: at most this many new tokens per answer; a prompt (with its image tokens)
             plus this many must fit the model's positions (InputError otherwise, as the chat server).
         batch_size: most prompts per decoding batch (batches never mix layers).
@@ -205,7 +220,7 @@ def generate(
                              "(open files with PIL.Image.open(path).convert('RGB'))")
     resolved = _resolve_router(router)
     with_image = [i for i, img in enumerate(images) if img is not None]
-    routed_layers, decisions = _layers_for(vlm, images, prompts, with_image, resolved)
+    routed_layers, decisions, features = _layers_for(vlm, images, prompts, with_image, resolved)
     N = vlm.num_layers
     layers = [routed_layers.get(i, N) for i in range(len(prompts))]
     from deepinsert.frozen_vlm import cut_at_eos
@@ -216,7 +231,7 @@ def generate(
         groups.setdefault((k, images[i] is not None), []).append(i)
     token_ids: list[list[int]] = [[] for _ in prompts]
     max_pos = getattr(getattr(vlm.config, "text_config", vlm.config), "max_position_embeddings", None)
-    for (k, _has_image), idx in sorted(groups.items()):
+    for (k, has_image), idx in sorted(groups.items()):
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
             batch = _batch(vlm, [images[i] for i in chunk], [prompts[i] for i in chunk])
@@ -225,13 +240,15 @@ def generate(
                 j = int(lens.argmax())
                 raise InputError(f"prompt {chunk[j]} is {int(lens[j])} tokens with its image and max_new_tokens is "
                                  f"{max_new_tokens}: more than the {max_pos} positions the model handles")
+            reuse = has_image and all(i in features for i in chunk)  # every image encoded when it was routed
             new = vlm.generate(
                 batch.input_ids,
-                batch.pixel_values,
+                None if reuse else batch.pixel_values,
                 batch.attention_mask,
                 insert_layer=k,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=eos or None,
+                image_features=[features[i] for i in chunk] if reuse else None,
                 **batch.image_inputs,
             )  # (b, T_new)
             for i, ids in zip(chunk, cut_at_eos(new, eos), strict=True):

@@ -185,20 +185,35 @@ def build_batch(
     return collate(parts, pad_token_id(tok))
 
 
+def encode_images(vlm: Any, images: Sequence[Any], *, batch_size: int = 64) -> list[torch.Tensor]:
+    """:meth:`FrozenVLM.image_features` of PIL ``images``, one ``(n_i, D)`` tensor per image on the
+    model's device, one image-processor call and one vision-tower pass per ``batch_size`` images:
+    what the prefill would compute, so a caller that needs them early (the image-aware routing
+    stage) can hand them to it (``image_features=``) instead of encoding the image twice."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+    out: list[torch.Tensor] = []
+    for b in range(0, len(images), batch_size):
+        enc = vlm.processor.image_processor(list(images[b:b + batch_size]), return_tensors="pt")
+        extras = {k: enc[k] for k in ("image_sizes", "image_grid_thw") if k in enc}
+        feats = vlm.image_features(enc["pixel_values"], **extras)
+        out.extend(list(feats) if isinstance(feats, list) else list(feats.unbind(0)))
+    return out
+
+
+def summarise_features(features: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    """``(I, D)`` float32 on the CPU: the mean over each image's tokens of its features (the
+    image-aware routing stage's summary, :meth:`FrozenVLM.image_summary`)."""
+    if len(features) == 0:
+        return torch.zeros(0, int(dim))
+    return torch.stack([f.float().mean(0) for f in features]).cpu()
+
+
 def image_summaries(vlm: Any, images: Sequence[Any], *, batch_size: int = 64) -> torch.Tensor:
     """``(I, D)`` float32 on the CPU: :meth:`FrozenVLM.image_summary` of PIL ``images`` (the
     image-aware routing stage's input), one image-processor call and one vision-tower pass per
     ``batch_size`` images."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
-    if len(images) == 0:
-        return torch.zeros(0, int(vlm.embedding_weight.shape[1]))
-    out = []
-    for b in range(0, len(images), batch_size):
-        enc = vlm.processor.image_processor(list(images[b:b + batch_size]), return_tensors="pt")
-        extras = {k: enc[k] for k in ("image_sizes", "image_grid_thw") if k in enc}
-        out.append(vlm.image_summary(enc["pixel_values"], **extras).cpu())
-    return torch.cat(out)
+    return summarise_features(encode_images(vlm, images, batch_size=batch_size), int(vlm.embedding_weight.shape[1]))
 
 
 def collate(parts: Sequence[PromptBatch], pad_id: int) -> PromptBatch:

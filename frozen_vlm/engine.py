@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from deepinsert.errors import InputError
-from deepinsert.frozen_vlm.batching import IGNORE_INDEX
+from deepinsert.frozen_vlm.batching import IGNORE_INDEX, summarise_features
 from deepinsert.frozen_vlm.decoding import resolve_eos_ids
 from deepinsert.frozen_vlm.layers import LlavaParts, vlm_parts
 from deepinsert.frozen_vlm.prepare import InsertLayer, Prepared, normalize_insert_layer, prepare
@@ -350,8 +350,8 @@ class FrozenVLM:
         """``(I, D)`` float32: the mean over each image's tokens of :meth:`image_features` (the
         image-aware routing stage's input, ``deepinsert.policy.image_stage``)."""
         feats = self.image_features(pixel_values, **extras)
-        rows = list(feats) if isinstance(feats, list) else list(feats.unbind(0))
-        return torch.stack([r.float().mean(0) for r in rows])
+        return summarise_features(list(feats) if isinstance(feats, list) else list(feats.unbind(0)),
+                                  int(self.embedding_weight.shape[1])).to(self.device)
 
     @torch.inference_mode()
     def forward(

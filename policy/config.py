@@ -177,7 +177,7 @@ class AlgoConfig:
     loss curve from a pooled summary of the image's projected features and the question's
     features, fitted with the first stage's objective, epochs and projection, applied where the
     image is used anyway (docs/routers.md sections 8 and 19). Off by default: on the demo it
-    gains 0–3 points of captured gain for a vision-tower pass per refined request."""
+    gains 0–3 points of captured gain and costs more on question types absent from training."""
     image_stage_weight_decay: float = 1e-3
     """Adam weight decay of the second stage's fit (the first stage's ``fullinfo_weight_decay``
     scale; the squared-error stage of ``objective: regression`` measured best near 0.1)."""

@@ -10,7 +10,7 @@ Endpoints:
   guard margin let it through to), ``flops_fraction`` (Eq. 5
   prefill FLOPs vs k = 0), ``router_ms``, and ``first_layer`` (the question-only layer) when
   the bundle's image-aware stage refined the decision (its image summary is computed in the
-  request thread: one extra vision-tower pass). ``lam`` / ``budget`` in the body choose the
+  request thread; the prefill reuses the features it encoded). ``lam`` / ``budget`` in the body choose the
   trade-off per request (loss-curve bundles).
 - ``GET /v1/models``: the one served model.
 - ``POST /route``, ``GET /health``, ``GET /info``: as the router-only service, plus the
@@ -208,7 +208,7 @@ def create_chat_app(
             raise APIError(f"max_tokens={asked} does not fit: the prompt is {len(conv.prompt_ids)} tokens and the "
                            f"model handles {max_pos} positions", param="max_tokens", code="context_length_exceeded")
         max_tokens = asked if asked is not None else min(config.default_max_tokens, room or config.default_max_tokens)
-        routed, fallback, router_ms, first_layer = False, False, 0.0, None
+        routed, fallback, router_ms, first_layer, image_features = False, False, 0.0, None, None
         if req.insert_layer is not None:
             layer = int(req.insert_layer)
         elif conv.image is None:
@@ -222,8 +222,9 @@ def create_chat_app(
                 routed = True
             except InputError:  # nothing the router can read (e.g. no known token): the stock model
                 layer, fallback = 0, True
-            else:  # the bundle's image-aware stage, if it has one (one vision-tower pass here)
-                decision = refine_with_images(vlm, router, [decision], [conv.image])[0]
+            else:  # the bundle's image-aware stage, if it has one (its vision-tower pass is the prefill's)
+                refined, feats = refine_with_images(vlm, router, [decision], [conv.image], keep_features=True)
+                decision, image_features = refined[0], feats[0]
                 layer, fallback, first_layer = int(decision.layer), bool(decision.fallback), decision.first_layer
             router_ms = 1000 * (time.perf_counter() - t0)
         if fallback:
@@ -235,7 +236,8 @@ def create_chat_app(
         sampling = SamplingParams(float(req.temperature or 0.0), float(req.top_p if req.top_p is not None else 1.0),
                                   req.seed)
         job = Job(prompt_ids=conv.prompt_ids, image=conv.image, layer=layer, n_text=conv.n_text,
-                  n_image=conv.n_image, max_tokens=max_tokens, sampling=sampling, stops=req.stop_list())
+                  n_image=conv.n_image, max_tokens=max_tokens, sampling=sampling, stops=req.stop_list(),
+                  image_features=image_features)
         extra = {"layer": layer, "routed": routed, "fallback": fallback,
                  "flops_fraction": flops_fraction(vlm, layer, conv.n_text, conv.n_image),
                  "router_ms": round(router_ms, 3), "num_layers": N}

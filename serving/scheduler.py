@@ -98,6 +98,7 @@ class Job:
     last: int = 0
     generator: Any = None
     bypassed: int = 0  # later jobs admitted ahead of this one while it did not fit
+    image_features: Any = None  # (n, D) projector output already computed (the image-aware stage's); None: encode here
 
     def cancel(self) -> None:
         """Ask the worker to drop this job (client disconnected, timed out)."""
@@ -378,18 +379,21 @@ class Scheduler:
             feats = None
             seen = [j for j in jobs if j.image is not None and j.layer < N]
             if seen:  # one image-processor call; k = N images are never processed nor encoded
-                t_img = time.perf_counter()
-                pixels = self.builder.pixel_values([j.image for j in seen])
-                self._phase("image_processor", t_img)
-                t_img = time.perf_counter()
-                enc = iter(self.vlm.image_features(pixels))
-                self._phase("vision_tower", t_img)
+                todo = [j for j in seen if j.image_features is None]  # the others were encoded when routed
+                enc = iter(())
+                if todo:
+                    t_img = time.perf_counter()
+                    pixels = self.builder.pixel_values([j.image for j in todo])
+                    self._phase("image_processor", t_img)
+                    t_img = time.perf_counter()
+                    enc = iter(self.vlm.image_features(pixels))
+                    self._phase("vision_tower", t_img)
                 with_image = [j for j in jobs if j.image is not None]
-                feats = None
                 parts = []
                 for j in with_image:
                     # a k = N row sharing a call with earlier k's: its image columns stay masked, any value does
-                    parts.append(next(enc) if j.layer < N else None)
+                    parts.append(None if j.layer >= N else j.image_features if j.image_features is not None
+                                 else next(enc))
                 shape = next(p for p in parts if p is not None)
                 feats = [p if p is not None else torch.zeros_like(shape) for p in parts]
             t_lm = time.perf_counter()

@@ -260,6 +260,22 @@ def test_train_evaluate_export_generate_serve(config, tmp_path, capsys):
                                                                   np.ones(len(qs), bool))]
     assert out.layers == want.tolist()
     refined = [d for d in out.decisions if d.first_layer is not None]
+    # the vision tower runs once per refined image: the prefill reuses the features the stage encoded
+    sel = [i for i, d in enumerate(out.decisions) if d.first_layer is not None and d.layer < vlm.num_layers]
+    calls: list[int] = []
+    encode = vlm.image_features
+
+    def counting(pixel_values, **kw):
+        calls.append(len(pixel_values))
+        return encode(pixel_values, **kw)
+
+    vlm.image_features = counting  # an instance attribute shadows the method for this check
+    try:
+        again = deepinsert.generate(vlm, [images[i] for i in sel], [qs[i] for i in sel], router=router,
+                                    max_new_tokens=4)
+    finally:
+        del vlm.image_features
+    assert sel and sum(calls) == len(sel) and again.token_ids == [out.token_ids[i] for i in sel]
     assert refined and all(d.layer <= 2 for d in refined) and any(d.first_layer > 2 for d in refined)
 
     # the chat server: same layer as generate, first_layer reported, lam per request honoured
@@ -283,6 +299,18 @@ def test_train_evaluate_export_generate_serve(config, tmp_path, capsys):
             from deepinsert.generate import refine_with_images
 
             assert r.deepinsert["layer"] == refine_with_images(vlm, router, [d], [images[i]])[0].layer
+        # a refined request's image goes through the vision tower once: the prefill reuses the stage's features
+        i = sel[0]
+        one = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(images[i])}},
+                                            {"type": "text", "text": qs[i]}]}]
+        calls.clear()
+        vlm.image_features = counting
+        try:
+            r = client.chat.completions.create(model="demo", messages=one, max_tokens=4)
+        finally:
+            del vlm.image_features
+        assert r.deepinsert["layer"] == out.layers[i] and r.deepinsert.get("first_layer") is not None
+        assert calls == [1] and r.choices[0].message.content == out.texts[i]
         for bad in ({"budget": 7}, {"lam": -1}, {"lam": True}, {"lam": "0.1"}, {"lam": 0.1, "budget": 0.5}):
             with pytest.raises(openai.BadRequestError):
                 client.chat.completions.create(model="demo", messages=msg, max_tokens=4, extra_body=bad)
