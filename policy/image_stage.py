@@ -46,7 +46,7 @@ from deepinsert.env.problem import reward
 from deepinsert.errors import InputError, ModelLoadError
 from deepinsert.policy.losscurve import (
     DecisionObjective,
-    adam_minibatches,
+    fit_decisions,
     fit_regression,
     monotone_mask,
     project_monotone,
@@ -294,22 +294,13 @@ def train_image_stage(
         fit_regression(net.parameters(), lambda idx: net.mlp(x[idx]), target, epochs=epochs,
                        learning_rate=learning_rate, batch_size=batch_size, weight_decay=weight_decay, generator=g)
         return net.eval()
-    from deepinsert.policy.fullinfo import expected_reward
 
-    if len(decision.candidate_layers) != p.shape[1]:
-        raise InputError(f"the decision objective has {len(decision.candidate_layers)} layers for {p.shape[1]} outputs")
-    kfrac = torch.tensor([k / decision.num_layers for k in decision.candidate_layers], dtype=torch.float32)[None, :]
-
-    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+    def predict(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pred = net.project(p[idx] + net.mlp(x[idx]) * net.residual_std)
-        lam = torch.rand(len(idx), 1, generator=g) * decision.lam_max
-        loss = -expected_reward((-pred + lam * kfrac) / decision.temperature, -y[idx] + lam * kfrac)
-        if decision.regression_weight > 0:
-            loss = loss + decision.regression_weight * torch.mean(((pred - y[idx]) / net.residual_std) ** 2)
-        return loss
+        return pred, torch.mean(((pred - y[idx]) / net.residual_std) ** 2)
 
-    adam_minibatches(net.parameters(), len(y), batch_loss, epochs=epochs, learning_rate=learning_rate,
-                     batch_size=batch_size, weight_decay=weight_decay, generator=g)
+    fit_decisions(net.parameters(), predict, y, decision, epochs=epochs, learning_rate=learning_rate,
+                  batch_size=batch_size, weight_decay=weight_decay, generator=g)
     return net.eval()
 
 

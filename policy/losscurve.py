@@ -304,8 +304,12 @@ def train_losscurve(
         fit_regression(net.parameters(), lambda idx: net.mlp(net.normalize(x[idx])), target, epochs=epochs,
                        learning_rate=learning_rate, batch_size=batch_size, weight_decay=weight_decay, generator=g)
     else:
-        _fit_decisions(net, x, y, target, decision, epochs=epochs, learning_rate=learning_rate,
-                       batch_size=batch_size, weight_decay=weight_decay, generator=g)
+        def predict(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            z = net.mlp(net.normalize(x[idx]))  # standardised losses
+            return net.project(z * net.loss_std + net.loss_mean), torch.mean((z - target[idx]) ** 2)
+
+        fit_decisions(net.parameters(), predict, y, decision, epochs=epochs, learning_rate=learning_rate,
+                      batch_size=batch_size, weight_decay=weight_decay, generator=g)
     return net.eval()
 
 
@@ -351,11 +355,12 @@ def stack_members(nets: Sequence[LossCurveNet]) -> LossCurveNet:
     return wide.eval()
 
 
-def _fit_decisions(net: LossCurveNet, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor, obj: DecisionObjective,
-                   *, epochs: int, learning_rate: float, batch_size: int, weight_decay: float,
-                   generator: torch.Generator) -> None:
-    """Adam on :class:`DecisionObjective` over shuffled minibatches (``x (S, D)``, losses ``y``
-    and their standardised ``target``, both ``(S, K)``)."""
+def fit_decisions(params: Any, predict: Any, y: torch.Tensor, obj: DecisionObjective, *, epochs: int,
+                  learning_rate: float, batch_size: int, weight_decay: float, generator: torch.Generator) -> None:
+    """Adam on :class:`DecisionObjective` over shuffled minibatches of the ``(S, K)`` losses ``y``:
+    ``predict(idx)`` gives the minibatch's predicted curve ``(B, K)`` (projected, in nats) and its
+    squared-error term, which the objective weighs by ``regression_weight``. One λ per prompt is
+    drawn from ``generator`` after the curve. Used by the loss-curve network and the image-aware stage."""
     from deepinsert.policy.fullinfo import expected_reward
 
     if len(obj.candidate_layers) != y.shape[1]:
@@ -363,15 +368,14 @@ def _fit_decisions(net: LossCurveNet, x: torch.Tensor, y: torch.Tensor, target: 
     kfrac = torch.tensor([k / obj.num_layers for k in obj.candidate_layers], dtype=torch.float32)[None, :]
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        z = net.mlp(net.normalize(x[idx]))
+        pred, squared_error = predict(idx)
         lam = torch.rand(len(idx), 1, generator=generator) * obj.lam_max
-        pred = net.project(z * net.loss_std + net.loss_mean)
         loss = -expected_reward((-pred + lam * kfrac) / obj.temperature, -y[idx] + lam * kfrac)
         if obj.regression_weight > 0:
-            loss = loss + obj.regression_weight * torch.mean((z - target[idx]) ** 2)
+            loss = loss + obj.regression_weight * squared_error
         return loss
 
-    adam_minibatches(net.parameters(), len(y), batch_loss, epochs=epochs, learning_rate=learning_rate,
+    adam_minibatches(params, len(y), batch_loss, epochs=epochs, learning_rate=learning_rate,
                      batch_size=batch_size, weight_decay=weight_decay, generator=generator)
 
 
