@@ -117,7 +117,7 @@ def _layers_for(
     if routed:
         decs = router.route_batch([prompts[i] for i in routed])
         # the bundle's image-aware second stage (if any), on the images that enter the model
-        decs, feats = refine_with_images(vlm, router, decs, [images[i] for i in routed], keep_features=True)
+        decs, feats = refine_with_images(vlm, router, decs, [images[i] for i in routed])
         for i, d, f in zip(routed, decs, feats, strict=True):
             decisions[i] = d
             if f is not None:
@@ -126,28 +126,26 @@ def _layers_for(
 
 
 def refine_with_images(vlm: FrozenVLM, router: Router, decisions: Sequence[RouteDecision],
-                       images: Sequence[Any], *, keep_features: bool = False) -> Any:
+                       images: Sequence[Any]) -> tuple[list[RouteDecision], list[Any]]:
     """The bundle's image-aware stage on question-only decisions, one PIL image per decision:
     the images whose decision ``router.needs_image_summary`` accepts are encoded on ``vlm``
     (``frozen_vlm.encode_images``), summarised, then ``router.refine``. Decisions come back
-    unchanged when none needs it (e.g. the bundle has no stage). ``keep_features``: return
-    ``(decisions, features)`` with each encoded image's ``(n, D)`` features (None where none was
-    encoded, or where the refined layer is N and the image never enters), for the prefill to
-    reuse instead of running the vision tower again."""
+    unchanged when none needs it (e.g. the bundle has no stage). Returns ``(decisions, features)``:
+    each encoded image's ``(n, D)`` features (None where none was encoded, or where the refined
+    layer is N and the image never enters), for the prefill to reuse instead of running the
+    vision tower again."""
     need = [i for i, d in enumerate(decisions) if router.needs_image_summary(d)]
     feats: list[Any] = [None] * len(decisions)
     if not need:
-        return (list(decisions), feats) if keep_features else list(decisions)
+        return list(decisions), feats
     import numpy as np
 
     from deepinsert.frozen_vlm.batching import encode_images, summarise_features
 
     encoded = encode_images(vlm, [images[i] for i in need])
     summaries = np.zeros((len(decisions), router.image_summary_dim), dtype=np.float32)
-    summaries[need] = summarise_features(encoded, router.image_summary_dim).numpy()
+    summaries[need] = summarise_features(encoded, router.image_summary_dim).cpu().numpy()
     refined = router.refine(decisions, summaries)
-    if not keep_features:
-        return refined
     for i, f in zip(need, encoded, strict=True):
         feats[i] = f if refined[i].layer < vlm.num_layers else None
     return refined, feats

@@ -202,18 +202,18 @@ def encode_images(vlm: Any, images: Sequence[Any], *, batch_size: int = 64) -> l
 
 
 def summarise_features(features: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
-    """``(I, D)`` float32 on the CPU: the mean over each image's tokens of its features (the
-    image-aware routing stage's summary, :meth:`FrozenVLM.image_summary`)."""
+    """``(I, D)`` float32 on the features' device: the mean over each image's tokens of its
+    features (the image-aware routing stage's summary, :meth:`FrozenVLM.image_summary`)."""
     if len(features) == 0:
         return torch.zeros(0, int(dim))
-    return torch.stack([f.float().mean(0) for f in features]).cpu()
+    return torch.stack([f.float().mean(0) for f in features])
 
 
 def image_summaries(vlm: Any, images: Sequence[Any], *, batch_size: int = 64) -> torch.Tensor:
     """``(I, D)`` float32 on the CPU: :meth:`FrozenVLM.image_summary` of PIL ``images`` (the
     image-aware routing stage's input), one image-processor call and one vision-tower pass per
     ``batch_size`` images."""
-    return summarise_features(encode_images(vlm, images, batch_size=batch_size), int(vlm.embedding_weight.shape[1]))
+    return summarise_features(encode_images(vlm, images, batch_size=batch_size), int(vlm.embedding_weight.shape[1])).cpu()
 
 
 def collate(parts: Sequence[PromptBatch], pad_id: int) -> PromptBatch:

@@ -351,7 +351,7 @@ class FrozenVLM:
         image-aware routing stage's input, ``deepinsert.policy.image_stage``)."""
         feats = self.image_features(pixel_values, **extras)
         return summarise_features(list(feats) if isinstance(feats, list) else list(feats.unbind(0)),
-                                  int(self.embedding_weight.shape[1])).to(self.device)
+                                  int(self.embedding_weight.shape[1]))
 
     @torch.inference_mode()
     def forward(

@@ -223,7 +223,7 @@ def create_chat_app(
             except InputError:  # nothing the router can read (e.g. no known token): the stock model
                 layer, fallback = 0, True
             else:  # the bundle's image-aware stage, if it has one (its vision-tower pass is the prefill's)
-                refined, feats = refine_with_images(vlm, router, [decision], [conv.image], keep_features=True)
+                refined, feats = refine_with_images(vlm, router, [decision], [conv.image])
                 decision, image_features = refined[0], feats[0]
                 layer, fallback, first_layer = int(decision.layer), bool(decision.fallback), decision.first_layer
             router_ms = 1000 * (time.perf_counter() - t0)

@@ -298,7 +298,7 @@ def test_train_evaluate_export_generate_serve(config, tmp_path, capsys):
             d = router.route(qs[i], lam=1.0)
             from deepinsert.generate import refine_with_images
 
-            assert r.deepinsert["layer"] == refine_with_images(vlm, router, [d], [images[i]])[0].layer
+            assert r.deepinsert["layer"] == refine_with_images(vlm, router, [d], [images[i]])[0][0].layer
         # a refined request's image goes through the vision tower once: the prefill reuses the stage's features
         i = sel[0]
         one = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(images[i])}},
