@@ -167,9 +167,6 @@ class PolicyHead(nn.Module):
                 self.register_buffer("o_proj", torch.as_tensor(guard.proj[D:]))
             self.guard = GuardHead(guard.points)
 
-    def scores(self, obs: torch.Tensor) -> torch.Tensor:
-        return self._rest(self._first(self._features(obs)))
-
     def decide(self, first: torch.Tensor, lam: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """The decision outputs from the first hidden pre-activation ``first (B, H)``: ``action,
         probs[, losses]`` (the ``ood_score`` goes between them: the callers insert it)."""
