@@ -65,17 +65,14 @@ def other_phrasing_words(family: str) -> tuple[str, ...]:
     cross-family wording noise (``DemoTrainConfig.cross_p``) puts them into ``family``'s
     questions, so a word like "how" (only count questions start with it) does not decide a
     question's task on its own."""
-    import re
-
     from deepinsert.demo.families import FAMILIES, key_words
-    from deepinsert.demo.phrasings import family_phrasings
+    from deepinsert.demo.phrasings import FAMILY_VARIANTS, TRAIN, template_words
 
     if family not in FAMILIES:
         raise ValueError(f"unknown demo family {family!r}")
 
     def words(f: str) -> set[str]:
-        text = " ".join(re.sub(r"\{\w+\}", " ", p) for p in family_phrasings(f)).lower()
-        return set(re.findall(r"[a-z]+", text))
+        return template_words({v: TRAIN[v] for v in FAMILY_VARIANTS[f]})
 
     others = set().union(*(words(f) for f in FAMILIES if f != family))
     return tuple(sorted(others - words(family) - key_words()))
