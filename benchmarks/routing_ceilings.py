@@ -71,11 +71,7 @@ def main() -> None:
     from deepinsert.utils.decision import reward
 
     b = open_bench(args.config, accuracy=False)
-    ks = np.asarray(b.ws.candidate_layers)
-    N = b.ws.num_layers
-
-    def rewards(losses: np.ndarray, lam: float) -> np.ndarray:
-        return np.stack([reward(losses[:, j], np.full(len(losses), k), lam, N) for j, k in enumerate(ks)], 1)
+    ks = np.asarray(b.ws.candidate_layers)[None, :]
 
     train_families = np.array([s.family for s in b.train.samples])
     out: dict[str, Any] = {"config": args.config, "lams": list(LAMS), "groupings": list(GROUPINGS), "splits": {}}
@@ -88,8 +84,8 @@ def main() -> None:
             for how in ("train", "hindsight"):
                 cells = {}
                 for lam in LAMS:
-                    a = (lookup_actions(tk, rewards(b.losses, lam), kk, families, train_families) if how == "train"
-                         else hindsight_actions(rewards(t.losses, lam), kk))
+                    a = (lookup_actions(tk, reward(b.losses, ks, lam, b.ws.num_layers), kk, families, train_families)
+                         if how == "train" else hindsight_actions(t.rewards(lam), kk))
                     cells[f"{lam:g}"] = float(compare(t, lam, a)["captured_gain"])
                 rows[f"{grouping} ({how})"] = {"groups": int(len(set(kk.tolist()))), "captured": cells}
                 print(f"{name:12s} {grouping + ' (' + how + ')':34s}",
