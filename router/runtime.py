@@ -355,7 +355,7 @@ class Router:
         if "question_features" in self._stage_in:
             if question is None:
                 raise InputError("this bundle's image-aware stage also reads the question's features: refine "
-                                 "decisions this router took (route / route_many / route_embedding)")
+                                 "decisions this router took (route / route_batch / route_embedding / route_embeddings)")
             feed["question_features"] = question
         return dict(zip(IMAGE_STAGE_OUTPUTS, self._image_stage.run(list(IMAGE_STAGE_OUTPUTS), feed)))
 
