@@ -59,20 +59,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def stage_refiner(net: Any, obs: dict[str, np.ndarray], keep: np.ndarray, fb: dict[str, np.ndarray], seed: int) -> Any:
         """The image-aware stage fitted as ``deepinsert train`` fits it, on the kept training prompts
         with an image; returns ``refine(split, λ, actions)`` for :meth:`Bench.captured`."""
-        from deepinsert.policy.image_stage import ImageStage, train_image_stage
         from deepinsert.policy.losscurve import first_hidden
-        from deepinsert.policy.train import losscurve_fit_settings
+        from deepinsert.policy.train import fit_image_stage
 
-        fit = losscurve_fit_settings(cfg, ks, ws.num_layers)
         rows = keep & summ["train"][1]
+        stage = fit_image_stage(cfg, ks, ws.num_layers, net, obs["train"][rows], summ["train"][0][rows],
+                                b.losses[rows], seed=cfg.seed + seed, margin=b.margin)
         with torch.no_grad():
             curves = {n: net(torch.from_numpy(x)).numpy() for n, x in obs.items()}
         feats = {n: first_hidden(net, x) for n, x in obs.items()}
-        stage = ImageStage(train_image_stage(
-            curves["train"][rows], summ["train"][0][rows], b.losses[rows], net_arch=cfg.net_arch, epochs=fit["epochs"],
-            learning_rate=fit["learning_rate"], batch_size=cfg.algo.batch_size, seed=cfg.seed + seed,
-            weight_decay=cfg.algo.image_stage_weight_decay, margin=b.margin, question=feats["train"][rows],
-            monotone_layers=fit["monotone_layers"], decision=fit.get("decision")), ks, ws.num_layers)
 
         def refine(n: str, lam: float, a: np.ndarray) -> np.ndarray:
             a = a.copy()

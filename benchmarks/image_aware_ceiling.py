@@ -43,13 +43,11 @@ def two_stage(b: Any, q: dict[str, np.ndarray], img: dict[str, np.ndarray], seed
     captured gain per λ and accuracy per split, and how often the stage moved a prompt."""
     import torch
     from deepinsert.policy.evaluate import compare
-    from deepinsert.policy.image_stage import ImageStage, train_image_stage
     from deepinsert.policy.losscurve import first_hidden
-    from deepinsert.policy.train import losscurve_fit_settings
+    from deepinsert.policy.train import fit_image_stage
     from router_bench import ACC_LAM, summarise
 
-    a, d = b.cfg.algo, img["train"].shape[1] - 1
-    fit = losscurve_fit_settings(b.cfg, b.ws.candidate_layers, b.ws.num_layers)  # as `deepinsert train` fits the stage
+    d = img["train"].shape[1] - 1
     runs = []
     for s in range(seeds):
         net = b.fit(q["train"], b.cfg.seed + s)
@@ -57,12 +55,8 @@ def two_stage(b: Any, q: dict[str, np.ndarray], img: dict[str, np.ndarray], seed
             curves = {n: net(torch.from_numpy(x)).numpy() for n, x in q.items()}
         feats = {n: first_hidden(net, x) for n, x in q.items()}
         has = img["train"][:, d] > 0
-        stage_net = train_image_stage(curves["train"][has], img["train"][has, :d], b.losses[has], net_arch=b.cfg.net_arch,
-                                      epochs=fit["epochs"], learning_rate=fit["learning_rate"], batch_size=a.batch_size,
-                                      seed=b.cfg.seed + s, weight_decay=a.image_stage_weight_decay, margin=b.margin,
-                                      question=feats["train"][has], monotone_layers=fit["monotone_layers"],
-                                      decision=fit.get("decision"))
-        stage = ImageStage(stage_net, b.ws.candidate_layers, b.ws.num_layers)
+        stage = fit_image_stage(b.cfg, b.ws.candidate_layers, b.ws.num_layers, net, q["train"][has],
+                                img["train"][has, :d], b.losses[has], seed=b.cfg.seed + s, margin=b.margin)
         out: dict[str, dict[str, float]] = {}
         for n, t in b.tables.items():
             out[n] = {}

@@ -376,27 +376,39 @@ def fit_run_guard(ws: Workspace, cfg: TrainConfig, out: Path) -> dict[str, Any]:
 
 def fit_run_image_stage(ws: Workspace, cfg: TrainConfig, router: Any, losses: np.ndarray, out: Path, *,
                         progress: bool = False) -> dict[str, Any]:
-    """Fit the image-aware second stage on the training prompts with an image (first-stage curves,
-    image summaries and question features -> the loss table; the first stage's objective, epochs,
-    learning rate and projection), save it in ``out``; returns its run.json block."""
+    """Fit the image-aware second stage on the training prompts with an image (:func:`fit_image_stage`),
+    save it in ``out``; returns its run.json block."""
     from deepinsert.policy.image_stage import WEIGHTS_FILE as STAGE_FILE
-    from deepinsert.policy.image_stage import ImageStage, train_image_stage
 
     train = ws.splits["train"]
     summaries, has = ws.summaries(train, progress=progress)
     if has.sum() < 2:
         raise ConfigError("algo.image_stage: the training split has fewer than 2 prompts with an image")
-    from deepinsert.policy.losscurve import first_hidden
+    stage = fit_image_stage(cfg, ws.candidate_layers, ws.num_layers, router.policy, train.observations[has],
+                            summaries[has], losses[has], seed=cfg.seed, margin=cfg.algo.margin)
+    stage.save(out / STAGE_FILE)
+    return {**stage.net.architecture(), "trained_samples": int(has.sum())}
 
-    obs = train.observations[has]
-    fit = losscurve_fit_settings(cfg, ws.candidate_layers, ws.num_layers)  # the first stage's objective and projection
-    net = train_image_stage(router.predict_losses(obs), summaries[has], losses[has], net_arch=cfg.net_arch,
-                            epochs=fit["epochs"], learning_rate=fit["learning_rate"], batch_size=cfg.algo.batch_size,
-                            seed=cfg.seed, weight_decay=cfg.algo.image_stage_weight_decay, margin=cfg.algo.margin,
-                            question=first_hidden(router.policy, obs), monotone_layers=fit["monotone_layers"],
-                            decision=fit.get("decision"))
-    ImageStage(net, ws.candidate_layers, ws.num_layers).save(out / STAGE_FILE)
-    return {**net.architecture(), "trained_samples": int(has.sum())}
+
+def fit_image_stage(cfg: TrainConfig, candidate_layers: list[int], num_layers: int, net: Any, obs: np.ndarray,
+                    summaries: np.ndarray, losses: np.ndarray, *, seed: int, margin: float) -> Any:
+    """The image-aware stage (:class:`~deepinsert.policy.image_stage.ImageStage`) on top of the
+    loss-curve network ``net``, fitted on prompts with an image: their observations ``(S, D)``,
+    image summaries ``(S, Dᵢ)`` and losses ``(S, K)``. It reads ``net``'s predicted curves and
+    first hidden layer and is fitted with the first stage's objective, epochs, learning rate and
+    projection (:func:`losscurve_fit_settings`) and ``algo.image_stage_weight_decay``; ``margin``:
+    its decision margin. What ``deepinsert train`` fits, and the benchmarks with it."""
+    from deepinsert.policy.image_stage import ImageStage, train_image_stage
+    from deepinsert.policy.losscurve import LossCurveRouter, first_hidden
+
+    fit = losscurve_fit_settings(cfg, candidate_layers, num_layers)
+    curves = LossCurveRouter(net, candidate_layers, num_layers, 0.0).predict_losses(obs)
+    stage_net = train_image_stage(curves, summaries, losses, net_arch=cfg.net_arch, epochs=fit["epochs"],
+                                  learning_rate=fit["learning_rate"], batch_size=cfg.algo.batch_size, seed=seed,
+                                  weight_decay=cfg.algo.image_stage_weight_decay, margin=margin,
+                                  question=first_hidden(net, obs), monotone_layers=fit["monotone_layers"],
+                                  decision=fit.get("decision"))
+    return ImageStage(stage_net, candidate_layers, num_layers)
 
 
 def losscurve_fit_settings(cfg: TrainConfig, candidate_layers: list[int], num_layers: int) -> dict[str, Any]:
