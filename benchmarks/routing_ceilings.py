@@ -5,7 +5,9 @@
 Lookup routers over the demo's splits, each picking for every group of prompts the layer with the
 best mean reward **on the training split** (and, for comparison, on the evaluated split itself,
 *in hindsight*), at λ = 0 … 0.5; captured gain on ``test`` and ``test_unseen`` as the sweep
-reports it. Groups, from least to most informed:
+reports it, the FLOPs saved and the accuracy at λ = 0.1, and the most saved within 1.5 points of
+the model's own k = 0 along λ (the main job's front: the same grid). Works on an adapted model
+too (a config with ``adapter:``). Groups, from least to most informed:
 
 - ``family``: the question family (what a perfect question classifier knows);
 - ``family+slot``: plus the shape or colour the question names (``square``, ``red`` ...;
@@ -41,7 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from router_bench import LAMS, arg_parser, open_bench, write
+from router_bench import ACC_LAM, LAMS, arg_parser, open_bench, write
+
+from deepinsert.policy.sweep import FRONT_DROP, FRONT_LAMS  # the main job's front: the same grid and bound
 
 RESULTS = Path(__file__).resolve().parent / "results" / "routing_ceilings.json"
 GROUPINGS = ("family", "family+slot", "family+slot+answer")
@@ -208,9 +212,9 @@ def main() -> None:
     from deepinsert.policy.image_stage import sample_summaries
     from deepinsert.utils.decision import reward
 
-    b = open_bench(args.config, accuracy=False)
+    b = open_bench(args.config)
     ks = np.asarray(b.ws.candidate_layers)[None, :]
-    train_rewards = {lam: reward(b.losses, ks, lam, b.ws.num_layers) for lam in LAMS}
+    train_rewards = {lam: reward(b.losses, ks, lam, b.ws.num_layers) for lam in sorted({*LAMS, *FRONT_LAMS})}
 
     train_families = np.array([s.family for s in b.train.samples])
     train_slots = group_keys(b.train.samples, "family+slot")
@@ -228,10 +232,22 @@ def main() -> None:
         families = np.array([s.family for s in samples])
         rows: dict[str, Any] = {}
 
+        acc_k0 = float(t.correct[:, 0].mean())
+
         def row(label: str, groups: int | None, action: Any) -> None:
             cells = {f"{lam:g}": float(compare(t, lam, action(lam))["captured_gain"]) for lam in LAMS}
-            rows[label] = {"groups": groups, "captured": cells}
-            print(f"{name:12s} {label:44s}", " / ".join(f"{100 * v:.0f}" for v in cells.values()), flush=True)
+            at = compare(t, ACC_LAM, action(ACC_LAM))["router"]
+            front = {"saving": 0.0, "accuracy": acc_k0, "lam": 0.0}
+            for lam in FRONT_LAMS:
+                r = compare(t, lam, action(lam))["router"]
+                if r["accuracy"] >= acc_k0 - FRONT_DROP - 1e-9 and 1 - r["flops_fraction"] > front["saving"]:
+                    front = {"saving": float(1 - r["flops_fraction"]), "accuracy": float(r["accuracy"]), "lam": float(lam)}
+            rows[label] = {"groups": groups, "captured": cells, f"accuracy@{ACC_LAM:g}": float(at["accuracy"]),
+                           f"saving@{ACC_LAM:g}": float(1 - at["flops_fraction"]), "most_saved_within": front}
+            print(f"{name:12s} {label:44s}", " / ".join(f"{100 * v:.0f}" for v in cells.values()),
+                  f"| λ={ACC_LAM:g}: saves {100 * (1 - at['flops_fraction']):.1f}% at {at['accuracy']:.3f}"
+                  f" | most saved within {100 * FRONT_DROP:g} points of k=0 ({acc_k0:.3f}): {100 * front['saving']:.1f}%"
+                  f" (λ {front['lam']:g})", flush=True)
 
         for grouping in GROUPINGS:
             tk, kk = group_keys(b.train.samples, grouping), group_keys(samples, grouping)
