@@ -11,7 +11,9 @@ prefill and the first token's logits::
 
     FrozenVLM(model).generate(input_ids, image_features=feats, insert_layer=k, max_new_tokens=1)
 
-``--mode forward`` times ``FrozenVLM.forward`` (logits for every row).
+``--mode forward`` times ``FrozenVLM.forward`` (logits for every row). ``--batch B`` prefills
+B such prompts (each its own random text and image) in one call, as the serving scheduler
+prefills a group of requests routed to the same k.
 
 ``image_features`` are the projector outputs ``(1, 576, D)``, so the vision tower is not
 timed (it is built with a single layer to save memory and start-up time; the decoder, the
@@ -69,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (each visits every k once)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--n-text", type=int, default=60, help="text tokens in the prompt")
+    p.add_argument("--batch", type=int, default=1,
+                   help="prompts prefilled together (the serving scheduler's same-k group; each its own text and image)")
     p.add_argument("--image", default="672x672", help="image size HxW in pixels (sets the image-token count)")
     p.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)),
                    help="insertion layers of the FULL model, comma-separated; scaled to --layers")
@@ -117,7 +121,7 @@ def make_inputs(
     cfg: Any, n_text: int, n_image: int, hidden: int, dtype: torch.dtype, device: torch.device,
     gen: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``input_ids (1, L)``, ``attention_mask (1, L)``, ``image_features (1, n_image, D)``.
+    """One prompt: ``input_ids (1, L)``, ``attention_mask (1, L)``, ``image_features (1, n_image, D)``.
 
     Layout like ``"USER: <image>\\n{question} ASSISTANT:"``: BOS and a few tokens, the image
     tokens, then the rest of the text.
@@ -164,8 +168,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     n_built = args.layers if args.layers is not None else (n_full if device.type == "cuda" else 4)
     if not 1 <= n_built <= n_full:
         raise SystemExit(f"--layers must be in [1, {n_full}], got {n_built}")
-    if args.repeats < 1 or args.warmup < 0 or args.n_text < 1:
-        raise SystemExit("--repeats >= 1, --warmup >= 0 and --n-text >= 1 are required")
+    if args.repeats < 1 or args.warmup < 0 or args.n_text < 1 or args.batch < 1:
+        raise SystemExit("--repeats >= 1, --warmup >= 0, --n-text >= 1 and --batch >= 1 are required")
     ks = scaled_ks([int(x) for x in args.ks.split(",") if x.strip()], n_full, n_built)
     clock = args.clock if args.clock != "auto" else ("wall" if device.type == "cuda" else "cpu")
     if clock == "cpu" and device.type == "cuda":
@@ -183,9 +187,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     vlm = FrozenVLM(model)
     n_image, extras = vlm._parts.image_token_count(height, width)
     extras = {name: v.to(device) for name, v in extras.items()}
-    input_ids, mask, feats = make_inputs(
-        cfg, args.n_text, n_image, cfg.text.hidden_size, dtype, device, gen
-    )
+    prompts = [make_inputs(cfg, args.n_text, n_image, cfg.text.hidden_size, dtype, device, gen)
+               for _ in range(args.batch)]
+    input_ids, mask, feats = (torch.cat(parts) for parts in zip(*prompts))  # (B, L), (B, L), (B, n_image, D)
+    extras = {name: torch.cat([v] * args.batch) for name, v in extras.items()}
 
     # The stock reference: the same layer-0 input (image rows = features) through HF.
     embeds = model.get_input_embeddings()(input_ids)
@@ -315,6 +320,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ),
         "clock": clock,
         "n_text": args.n_text,
+        "batch": args.batch,
         "family": cfg.family,
         "image_size": [height, width],
         "n_image": n_image,
@@ -360,7 +366,8 @@ def format_table(result: dict[str, Any]) -> str:
         (
             f"{result['source']} shape, {result['layers_built']}/{result['layers_full']} layers, "
             f"{result['dtype']} on {result['device']} ({result['device_name']}), "
-            f"{result['n_text']} text + {result['n_image']} image tokens{image}, "
+            f"{result['n_text']} text + {result['n_image']} image tokens{image}"
+            + (f" x {result['batch']} prompts" if result.get("batch", 1) > 1 else "") + ", "
             f"{result['clock']} time, median of {result['repeats']}"
             + (f", {result['torch_threads']} thread(s)" if result["torch_threads"] else "")
         ),

@@ -28,7 +28,7 @@ image summaries, ~10 s):
   wording than in the family and slot?
 - ``family+slot+summary (estimator)``: the family+slot group's training prompts, re-weighted by
   the image's *summary* (the mean projector output the image-aware stage reads,
-  ``policy.image_stage.sample_summaries``) instead of its true answer, with four estimators of a
+  ``policy.image_stage.sample_summaries``) instead of its true answer, with three estimators of a
   prompt's reward curve from its group: the ``m`` nearest training summaries (``knn``), a ridge
   regression of the group's loss curves on the summary's top principal directions (``ridge``),
   and the answer-lookup curves weighted by a softmax probe's probability of each answer given the
@@ -107,11 +107,8 @@ def question_actions(train_q: np.ndarray, train_keys: np.ndarray, train_rewards:
 class SummaryCurves:
     """Reward-curve estimates from a prompt's family+slot group and its image summary.
 
-    ``fit`` holds the training prompts: summaries ``(S, D)`` standardised on the training images,
-    ``has_image (S,)``, group keys, families, answers and losses ``(S, K)``. Each estimator
-    returns predicted losses ``(S', K)`` for evaluated prompts; a prompt without an image, or
-    whose group has a training prompt without one, gets its group's mean curve (the family's
-    when the group is new to training).
+    Built from the training prompts: summaries ``(S, D)`` (standardised on the training images),
+    ``has (S,)`` image flags, group keys, families, answers and losses ``(S, K)``.
     """
 
     def __init__(self, summaries: np.ndarray, has: np.ndarray, keys: np.ndarray, families: np.ndarray,
@@ -132,6 +129,10 @@ class SummaryCurves:
 
     def predict(self, estimator: str, setting: Any, summaries: np.ndarray, has: np.ndarray, keys: np.ndarray,
                 families: np.ndarray) -> np.ndarray:
+        """Predicted losses ``(S', K)`` of evaluated prompts (summaries ``(S', D)``, ``has``, group
+        keys, families) by ``estimator`` (a key of :data:`SUMMARY_SETTINGS`) with ``setting``. A
+        prompt without an image, or whose group has a training prompt without one, gets its
+        group's mean curve (its family's when the group is new to training)."""
         z = self._z(summaries)
         models: dict[str, Any] = {}
         out = np.zeros((len(keys), self.losses.shape[1]))
