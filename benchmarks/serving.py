@@ -293,12 +293,16 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _median_row(reps: list[dict[str, Any]]) -> dict[str, Any]:
-    """The round with the median throughput, plus every round's req/s (the spread)."""
+    """The round with the median throughput, plus every round's req/s (the spread) and the
+    accuracy over every round's answers (``accuracy_all_rounds``: each mode answers the same
+    requests, so these compare modes at equal inputs)."""
     ordered = sorted(reps, key=lambda r: r["req_per_s"] or 0.0)
     row = dict(ordered[len(ordered) // 2])
     row["req_per_s_rounds"] = [r["req_per_s"] for r in reps]
     row["ttft_p50_ms_rounds"] = [r["ttft_p50_ms"] for r in reps]
     row["flops_fraction_rounds"] = [r["flops_fraction"] for r in reps]
+    if all(r.get("accuracy") is not None for r in reps):
+        row["accuracy_all_rounds"] = sum(r["accuracy"] * r["ok"] for r in reps) / max(1, sum(r["ok"] for r in reps))
     row["rounds"] = len(reps)
     return row
 
@@ -465,7 +469,7 @@ def run_llava7b(args: argparse.Namespace) -> dict[str, Any]:
 def format_table(part: str, res: dict[str, Any]) -> str:
     """One Markdown table per part."""
     head = ("| mode | clients | req/s | TTFT p50 ms | TTFT p99 ms | ms/token | peak KV MiB | peak batch | mean k "
-            "| FLOPs frac | speed-up vs k0 [rounds] (ideal) | accuracy |")
+            "| FLOPs frac | speed-up vs k0 [rounds] (ideal) | accuracy (all rounds) |")
     lines = [f"**{part}**: {res['model']}", "", head, "|" + "---|" * 12]
     for r in res["rows"]:
         def f(v: Any, fmt: str) -> str:
@@ -484,7 +488,8 @@ def format_table(part: str, res: dict[str, Any]) -> str:
         lines.append(f"| {r['mode']} | {r['concurrency']} | {rps} | {f(r['ttft_p50_ms'], '.0f')} "
                      f"| {f(r['ttft_p99_ms'], '.0f')} | {f(r['tpot_p50_ms'], '.1f')} | {kv} "
                      f"| {batch} | {f(r['mean_layer'], '.2f')} | {f(r['flops_fraction'], '.3f')} | {sp} "
-                     f"| {f(r.get('accuracy'), '.3f')} |")
+                     f"| {f(r.get('accuracy'), '.3f')}"
+                     + (f" ({r['accuracy_all_rounds']:.3f})" if "accuracy_all_rounds" in r else "") + " |")
     return "\n".join(lines)
 
 
