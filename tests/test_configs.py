@@ -147,3 +147,12 @@ def test_unknown_name_and_missing_file() -> None:
         load_model_config("llava-9b")
     with pytest.raises(ConfigError, match="not found"):
         load_model_config("no/such/file.yaml")
+
+
+def test_config_path_that_is_not_a_file(tmp_path: Path) -> None:
+    from deepinsert.utils.config_io import load_yaml
+
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        load_yaml(tmp_path)  # a folder
+    with pytest.raises(ConfigError, match="not found"):
+        load_yaml(tmp_path / "missing.yaml")

@@ -24,7 +24,7 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML mapping; clear ``ConfigError`` for a missing file or a non-mapping."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file {path} is not a regular file" if path.exists() else f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
