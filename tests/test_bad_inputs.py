@@ -194,7 +194,7 @@ CLI_CASES: list[tuple[str, list[str], Callable | None, str]] = [
      _both(_cfg(net_arch=[7]), _run()), "config differs"),
     # train: config files
     ("config-missing", ["train", "--config", T + "/nope.yaml", "--out", T + "/o"], None, "not found"),
-    ("config-is-folder", ["train", "--config", T, "--out", T + "/o"], None, "not found"),
+    ("config-is-folder", ["train", "--config", T, "--out", T + "/o"], None, "is not a regular file"),
     ("config-not-utf8", ["train", *CFG, "--out", T + "/o"], _raw_cfg(b"lam: 0.1\nmodel: \xff\xfe\n"), "not UTF-8"),
     ("config-bad-yaml", ["train", *CFG, "--out", T + "/o"], _raw_cfg(b"lam: [0.1\n"), "invalid YAML"),
     ("config-top-level-list", ["train", *CFG, "--out", T + "/o"], _raw_cfg(b"- 1\n- 2\n"), "mapping"),
