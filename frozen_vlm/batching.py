@@ -197,13 +197,14 @@ def encode_images(vlm: Any, images: Sequence[Any], *, batch_size: int = 64) -> l
         enc = vlm.processor.image_processor(list(images[b:b + batch_size]), return_tensors="pt")
         extras = {k: enc[k] for k in ("image_sizes", "image_grid_thw") if k in enc}
         feats = vlm.image_features(enc["pixel_values"], **extras)
-        out.extend(list(feats) if isinstance(feats, list) else list(feats.unbind(0)))
+        out.extend(feats)  # a list of (n_i, D), or an (I, n, D) tensor: one row per image either way
     return out
 
 
 def summarise_features(features: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
     """``(I, D)`` float32 on the features' device: the mean over each image's tokens of its
-    features (the image-aware routing stage's summary, :meth:`FrozenVLM.image_summary`)."""
+    features (the image-aware routing stage's summary, :meth:`FrozenVLM.image_summary`);
+    ``features``: ``(n_i, D)`` tensors, or one ``(I, n, D)`` tensor."""
     if len(features) == 0:
         return torch.zeros(0, int(dim))
     return torch.stack([f.float().mean(0) for f in features])

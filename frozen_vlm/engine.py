@@ -350,8 +350,7 @@ class FrozenVLM:
         """``(I, D)`` float32: the mean over each image's tokens of :meth:`image_features` (the
         image-aware routing stage's input, ``deepinsert.policy.image_stage``)."""
         feats = self.image_features(pixel_values, **extras)
-        return summarise_features(list(feats) if isinstance(feats, list) else list(feats.unbind(0)),
-                                  int(self.embedding_weight.shape[1]))
+        return summarise_features(feats, int(self.embedding_weight.shape[1]))
 
     @torch.inference_mode()
     def forward(
