@@ -353,12 +353,17 @@ def _args_export(p: argparse.ArgumentParser) -> None:
                         "layer and the guard into a (V, h + g) table (bigger; Router.observation() works)")
 
 
+def _require_prompts_file(path: str | Path) -> None:
+    """InputError unless ``path`` (named as given) is a regular file, saying whether it is missing or something else."""
+    if not Path(path).is_file():
+        raise InputError(f"prompts file {str(path)!r} " + ("is not a regular file" if Path(path).exists() else "does not exist"))
+
+
 def _read_prompts(path: Path | None) -> list[str]:
     """Extra validation prompts: a text file (one per line) or a ``.json`` list of strings."""
     if path is None:
         return []
-    if not path.is_file():
-        raise InputError(f"prompts file {str(path)!r} " + ("is not a regular file" if path.exists() else "does not exist"))
+    _require_prompts_file(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -465,10 +470,8 @@ def _route_prompts(prompts: list[str], file: str | None) -> list[str]:
                 data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
                 where = "stdin"
             else:
-                path = Path(file)
-                if not path.is_file():
-                    raise InputError(f"prompts file {file!r} " + ("is not a regular file" if path.exists() else "does not exist"))
-                data, where = path.read_bytes(), file
+                _require_prompts_file(file)
+                data, where = Path(file).read_bytes(), file
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise InputError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start})") from None
