@@ -61,3 +61,18 @@ def test_train_configs_fit_their_model(path: Path) -> None:
                  if m.source == cfg.model)
     layers = resolve_layers(cfg.candidate_layers, model.num_layers)
     assert layers[0] == 0 and layers[-1] == model.num_layers
+
+
+def test_adapted_demo_config_is_the_demo_config_plus_its_adapter_settings() -> None:
+    """``demo-adapted.yaml`` trains the same router as ``demo.yaml``: they differ only in the
+    adapter, the λ-following fallback and the decision-aware fit's λ range (docs/finetune.md),
+    so a default changed in one and not the other fails here."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    base = from_dict(TrainConfig, yaml.safe_load((root / "demo.yaml").read_text()), where="demo.yaml")
+    adapted = from_dict(TrainConfig, yaml.safe_load((root / "demo-adapted.yaml").read_text()), where="demo-adapted.yaml")
+    assert (adapted.adapter, adapted.fallback_layer, adapted.algo.decision_lam_max) == ("adapters/demo", "auto", 0.5)
+    assert base.adapter is None and base.fallback_layer != "auto" and base.algo.decision_lam_max != 0.5
+    import dataclasses
+
+    same_algo = dataclasses.replace(adapted.algo, decision_lam_max=base.algo.decision_lam_max)
+    assert dataclasses.replace(adapted, adapter=None, fallback_layer=base.fallback_layer, algo=same_algo) == base
