@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from router_bench import ACC_LAM, LAMS, add_wording_splits, arg_parser, ms, open_bench, write
 
-from deepinsert.policy.sweep import FRONT_DROP, FRONT_LAMS  # the main job's front: the same grid and bound
+from deepinsert.policy.sweep import best_within  # the main job's front: the same grid and bound
 
 RESULTS = Path(__file__).resolve().parent / "results" / "losscurve_variants.json"
 FITS = (("regression", True, 1), ("expected_reward", False, 1), ("expected_reward", True, 1),
@@ -92,12 +92,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 out[f"accuracy@{ACC_LAM:g}"] = float(m["router"]["accuracy"])
         if name == "test":
             k0 = compare(t, 0.0, np.full(len(pred), b.safe, dtype=np.int64), None)["router"]["accuracy"]
-            best = 0.0
-            for lam in FRONT_LAMS:
-                r = compare(t, float(lam), b.actions(pred, float(lam), fb, margin=margin, seen_share=t.seen_share), fb)["router"]
-                if r["accuracy"] >= k0 - FRONT_DROP - 1e-9:
-                    best = max(best, 1.0 - float(r["flops_fraction"]))
-            out["saved_within_1.5"] = best
+            out["saved_within_1.5"] = best_within(
+                lambda lam: compare(t, lam, b.actions(pred, lam, fb, margin=margin, seen_share=t.seen_share), fb)["router"],
+                k0)["saving"]
         return out
 
     def curves(net: Any, projected: bool, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

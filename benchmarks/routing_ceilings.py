@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 from router_bench import ACC_LAM, LAMS, arg_parser, open_bench, write
 
-from deepinsert.policy.sweep import FRONT_DROP, FRONT_LAMS  # the main job's front: the same grid and bound
+from deepinsert.policy.sweep import FRONT_DROP, FRONT_LAMS, best_within  # the main job's front: the same grid and bound
 
 RESULTS = Path(__file__).resolve().parent / "results" / "routing_ceilings.json"
 GROUPINGS = ("family", "family+slot", "family+slot+answer")
@@ -238,11 +238,7 @@ def main() -> None:
         def row(label: str, groups: int | None, action: Any) -> None:
             cells = {f"{lam:g}": float(compare(t, lam, action(lam))["captured_gain"]) for lam in LAMS}
             at = compare(t, ACC_LAM, action(ACC_LAM))["router"]
-            front = {"saving": 0.0, "accuracy": acc_k0, "lam": 0.0}
-            for lam in FRONT_LAMS:
-                r = compare(t, lam, action(lam))["router"]
-                if r["accuracy"] >= acc_k0 - FRONT_DROP - 1e-9 and 1 - r["flops_fraction"] > front["saving"]:
-                    front = {"saving": float(1 - r["flops_fraction"]), "accuracy": float(r["accuracy"]), "lam": float(lam)}
+            front = best_within(lambda lam: compare(t, lam, action(lam))["router"], acc_k0)
             rows[label] = {"groups": groups, "captured": cells, f"accuracy@{ACC_LAM:g}": float(at["accuracy"]),
                            f"saving@{ACC_LAM:g}": float(1 - at["flops_fraction"]), "most_saved_within": front}
             print(f"{name:12s} {label:44s}", " / ".join(f"{100 * v:.0f}" for v in cells.values()),
@@ -266,7 +262,7 @@ def main() -> None:
                 for setting in settings:
                     pred = curves.predict(estimator, setting, summ, has, slots, families)
                     row(f"family+slot+summary ({estimator} {setting})", None,
-                        lambda lam: (-pred + lam * ks / b.ws.num_layers).argmax(1))
+                        lambda lam: reward(pred, ks, lam, b.ws.num_layers).argmax(1))
         out["splits"][name] = rows
     write(args.out, out)
 

@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -230,13 +231,20 @@ def run_sweep(
 
 def most_saved_within(run: Any, t: EvalTables, accuracy_k0: float, drop: float = FRONT_DROP,
                       lams: tuple[float, ...] = FRONT_LAMS) -> dict[str, float]:
-    """A loss-curve router's best trade-off along request-time λ on tables ``t``: the largest
-    decoder-FLOPs saving (1 − mean FLOPs fraction, Eq. 5) among the λ of ``lams`` whose accuracy
-    is at least ``accuracy_k0 − drop`` (k = 0's; guard included). ``{"saving", "accuracy",
+    """A loss-curve router's best trade-off along request-time λ on tables ``t``
+    (:func:`best_within` of its metrics at each λ; guard included)."""
+    return best_within(lambda lam: run_metrics(run, t, t.router_inputs, lam)["router"], accuracy_k0, drop, lams)
+
+
+def best_within(router_at: Callable[[float], dict[str, Any]], accuracy_k0: float, drop: float = FRONT_DROP,
+                lams: tuple[float, ...] = FRONT_LAMS) -> dict[str, float]:
+    """The largest decoder-FLOPs saving (1 − mean FLOPs fraction, Eq. 5) among the λ of ``lams``
+    whose accuracy is at least ``accuracy_k0 − drop`` (k = 0's), ``router_at(λ)`` giving the
+    ``{"accuracy", "flops_fraction"}`` of a router's decisions at λ. ``{"saving", "accuracy",
     "lam"}``; saving 0 at λ = 0 when no λ qualifies."""
     best = {"saving": 0.0, "accuracy": float(accuracy_k0), "lam": 0.0}
     for lam in lams:
-        r = run_metrics(run, t, t.router_inputs, float(lam))["router"]
+        r = router_at(float(lam))
         if r["accuracy"] is not None and r["accuracy"] >= accuracy_k0 - drop - 1e-9 and 1 - r["flops_fraction"] > best["saving"]:
             best = {"saving": float(1 - r["flops_fraction"]), "accuracy": float(r["accuracy"]), "lam": float(lam)}
     return best
