@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,5 @@ def test_adapted_demo_config_is_the_demo_config_plus_its_adapter_settings() -> N
     adapted = from_dict(TrainConfig, yaml.safe_load((root / "demo-adapted.yaml").read_text()), where="demo-adapted.yaml")
     assert (adapted.adapter, adapted.fallback_layer, adapted.algo.decision_lam_max) == ("adapters/demo", "auto", 0.5)
     assert base.adapter is None and base.fallback_layer != "auto" and base.algo.decision_lam_max != 0.5
-    import dataclasses
-
     same_algo = dataclasses.replace(adapted.algo, decision_lam_max=base.algo.decision_lam_max)
     assert dataclasses.replace(adapted, adapter=None, fallback_layer=base.fallback_layer, algo=same_algo) == base
